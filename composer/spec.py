@@ -1,0 +1,341 @@
+"""The composer spec: a YAML file validated into pydantic models.
+
+This module imports no torch: loading and validating a spec is instant, and its errors name
+the field path and the bad value, e.g.::
+
+    specs/x.yaml: modalities.audio.insert_at: must be < llm layers (32), got 40
+
+Example::
+
+    spec = load_spec("specs/tiny/llava.yaml")
+    spec.modalities["image"].insert_at   # 2
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from composer.errors import SpecError
+
+TrainMode = Literal["frozen", "lora", "full"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+# Closed registries: a spec names a type from these lists, never a dotted import path.
+LLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
+ENCODER_TYPES = ("clip_vision", "siglip_vision")
+# HF `model_type` of an inline/saved config -> encoder type (used when `type` is omitted).
+ENCODER_MODEL_TYPES = {
+    "clip_vision_model": "clip_vision",
+    "clip": "clip_vision",
+    "siglip_vision_model": "siglip_vision",
+    "siglip": "siglip_vision",
+}
+PROJECTOR_TYPES = ("linear", "mlp", "qformer")
+ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu", "tanh", "quick_gelu")
+# Names a modality may not take: they are ComposedModel.forward/generate keyword arguments.
+RESERVED_MODALITY_NAMES = {"input_ids", "attention_mask", "labels", "position_ids", "cache", "max_new_tokens"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=())
+
+
+class LoraSpec(_Strict):
+    """peft LoRA settings (https://huggingface.co/docs/peft)."""
+
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class TokenizerSpec(_Strict):
+    """Where the tokenizer comes from.
+
+    `model`: a Hub id or local dir (defaults to `llm.model`). `type: byte`: a built-in byte-level
+    tokenizer (256 byte tokens + specials) that needs no files, for inline-config models.
+    """
+
+    type: Literal["pretrained", "byte"] = "pretrained"
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizerSpec:
+        if self.type == "byte" and self.model is not None:
+            raise ValueError("`model` is not used with `type: byte`")
+        return self
+
+
+class LLMSpec(_Strict):
+    """The language model. Exactly one of `model` (Hub id or local dir) or `config` (inline HF config)."""
+
+    model: str | None = None
+    config: dict[str, Any] | None = None
+    dtype: DType = "float32"
+    train: TrainMode = "frozen"
+    lora: LoraSpec | None = None
+    tokenizer: TokenizerSpec | None = None
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _check(self) -> LLMSpec:
+        if (self.model is None) == (self.config is None):
+            raise ValueError("give exactly one of `model` (Hub id or local dir) or `config` (inline HF config)")
+        if self.config is not None:
+            _check_inline_config(self.config, LLM_FAMILIES, "llm.config")
+        if self.train == "lora" and self.lora is None:
+            self.lora = LoraSpec()
+        if self.train != "lora" and self.lora is not None:
+            raise _FieldError("lora", "is set but `train` is not `lora`", self.train)
+        if self.tokenizer is None:
+            self.tokenizer = TokenizerSpec(type="pretrained" if self.model else "byte")
+        if self.tokenizer.type == "pretrained" and self.tokenizer.model is None and self.model is None:
+            raise ValueError("an inline-config LLM needs `tokenizer: {model: ...}` or `tokenizer: {type: byte}`")
+        return self
+
+    @property
+    def num_layers(self) -> int | None:
+        """Number of decoder layers when known without loading anything (inline config)."""
+        return None if self.config is None else int(self.config["num_hidden_layers"])
+
+    @property
+    def hidden_size(self) -> int | None:
+        return None if self.config is None else int(self.config["hidden_size"])
+
+
+class EncoderSpec(_Strict):
+    """A modality encoder: a pretrained model (`model`) or an inline config (`config`, random init)."""
+
+    type: str | None = None
+    model: str | None = None
+    config: dict[str, Any] | None = None
+    feature_layer: int = -1
+    select: Literal["patch", "all"] = "patch"
+    train: TrainMode = "frozen"
+    lora: LoraSpec | None = None
+    dtype: DType | None = None
+    processor: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> EncoderSpec:
+        if (self.model is None) == (self.config is None):
+            raise ValueError("give exactly one of `model` (Hub id or local dir) or `config` (inline HF config)")
+        if self.config is not None:
+            mt = self.config.get("model_type")
+            inferred = ENCODER_MODEL_TYPES.get(mt)
+            if inferred is None:
+                raise _FieldError("config.model_type", f"not a supported encoder; known: {sorted(ENCODER_MODEL_TYPES)}", mt)
+            if self.type is None:
+                self.type = inferred
+        if self.type is not None and self.type not in ENCODER_TYPES:
+            raise _FieldError("type", f"not a known encoder type; known: {list(ENCODER_TYPES)}", self.type)
+        if self.train == "lora" and self.lora is None:
+            self.lora = LoraSpec()
+        return self
+
+
+class _ProjectorBase(_Strict):
+    weights: str | None = None  # safetensors (or LLaVA .bin, loaded with weights_only) in the seed layouts
+    train: TrainMode = "full"
+
+
+class LinearProjectorSpec(_ProjectorBase):
+    type: Literal["linear"]
+
+
+class MLPProjectorSpec(_ProjectorBase):
+    """LLaVA's `mlp{depth}x_{activation}`: Linear(enc, d) then (act, Linear(d, d)) * (depth - 1)."""
+
+    type: Literal["mlp"]
+    depth: int = Field(2, ge=1, le=8)
+    activation: str = "gelu"
+
+    @field_validator("activation")
+    @classmethod
+    def _act(cls, v: str) -> str:
+        if v not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {v!r}; known: {list(ACTIVATIONS)}")
+        return v
+
+
+class QFormerProjectorSpec(_ProjectorBase):
+    """BLIP-2 Q-Former: learned queries cross-attend to encoder features, then Linear to the LLM."""
+
+    type: Literal["qformer"]
+    num_queries: int = Field(32, gt=0)
+    num_layers: int = Field(12, gt=0)
+    hidden_size: int = Field(768, gt=0)
+    num_heads: int = Field(12, gt=0)
+    intermediate_size: int = Field(3072, gt=0)
+    cross_attention_frequency: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> QFormerProjectorSpec:
+        if self.hidden_size % self.num_heads:
+            raise _FieldError("hidden_size", f"must be divisible by num_heads ({self.num_heads})", self.hidden_size)
+        return self
+
+
+ProjectorSpec = Annotated[
+    LinearProjectorSpec | MLPProjectorSpec | QFormerProjectorSpec, Field(discriminator="type")
+]
+
+
+class ModalitySpec(_Strict):
+    encoder: EncoderSpec
+    projector: ProjectorSpec
+    insert_at: int = Field(0, ge=0)
+    placeholder: str | None = None
+
+
+class PromptSpec(_Strict):
+    template: str = "{instruction}"
+
+
+class GenerationSpec(_Strict):
+    max_new_tokens: int = Field(32, gt=0)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+
+
+class Spec(_Strict):
+    """A whole composed model."""
+
+    name: str = Field(min_length=1)
+    seed: int = 0  # random init of inline-config components
+    llm: LLMSpec
+    modalities: dict[str, ModalitySpec] = Field(min_length=1)
+    prompt: PromptSpec = Field(default_factory=PromptSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        """Directory of the spec file: relative local paths in the spec resolve against it."""
+        return self._source_dir
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Spec:
+        placeholders: dict[str, str] = {}
+        for name, mod in self.modalities.items():
+            where = f"modalities.{name}"
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in RESERVED_MODALITY_NAMES:
+                raise _FieldError(where, f"modality name must be an identifier and not one of {sorted(RESERVED_MODALITY_NAMES)}", name)
+            if mod.placeholder is None:
+                mod.placeholder = f"<{name}>"
+            if mod.placeholder in placeholders:
+                raise _FieldError(f"{where}.placeholder", f"already used by modality {placeholders[mod.placeholder]!r}", mod.placeholder)
+            placeholders[mod.placeholder] = name
+            n = self.llm.num_layers
+            if n is not None and mod.insert_at >= n:
+                raise _FieldError(f"{where}.insert_at", f"must be < the LLM's {n} layers", mod.insert_at)
+        tpl = self.prompt.template
+        if "{instruction}" not in tpl:
+            raise _FieldError("prompt.template", "must contain '{instruction}'", tpl)
+        for ph, name in placeholders.items():
+            if tpl.count(ph) > 1:
+                raise _FieldError("prompt.template", f"placeholder {ph!r} appears more than once", tpl)
+        if not any(ph in tpl for ph in placeholders):
+            raise _FieldError("prompt.template", f"contains none of the placeholders {list(placeholders)}", tpl)
+        return self
+
+    def insert_layers(self) -> dict[str, int]:
+        return {name: m.insert_at for name, m in self.modalities.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+class _FieldError(ValueError):
+    """A cross-field error that knows its field path (pydantic would report the model's root)."""
+
+    def __init__(self, path: str, msg: str, value: Any):
+        self.path, self.msg, self.value = path, msg, value
+        super().__init__(f"{path}: {msg}, got {_short(value)}")
+
+
+def _check_inline_config(config: dict[str, Any], families: tuple[str, ...], where: str) -> None:
+    mt = config.get("model_type")
+    if mt not in families:
+        raise _FieldError("config.model_type", f"must be one of {list(families)}", mt)
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        v = config.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise _FieldError(f"config.{key}", "must be a positive integer", v)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    s = repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the tag of a discriminated union into the location: drop it.
+    parts = [str(p) for i, p in enumerate(loc) if not (i and loc[i - 1] == "projector" and p in PROJECTOR_TYPES)]
+    return ".".join(parts) or "<root>"
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line: `path: message, got value` for each error, joined with '; '."""
+    out = []
+    for e in err.errors():
+        ctx_err = (e.get("ctx") or {}).get("error")
+        loc = _loc(tuple(e["loc"]))
+        if isinstance(ctx_err, _FieldError):
+            path = ctx_err.path if loc == "<root>" else f"{loc}.{ctx_err.path}"
+            out.append(f"{path}: {ctx_err.msg}, got {_short(ctx_err.value)}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            out.append(f"{loc}: unknown field")
+        elif e["type"] == "missing":
+            out.append(f"{loc}: required field is missing")
+        elif isinstance(e.get("input"), dict):  # a whole section: the message says what is wrong
+            out.append(f"{loc}: {msg}")
+        else:
+            out.append(f"{loc}: {msg}, got {_short(e.get('input'))}")
+    return "; ".join(out)
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> Spec:
+    """Validate an already-parsed mapping into a `Spec`; raise `SpecError` naming `source`."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"{source}: {format_validation_error(e)}") from None
+
+
+MAX_SPEC_BYTES = 1 << 20  # a spec is a short text file; refuse anything bigger before parsing it
+
+
+def load_spec(path: str | os.PathLike[str]) -> Spec:
+    """Read and validate a YAML spec file (`yaml.safe_load`: no Python object tags)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: spec file not found")
+    if p.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError(f"{p}: spec file is larger than {MAX_SPEC_BYTES} bytes")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{p}: invalid YAML{where}: {problem}") from None
+    spec = parse_spec(data, str(p))
+    spec._source_dir = p.resolve().parent
+    return spec
