@@ -1,0 +1,106 @@
+"""Vision encoder adapters: CLIP and SigLIP vision towers (LLaVA-style feature selection).
+
+``feature_layer`` indexes ``hidden_states`` as LLaVA does (-1 last, -2 penultimate); ``select:
+patch`` drops the CLS token (CLIP), ``all`` keeps it. Output: (num_images, num_tokens, width).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class VisionEncoder(nn.Module):
+    """Wraps an HF ``*VisionModel``; attribute ``model`` keeps the HF keys below ``encoders.<m>.model``."""
+
+    has_cls_token = True
+    input_name = "pixel_values"
+
+    def __init__(self, model: nn.Module, feature_layer: int = -1, select: str = "patch"):
+        super().__init__()
+        self.model = model
+        n = model.config.num_hidden_layers
+        if not -(n + 1) <= feature_layer <= n:
+            raise ValueError(f"feature_layer must be in [-{n + 1}, {n}] for a {n}-layer encoder, got {feature_layer}")
+        self.feature_layer = feature_layer
+        self.select = select
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_tokens(self) -> int:
+        c = self.model.config
+        patches = (c.image_size // c.patch_size) ** 2
+        return patches + (1 if self.has_cls_token and self.select == "all" else 0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def preprocess(self, processor, items: list) -> torch.Tensor:
+        """Image files, PIL images or (3, H, W) tensors -> pixel_values (n, 3, H, W)."""
+        from PIL import Image
+
+        from composer.errors import InputError
+
+        if all(isinstance(x, torch.Tensor) for x in items):
+            return torch.stack(list(items))
+        images = []
+        for x in items:
+            if isinstance(x, Image.Image):
+                images.append(x.convert("RGB"))
+                continue
+            try:
+                with Image.open(x) as im:
+                    images.append(im.convert("RGB"))
+            except (OSError, ValueError, TypeError) as e:
+                raise InputError(f"{x}: cannot read image ({type(e).__name__}: {e})") from None
+        return processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (n, 3, H, W) -> (n, T, d_enc)
+        out = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.feature_layer]
+        if self.has_cls_token and self.select == "patch":
+            feats = feats[:, 1:]
+        return feats
+
+
+class ClipVisionEncoder(VisionEncoder):
+    has_cls_token = True
+
+    @staticmethod
+    def hf_classes():
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        return CLIPVisionConfig, CLIPVisionModel, CLIPImageProcessor
+
+    @staticmethod
+    def default_processor_kwargs(config) -> dict:
+        s = config.image_size
+        return {"size": {"shortest_edge": s}, "crop_size": {"height": s, "width": s}}
+
+
+class SiglipVisionEncoder(VisionEncoder):
+    has_cls_token = False
+
+    @staticmethod
+    def hf_classes():
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        return SiglipVisionConfig, SiglipVisionModel, SiglipImageProcessor
+
+    @staticmethod
+    def default_processor_kwargs(config) -> dict:
+        s = config.image_size
+        return {"size": {"height": s, "width": s}}
+
+
+# spec `encoder.type` -> adapter class (closed registry).
+ENCODER_ADAPTERS: dict[str, type[VisionEncoder]] = {
+    "clip_vision": ClipVisionEncoder,
+    "siglip_vision": SiglipVisionEncoder,
+}

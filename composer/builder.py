@@ -1,0 +1,236 @@
+"""Spec -> ComposedModel. Small builders turn each spec section into ready modules.
+
+Components come from closed registries (``LLM_ADAPTERS``, ``ENCODER_ADAPTERS``,
+``build_projector``); a spec can never name code. ``trust_remote_code`` is always off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from composer.adapters.llm import LLM_ADAPTERS, llm_adapter_for
+from composer.adapters.vision import ENCODER_ADAPTERS
+from composer.errors import InputError, SpecError
+from composer.model import ComposedModel
+from composer.projectors import build_projector, load_projector_weights
+from composer.spec import ENCODER_MODEL_TYPES, EncoderSpec, LLMSpec, LoraSpec, Spec, load_spec
+from composer.tokenizer import add_placeholders, byte_tokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_source(value: str, base_dir: Path | None) -> str:
+    """A local dir relative to the spec file wins over a Hub id of the same spelling (as HF does
+    with the working directory)."""
+    if base_dir is not None and not Path(value).is_absolute() and (base_dir / value).exists():
+        return str((base_dir / value).resolve())
+    return value
+
+
+def _hf_error(where: str, source: str, e: Exception) -> InputError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return InputError(f"{where}: cannot load {source!r}: {first}")
+
+
+# -- LLM ----------------------------------------------------------------------------------------
+def llm_config(spec: LLMSpec, base_dir: Path | None):
+    from transformers import AutoConfig
+
+    if spec.config is not None:
+        cfg = dict(spec.config)
+        mt = cfg.pop("model_type")
+        return AutoConfig.for_model(mt, **cfg)
+    src = resolve_source(spec.model, base_dir)
+    try:
+        return AutoConfig.from_pretrained(src, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise _hf_error("llm.model", src, e) from None
+
+
+def build_llm(spec: LLMSpec, base_dir: Path | None, *, config=None, load_weights: bool = True) -> nn.Module:
+    """The HF causal LM: pretrained (``llm.model``) or from a config (random init, or no init
+    when the weights come from a composed checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[spec.dtype]
+    cfg = config if config is not None else llm_config(spec, base_dir)
+    if cfg.model_type not in LLM_ADAPTERS:
+        raise SpecError(f"llm: model_type {cfg.model_type!r} is not supported; supported: {sorted(LLM_ADAPTERS)}")
+    if spec.model is not None and load_weights:
+        src = resolve_source(spec.model, base_dir)
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                src, dtype=dtype, attn_implementation=spec.attn_implementation, trust_remote_code=False
+            )
+        except (OSError, ValueError, RuntimeError) as e:
+            raise _hf_error("llm.model", src, e) from None
+    with _maybe_no_init(not load_weights):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=spec.attn_implementation)
+    model.tie_weights()  # skipped by no_init_weights; tied weights are saved once
+    return model
+
+
+@contextlib.contextmanager
+def _maybe_no_init(skip: bool):
+    if not skip:
+        yield
+        return
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        yield
+
+
+# -- encoders ----------------------------------------------------------------------------------
+def encoder_type(spec: EncoderSpec, where: str, config=None) -> str:
+    if spec.type is not None:
+        return spec.type
+    mt = config.model_type if config is not None else None
+    if mt not in ENCODER_MODEL_TYPES:
+        raise SpecError(f"{where}.type: cannot infer the encoder type from model_type {mt!r}; set `type` to one of {sorted(ENCODER_ADAPTERS)}")
+    return ENCODER_MODEL_TYPES[mt]
+
+
+def build_encoder(spec: EncoderSpec, where: str, base_dir: Path | None, *, config=None, load_weights: bool = True,
+                  processor_dir: Path | None = None, load_processor: bool = True):
+    """-> (encoder module, preprocessor)."""
+    from transformers import AutoConfig
+
+    src = resolve_source(spec.model, base_dir) if spec.model else None
+    if config is None and spec.model is not None:
+        try:
+            config = AutoConfig.from_pretrained(src, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise _hf_error(f"{where}.model", src, e) from None
+    etype = encoder_type(spec, where, config if config is not None else _InlineType(spec.config))
+    adapter = ENCODER_ADAPTERS[etype]
+    config_cls, model_cls, proc_cls = adapter.hf_classes()
+    if config is not None and not isinstance(config, config_cls):
+        config = getattr(config, "vision_config", config)  # full CLIP/SigLIP checkpoints hold a vision_config
+        if not isinstance(config, config_cls):
+            config = config_cls(**config.to_dict())
+    if config is None:
+        config = config_cls(**{k: v for k, v in spec.config.items() if k != "model_type"})
+    dtype = DTYPES[spec.dtype] if spec.dtype else None
+    if src is not None and load_weights:
+        try:
+            hf = model_cls.from_pretrained(src, dtype=dtype or torch.float32)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise _hf_error(f"{where}.model", src, e) from None
+    else:
+        with _maybe_no_init(not load_weights):
+            hf = model_cls(config)
+        if dtype is not None:
+            hf = hf.to(dtype)
+    try:
+        enc = adapter(hf, feature_layer=spec.feature_layer, select=spec.select)
+    except ValueError as e:
+        raise SpecError(f"{where}.feature_layer: {e}") from None
+    if not load_processor:
+        return enc, None
+    overrides = dict(spec.processor or {})
+    try:
+        if processor_dir is not None:
+            proc = proc_cls.from_pretrained(str(processor_dir))
+        elif src is not None:
+            proc = proc_cls.from_pretrained(src, **overrides)
+        else:
+            proc = proc_cls(**{**adapter.default_processor_kwargs(config), **overrides})
+    except (OSError, ValueError, TypeError) as e:
+        raise _hf_error(f"{where}.processor", str(processor_dir or src or "inline"), e) from None
+    return enc, proc
+
+
+class _InlineType:
+    def __init__(self, cfg: dict | None):
+        self.model_type = (cfg or {}).get("model_type")
+
+
+# -- training modes -----------------------------------------------------------------------------
+def apply_lora(module: nn.Module, lora: LoraSpec, where: str) -> nn.Module:
+    """Inject peft LoRA layers in place (module names and the HF key layout are kept)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
+    try:
+        return inject_adapter_in_model(cfg, module)
+    except ValueError as e:
+        raise SpecError(f"{where}.lora.target_modules: {str(e).splitlines()[0]}, got {list(lora.target_modules)}") from None
+
+
+def set_trainable(module: nn.Module, mode: str) -> None:
+    for name, p in module.named_parameters():
+        p.requires_grad_(mode == "full" or (mode == "lora" and "lora_" in name))
+
+
+# -- the whole model ------------------------------------------------------------------------------
+def build(spec: Spec | str | Path, *, saved: dict[str, Any] | None = None, shape_only: bool = False) -> ComposedModel:
+    """Build a trainable ``ComposedModel`` from a spec (or a spec file path).
+
+    ``saved`` (internal, from ``from_pretrained``): resolved component configs and file dirs of a
+    composed checkpoint; then nothing is downloaded and no weights are initialised.
+    ``shape_only``: the architecture on the meta device (no weights, no tokenizer download), for
+    counting parameters and FLOPs (``compose inspect``).
+    """
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec)
+    if shape_only:
+        with torch.device("meta"):
+            return _build(spec, saved, load=False, shape_only=True)
+    return _build(spec, saved, load=saved is None, shape_only=False)
+
+
+def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: bool) -> ComposedModel:
+    base_dir = spec.source_dir
+    torch.manual_seed(spec.seed)
+
+    llm = build_llm(spec.llm, base_dir, config=saved["llm_config"] if saved else None, load_weights=load)
+    adapter = llm_adapter_for(llm)
+    n_layers, width = adapter.shape.num_layers, adapter.shape.hidden_size
+    for name, mod in spec.modalities.items():
+        if mod.insert_at >= n_layers:
+            raise SpecError(f"modalities.{name}.insert_at: must be < the LLM's {n_layers} layers, got {mod.insert_at}")
+
+    if saved:
+        tokenizer = load_tokenizer(str(saved["tokenizer_dir"]), "tokenizer")
+    elif spec.llm.tokenizer.type == "byte" or shape_only:
+        tokenizer = byte_tokenizer()
+    else:
+        tokenizer = load_tokenizer(resolve_source(spec.llm.tokenizer.model or spec.llm.model, base_dir), "llm.tokenizer")
+
+    encoders, projectors, processors = {}, {}, {}
+    for name, mod in spec.modalities.items():
+        where = f"modalities.{name}"
+        enc, proc = build_encoder(
+            mod.encoder, f"{where}.encoder", base_dir,
+            config=saved["encoder_configs"][name] if saved else None, load_weights=load,
+            processor_dir=saved["processor_dirs"][name] if saved else None, load_processor=not shape_only,
+        )
+        proj = build_projector(mod.projector, enc.hidden_size, width)
+        if mod.projector.weights and load:
+            load_projector_weights(proj, Path(resolve_source(mod.projector.weights, base_dir)), f"{where}.projector.weights")
+        proj = proj.to(DTYPES[mod.encoder.dtype or spec.llm.dtype])
+        encoders[name], projectors[name], processors[name] = enc, proj, proc
+
+    placeholders = [m.placeholder for m in spec.modalities.values()]
+    ids = add_placeholders(tokenizer, placeholders)
+    placeholder_ids = {name: ids[m.placeholder] for name, m in spec.modalities.items()}
+
+    if spec.llm.train == "lora":
+        llm = apply_lora(llm, spec.llm.lora, "llm")
+    set_trainable(llm, spec.llm.train)
+    for name, mod in spec.modalities.items():
+        if mod.encoder.train == "lora":
+            encoders[name] = apply_lora(encoders[name], mod.encoder.lora, f"modalities.{name}.encoder")
+        set_trainable(encoders[name], mod.encoder.train)
+        set_trainable(projectors[name], mod.projector.train)
+
+    model = ComposedModel(spec, llm, encoders, projectors, tokenizer, processors, placeholder_ids)
+    for name in spec.modalities:
+        model.num_tokens(name)  # fail now, not at the first batch, if the shapes do not compose
+    return model

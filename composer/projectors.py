@@ -1,0 +1,132 @@
+"""Projectors: encoder features (n, T_enc, d_enc) -> LLM tokens (n, T, d_llm).
+
+Built from the spec's tagged union by a closed registry. Module layouts follow the seed
+systems so their published weights load as-is:
+
+- ``mlp``: ``nn.Sequential`` with keys ``0.weight, 0.bias, 2.weight, 2.bias`` = LLaVA's
+  ``mm_projector`` (mlp2x_gelu).
+- ``qformer``: BLIP-2's ``query_tokens``, ``qformer`` (transformers ``Blip2QFormerModel``) and
+  ``language_projection``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from composer.errors import InputError
+
+# Prefixes under which the seed systems store projector weights in their checkpoints.
+_KNOWN_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.", "multi_modal_projector.")
+
+
+class LinearProjector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def num_tokens(self, encoder_tokens: int) -> int:
+        return encoder_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class MLPProjector(nn.Sequential):
+    """LLaVA ``mlp{depth}x_{act}``: Linear(in, out), then (act, Linear(out, out)) * (depth-1)."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int = 2, activation: str = "gelu"):
+        from transformers.activations import ACT2FN
+
+        mods: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+        for _ in range(depth - 1):
+            mods += [ACT2FN[activation], nn.Linear(out_dim, out_dim)]
+        super().__init__(*mods)
+
+    def num_tokens(self, encoder_tokens: int) -> int:
+        return encoder_tokens
+
+
+class QFormerProjector(nn.Module):
+    """BLIP-2 Q-Former: ``num_queries`` learned queries cross-attend to the encoder features."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, num_queries: int, num_layers: int, hidden_size: int,
+                 num_heads: int, intermediate_size: int, cross_attention_frequency: int):
+        super().__init__()
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        cfg = Blip2QFormerConfig(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size,
+            cross_attention_frequency=cross_attention_frequency,
+            encoder_hidden_size=in_dim,
+        )
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, hidden_size))
+        nn.init.normal_(self.query_tokens, std=cfg.initializer_range)
+        self.qformer = Blip2QFormerModel(cfg)
+        self.language_projection = nn.Linear(hidden_size, out_dim)
+
+    def num_tokens(self, encoder_tokens: int) -> int:
+        return self.query_tokens.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.query_tokens.expand(x.shape[0], -1, -1)
+        mask = torch.ones(x.shape[:-1], dtype=torch.long, device=x.device)
+        out = self.qformer(query_embeds=q, encoder_hidden_states=x, encoder_attention_mask=mask)
+        return self.language_projection(out.last_hidden_state[:, : q.shape[1]])
+
+
+def build_projector(spec, in_dim: int, out_dim: int) -> nn.Module:
+    """Closed registry from the spec's ``type`` tag to a builder."""
+    if spec.type == "linear":
+        return LinearProjector(in_dim, out_dim)
+    if spec.type == "mlp":
+        return MLPProjector(in_dim, out_dim, depth=spec.depth, activation=spec.activation)
+    if spec.type == "qformer":
+        return QFormerProjector(
+            in_dim, out_dim, num_queries=spec.num_queries, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+            num_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
+            cross_attention_frequency=spec.cross_attention_frequency,
+        )
+    raise AssertionError(f"unreachable: projector type {spec.type!r}")  # the spec's union is closed
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, or a torch ``.bin`` with ``weights_only=True`` (never pickle objects)."""
+    if not path.is_file():
+        raise InputError(f"{path}: projector weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt/truncated files raise many types; name the file
+        raise InputError(f"{path}: cannot read projector weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def load_projector_weights(projector: nn.Module, path: Path, where: str) -> None:
+    """Load seed-layout weights (e.g. LLaVA ``mm_projector.bin``) into ``projector``, strictly."""
+    raw = read_weights(path)
+    state = {}
+    for k, v in raw.items():
+        for p in _KNOWN_PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        state[k] = v
+    if isinstance(projector, LinearProjector) and set(state) == {"weight", "bias"}:
+        state = {f"proj.{k}": v for k, v in state.items()}
+    own = projector.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise InputError(f"{where}: {path}: keys do not match the projector (missing {missing}, unexpected {unexpected})")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise InputError(f"{where}: {path}: {k} has shape {tuple(v.shape)}, the projector needs {tuple(own[k].shape)}")
+    projector.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
