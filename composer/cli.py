@@ -1,0 +1,196 @@
+"""The `compose` command line: thin commands over the library.
+
+Errors print one line on stderr and exit 2 (bad input) or 1 (runtime failure); `--debug`
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from composer.errors import ComposerError, InputError
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    con = Console(stderr=stderr, highlight=False)
+    if not con.is_terminal:
+        con.width = max(con.width, 120)  # logs and pipes: do not wrap the tables
+    return con
+
+
+def _load_any(target: str, shape_only: bool = False):
+    """A spec file or a composed checkpoint dir -> ComposedModel."""
+    from composer.builder import build
+    from composer.checkpoint import is_checkpoint, load_pretrained
+
+    p = Path(target)
+    if p.is_dir():
+        if not is_checkpoint(p):
+            raise InputError(f"{p}: not a composer checkpoint (no composer.json) nor a spec file")
+        return load_pretrained(p)
+    if not p.exists():
+        raise InputError(f"{p}: no such spec file or checkpoint directory")
+    return build(p, shape_only=shape_only)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(package_name="mm-composer", prog_name="compose")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Compose multimodal LMs from a YAML spec (DeepInsert: modality tokens enter at layer k).
+
+    \b
+    Example:
+      compose build specs/tiny/llava.yaml -o out/tiny-llava
+      compose inspect out/tiny-llava
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+def build(spec: Path, out: Path, overwrite: bool) -> None:
+    """Resolve SPEC, instantiate the model, save a composed checkpoint to OUTPUT.
+
+    \b
+    Example:
+      compose build specs/tiny/llava.yaml -o out/tiny-llava
+    """
+    from composer.builder import build as build_model
+    from composer.checkpoint import atomic_dir  # noqa: F401  (fail early on a non-empty OUTPUT)
+    from composer.summary import render, summarize
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise InputError(f"{out}: exists and is not empty (pass --overwrite)")
+    con = _console()
+    with con.status(f"building {spec}"):
+        model = build_model(spec)
+    render(*summarize(model), con)
+    with con.status(f"saving to {out}"):
+        model.save_pretrained(out, overwrite=overwrite)
+    con.print(f"saved composed checkpoint to {out}")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--text-tokens", default=64, show_default=True, help="Text length assumed by the FLOPs estimate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def inspect(target: str, text_tokens: int, as_json: bool) -> None:
+    """Components, parameters (trainable/frozen), insertion layers, FLOPs saving of TARGET
+    (a spec file or a composed checkpoint). A spec is inspected on the meta device: no weights load.
+
+    \b
+    Example:
+      compose inspect specs/tiny/llava.yaml
+    """
+    from composer.summary import render, summarize
+
+    model = _load_any(target, shape_only=True)
+    rows, facts = summarize(model, text_tokens)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+    else:
+        render(rows, facts, _console())
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("target")
+@click.option("--prompt", required=True, help="Instruction; wrapped in the spec's prompt template unless --raw.")
+@click.option("--raw", is_flag=True, help="Use PROMPT as the full prompt (it must contain the placeholders).")
+@click.option("--max-new-tokens", type=int, default=None, help="Default: the spec's generation.max_new_tokens.")
+@click.option("--sample/--greedy", "do_sample", default=None, help="Sampling or greedy (default: the spec's).")
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.pass_context
+def generate(ctx: click.Context, target: str, prompt: str, raw: bool, max_new_tokens: int | None,
+             do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None,
+             seed: int) -> None:
+    """Generate text from a composed checkpoint TARGET; one `--<modality> FILE` per item.
+
+    \b
+    Example:
+      compose generate out/tiny-llava --image specs/tiny/assets/red_circle.png --prompt "What shape is it?"
+    """
+    import torch
+    from transformers import TextStreamer
+
+    from composer.checkpoint import load_pretrained
+
+    items = _modality_args(ctx.args)
+    model = load_pretrained(_checkpoint_dir(target))
+    unknown = sorted(set(items) - set(model.encoders))
+    if unknown:
+        raise InputError(f"unknown option(s) {['--' + u for u in unknown]}; this model takes {['--' + m for m in model.encoders]}")
+    text = prompt if raw else model.format_prompt(prompt)
+    batch = model.prepare([text], **items)
+    streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
+    model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                   top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(seed), streamer=streamer)
+
+
+def _modality_args(args: list[str]) -> dict[str, list[str]]:
+    """`--image a.png --image b.png` -> {"image": ["a.png", "b.png"]} (modality names come from the model)."""
+    items: dict[str, list[str]] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or i + 1 >= len(args):
+            raise InputError(f"unexpected argument {a!r}; expected --<modality> FILE")
+        name, value = a[2:].replace("-", "_"), args[i + 1]
+        if not Path(value).is_file():
+            raise InputError(f"--{a[2:]} {value}: file not found")
+        items.setdefault(name, []).append(value)
+        i += 2
+    return items
+
+
+def _checkpoint_dir(target: str) -> Path:
+    from composer.checkpoint import is_checkpoint
+
+    p = Path(target)
+    if not is_checkpoint(p):
+        raise InputError(f"{p}: not a composer checkpoint (no composer.json); build one with `compose build SPEC -o DIR`")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("COMPOSER_DEBUG") == "1"
+    try:
+        cli.main(args=argv, prog_name="compose", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except ComposerError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # a runtime failure: one line unless --debug
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"error: {type(e).__name__}: {first} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
