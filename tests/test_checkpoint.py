@@ -1,0 +1,117 @@
+"""save_pretrained -> from_pretrained reloads bit-identically; real HF loading code paths work
+on locally saved tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import CLIP, LLAMA, images, make_model, spec_dict
+
+from composer.builder import build
+from composer.errors import InputError
+from composer.model import ComposedModel
+from composer.spec import parse_spec
+
+
+def _logits(model, seed=0):
+    batch = model.prepare([model.format_prompt("what is it"), model.format_prompt("and this?")],
+                          image=list(images(2, seed=seed)))
+    with torch.no_grad():
+        return model(**batch).logits, model.generate(**batch, max_new_tokens=6, eos_token_id=[])
+
+
+@pytest.mark.parametrize("family,k", [("llama", 2), ("opt", 1), ("qwen3", 0)])
+def test_round_trip_is_bit_identical(tmp_path, family, k):
+    model = make_model(family, insert_at=k)
+    model.save_pretrained(tmp_path / "ckpt")
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["composer.json", "model.safetensors", "processors", "spec.yaml", "tokenizer"]
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "ckpt").rglob("*"))
+    again = ComposedModel.from_pretrained(tmp_path / "ckpt")
+    for (a_name, a), (b_name, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert a_name == b_name and torch.equal(a, b), a_name
+    (l1, g1), (l2, g2) = _logits(model), _logits(again)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+
+
+def test_lora_model_round_trip(tmp_path):
+    d = spec_dict("llama", 2)
+    d["llm"].update(train="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    model = build(parse_spec(d)).eval()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable)
+    assert not any(n.startswith("llm.") and "lora_" not in n for n in trainable)
+    with torch.no_grad():  # make LoRA matter (B is zero-initialised)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    model.save_pretrained(tmp_path / "c")
+    again = ComposedModel.from_pretrained(tmp_path / "c")
+    assert torch.equal(_logits(model)[0], _logits(again)[0])
+
+
+def test_save_refuses_non_empty_dir_and_overwrite_replaces(tmp_path):
+    model = make_model("llama", 1)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        model.save_pretrained(out)
+    assert (out / "keep.txt").exists()
+    model.save_pretrained(out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp dirs left behind
+
+
+def test_corrupt_or_foreign_checkpoints_give_clear_errors(tmp_path):
+    model = make_model("llama", 1)
+    model.save_pretrained(tmp_path / "a")
+    w = tmp_path / "a" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(InputError, match="model.safetensors"):
+        ComposedModel.from_pretrained(tmp_path / "a")
+    with pytest.raises(InputError, match="not a composer checkpoint"):
+        ComposedModel.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "composer.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "b" / "composer.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="format_version"):
+        ComposedModel.from_pretrained(tmp_path / "b")
+
+
+def test_builds_from_locally_saved_hf_checkpoints(tmp_path):
+    """`llm.model` / `encoder.model` as local dirs (the real loading path, here offline)."""
+    from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+
+    torch.manual_seed(0)
+    hf_llm = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}))
+    hf_llm.save_pretrained(tmp_path / "llm")
+    from composer.tokenizer import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "llm")
+    hf_vit = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in CLIP.items() if k != "model_type"}))
+    hf_vit.save_pretrained(tmp_path / "vit")
+    from transformers import CLIPImageProcessorPil
+
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    d = spec_dict("llama", 2)
+    d["llm"] = {"model": "llm", "attn_implementation": "eager"}
+    d["modalities"]["image"]["encoder"] = {"model": "vit", "feature_layer": -2}
+    (tmp_path / "spec.yaml").write_text(__import__("yaml").safe_dump(d))
+    model = build(tmp_path / "spec.yaml")  # relative dirs resolve against the spec file
+    assert torch.equal(model.llm.model.layers[0].self_attn.q_proj.weight, hf_llm.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(model.encoders["image"].model.embeddings.patch_embedding.weight,
+                       hf_vit.embeddings.patch_embedding.weight)
+    model.save_pretrained(tmp_path / "out")
+    again = ComposedModel.from_pretrained(tmp_path / "out")
+    assert torch.equal(_logits(model.eval())[0], _logits(again)[0])
+
+
+def test_missing_local_model_dir_is_a_clear_error(tmp_path):
+    d = spec_dict("llama", 1)
+    d["llm"] = {"model": str(tmp_path / "nope")}
+    with pytest.raises(InputError, match=r"llm.model: cannot load"):
+        build(parse_spec(d))

@@ -1,0 +1,94 @@
+"""`compose build` / `compose inspect`: output, files, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import images, spec_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "specs/tiny/llava.yaml"
+
+
+def compose(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "composer.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_build_and_inspect_tiny_spec(tmp_path):
+    out = tmp_path / "ckpt"
+    r = compose("build", TINY, "-o", out)
+    assert r.returncode == 0, r.stderr
+    for word in ("llm", "image.encoder", "image.projector", "insert_at", "FLOPs saving"):
+        assert word in r.stdout
+    assert (out / "model.safetensors").is_file() and (out / "composer.json").is_file()
+    r = compose("inspect", out, "--json")
+    assert r.returncode == 0, r.stderr
+    facts = json.loads(r.stdout)
+    assert facts["insert_at"] == {"image": 2} and facts["mm_tokens_per_item"] == {"image": 16}
+    # the FLOPs line follows DESIGN.md's formula (checked by hand for this spec)
+    d, f, L_text, M, N, k = 64, 128, 64, 16, 4, 2
+    layer = lambda L: 6 * L * d * d + 4 * L * L * d + 2 * L * d * d + 6 * L * d * f  # noqa: E731
+    expected = 1 - (k * layer(L_text) + (N - k) * layer(L_text + M)) / (N * layer(L_text + M))
+    assert facts["prefill_flops_saving_vs_insert_at_0"] == pytest.approx(expected, rel=1e-12)
+    # a spec inspects on the meta device with the same numbers
+    r2 = compose("inspect", TINY, "--json")
+    assert json.loads(r2.stdout)["params"] == facts["params"]
+    # the saved checkpoint generates
+    from composer.model import ComposedModel
+
+    model = ComposedModel.from_pretrained(out)
+    batch = model.prepare([model.format_prompt("hi")], image=[images(1)[0]])
+    assert model.generate(**batch, max_new_tokens=3, eos_token_id=[]).shape == (1, 3)
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("name: [oops", "invalid YAML at line 1"),
+    (None, "modalities.image.insert_at: must be < the LLM's 4 layers, got 9"),
+])
+def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, content, expected):
+    spec = tmp_path / "bad.yaml"
+    if content is None:
+        d = spec_dict("llama", 1)
+        d["modalities"]["image"]["insert_at"] = 9
+        content = yaml.safe_dump(d)
+    spec.write_text(content)
+    out = tmp_path / "out"
+    r = compose("build", spec, "-o", out)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and expected in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+    r = compose("--debug", "build", spec, "-o", out)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_build_refuses_non_empty_output(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep")
+    r = compose("build", TINY, "-o", tmp_path / "out")
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert (tmp_path / "out" / "x").read_text() == "keep"
+
+
+def test_inspect_missing_target_and_usage_errors(tmp_path):
+    r = compose("inspect", tmp_path / "nope.yaml")
+    assert r.returncode == 2 and "no such spec file" in r.stderr
+    r = compose("inspect", tmp_path)
+    assert r.returncode == 2 and "not a composer checkpoint" in r.stderr
+    r = compose("build", TINY)  # missing -o
+    assert r.returncode == 2 and "Missing option" in r.stderr
+
+
+def test_build_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        assert compose("build", TINY, "-o", tmp_path / name).returncode == 0
+    a, b = load_file(tmp_path / "a/model.safetensors"), load_file(tmp_path / "b/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,106 @@
+"""Cached generation (two KV caches: text-only for [0,k), full for [k,N)) equals full
+recomputation token for token; sampling and stopping behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import images, make_model
+
+N_NEW = 12
+
+
+def _batch(model, two_modalities=False):
+    prompts = [model.format_prompt("tell me a long story about it"), model.format_prompt("hi")]
+    items = {"image": list(images(2, seed=5))}
+    if two_modalities:
+        items["image2"] = list(images(2, seed=6))
+    return model.prepare(prompts, padding_side="left", **items)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "opt"])
+@pytest.mark.parametrize("k", [0, 2, 3])
+def test_cached_equals_uncached_greedy(family, k):
+    model = make_model(family, insert_at=k)
+    batch = _batch(model)
+    assert (batch["attention_mask"] == 0).any()
+    cached = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[])
+    full = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[], use_cache=False)
+    assert cached.shape == (2, N_NEW)
+    assert torch.equal(cached, full)
+
+
+def test_cached_equals_uncached_two_modalities_at_different_layers():
+    model = make_model("llama", insert_at={"image": 1, "image2": 3}, modalities=("image", "image2"))
+    batch = _batch(model, two_modalities=True)
+    cached = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[])
+    full = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[], use_cache=False)
+    assert torch.equal(cached, full)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time():
+    model = make_model("llama", insert_at=2)
+    batch = _batch(model)
+    both = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[])
+    for i in range(2):
+        one = model.prepare([[model.format_prompt("tell me a long story about it"), model.format_prompt("hi")][i]],
+                            image=[batch["image"][i]])
+        assert torch.equal(model.generate(**one, max_new_tokens=N_NEW, eos_token_id=[])[0], both[i])
+
+
+def test_cache_lengths_per_stage():
+    """Layers < k cache text tokens only; layers >= k cache everything."""
+    from composer.layout import KVState
+    from composer.model import _new_cache
+
+    k = 2
+    model = make_model("llama", insert_at=k)
+    batch = model.prepare([model.format_prompt("q")], image=[images(1)[0]])
+    state = KVState(cache=_new_cache(), key_slot=[], key_ok=[], next_slot=0, next_pos=None)
+    with torch.no_grad():
+        model._prefill(batch["input_ids"], batch["attention_mask"], {"image": batch["image"]}, state)
+    L = batch["input_ids"].shape[1]
+    n_mm = model.num_tokens("image")
+    for i in range(model.num_layers):
+        assert state.cache.get_seq_length(i) == (L - n_mm if i < k else L)
+
+
+def test_sampling_cached_equals_uncached_with_same_generator():
+    model = make_model("llama", insert_at=2)
+    batch = _batch(model)
+    kw = dict(max_new_tokens=N_NEW, eos_token_id=[], do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
+    a = model.generate(**batch, generator=torch.Generator().manual_seed(1), **kw)
+    b = model.generate(**batch, generator=torch.Generator().manual_seed(1), use_cache=False, **kw)
+    c = model.generate(**batch, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_top_k_1_sampling_is_greedy():
+    model = make_model("llama", insert_at=2)
+    batch = _batch(model)
+    greedy = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[])
+    sampled = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[], do_sample=True, top_k=1,
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, sampled)
+
+
+def test_stops_at_eos_and_pads_finished_rows():
+    model = make_model("llama", insert_at=2)
+    batch = _batch(model)
+    free = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[])
+    eos = int(free[0, 3])  # pretend the 4th token of row 0 is EOS
+    out = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=eos)
+    first = (free[0] == eos).nonzero()[0].item()
+    assert torch.equal(out[0, : first + 1], free[0, : first + 1])
+    assert (out[0, first + 1:] == model.tokenizer.pad_token_id).all()
+
+
+def test_right_padding_is_refused():
+    from composer.errors import InputError
+
+    model = make_model("llama", insert_at=2)
+    prompts = [model.format_prompt("long question"), model.format_prompt("q")]
+    batch = model.prepare(prompts, image=list(images(2)), padding_side="right")
+    with pytest.raises(InputError, match="left-padded"):
+        model.generate(**batch, max_new_tokens=2)

@@ -1,0 +1,78 @@
+"""insert_at: 0 reproduces the classic models of Hugging Face built from the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CLIP, LLAMA, OPT, images, make_model
+
+from composer.layout import baseline_positions
+
+TOL = 1e-5  # fp32, max abs logit difference
+
+
+def _hf_llava(model):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = LlavaConfig(
+        text_config=LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}),
+        vision_config=CLIPVisionConfig(**{k: v for k, v in CLIP.items() if k != "model_type"}),
+        image_token_index=model.placeholder_ids["image"],
+        image_seq_length=model.num_tokens("image"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    cfg.text_config._attn_implementation = "eager"
+    ref = LlavaForConditionalGeneration(cfg).eval()
+    rename = {"projectors.image.0.": "model.multi_modal_projector.linear_1.",
+              "projectors.image.2.": "model.multi_modal_projector.linear_2.",
+              "encoders.image.model.": "model.vision_tower.",
+              "llm.model.": "model.language_model.", "llm.lm_head.": "lm_head."}
+    state = {}
+    for k, v in model.state_dict().items():
+        for a, b in rename.items():
+            if k.startswith(a):
+                state[b + k[len(a):]] = v
+                break
+    missing, unexpected = ref.load_state_dict(state, strict=True)
+    assert not missing and not unexpected
+    return ref
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_insert_at_0_matches_hf_llava(padding_side):
+    model = make_model("llama", insert_at=0)
+    ref = _hf_llava(model)
+    prompts = [model.format_prompt("What is in the picture?"), model.format_prompt("Hi")]
+    batch = model.prepare(prompts, image=list(images(2)), padding_side=padding_side)
+    mask = batch["attention_mask"]
+    assert (mask == 0).any(), "the batch must contain padding"
+    with torch.no_grad():
+        ours = model(**batch).logits
+        theirs = ref(input_ids=batch["input_ids"], attention_mask=mask, pixel_values=batch["image"],
+                     position_ids=baseline_positions(mask)).logits
+    real = mask.bool()
+    diff = (ours - theirs).abs()[real].max().item()
+    assert diff < TOL, diff
+
+
+def test_insert_at_0_opt_matches_hf_opt_with_spliced_embeddings():
+    """OPT (learned positions): our k=0 equals OPTForCausalLM fed the spliced input embeddings."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = make_model("opt", insert_at=0)
+    ref = OPTForCausalLM(OPTConfig(**{k: v for k, v in OPT.items() if k != "model_type"})).eval()
+    ref.config._attn_implementation = "eager"
+    ref.load_state_dict({k[len("llm."):]: v for k, v in model.state_dict().items() if k.startswith("llm.")})
+    batch = model.prepare([model.format_prompt("a longer question here"), model.format_prompt("q")],
+                          image=list(images(2, seed=3)))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    slots = ids == model.placeholder_ids["image"]
+    with torch.no_grad():
+        emb = ref.get_input_embeddings()(ids.masked_fill(slots, 0))
+        emb[slots] = model.encode("image", batch["image"]).reshape(-1, emb.shape[-1])
+        theirs = ref(inputs_embeds=emb, attention_mask=mask).logits
+        ours = model(**batch).logits
+    diff = (ours - theirs).abs()[mask.bool()].max().item()
+    assert diff < TOL, diff
