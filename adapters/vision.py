@@ -39,7 +39,8 @@ class VisionEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def preprocess(self, processor, items: list) -> torch.Tensor:
+    @staticmethod
+    def preprocess(processor, items: list) -> torch.Tensor:
         """Image files, PIL images or (3, H, W) tensors -> pixel_values (n, 3, H, W)."""
         from PIL import Image
 

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from composer.adapters.llm import LLMAdapter, llm_adapter_for
 from composer.errors import InputError
+from composer.generation import Sampling, decode_loop, eos_ids
+from composer.prompting import prepare_batch
 from composer.layout import KVState, Layout, additive_mask
 
 IGNORE_INDEX = -100
@@ -184,73 +187,38 @@ class ComposedModel(nn.Module):
 
         ``use_cache=False`` recomputes the whole sequence every step (the reference the cached
         path is tested against). Inputs must be left-padded. ``streamer`` follows HF's
-        ``BaseStreamer`` (``put``/``end``).
+        ``BaseStreamer`` (``put``/``end``). Sampling uses ``generator`` (CPU) for repeatability.
         """
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        g = self.spec.generation
-        max_new_tokens = g.max_new_tokens if max_new_tokens is None else max_new_tokens
-        do_sample = g.do_sample if do_sample is None else do_sample
-        temperature = g.temperature if temperature is None else temperature
-        top_k = g.top_k if top_k is None else top_k
-        top_p = g.top_p if top_p is None else top_p
+        sampling = Sampling.from_spec(self.spec.generation, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      temperature=temperature, top_k=top_k, top_p=top_p)
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         if not bool(attention_mask[:, -1].all()):
             raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
-        warpers = LogitsProcessorList()
-        if do_sample:
-            if temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                warpers.append(TopKLogitsWarper(top_k))
-            if top_p is not None and top_p < 1.0:
-                warpers.append(TopPLogitsWarper(top_p))
-        eos = self._eos_ids(eos_token_id)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        vocab = self.adapter.shape.vocab_size
-        banned = [i for i in self.placeholder_ids.values() if i < vocab]  # never generate a placeholder
+        state = KVState(cache=_new_cache(), key_slot=[], key_ok=[], next_slot=0, next_pos=None)
 
-        B = input_ids.shape[0]
-        out = torch.empty((B, 0), dtype=torch.long, device=self.device)
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        state = None
-        for step in range(max_new_tokens):
+        def step(out: torch.Tensor) -> torch.Tensor:
+            out = out.to(self.device)
             if not use_cache:
                 ids = torch.cat([input_ids, out], 1)
                 am = torch.cat([attention_mask, torch.ones_like(out)], 1)
-                logits = self.adapter.head(self._prefill(ids, am, modality_inputs)[:, -1])
-            elif state is None:
-                state = KVState(cache=_new_cache(), key_slot=[], key_ok=[], next_slot=0, next_pos=None)
-                logits = self.adapter.head(self._prefill(input_ids, attention_mask, modality_inputs, state)[:, -1])
-            else:
-                logits = self._decode_step(out[:, -1:], state)
-            logits = logits.float()
-            if banned:
-                logits[:, banned] = float("-inf")
-            if do_sample:
-                scores = warpers(torch.cat([input_ids, out], 1), logits)
-                nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-            else:
-                nxt = logits.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            out = torch.cat([out, nxt[:, None]], 1)
-            if streamer is not None:
-                streamer.put(nxt.cpu())
-            if eos:
-                done |= torch.isin(nxt, torch.tensor(eos, device=nxt.device))
-                if bool(done.all()):
-                    break
-        if streamer is not None:
-            streamer.end()
-        return out
+                return self.adapter.head(self._prefill(ids, am, modality_inputs)[:, -1])
+            if out.shape[1] == 0:
+                return self.adapter.head(self._prefill(input_ids, attention_mask, modality_inputs, state)[:, -1])
+            return self._decode_step(out[:, -1:], state)
 
-    def _eos_ids(self, eos_token_id) -> list[int]:
-        if eos_token_id is None:
-            eos_token_id = getattr(self.llm.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
-        if eos_token_id is None:
-            return []
-        return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        return decode_loop(step, input_ids, sampling, eos=eos_ids(eos_token_id, self.llm.generation_config, self.tokenizer),
+                           pad=self.pad_token_id, banned=self.banned_token_ids, generator=generator,
+                           streamer=streamer).to(self.device)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @property
+    def banned_token_ids(self) -> list[int]:
+        """Placeholder ids inside the LLM vocabulary: never generated."""
+        return [i for i in self.placeholder_ids.values() if i < self.adapter.shape.vocab_size]
 
     # -- text and media in, text out ---------------------------------------------------------------
     def format_prompt(self, instruction: str) -> str:
@@ -265,48 +233,13 @@ class ComposedModel(nn.Module):
         PIL images, or already-preprocessed tensors. Returns ``input_ids``, ``attention_mask``
         and one tensor per modality, ready for ``forward``/``generate``.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if padding_side not in ("left", "right"):
-            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        counts = {m: 0 for m in self.placeholder_ids}
-        rows = []
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            row = []
-            for t in ids:
-                m = self._modality_of_id.get(t)
-                if m is None:
-                    row.append(t)
-                else:
-                    counts[m] += 1
-                    row.extend([t] * self.num_tokens(m))
-            rows.append(row)
-        batch: dict[str, Any] = {}
-        for m, n in counts.items():
-            items = modality_items.get(m)
-            items = [] if items is None else list(items) if isinstance(items, (list, tuple)) else [items]
-            if len(items) != n:
-                ph = self.spec.modalities[m].placeholder
-                raise InputError(f"{m}: the prompts contain {n} {ph!r} placeholder(s) but {len(items)} {m} item(s) were given")
-            if n:
-                batch[m] = self.encoders[m].preprocess(self.processors[m], items)
-        extra = sorted(set(modality_items) - set(counts))
-        if extra:
-            raise InputError(f"unknown modality {extra}; this model has {sorted(counts)}")
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
-            ids[i, sl] = torch.tensor(r, dtype=torch.long)
-            mask[i, sl] = 1
-        return {"input_ids": ids, "attention_mask": mask, **batch}
-
-    @property
-    def _modality_of_id(self) -> dict[int, str]:
-        return {pid: m for m, pid in self.placeholder_ids.items()}
+        return prepare_batch(
+            self.tokenizer, prompts, placeholder_ids=self.placeholder_ids,
+            num_tokens={m: self.num_tokens(m) for m in self.encoders},
+            placeholders={m: self.spec.modalities[m].placeholder for m in self.encoders},
+            preprocess={m: functools.partial(type(self.encoders[m]).preprocess, self.processors[m]) for m in self.encoders},
+            padding_side=padding_side, **modality_items,
+        )
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)

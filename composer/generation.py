@@ -1,0 +1,82 @@
+"""The decoding loop shared by the torch model and the ONNX Runtime pipeline.
+
+A backend supplies ``step(out) -> logits (B, V)`` (prefill on the first call, one decode step
+after); this module chooses tokens (greedy, or sampling through transformers' logits
+warpers), bans placeholder ids, stops at EOS / ``max_new_tokens`` and pads finished rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @classmethod
+    def from_spec(cls, gen, **overrides) -> Sampling:
+        values = {k: getattr(gen, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def warpers(self):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        w = LogitsProcessorList()
+        if self.do_sample:
+            if self.temperature != 1.0:
+                w.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k:
+                w.append(TopKLogitsWarper(self.top_k))
+            if self.top_p is not None and self.top_p < 1.0:
+                w.append(TopPLogitsWarper(self.top_p))
+        return w
+
+
+def decode_loop(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor, sampling: Sampling, *,
+                eos: list[int], pad: int, banned: list[int], generator: torch.Generator | None = None,
+                streamer=None) -> torch.Tensor:
+    """Run ``step`` until every row hit EOS or ``max_new_tokens``; -> new ids (B, n)."""
+    B = input_ids.shape[0]
+    warpers = sampling.warpers()
+    out = torch.empty((B, 0), dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool)
+    eos_t = torch.tensor(eos, dtype=torch.long)
+    for _ in range(sampling.max_new_tokens):
+        logits = step(out).float().cpu()
+        if banned:
+            logits[:, banned] = float("-inf")
+        if sampling.do_sample:
+            scores = warpers(torch.cat([input_ids.cpu(), out], 1), logits)
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        out = torch.cat([out, nxt[:, None]], 1)
+        if streamer is not None:
+            streamer.put(nxt)
+        if eos:
+            done |= torch.isin(nxt, eos_t)
+            if bool(done.all()):
+                break
+    if streamer is not None:
+        streamer.end()
+    return out
+
+
+def eos_ids(eos_token_id, generation_config, tokenizer) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+        if eos_token_id is None:
+            eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
