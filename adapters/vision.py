@@ -35,6 +35,11 @@ class VisionEncoder(nn.Module):
         patches = (c.image_size // c.patch_size) ** 2
         return patches + (1 if self.has_cls_token and self.select == "all" else 0)
 
+    def example_input(self, n: int) -> torch.Tensor:
+        """Random pixel_values of the right shape (for ONNX tracing)."""
+        s = self.model.config.image_size
+        return torch.randn(n, self.model.config.num_channels, s, s)
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

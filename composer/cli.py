@@ -103,6 +103,51 @@ def inspect(target: str, text_tokens: int, as_json: bool) -> None:
         render(rows, facts, _console())
 
 
+@cli.command()
+@click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch; exit 1 past tolerance.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+def export(checkpoint: Path, out: Path, verify: bool, dtype: str, opset: int | None, overwrite: bool) -> None:
+    """Export a composed CHECKPOINT as a split ONNX bundle (encoders, early text, late multimodal).
+
+    \b
+    Example:
+      compose export out/tiny-llava -o out/tiny-llava.onnx --verify
+    """
+    from composer.checkpoint import load_pretrained
+    from composer.export.exporter import export_onnx
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise InputError(f"{out}: exists and is not empty (pass --overwrite)")
+    con = _console()
+    model = load_pretrained(_checkpoint_dir(str(checkpoint)))
+    with con.status("exporting") as status:
+        export_onnx(model, out, dtype=dtype, opset=opset, overwrite=overwrite, progress=lambda s: status.update(s))
+    from composer.export.manifest import read_manifest
+
+    manifest = read_manifest(out)
+    for st in manifest["stages"]:
+        con.print(f"  {st['graph']:<28} layers [{st['start']}, {st['end']})" + (f"  + {', '.join(st['enter'])}" if st["enter"] else ""))
+    for m, e in manifest["encoders"].items():
+        con.print(f"  {e['graph']:<28} {e['tokens_per_item']} tokens per item")
+    con.print(f"wrote ONNX bundle to {out}")
+    if verify:
+        from composer.export.verify import verify_bundle
+
+        with con.status("verifying against torch"):
+            report = verify_bundle(model, out)
+        for g, diff in report["graphs"].items():
+            con.print(f"  max abs diff {g:<28} {diff:.3g}")
+        con.print(f"  max abs diff prefill logits (end to end)  {report['prefill_logits']:.3g}")
+        con.print(f"  greedy tokens ({report['greedy_tokens']}) equal torch: {report['greedy_match']}")
+        if not report["ok"]:
+            raise ComposerError(f"verification failed: tolerance {report['tolerance']:g} exceeded or greedy tokens differ")
+        con.print(f"verified: every difference within {report['tolerance']:g}")
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("target")
 @click.option("--prompt", required=True, help="Instruction; wrapped in the spec's prompt template unless --raw.")
@@ -113,23 +158,33 @@ def inspect(target: str, text_tokens: int, as_json: bool) -> None:
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime provider (bundles only).")
 @click.pass_context
 def generate(ctx: click.Context, target: str, prompt: str, raw: bool, max_new_tokens: int | None,
              do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None,
-             seed: int) -> None:
-    """Generate text from a composed checkpoint TARGET; one `--<modality> FILE` per item.
+             seed: int, provider: str) -> None:
+    """Generate text from TARGET, a composed checkpoint (torch) or an ONNX bundle (ONNX Runtime);
+    one `--<modality> FILE` per item. Tokens are printed as they are produced.
 
     \b
     Example:
       compose generate out/tiny-llava --image specs/tiny/assets/red_circle.png --prompt "What shape is it?"
+      compose generate out/tiny-llava.onnx --image specs/tiny/assets/red_circle.png --prompt "What shape is it?"
     """
     import torch
     from transformers import TextStreamer
 
     from composer.checkpoint import load_pretrained
+    from composer.export.manifest import is_bundle
 
     items = _modality_args(ctx.args)
-    model = load_pretrained(_checkpoint_dir(target))
+    if is_bundle(target):
+        from composer.export.runtime import OnnxPipeline
+
+        model = OnnxPipeline(target, provider=provider)
+    else:
+        model = load_pretrained(_checkpoint_dir(target))
     unknown = sorted(set(items) - set(model.encoders))
     if unknown:
         raise InputError(f"unknown option(s) {['--' + u for u in unknown]}; this model takes {['--' + m for m in model.encoders]}")
@@ -161,7 +216,7 @@ def _checkpoint_dir(target: str) -> Path:
 
     p = Path(target)
     if not is_checkpoint(p):
-        raise InputError(f"{p}: not a composer checkpoint (no composer.json); build one with `compose build SPEC -o DIR`")
+        raise InputError(f"{p}: neither a composer checkpoint (composer.json) nor an ONNX bundle (manifest.json)")
     return p
 
 

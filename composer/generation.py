@@ -51,7 +51,7 @@ def decode_loop(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.T
     done = torch.zeros(B, dtype=torch.bool)
     eos_t = torch.tensor(eos, dtype=torch.long)
     for _ in range(sampling.max_new_tokens):
-        logits = step(out).float().cpu()
+        logits = step(out).float().cpu().clone()  # the backend may hand out its own buffer
         if banned:
             logits[:, banned] = float("-inf")
         if sampling.do_sample:

@@ -92,3 +92,21 @@ def test_build_is_deterministic(tmp_path):
         assert compose("build", TINY, "-o", tmp_path / name).returncode == 0
     a, b = load_file(tmp_path / "a/model.safetensors"), load_file(tmp_path / "b/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_main_job_build_export_verify_generate(tmp_path):
+    """The README's main job: build -> export --verify -> generate from the bundle and the checkpoint."""
+    ckpt, bundle = tmp_path / "ckpt", tmp_path / "bundle"
+    image = ROOT / "specs/tiny/assets/red_circle.png"
+    assert compose("build", TINY, "-o", ckpt).returncode == 0
+    r = compose("export", ckpt, "-o", bundle, "--verify")
+    assert r.returncode == 0, r.stderr
+    assert "verified: every difference within 0.0001" in r.stdout
+    assert "late_multimodal.onnx" in r.stdout and "layers [2, 4)" in r.stdout
+    args = ["--image", image, "--prompt", "What shape is it?", "--max-new-tokens", "8"]
+    onnx_out = compose("generate", bundle, *args)
+    torch_out = compose("generate", ckpt, *args)
+    assert onnx_out.returncode == 0 and torch_out.returncode == 0, onnx_out.stderr + torch_out.stderr
+    assert onnx_out.stdout == torch_out.stdout and onnx_out.stdout.strip()
+    r = compose("generate", bundle, "--image", tmp_path / "none.png", "--prompt", "x")
+    assert r.returncode == 2 and "file not found" in r.stderr

@@ -1,0 +1,69 @@
+"""The bundle manifest: what the exporter writes and the runtime reads (cf. onnxruntime-genai's
+``genai_config.json``). Validation here gives one clear error naming the bad file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from composer.errors import InputError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def late_graph_name(start: int, n_late: int) -> str:
+    """``late_multimodal.onnx`` for one insertion layer, ``late_multimodal.k<K>.onnx`` for several."""
+    return "late_multimodal.onnx" if n_late == 1 else f"late_multimodal.k{start}.onnx"
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(bundle: str | Path, *, check_files: bool = True) -> dict:
+    """Load and check ``BUNDLE/manifest.json``: known format version, every graph and its
+    external-data files present and readable."""
+    root = Path(bundle)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{root}: not an ONNX bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: invalid JSON ({e})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise InputError(f"{path}: unknown format_version {version!r} (this composer reads {FORMAT_VERSION})")
+    for key in ("stages", "encoders", "graphs", "llm", "kv", "generation"):
+        if key not in manifest:
+            raise InputError(f"{path}: missing key {key!r}")
+    if check_files:
+        for name in manifest["graphs"]:
+            check_graph_file(root / name)
+    return manifest
+
+
+def check_graph_file(path: Path) -> None:
+    """The graph parses and every external-data file it names exists and is large enough."""
+    import onnx
+
+    if not path.is_file():
+        raise InputError(f"{path}: graph file missing from the bundle")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise InputError(f"{path}: cannot parse ONNX graph ({type(e).__name__}); the file may be truncated") from None
+    needed: dict[str, int] = {}
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+            loc = info["location"]
+            needed[loc] = max(needed.get(loc, 0), end)
+    for loc, end in needed.items():
+        data = path.parent / loc
+        if not data.is_file():
+            raise InputError(f"{data}: external data of {path.name} missing from the bundle")
+        if data.stat().st_size < end:
+            raise InputError(f"{data}: external data of {path.name} is truncated ({data.stat().st_size} < {end} bytes)")

@@ -1,0 +1,310 @@
+"""ONNX Runtime inference over a split bundle: preprocessing, encoders, prefill, decode loop.
+
+The host side lays the prompt out as ``composer.layout`` does (slots, baseline positions) and
+passes each graph small integer tensors; the graphs build their own masks. Per stage it keeps
+the slot ids and validity of every cached key, and the KV tensors between steps. With the
+CUDA provider the KV cache and hidden states stay on the device (IO binding); on CPU they are
+numpy arrays.
+
+Example::
+
+    pipe = OnnxPipeline("out/tiny-llava.onnx")
+    batch = pipe.prepare([pipe.format_prompt("What is it?")], image=["cat.png"])
+    ids = pipe.generate(**batch, max_new_tokens=16)
+    print(pipe.decode(ids))
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from composer.errors import ComposerError, InputError
+from composer.export.manifest import read_manifest
+from composer.generation import Sampling, decode_loop
+from composer.prompting import prepare_batch
+
+_NP = {"fp32": np.float32, "fp16": np.float16}
+
+
+class OnnxPipeline:
+    """Generation with ONNX Runtime over ``BUNDLE``; ``provider`` is "cpu" or "cuda"."""
+
+    def __init__(self, bundle: str | Path, provider: str = "cpu", session_options=None):
+        import onnxruntime as ort
+
+        self.root = Path(bundle)
+        self.manifest = read_manifest(self.root)
+        if provider not in ("cpu", "cuda"):
+            raise InputError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+        if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ComposerError("provider 'cuda' needs onnxruntime-gpu (pip install 'mm-composer[gpu]') and a CUDA device")
+        self.provider = provider
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+        self.sessions = {}
+        for name in self.manifest["graphs"]:
+            try:
+                self.sessions[name] = ort.InferenceSession(str(self.root / name), sess_options=session_options,
+                                                           providers=providers)
+            except Exception as e:  # ORT raises its own exception types for corrupt graphs/data
+                raise InputError(f"{self.root / name}: cannot load ({str(e).strip().splitlines()[0][:200]})") from None
+        self.inputs = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
+        self.dtype = _NP[self.manifest["dtype"]]
+        self.d = self.manifest["llm"]["hidden_size"]
+        self.kv = self.manifest["kv"]
+        self.encoders = self.manifest["encoders"]
+        self.placeholder_ids = {m: e["placeholder_id"] for m, e in self.encoders.items()}
+        self._tokenizer = None
+        self._processors: dict[str, Any] = {}
+        self.recorder: list | None = None
+
+    # -- text and media ----------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from composer.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(str(self.root / self.manifest["tokenizer"]), "tokenizer")
+        return self._tokenizer
+
+    def processor(self, m: str):
+        if m not in self._processors:
+            from composer.adapters.vision import ENCODER_ADAPTERS
+
+            proc_cls = ENCODER_ADAPTERS[self.encoders[m]["type"]].hf_classes()[2]
+            self._processors[m] = proc_cls.from_pretrained(str(self.root / self.encoders[m]["processor"]))
+        return self._processors[m]
+
+    def format_prompt(self, instruction: str) -> str:
+        return self.manifest["prompt_template"].replace("{instruction}", instruction)
+
+    def prepare(self, prompts, *, padding_side: str = "left", **modality_items) -> dict[str, Any]:
+        from composer.adapters.vision import ENCODER_ADAPTERS
+
+        return prepare_batch(
+            self.tokenizer, prompts, placeholder_ids=self.placeholder_ids,
+            num_tokens={m: e["tokens_per_item"] for m, e in self.encoders.items()},
+            placeholders={m: e["placeholder"] for m, e in self.encoders.items()},
+            preprocess={m: functools.partial(ENCODER_ADAPTERS[e["type"]].preprocess, self.processor(m))
+                        for m, e in self.encoders.items()},
+            padding_side=padding_side, **modality_items,
+        )
+
+    def decode(self, ids) -> list[str]:
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    # -- graphs ----------------------------------------------------------------------------------------
+    def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        out = self._run_session(graph, feeds)
+        if self.recorder is not None:  # --verify replays every call through the torch graph
+            self.recorder.append((graph, dict(feeds), {k: _to_numpy(v) for k, v in out.items()}))
+        return out
+
+    def _run_session(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        sess = self.sessions[graph]
+        feeds = {k: v for k, v in feeds.items() if k in self.inputs[graph]}
+        names = [o.name for o in sess.get_outputs()]
+        if self.provider == "cpu":
+            return dict(zip(names, sess.run(names, feeds), strict=True))
+        import onnxruntime as ort
+
+        binding = sess.io_binding()
+        for k, v in feeds.items():
+            if isinstance(v, ort.OrtValue):
+                binding.bind_ortvalue_input(k, v)
+            else:
+                binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        for n in names:
+            binding.bind_output(n, "cpu" if n == "logits" else "cuda")
+        sess.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return {n: (o.numpy() if n == "logits" else o) for n, o in zip(names, outs, strict=True)}
+
+    def encode(self, m: str, features) -> Any:
+        """Raw inputs (n, ...) -> tokens (n, T, d) as numpy."""
+        x = features.numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+        out = self._run(self.encoders[m]["graph"], {self.encoders[m]["input"]: x.astype(self.dtype)})
+        tok = out["tokens"]
+        return tok if isinstance(tok, np.ndarray) else tok.numpy()
+
+    def _empty_kv(self, B: int, start: int, end: int) -> dict[str, np.ndarray]:
+        shape = (B, self.kv["num_kv_heads"], 0, self.kv["head_dim"])
+        z = np.zeros(shape, dtype=self.dtype)
+        return {f"past_{w}.{i}": z for i in range(start, end) for w in ("key", "value")}
+
+    # -- the split forward pass ------------------------------------------------------------------------------
+    def prefill(self, input_ids, attention_mask, modality_inputs: dict[str, Any], *, all_logits: bool = False):
+        """-> (logits, state). ``logits`` (B, V) at the last slot, or (B, L, V) in slot order
+        when ``all_logits`` (used by ``--verify``)."""
+        ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
+        mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask).astype(bool)
+        B, L = ids.shape
+        pos = np.clip(np.cumsum(mask, 1) - 1, 0, None).astype(np.int64)
+        slot_masks = {m: ids == pid for m, pid in self.placeholder_ids.items()}
+        is_mm = np.zeros_like(mask)
+        for sm in slot_masks.values():
+            is_mm |= sm
+        tokens = self._mm_tokens(slot_masks, modality_inputs)
+        stages = self.manifest["stages"]
+        state = {"slots": [], "valid": [], "kv": [], "next_slot": L, "next_pos": pos[:, -1] + 1}
+
+        # early text: text slots only
+        idx, ok = _rows_of(~is_mm, L)
+        cur_slots, cur_valid = idx, ok & _take(mask, idx, False)
+        cur_pos = _take(pos, idx, 0)
+        early = stages[0]
+        out = self._run(early["graph"], {
+            "input_ids": _take(np.where(is_mm, 0, ids), idx, 0), "position_ids": cur_pos, "slots": cur_slots,
+            "valid": cur_valid, "past_slots": np.zeros((B, 0), np.int64), "past_valid": np.zeros((B, 0), bool),
+            **self._empty_kv(B, 0, early["end"]),
+        })
+        hidden = out.pop("hidden")
+        state["slots"].append(cur_slots)
+        state["valid"].append(cur_valid)
+        state["kv"].append(_as_past(out))
+        logits = None
+        for st in stages[1:]:
+            enter = np.zeros_like(mask)
+            for m in st["enter"]:
+                enter |= slot_masks[m]
+            midx, mok = _rows_of(enter, L)
+            mm = np.zeros((B, midx.shape[1], self.d), dtype=self.dtype)
+            for m in st["enter"]:
+                if m in tokens:
+                    rows, cols = np.nonzero(slot_masks[m][np.arange(B)[:, None], np.minimum(midx, L - 1)] & mok)
+                    mm[rows, cols] = tokens[m][_flat_rank(slot_masks[m])[rows, np.minimum(midx, L - 1)[rows, cols]]]
+            mm_valid = mok & _take(mask, midx, False)
+            all_slots = np.concatenate([cur_slots, midx], 1)
+            if all_logits:
+                logit_rows = np.argsort(all_slots, axis=1, kind="stable")[:, :L]
+            else:
+                logit_rows = np.argmax(all_slots == L - 1, axis=1)[:, None]
+            out = self._run(st["graph"], {
+                "hidden": hidden, "hidden_slots": cur_slots, "hidden_valid": cur_valid, "hidden_positions": cur_pos,
+                "mm_tokens": mm, "mm_slots": midx, "mm_valid": mm_valid, "mm_positions": _take(pos, midx, 0),
+                "past_slots": np.zeros((B, 0), np.int64), "past_valid": np.zeros((B, 0), bool),
+                "logit_rows": logit_rows.astype(np.int64), **self._empty_kv(B, st["start"], st["end"]),
+            })
+            cur_slots, cur_valid = all_slots, np.concatenate([cur_valid, mm_valid], 1)
+            cur_pos = np.concatenate([cur_pos, _take(pos, midx, 0)], 1)
+            if st["last"]:
+                logits = out.pop("logits")
+            else:
+                hidden = out.pop("hidden_out")
+            state["slots"].append(cur_slots)
+            state["valid"].append(cur_valid)
+            state["kv"].append(_as_past(out))
+        logits = logits if all_logits else logits[:, 0]
+        return logits, state
+
+    def decode_step(self, tokens: np.ndarray, state: dict) -> np.ndarray:
+        """One new token per row through every graph; -> logits (B, V)."""
+        B = tokens.shape[0]
+        slot = np.full((B, 1), state["next_slot"], np.int64)
+        pos = state["next_pos"][:, None].astype(np.int64)
+        one = np.ones((B, 1), bool)
+        hidden = None
+        logits = None
+        for s, st in enumerate(self.manifest["stages"]):
+            common = {"past_slots": state["slots"][s], "past_valid": state["valid"][s], **state["kv"][s]}
+            if s == 0:
+                out = self._run(st["graph"], {"input_ids": tokens.astype(np.int64), "position_ids": pos, "slots": slot,
+                                              "valid": one, **common})
+                hidden = out.pop("hidden")
+            else:
+                out = self._run(st["graph"], {
+                    "hidden": hidden, "hidden_slots": slot, "hidden_valid": one, "hidden_positions": pos,
+                    "mm_tokens": np.zeros((B, 0, self.d), self.dtype), "mm_slots": np.zeros((B, 0), np.int64),
+                    "mm_valid": np.zeros((B, 0), bool), "mm_positions": np.zeros((B, 0), np.int64),
+                    "logit_rows": np.zeros((B, 1), np.int64), **common,
+                })
+                if st["last"]:
+                    logits = out.pop("logits")[:, 0]
+                else:
+                    hidden = out.pop("hidden_out")
+            state["slots"][s] = np.concatenate([state["slots"][s], slot], 1)
+            state["valid"][s] = np.concatenate([state["valid"][s], one], 1)
+            state["kv"][s] = _as_past(out)
+        state["next_slot"] += 1
+        state["next_pos"] = state["next_pos"] + 1
+        return logits
+
+    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id=None, generator: torch.Generator | None = None,
+                 streamer=None, **modality_inputs) -> torch.Tensor:
+        """Same contract as ``ComposedModel.generate``: new token ids (B, n), left padding."""
+        from composer.spec import GenerationSpec
+
+        g = self.manifest["generation"]
+        spec_g = GenerationSpec(**{k: g[k] for k in GenerationSpec.model_fields})
+        sampling = Sampling.from_spec(spec_g, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      temperature=temperature, top_k=top_k, top_p=top_p)
+        input_ids = torch.as_tensor(input_ids)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if not bool(attention_mask[:, -1].all()):
+            raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
+        state: dict = {}
+
+        def step(out: torch.Tensor) -> torch.Tensor:
+            if out.shape[1] == 0:
+                logits, st = self.prefill(input_ids, attention_mask, modality_inputs)
+                state.update(st)
+                return torch.from_numpy(np.asarray(logits))
+            return torch.from_numpy(np.asarray(self.decode_step(out[:, -1:].numpy(), state)))
+
+        eos = g["eos_token_id"] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        return decode_loop(step, input_ids, sampling, eos=eos, pad=g["pad_token_id"], banned=g["banned_token_ids"],
+                           generator=generator, streamer=streamer)
+
+    def _mm_tokens(self, slot_masks, modality_inputs) -> dict[str, np.ndarray]:
+        unknown = sorted(set(modality_inputs) - set(self.encoders))
+        if unknown:
+            raise InputError(f"unknown modality input(s) {unknown}; this bundle has {sorted(self.encoders)}")
+        out = {}
+        for m, sm in slot_masks.items():
+            slots = int(sm.sum())
+            x = modality_inputs.get(m)
+            if slots == 0:
+                continue
+            if x is None:
+                raise InputError(f"the prompts have {m} placeholder slots but no `{m}` input was given")
+            tok = self.encode(m, x)
+            if tok.shape[0] * tok.shape[1] != slots:
+                raise InputError(f"{m}: the prompts have {slots} placeholder slots but {tok.shape[0]} {m} input(s) "
+                                 f"of {tok.shape[1]} tokens were given")
+            out[m] = tok.reshape(-1, tok.shape[-1]).astype(self.dtype)
+        return out
+
+
+def _rows_of(active: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the active slot ids in order, padded with the dummy slot L. -> (idx, filled)."""
+    counts = active.sum(1)
+    T = int(counts.max()) if active.size else 0
+    order = np.argsort(~active, axis=1, kind="stable")[:, :T]
+    filled = np.arange(T)[None, :] < counts[:, None]
+    return np.where(filled, order, L).astype(np.int64), filled
+
+
+def _take(a: np.ndarray, idx: np.ndarray, fill) -> np.ndarray:
+    L = a.shape[1]
+    got = np.take_along_axis(a, np.minimum(idx, L - 1), 1)
+    return np.where(idx < L, got, fill).astype(a.dtype)
+
+
+def _flat_rank(mask: np.ndarray) -> np.ndarray:
+    """Row-major rank of each True entry (the order of the flat per-modality token list)."""
+    return (np.cumsum(mask.reshape(-1)) - 1).reshape(mask.shape)
+
+
+def _to_numpy(v) -> np.ndarray:
+    return v if isinstance(v, np.ndarray) else v.numpy()
+
+
+def _as_past(present: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("present_", "past_", 1): v for k, v in present.items()}

@@ -1,0 +1,169 @@
+"""Split ONNX export: ONNX Runtime vs torch logits (1e-4, fp32) for prefill and decode steps,
+greedy tokens equal to torch generate() for k = 0, middle, N-1, batch 1 and 2 (left padding),
+two modalities at different layers; clear errors for broken bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import images, make_model
+
+from composer.errors import InputError
+from composer.export.exporter import export_onnx
+from composer.export.runtime import OnnxPipeline
+from composer.export.verify import verify_bundle
+
+TOL = 1e-4
+N_NEW = 8
+
+CASES = {
+    "llama-k2": ("llama", 2, ("image",)),
+    "llama-k0": ("llama", 0, ("image",)),
+    "opt-k3": ("opt", 3, ("image",)),  # k = N-1
+    "qwen3-two-modalities": ("qwen3", {"image": 1, "image2": 3}, ("image", "image2")),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    family, k, mods = CASES[request.param]
+    model = make_model(family, insert_at=k, modalities=mods)
+    bundle = export_onnx(model, tmp_path_factory.mktemp(request.param) / "bundle")
+    return model, bundle, OnnxPipeline(bundle)
+
+
+def _batch(model, n: int):
+    prompts = [model.format_prompt("tell me a long story about it"), model.format_prompt("hi")][:n]
+    items = {m: list(images(n, seed=i + 3)) for i, m in enumerate(model.encoders)}
+    return model.prepare(prompts, padding_side="left", **items)
+
+
+def test_bundle_files_and_manifest(exported):
+    model, bundle, pipe = exported
+    names = {p.name for p in bundle.iterdir()}
+    assert {"manifest.json", "early_text.onnx", "tokenizer", "processors", "spec.yaml"} <= names
+    assert all(f"encoder.{m}.onnx" in names for m in model.encoders)
+    assert any(n.endswith(".onnx.data") for n in names)
+    man = pipe.manifest
+    ks = sorted(set(model.insert_at.values()))
+    late = [s for s in man["stages"] if s["graph"] != "early_text.onnx"]
+    assert [s["start"] for s in late] == ks and late[-1]["end"] == model.num_layers and late[-1]["last"]
+    assert man["stages"][0]["end"] == ks[0]
+    if len(ks) == 1:
+        assert "late_multimodal.onnx" in names
+    else:
+        assert {f"late_multimodal.k{k}.onnx" for k in ks} <= names
+    for g, io in man["graphs"].items():
+        assert io["inputs"] and io["outputs"], g
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_prefill_and_decode_logits_match_torch(exported, n):
+    model, _, pipe = exported
+    batch = _batch(model, n)
+    mm = {m: batch[m] for m in model.encoders}
+    logits, state = pipe.prefill(batch["input_ids"], batch["attention_mask"], mm, all_logits=True)
+    with torch.no_grad():
+        ref = model(**batch).logits.numpy()
+    real = batch["attention_mask"].bool().numpy()
+    assert np.abs(logits - ref)[real].max() < TOL
+    # decode steps: feed torch's greedy tokens, compare each step's logits to a full recomputation
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    _, state = pipe.prefill(ids, am, mm)
+    for _ in range(3):
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=am, **mm).logits[:, -1]
+        nxt = full.argmax(-1, keepdim=True)
+        ids, am = torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+        step = pipe.decode_step(nxt.numpy(), state)
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=am, **mm).logits[:, -1].numpy()
+        assert np.abs(step - want).max() < TOL
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_greedy_tokens_equal_torch_generate(exported, n):
+    model, _, pipe = exported
+    batch = _batch(model, n)
+    want = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[])
+    got = pipe.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[])
+    assert torch.equal(want, got)
+
+
+def test_sampling_equals_torch_with_same_generator(exported):
+    model, _, pipe = exported
+    batch = _batch(model, 2)
+    kw = dict(max_new_tokens=N_NEW, eos_token_id=[], do_sample=True, temperature=0.8, top_k=20)
+    want = model.generate(**batch, generator=torch.Generator().manual_seed(3), **kw)
+    got = pipe.generate(**batch, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(want, got)
+
+
+def test_verify_report(exported):
+    model, bundle, _ = exported
+    report = verify_bundle(model, bundle)
+    assert report["ok"] and report["greedy_match"]
+    assert set(report["graphs"]) == set(OnnxPipeline(bundle).manifest["graphs"])
+    assert max(report["graphs"].values()) < TOL and report["prefill_logits"] < TOL
+
+
+def test_pipeline_prepare_matches_model(exported):
+    model, _, pipe = exported
+    prompts = [pipe.format_prompt("q")]
+    items = {m: [images(1)[0]] for m in model.encoders}
+    a, b = model.prepare(prompts, **items), pipe.prepare(prompts, **items)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- broken bundles ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory):
+    model = make_model("llama", insert_at=1)
+    return export_onnx(model, tmp_path_factory.mktemp("broken") / "bundle")
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_graph(small_bundle, tmp_path):
+    b = _copy(small_bundle, tmp_path)
+    (b / "late_multimodal.onnx").unlink()
+    with pytest.raises(InputError, match=r"late_multimodal.onnx: graph file missing"):
+        OnnxPipeline(b)
+
+
+def test_truncated_graph(small_bundle, tmp_path):
+    b = _copy(small_bundle, tmp_path)
+    g = b / "early_text.onnx"
+    g.write_bytes(g.read_bytes()[: g.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"early_text.onnx: cannot parse ONNX graph"):
+        OnnxPipeline(b)
+
+
+def test_missing_and_truncated_external_data(small_bundle, tmp_path):
+    b = _copy(small_bundle, tmp_path)
+    data = b / "late_multimodal.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"late_multimodal.onnx.data: external data of late_multimodal.onnx is truncated"):
+        OnnxPipeline(b)
+    data.unlink()
+    with pytest.raises(InputError, match=r"late_multimodal.onnx.data: external data of late_multimodal.onnx missing"):
+        OnnxPipeline(b)
+
+
+def test_unknown_format_version_and_not_a_bundle(small_bundle, tmp_path):
+    b = _copy(small_bundle, tmp_path)
+    man = json.loads((b / "manifest.json").read_text())
+    man["format_version"] = 42
+    (b / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(InputError, match="unknown format_version 42"):
+        OnnxPipeline(b)
+    with pytest.raises(InputError, match="not an ONNX bundle"):
+        OnnxPipeline(tmp_path)
