@@ -7,9 +7,24 @@ are reused as-is, nothing is re-implemented):
 - ``position_embedding(positions)``: what a token inserted at layer k > 0 gets added (or None)
 - ``run_layers(hidden, start, end, positions, mask, cache)``: decoder layers [start, end)
 - ``head(hidden)``: final norm + LM head -> logits
+
+Encoder adapters follow ``EncoderAdapter`` (``encoder.py``).
 """
 
+from composer.adapters.encoder import EncoderAdapter, HFEncoder
 from composer.adapters.llm import LLM_ADAPTERS, LLMAdapter, llm_adapter_for
-from composer.adapters.vision import ENCODER_ADAPTERS, VisionEncoder
+from composer.adapters.vision import ClipVisionEncoder, SiglipVisionEncoder
 
-__all__ = ["ENCODER_ADAPTERS", "LLM_ADAPTERS", "LLMAdapter", "VisionEncoder", "llm_adapter_for"]
+# spec `encoder.type` -> adapter class (closed registry; mirrored by composer.spec.ENCODER_TYPES).
+ENCODER_ADAPTERS: dict[str, type[EncoderAdapter]] = {
+    "clip_vision": ClipVisionEncoder,
+    "siglip_vision": SiglipVisionEncoder,
+}
+
+
+def encoder_type_of(encoder: EncoderAdapter) -> str:
+    return next(k for k, cls in ENCODER_ADAPTERS.items() if type(encoder) is cls)
+
+
+__all__ = ["ENCODER_ADAPTERS", "EncoderAdapter", "HFEncoder", "LLM_ADAPTERS", "LLMAdapter", "encoder_type_of",
+           "llm_adapter_for"]

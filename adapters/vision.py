@@ -7,27 +7,50 @@ patch`` drops the CLS token (CLIP), ``all`` keeps it. Output: (num_images, num_t
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from composer.adapters.encoder import HFEncoder
 
 
-class VisionEncoder(nn.Module):
+def load_images(processor, items: list) -> torch.Tensor:
+    """Image files, PIL images or (3, H, W) tensors -> pixel_values (n, 3, H, W)."""
+    from PIL import Image
+
+    from composer.errors import InputError
+
+    if all(isinstance(x, torch.Tensor) for x in items):
+        return torch.stack(list(items))
+    images = []
+    for x in items:
+        if isinstance(x, Image.Image):
+            images.append(x.convert("RGB"))
+            continue
+        try:
+            with Image.open(x) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError, TypeError) as e:
+            raise InputError(f"{x}: cannot read image ({type(e).__name__}: {e})") from None
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+class VisionEncoder(HFEncoder):
     """Wraps an HF ``*VisionModel``; attribute ``model`` keeps the HF keys below ``encoders.<m>.model``."""
 
     has_cls_token = True
-    input_name = "pixel_values"
+    input_names = ("pixel_values",)
 
-    def __init__(self, model: nn.Module, feature_layer: int = -1, select: str = "patch"):
-        super().__init__()
-        self.model = model
+    def __init__(self, model, feature_layer: int = -1, select: str = "patch"):
+        super().__init__(model)
         n = model.config.num_hidden_layers
         if not -(n + 1) <= feature_layer <= n:
-            raise ValueError(f"feature_layer must be in [-{n + 1}, {n}] for a {n}-layer encoder, got {feature_layer}")
+            raise ValueError(f"must be in [-{n + 1}, {n}] for a {n}-layer encoder, got {feature_layer}")
         self.feature_layer = feature_layer
         self.select = select
 
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+    @classmethod
+    def _wrap(cls, hf, spec):
+        return cls(hf, feature_layer=spec.feature_layer, select=spec.select)
+
+    preprocess = staticmethod(load_images)
 
     @property
     def num_tokens(self) -> int:
@@ -35,35 +58,9 @@ class VisionEncoder(nn.Module):
         patches = (c.image_size // c.patch_size) ** 2
         return patches + (1 if self.has_cls_token and self.select == "all" else 0)
 
-    def example_input(self, n: int) -> torch.Tensor:
-        """Random pixel_values of the right shape (for ONNX tracing)."""
+    def example_inputs(self, n: int) -> dict[str, torch.Tensor]:
         s = self.model.config.image_size
-        return torch.randn(n, self.model.config.num_channels, s, s)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @staticmethod
-    def preprocess(processor, items: list) -> torch.Tensor:
-        """Image files, PIL images or (3, H, W) tensors -> pixel_values (n, 3, H, W)."""
-        from PIL import Image
-
-        from composer.errors import InputError
-
-        if all(isinstance(x, torch.Tensor) for x in items):
-            return torch.stack(list(items))
-        images = []
-        for x in items:
-            if isinstance(x, Image.Image):
-                images.append(x.convert("RGB"))
-                continue
-            try:
-                with Image.open(x) as im:
-                    images.append(im.convert("RGB"))
-            except (OSError, ValueError, TypeError) as e:
-                raise InputError(f"{x}: cannot read image ({type(e).__name__}: {e})") from None
-        return processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": torch.randn(n, self.model.config.num_channels, s, s)}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (n, 3, H, W) -> (n, T, d_enc)
         out = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
@@ -78,10 +75,9 @@ class ClipVisionEncoder(VisionEncoder):
 
     @staticmethod
     def hf_classes():
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-        from transformers import CLIPVisionConfig, CLIPVisionModel
+        from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
-        return CLIPVisionConfig, CLIPVisionModel, CLIPImageProcessor
+        return CLIPVisionConfig, CLIPVisionModel, CLIPImageProcessorPil
 
     @staticmethod
     def default_processor_kwargs(config) -> dict:
@@ -94,19 +90,11 @@ class SiglipVisionEncoder(VisionEncoder):
 
     @staticmethod
     def hf_classes():
-        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
-        from transformers import SiglipVisionConfig, SiglipVisionModel
+        from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
-        return SiglipVisionConfig, SiglipVisionModel, SiglipImageProcessor
+        return SiglipVisionConfig, SiglipVisionModel, SiglipImageProcessorPil
 
     @staticmethod
     def default_processor_kwargs(config) -> dict:
         s = config.image_size
         return {"size": {"height": s, "width": s}}
-
-
-# spec `encoder.type` -> adapter class (closed registry).
-ENCODER_ADAPTERS: dict[str, type[VisionEncoder]] = {
-    "clip_vision": ClipVisionEncoder,
-    "siglip_vision": SiglipVisionEncoder,
-}

@@ -6,7 +6,6 @@ Components come from closed registries (``LLM_ADAPTERS``, ``ENCODER_ADAPTERS``,
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ import torch
 from torch import nn
 
 from composer.adapters.llm import LLM_ADAPTERS, llm_adapter_for
-from composer.adapters.vision import ENCODER_ADAPTERS
+from composer.adapters import ENCODER_ADAPTERS
+from composer.adapters.encoder import maybe_no_init
 from composer.errors import InputError, SpecError
 from composer.model import ComposedModel
 from composer.projectors import build_projector, load_projector_weights
@@ -69,21 +69,10 @@ def build_llm(spec: LLMSpec, base_dir: Path | None, *, config=None, load_weights
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise _hf_error("llm.model", src, e) from None
-    with _maybe_no_init(not load_weights):
+    with maybe_no_init(not load_weights):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=spec.attn_implementation)
     model.tie_weights()  # skipped by no_init_weights; tied weights are saved once
     return model
-
-
-@contextlib.contextmanager
-def _maybe_no_init(skip: bool):
-    if not skip:
-        yield
-        return
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        yield
 
 
 # -- encoders ----------------------------------------------------------------------------------
@@ -97,53 +86,52 @@ def encoder_type(spec: EncoderSpec, where: str, config=None) -> str:
 
 
 def build_encoder(spec: EncoderSpec, where: str, base_dir: Path | None, *, config=None, load_weights: bool = True,
-                  processor_dir: Path | None = None, load_processor: bool = True):
-    """-> (encoder module, preprocessor)."""
-    from transformers import AutoConfig
-
-    src = resolve_source(spec.model, base_dir) if spec.model else None
-    if config is None and spec.model is not None:
-        try:
-            config = AutoConfig.from_pretrained(src, trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            raise _hf_error(f"{where}.model", src, e) from None
-    etype = encoder_type(spec, where, config if config is not None else _InlineType(spec.config))
-    adapter = ENCODER_ADAPTERS[etype]
-    config_cls, model_cls, proc_cls = adapter.hf_classes()
-    if config is not None and not isinstance(config, config_cls):
-        config = getattr(config, "vision_config", config)  # full CLIP/SigLIP checkpoints hold a vision_config
-        if not isinstance(config, config_cls):
-            config = config_cls(**config.to_dict())
-    if config is None:
-        config = config_cls(**{k: v for k, v in spec.config.items() if k != "model_type"})
-    dtype = DTYPES[spec.dtype] if spec.dtype else None
-    if src is not None and load_weights:
-        try:
-            hf = model_cls.from_pretrained(src, dtype=dtype or torch.float32)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise _hf_error(f"{where}.model", src, e) from None
+                  processor_dir: Path | None = None, load_processor: bool = True, etype: str | None = None):
+    """-> (encoder adapter module, preprocessor or None). ``config``/``etype`` given: a saved
+    checkpoint's, and nothing is looked up at ``encoder.model``."""
+    src = resolve_source(spec.model, base_dir) if spec.model and config is None else None
+    if etype is not None:
+        pass
+    elif spec.type is not None:
+        etype = spec.type
+    elif src is not None:
+        etype = encoder_type(spec, where, _hub_config(src, f"{where}.model"))
     else:
-        with _maybe_no_init(not load_weights):
-            hf = model_cls(config)
-        if dtype is not None:
-            hf = hf.to(dtype)
+        etype = encoder_type(spec, where, _InlineType(spec.config))
+    adapter = ENCODER_ADAPTERS[etype]
+    if config is None:
+        try:
+            config = adapter.load_config(src) if src is not None else adapter.config_from_dict(spec.config)
+        except (OSError, ValueError, TypeError) as e:
+            raise _hf_error(f"{where}.model" if src else f"{where}.config", src or "inline config", e) from None
+    dtype = DTYPES[spec.dtype] if spec.dtype else None
     try:
-        enc = adapter(hf, feature_layer=spec.feature_layer, select=spec.select)
+        enc = adapter.create(config, spec, src=src, dtype=dtype, load_weights=load_weights)
     except ValueError as e:
-        raise SpecError(f"{where}.feature_layer: {e}") from None
+        if src is not None and load_weights:
+            raise _hf_error(f"{where}.model", src, e) from None
+        raise SpecError(f"{where}: {e}") from None
+    except (OSError, RuntimeError) as e:
+        raise _hf_error(f"{where}.model", str(src), e) from None
     if not load_processor:
         return enc, None
-    overrides = dict(spec.processor or {})
     try:
         if processor_dir is not None:
-            proc = proc_cls.from_pretrained(str(processor_dir))
-        elif src is not None:
-            proc = proc_cls.from_pretrained(src, **overrides)
+            proc = adapter.load_processor(str(processor_dir))
         else:
-            proc = proc_cls(**{**adapter.default_processor_kwargs(config), **overrides})
+            proc = adapter.make_processor(config, src, dict(spec.processor or {}))
     except (OSError, ValueError, TypeError) as e:
         raise _hf_error(f"{where}.processor", str(processor_dir or src or "inline"), e) from None
     return enc, proc
+
+
+def _hub_config(src: str, where: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise _hf_error(where, src, e) from None
 
 
 class _InlineType:
@@ -210,6 +198,7 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
             mod.encoder, f"{where}.encoder", base_dir,
             config=saved["encoder_configs"][name] if saved else None, load_weights=load,
             processor_dir=saved["processor_dirs"][name] if saved else None, load_processor=not shape_only,
+            etype=saved["encoder_types"][name] if saved else None,
         )
         proj = build_projector(mod.projector, enc.hidden_size, width)
         if mod.projector.weights and load:

@@ -58,6 +58,8 @@ def atomic_dir(out_dir: Path, overwrite: bool):
 def save_pretrained(model: ComposedModel, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     from safetensors.torch import save_model
 
+    from composer.adapters import encoder_type_of
+
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite) as tmp:
         (tmp / "spec.yaml").write_text(model.spec.to_yaml())
@@ -65,7 +67,7 @@ def save_pretrained(model: ComposedModel, out_dir: str | Path, *, overwrite: boo
             "format_version": FORMAT_VERSION,
             "name": model.spec.name,
             "llm_config": model.llm.config.to_dict(),
-            "encoder_configs": {m: e.model.config.to_dict() for m, e in model.encoders.items()},
+            "encoder_configs": {m: e.config_dict() for m, e in model.encoders.items()},
             "encoder_types": {m: encoder_type_of(e) for m, e in model.encoders.items()},
             "placeholder_ids": model.placeholder_ids,
             "num_tokens": {m: model.num_tokens(m) for m in model.encoders},
@@ -86,12 +88,6 @@ def _untied(model, missing: list[str]) -> list[str]:
     return [k for k in missing if state[k].data_ptr() not in loaded]
 
 
-def encoder_type_of(encoder) -> str:
-    from composer.adapters.vision import ENCODER_ADAPTERS
-
-    return next(k for k, cls in ENCODER_ADAPTERS.items() if type(encoder) is cls)
-
-
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "composer.json").is_file()
 
@@ -103,7 +99,7 @@ def load_pretrained(path: str | Path) -> ComposedModel:
     from safetensors.torch import load_model
     from transformers import AutoConfig
 
-    from composer.adapters.vision import ENCODER_ADAPTERS
+    from composer.adapters import ENCODER_ADAPTERS
     from composer.builder import build
 
     root = Path(path)
@@ -122,10 +118,11 @@ def load_pretrained(path: str | Path) -> ComposedModel:
     llm_cfg = dict(meta["llm_config"])
     enc_cfgs = {}
     for m, cfg in meta["encoder_configs"].items():
-        enc_cfgs[m] = ENCODER_ADAPTERS[meta["encoder_types"][m]].hf_classes()[0].from_dict(cfg)
+        enc_cfgs[m] = ENCODER_ADAPTERS[meta["encoder_types"][m]].config_from_dict(cfg)
     saved = {
         "llm_config": AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg),
         "encoder_configs": enc_cfgs,
+        "encoder_types": meta["encoder_types"],
         "tokenizer_dir": root / "tokenizer",
         "processor_dirs": {m: root / "processors" / m for m in spec.modalities},
     }

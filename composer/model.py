@@ -75,7 +75,8 @@ class ComposedModel(nn.Module):
     # -- encoding --------------------------------------------------------------------------
     def encode(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         """Raw modality inputs (n items) -> projected tokens (n, T, d_llm)."""
-        feats = self.encoders[modality](inputs.to(self.device))
+        enc = self.encoders[modality]
+        feats = enc(**{k: v.to(self.device) for k, v in enc.as_inputs(inputs).items()})
         proj = self.projectors[modality]
         feats = feats.to(next(proj.parameters()).dtype)
         return proj(feats).to(self.dtype)
@@ -92,8 +93,9 @@ class ComposedModel(nn.Module):
             slots = int(mask.sum())
             x = modality_inputs.get(m)
             if slots == 0:
-                if x is not None and len(x):
-                    raise InputError(f"{len(x)} {m} input(s) given but the prompts have no {m} placeholder")
+                n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x) if x is not None else 0
+                if n:
+                    raise InputError(f"{n} {m} input(s) given but the prompts have no {m} placeholder")
                 continue
             if x is None:
                 raise InputError(f"the prompts have {m} placeholder slots but no `{m}` input was given")

@@ -29,7 +29,7 @@ def _count(module) -> tuple[int, int]:
 def summarize(model, text_tokens: int = DEFAULT_TEXT_TOKENS) -> tuple[list[Row], dict]:
     """-> (rows, facts). ``facts`` holds the numbers behind the FLOPs line (for JSON output)."""
     shape = model.adapter.shape
-    from composer.checkpoint import encoder_type_of
+    from composer.adapters import encoder_type_of
 
     rows = [Row("llm", f"{model.llm.config.model_type}, {shape.num_layers} layers, d={shape.hidden_size}",
                 *_count(model.llm))]

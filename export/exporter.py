@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from composer.checkpoint import atomic_dir, encoder_type_of
+from composer.adapters import encoder_type_of
+from composer.checkpoint import atomic_dir
 from composer.errors import InputError
 from composer.export.graphs import EarlyText, EncoderGraph, LateStage
 from composer.export.manifest import FORMAT_VERSION, MANIFEST, late_graph_name
@@ -122,7 +123,7 @@ def export_onnx(model, out_dir: str | Path, *, dtype: str = "fp32", opset: int |
     N = shape.num_layers
     k1, late = stage_plan(m.insert_at, N)
     out_dir = Path(out_dir)
-    b, t, mm, p, r, n = Dim("batch"), Dim("seq"), Dim("mm"), Dim("past"), Dim("rows"), Dim("items")
+    b, t, mm, p, r = Dim("batch"), Dim("seq"), Dim("mm"), Dim("past"), Dim("rows")
     graphs: dict[str, dict] = {}
     with atomic_dir(out_dir, overwrite) as tmp, torch.no_grad():
         # encoders: raw input -> tokens
@@ -130,12 +131,15 @@ def export_onnx(model, out_dir: str | Path, *, dtype: str = "fp32", opset: int |
         for name, enc in m.encoders.items():
             fname = f"encoder.{name}.onnx"
             say(f"exporting {fname}")
-            example = enc.example_input(EX_ITEMS).to(enc.dtype)
-            _export(EncoderGraph(enc, m.projectors[name], tdt), (example,), tmp / fname, [enc.input_name], ["tokens"],
-                    ({0: n},), opset)
+            example = {k: (v.to(enc.dtype) if v.is_floating_point() else v) for k, v in enc.example_inputs(EX_ITEMS).items()}
+            names = list(enc.input_names)
+            dims = {}  # one torch Dim per axis name, shared across inputs
+            dyn = tuple({ax: dims.setdefault(label, Dim(label)) for ax, label in enc.dynamic_axes()[k].items()} for k in names)
+            _export(EncoderGraph(enc, m.projectors[name], tdt), tuple(example[k] for k in names), tmp / fname, names,
+                    ["tokens"], (dyn,), opset)  # forward(*inputs): one varargs entry
             graphs[fname] = _graph_io(tmp / fname)
             encoders[name] = {
-                "graph": fname, "type": encoder_type_of(enc), "input": enc.input_name,
+                "graph": fname, "type": encoder_type_of(enc), "inputs": list(enc.input_names),
                 "tokens_per_item": m.num_tokens(name), "placeholder": m.spec.modalities[name].placeholder,
                 "placeholder_id": m.placeholder_ids[name], "insert_at": m.insert_at[name],
                 "processor": f"processors/{name}",

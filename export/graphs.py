@@ -46,8 +46,8 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.encoder, self.projector, self.out_dtype = encoder, projector, dtype
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(features)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        feats = self.encoder(**dict(zip(self.encoder.input_names, inputs, strict=True)))
         return self.projector(feats.to(next(self.projector.parameters()).dtype)).to(self.out_dtype)
 
 

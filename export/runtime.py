@@ -73,17 +73,17 @@ class OnnxPipeline:
 
     def processor(self, m: str):
         if m not in self._processors:
-            from composer.adapters.vision import ENCODER_ADAPTERS
+            from composer.adapters import ENCODER_ADAPTERS
 
-            proc_cls = ENCODER_ADAPTERS[self.encoders[m]["type"]].hf_classes()[2]
-            self._processors[m] = proc_cls.from_pretrained(str(self.root / self.encoders[m]["processor"]))
+            adapter = ENCODER_ADAPTERS[self.encoders[m]["type"]]
+            self._processors[m] = adapter.load_processor(str(self.root / self.encoders[m]["processor"]))
         return self._processors[m]
 
     def format_prompt(self, instruction: str) -> str:
         return self.manifest["prompt_template"].replace("{instruction}", instruction)
 
     def prepare(self, prompts, *, padding_side: str = "left", **modality_items) -> dict[str, Any]:
-        from composer.adapters.vision import ENCODER_ADAPTERS
+        from composer.adapters import ENCODER_ADAPTERS
 
         return prepare_batch(
             self.tokenizer, prompts, placeholder_ids=self.placeholder_ids,
@@ -126,9 +126,16 @@ class OnnxPipeline:
         return {n: (o.numpy() if n == "logits" else o) for n, o in zip(names, outs, strict=True)}
 
     def encode(self, m: str, features) -> Any:
-        """Raw inputs (n, ...) -> tokens (n, T, d) as numpy."""
-        x = features.numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
-        out = self._run(self.encoders[m]["graph"], {self.encoders[m]["input"]: x.astype(self.dtype)})
+        """Preprocessed inputs (a tensor, or a dict for multi-input encoders) -> tokens (n, T, d)."""
+        names = self.encoders[m]["inputs"]
+        if not isinstance(features, dict):
+            (name,) = names
+            features = {name: features}
+        feeds = {}
+        for k in names:
+            x = features[k].numpy() if isinstance(features[k], torch.Tensor) else np.asarray(features[k])
+            feeds[k] = x.astype(self.dtype) if np.issubdtype(x.dtype, np.floating) else x
+        out = self._run(self.encoders[m]["graph"], feeds)
         tok = out["tokens"]
         return tok if isinstance(tok, np.ndarray) else tok.numpy()
 

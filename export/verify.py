@@ -25,11 +25,24 @@ _EARLY_ARGS = ["input_ids", "position_ids", "slots", "valid", "past_slots", "pas
 
 
 def sample_batch(model, pipe: OnnxPipeline):
-    """Two left-padded prompts of different lengths with one item per placeholder."""
+    """Two left-padded prompts of different lengths, each placeholder with a random example item."""
+    from composer.prompting import prepare_batch
+
     torch.manual_seed(0)
     prompts = [pipe.format_prompt("Describe this in detail, please."), pipe.format_prompt("Hi")]
-    items = {m: [enc.example_input(1)[0] for _ in prompts] for m, enc in model.encoders.items()}
-    return model.prepare(prompts, **items)
+    counts = {m: sum(p.count(e["placeholder"]) for p in prompts) for m, e in pipe.encoders.items()}
+    return prepare_batch(
+        model.tokenizer, prompts, placeholder_ids=model.placeholder_ids,
+        num_tokens={m: model.num_tokens(m) for m in model.encoders},
+        placeholders={m: e["placeholder"] for m, e in pipe.encoders.items()},
+        preprocess={m: (lambda items, enc=enc: _single(enc, enc.example_inputs(len(items))))
+                    for m, enc in model.encoders.items()},
+        **{m: [None] * n for m, n in counts.items()},
+    )
+
+
+def _single(enc, inputs: dict):
+    return inputs[enc.input_names[0]] if len(enc.input_names) == 1 else inputs
 
 
 def _torch_graphs(model, manifest) -> dict[str, torch.nn.Module]:
@@ -50,8 +63,7 @@ def _replay(module, graph: str, feeds: dict, manifest) -> list[np.ndarray]:
     past = [t[k] for k in sorted(kv, key=lambda k: (int(k.rsplit(".", 1)[1]), "value" in k))]
     with torch.no_grad():
         if isinstance(module, EncoderGraph):
-            (name,) = [k for k in t]
-            return [module(t[name]).numpy()]
+            return [module(*[t[k] for k in module.encoder.input_names]).numpy()]
         names = _EARLY_ARGS if isinstance(module, EarlyText) else _LATE_ARGS
         outs = module(*[t[n] for n in names], past)
     return [o.float().numpy() for o in outs[:1]]  # the main output; KV agrees when it does

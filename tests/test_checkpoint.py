@@ -115,3 +115,14 @@ def test_missing_local_model_dir_is_a_clear_error(tmp_path):
     d["llm"] = {"model": str(tmp_path / "nope")}
     with pytest.raises(InputError, match=r"llm.model: cannot load"):
         build(parse_spec(d))
+
+
+def test_tied_embeddings_llama_round_trip(tmp_path):
+    d = spec_dict("llama", 2)
+    d["llm"]["config"]["tie_word_embeddings"] = True
+    model = build(parse_spec(d)).eval()
+    assert model.llm.lm_head.weight is model.llm.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "c")
+    again = ComposedModel.from_pretrained(tmp_path / "c")
+    assert again.llm.lm_head.weight is again.llm.model.embed_tokens.weight
+    assert torch.equal(_logits(model)[0], _logits(again)[0])

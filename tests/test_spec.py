@@ -33,7 +33,7 @@ def test_spec_module_imports_no_torch():
 
 def test_registries_agree():
     from composer.adapters.llm import LLM_ADAPTERS
-    from composer.adapters.vision import ENCODER_ADAPTERS
+    from composer.adapters import ENCODER_ADAPTERS
     from composer.spec import ENCODER_TYPES
 
     assert set(LLM_FAMILIES) == set(LLM_ADAPTERS)
