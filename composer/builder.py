@@ -6,6 +6,7 @@ Components come from closed registries (``LLM_ADAPTERS``, ``ENCODER_ADAPTERS``,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,33 +33,53 @@ def resolve_source(value: str, base_dir: Path | None) -> str:
     return value
 
 
+EMBEDDED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def config_source(src: str, where: str, offline: bool) -> str:
+    """Where to read a component's config from. Offline: a local dir, else the HF cache, else
+    the config embedded in composer for the seed specs (``composer/configs/<org>/<name>``)."""
+    if not offline or Path(src).is_dir():
+        return src
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(src, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE"))
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    if (EMBEDDED_CONFIGS / src / "config.json").is_file():
+        return str(EMBEDDED_CONFIGS / src)
+    raise InputError(f"{where}: {src!r} is not in the local Hugging Face cache and composer embeds no config for it"
+                     " (inspect needs the network or a cached copy)")
+
+
 def _hf_error(where: str, source: str, e: Exception) -> InputError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return InputError(f"{where}: cannot load {source!r}: {first}")
 
 
 # -- LLM ----------------------------------------------------------------------------------------
-def llm_config(spec: LLMSpec, base_dir: Path | None):
+def llm_config(spec: LLMSpec, base_dir: Path | None, offline: bool = False):
     from transformers import AutoConfig
 
     if spec.config is not None:
         cfg = dict(spec.config)
         mt = cfg.pop("model_type")
         return AutoConfig.for_model(mt, **cfg)
-    src = resolve_source(spec.model, base_dir)
+    src = config_source(resolve_source(spec.model, base_dir), "llm.model", offline)
     try:
         return AutoConfig.from_pretrained(src, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise _hf_error("llm.model", src, e) from None
 
 
-def build_llm(spec: LLMSpec, base_dir: Path | None, *, config=None, load_weights: bool = True) -> nn.Module:
+def build_llm(spec: LLMSpec, base_dir: Path | None, *, config=None, load_weights: bool = True,
+              offline: bool = False) -> nn.Module:
     """The HF causal LM: pretrained (``llm.model``) or from a config (random init, or no init
     when the weights come from a composed checkpoint)."""
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[spec.dtype]
-    cfg = config if config is not None else llm_config(spec, base_dir)
+    cfg = config if config is not None else llm_config(spec, base_dir, offline)
     if cfg.model_type not in LLM_ADAPTERS:
         raise SpecError(f"llm: model_type {cfg.model_type!r} is not supported; supported: {sorted(LLM_ADAPTERS)}")
     if spec.model is not None and load_weights:
@@ -86,10 +107,13 @@ def encoder_type(spec: EncoderSpec, where: str, config=None) -> str:
 
 
 def build_encoder(spec: EncoderSpec, where: str, base_dir: Path | None, *, config=None, load_weights: bool = True,
-                  processor_dir: Path | None = None, load_processor: bool = True, etype: str | None = None):
+                  processor_dir: Path | None = None, load_processor: bool = True, etype: str | None = None,
+                  offline: bool = False):
     """-> (encoder adapter module, preprocessor or None). ``config``/``etype`` given: a saved
     checkpoint's, and nothing is looked up at ``encoder.model``."""
     src = resolve_source(spec.model, base_dir) if spec.model and config is None else None
+    if src is not None and not load_weights:
+        src = config_source(src, f"{where}.model", offline)
     if etype is not None:
         pass
     elif spec.type is not None:
@@ -157,27 +181,30 @@ def set_trainable(module: nn.Module, mode: str) -> None:
 
 
 # -- the whole model ------------------------------------------------------------------------------
-def build(spec: Spec | str | Path, *, saved: dict[str, Any] | None = None, shape_only: bool = False) -> ComposedModel:
+def build(spec: Spec | str | Path, *, saved: dict[str, Any] | None = None, shape_only: bool = False,
+          offline: bool = False) -> ComposedModel:
     """Build a trainable ``ComposedModel`` from a spec (or a spec file path).
 
     ``saved`` (internal, from ``from_pretrained``): resolved component configs and file dirs of a
     composed checkpoint; then nothing is downloaded and no weights are initialised.
     ``shape_only``: the architecture on the meta device (no weights, no tokenizer download), for
-    counting parameters and FLOPs (``compose inspect``).
+    counting parameters and FLOPs (``compose inspect``); with ``offline`` configs come from a
+    local dir, the HF cache or composer's embedded configs (``config_source``).
     """
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
     if shape_only:
         with torch.device("meta"):
-            return _build(spec, saved, load=False, shape_only=True)
-    return _build(spec, saved, load=saved is None, shape_only=False)
+            return _build(spec, saved, load=False, shape_only=True, offline=offline)
+    return _build(spec, saved, load=saved is None, shape_only=False, offline=False)
 
 
-def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: bool) -> ComposedModel:
+def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: bool, offline: bool) -> ComposedModel:
     base_dir = spec.source_dir
     torch.manual_seed(spec.seed)
 
-    llm = build_llm(spec.llm, base_dir, config=saved["llm_config"] if saved else None, load_weights=load)
+    llm = build_llm(spec.llm, base_dir, config=saved["llm_config"] if saved else None, load_weights=load,
+                    offline=offline)
     adapter = llm_adapter_for(llm)
     n_layers, width = adapter.shape.num_layers, adapter.shape.hidden_size
     for name, mod in spec.modalities.items():
@@ -198,7 +225,7 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
             mod.encoder, f"{where}.encoder", base_dir,
             config=saved["encoder_configs"][name] if saved else None, load_weights=load,
             processor_dir=saved["processor_dirs"][name] if saved else None, load_processor=not shape_only,
-            etype=saved["encoder_types"][name] if saved else None,
+            etype=saved["encoder_types"][name] if saved else None, offline=offline,
         )
         proj = build_projector(mod.projector, enc.hidden_size, width)
         if mod.projector.weights and load:

@@ -25,7 +25,7 @@ def _console(stderr: bool = False):
     return con
 
 
-def _load_any(target: str, shape_only: bool = False):
+def _load_any(target: str, shape_only: bool = False, offline: bool = False):
     """A spec file or a composed checkpoint dir -> ComposedModel."""
     from composer.builder import build
     from composer.checkpoint import is_checkpoint, load_pretrained
@@ -37,7 +37,7 @@ def _load_any(target: str, shape_only: bool = False):
         return load_pretrained(p)
     if not p.exists():
         raise InputError(f"{p}: no such spec file or checkpoint directory")
-    return build(p, shape_only=shape_only)
+    return build(p, shape_only=shape_only, offline=offline)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,17 +85,21 @@ def build(spec: Path, out: Path, overwrite: bool) -> None:
 @click.argument("target")
 @click.option("--text-tokens", default=64, show_default=True, help="Text length assumed by the FLOPs estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
-def inspect(target: str, text_tokens: int, as_json: bool) -> None:
+@click.option("--offline", is_flag=True, help="No network: configs from local dirs, the HF cache or composer's embedded configs.")
+def inspect(target: str, text_tokens: int, as_json: bool, offline: bool) -> None:
     """Components, parameters (trainable/frozen), insertion layers, FLOPs saving of TARGET
     (a spec file or a composed checkpoint). A spec is inspected on the meta device: no weights load.
 
     \b
     Example:
       compose inspect specs/tiny/llava.yaml
+      compose inspect specs/llava.yaml --offline
     """
     from composer.summary import render, summarize
 
-    model = _load_any(target, shape_only=True)
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    model = _load_any(target, shape_only=True, offline=offline)
     rows, facts = summarize(model, text_tokens)
     if as_json:
         click.echo(json.dumps(facts, indent=2))

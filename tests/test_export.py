@@ -167,3 +167,13 @@ def test_unknown_format_version_and_not_a_bundle(small_bundle, tmp_path):
         OnnxPipeline(b)
     with pytest.raises(InputError, match="not an ONNX bundle"):
         OnnxPipeline(tmp_path)
+
+
+def test_verify_fails_when_bundle_and_model_differ(small_bundle):
+    model = make_model("llama", insert_at=1)  # same seed: the exported weights
+    assert verify_bundle(model, small_bundle)["ok"]
+    with torch.no_grad():
+        model.llm.model.layers[2].mlp.down_proj.weight.add_(0.05)
+    report = verify_bundle(model, small_bundle)
+    assert not report["ok"] and report["graphs"]["late_multimodal.onnx"] > TOL
+    assert report["graphs"]["early_text.onnx"] < TOL  # layer 2 is in the late graph only
