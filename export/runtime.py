@@ -32,9 +32,10 @@ _NP = {"fp32": np.float32, "fp16": np.float16}
 
 
 class OnnxPipeline:
-    """Generation with ONNX Runtime over ``BUNDLE``; ``provider`` is "cpu" or "cuda"."""
+    """Generation with ONNX Runtime over ``BUNDLE``; ``provider`` is "cpu" or "cuda";
+    ``io_binding`` (default: on for CUDA) keeps KV and hidden states as device OrtValues."""
 
-    def __init__(self, bundle: str | Path, provider: str = "cpu", session_options=None):
+    def __init__(self, bundle: str | Path, provider: str = "cpu", session_options=None, io_binding: bool | None = None):
         import onnxruntime as ort
 
         self.root = Path(bundle)
@@ -44,6 +45,10 @@ class OnnxPipeline:
         if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ComposerError("provider 'cuda' needs onnxruntime-gpu (pip install 'mm-composer[gpu]') and a CUDA device")
         self.provider = provider
+        # IO binding keeps hidden states and KV as OrtValues on the device between graphs and
+        # steps; on by default with CUDA, and can be switched on for CPU (tested there).
+        self.io_binding = provider == "cuda" if io_binding is None else io_binding
+        self.device = "cuda" if provider == "cuda" else "cpu"
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
         self.sessions = {}
         for name in self.manifest["graphs"]:
@@ -109,7 +114,7 @@ class OnnxPipeline:
         sess = self.sessions[graph]
         feeds = {k: v for k, v in feeds.items() if k in self.inputs[graph]}
         names = [o.name for o in sess.get_outputs()]
-        if self.provider == "cpu":
+        if not self.io_binding:
             return dict(zip(names, sess.run(names, feeds), strict=True))
         import onnxruntime as ort
 
@@ -120,7 +125,7 @@ class OnnxPipeline:
             else:
                 binding.bind_cpu_input(k, np.ascontiguousarray(v))
         for n in names:
-            binding.bind_output(n, "cpu" if n == "logits" else "cuda")
+            binding.bind_output(n, "cpu" if n == "logits" else self.device)
         sess.run_with_iobinding(binding)
         outs = binding.get_outputs()
         return {n: (o.numpy() if n == "logits" else o) for n, o in zip(names, outs, strict=True)}

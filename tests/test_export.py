@@ -177,3 +177,23 @@ def test_verify_fails_when_bundle_and_model_differ(small_bundle):
     report = verify_bundle(model, small_bundle)
     assert not report["ok"] and report["graphs"]["late_multimodal.onnx"] > TOL
     assert report["graphs"]["early_text.onnx"] < TOL  # layer 2 is in the late graph only
+
+
+def test_io_binding_path_equals_torch(exported):
+    """The IO-binding path used with CUDA (OrtValues carried between graphs and steps), run on CPU."""
+    model, bundle, _ = exported
+    pipe = OnnxPipeline(bundle, io_binding=True)
+    batch = _batch(model, 2)
+    assert torch.equal(pipe.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[]),
+                       model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[]))
+
+
+def test_cuda_provider_without_gpu_is_a_clear_error(small_bundle):
+    import onnxruntime as ort
+
+    from composer.errors import ComposerError
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA build of onnxruntime is installed")
+    with pytest.raises(ComposerError, match="onnxruntime-gpu"):
+        OnnxPipeline(small_bundle, provider="cuda")
