@@ -108,6 +108,57 @@ def inspect(target: str, text_tokens: int, as_json: bool, offline: bool) -> None
 
 
 @cli.command()
+@click.argument("target")
+@click.option("--text-tokens", default=64, show_default=True, help="Text tokens in the prompt.")
+@click.option("--mm-tokens", type=int, default=None, help="MM tokens in the prompt (default: one item per modality).")
+@click.option("--offline", is_flag=True, help="No network: configs from local dirs, the HF cache or embedded configs.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of the savings (needs matplotlib; else a text sparkline is printed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def plan(target: str, text_tokens: int, mm_tokens: int | None, offline: bool, plot_path: str | None,
+         as_json: bool) -> None:
+    """Analytic prefill FLOPs, per-token decode FLOPs and KV-cache memory for every insertion
+    layer k of TARGET (a spec or checkpoint), with the saving vs k = 0.
+
+    \b
+    Example:
+      compose plan specs/llava.yaml --offline --text-tokens 64
+    """
+    from composer.plan import DTYPE_BYTES, as_dicts, plan as make_plan, plot_png, sparkline
+
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    model = _load_any(target, shape_only=True, offline=offline)
+    shape = model.adapter.shape
+    mm = mm_tokens if mm_tokens is not None else sum(model.num_tokens(m) for m in model.encoders)
+    rows = make_plan(shape, text_tokens, mm, DTYPE_BYTES[model.spec.llm.dtype])
+    if as_json:
+        click.echo(json.dumps({"name": model.spec.name, "text_tokens": text_tokens, "mm_tokens": mm,
+                               "num_layers": shape.num_layers, "rows": as_dicts(rows)}, indent=2))
+        return
+    from rich.table import Table
+
+    con = _console()
+    t = Table(title=f"{model.spec.name}: {text_tokens} text + {mm} MM tokens, {shape.num_layers} layers",
+              title_justify="left")
+    for col in ("k", "prefill GFLOPs", "saving", "decode GFLOPs/token", "saving", "KV cache MiB", "saving"):
+        t.add_column(col, justify="right")
+    current = set(model.insert_at.values())
+    for r in rows:
+        t.add_row(f"{r.k}{' *' if r.k in current else ''}", f"{r.prefill_flops / 1e9:.2f}", f"{r.prefill_saving:.1%}",
+                  f"{r.decode_flops / 1e9:.3f}", f"{r.decode_saving:.1%}", f"{r.kv_bytes / 2**20:.1f}",
+                  f"{r.kv_saving:.1%}")
+    con.print(t)
+    con.print("* the spec's insert_at")
+    if plot_path and plot_png(rows, plot_path, model.spec.name):
+        con.print(f"wrote {plot_path}")
+    else:
+        if plot_path:
+            con.print("matplotlib is not installed: text plot instead")
+        con.print(f"prefill saving by k: |{sparkline([r.prefill_saving for r in rows])}|")
+
+
+@cli.command()
 @click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch; exit 1 past tolerance.")
