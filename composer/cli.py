@@ -159,6 +159,66 @@ def plan(target: str, text_tokens: int, mm_tokens: int | None, offline: bool, pl
 
 
 @cli.command()
+@click.argument("target")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training JSONL (LLaVA, LTU or generic records).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output dir: final model, checkpoints/, metrics.jsonl.")
+@click.option("--eval-data", type=click.Path(dir_okay=False), default=None, help="Held-out JSONL for eval loss.")
+@click.option("--stage", type=click.IntRange(1, 2), default=None, help="1: projectors only; 2: projectors + LLM (the spec's lora/full).")
+@click.option("--epochs", type=int, default=1, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
+@click.option("--scheduler", default="cosine", show_default=True, help="transformers scheduler name (cosine, linear, constant, ...).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Autocast; auto = bf16 on CUDA where supported, else fp32.")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: none).")
+@click.option("--eval-every", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUTPUT/checkpoints.")
+@click.option("--skip-bad-records", is_flag=True, help="Warn and skip bad records instead of failing.")
+@click.option("--media-root", type=click.Path(file_okay=False), default=None, help="Resolve media paths here (default: next to --data).")
+@click.option("--merge-lora", is_flag=True, help="Fold LoRA into the weights of the saved model.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--profile", is_flag=True, help="Measure a training step at the spec's insert_at vs 0 and print time and FLOPs.")
+def train(target: str, data: str, out: str, eval_data: str | None, stage: int | None, epochs: int,
+          max_steps: int | None, batch_size: int, grad_accum: int, lr: float, weight_decay: float, warmup_ratio: float,
+          scheduler: str, precision: str, grad_checkpointing: bool, save_every: int, eval_every: int, resume: bool,
+          skip_bad_records: bool, media_root: str | None, merge_lora: bool, seed: int, profile: bool) -> None:
+    """Train TARGET (a spec or a composed checkpoint) on --data; the result in OUTPUT reloads
+    with `ComposedModel.from_pretrained(OUTPUT)` and exports with `compose export OUTPUT`.
+
+    \b
+    Example:
+      compose train specs/tiny/llava.yaml --data data/train.jsonl -o out/trained --max-steps 100 --save-every 50
+    """
+    from composer.train import TrainConfig, train as run_train
+
+    cfg = TrainConfig(data=data, output=out, eval_data=eval_data, stage=stage, epochs=epochs, max_steps=max_steps,
+                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
+                      warmup_ratio=warmup_ratio, scheduler=scheduler, precision=precision,
+                      grad_checkpointing=grad_checkpointing, save_every=save_every, eval_every=eval_every,
+                      resume=resume, on_bad_record="skip" if skip_bad_records else "fail", media_root=media_root,
+                      merge_lora=merge_lora, seed=seed)
+    con = _console()
+    if profile:
+        from composer.profile import profile_training
+
+        for line in profile_training(target, cfg):
+            con.print(line)
+        return
+    model = _load_any(target)
+    summary = run_train(model, cfg)
+    losses = summary["losses"]
+    if losses:
+        con.print(f"trained {summary['steps']} steps ({summary['precision']}): loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+                  + (f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))
+    con.print(f"saved the trained model to {out} (metrics: {out}/metrics.jsonl)")
+
+
+@cli.command()
 @click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch; exit 1 past tolerance.")

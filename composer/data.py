@@ -1,0 +1,194 @@
+"""Training data: JSONL records -> tokenised conversations -> padded batches.
+
+Three record formats (one JSON object per line); media paths resolve against ``media_root``
+(default: the data file's directory):
+
+- LLaVA: ``{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\\nQ"},
+  {"from": "gpt", "value": "A"}, ...]}``
+- LTU: ``{"audio_id": "a.wav", "instruction": "Q", "output": "A"}``
+- generic: ``{"<modality>": path | [paths], "prompt": "Q", "response": "A"}``
+
+Each user turn is wrapped in the spec's prompt template. Media placeholders written in a
+turn (LLaVA data: ``"<image>\nQ"``) stay where they are and the template's are dropped;
+otherwise the first turn takes the template's placeholders. The loss covers the responses
+(each followed by EOS) and nothing else. A bad record is reported with file and line, and
+skipped or fatal (``on_bad``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from composer.errors import InputError
+
+log = logging.getLogger("composer.data")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    turns: list[tuple[str, str]]  # (user text, response)
+    items: dict[str, list[Any]] = field(default_factory=dict)  # modality -> media items, prompt order
+    where: str = ""
+
+
+def _media(value, root: Path) -> list:
+    values = value if isinstance(value, list) else [value]
+    out = []
+    for v in values:
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"media must be a path string, got {v!r}")
+        p = Path(v) if Path(v).is_absolute() else root / v
+        out.append(str(p))
+    return out
+
+
+def parse_record(rec: Any, modalities: dict[str, str], root: Path) -> Example:
+    """One JSON object -> Example. ``modalities``: name -> placeholder. Raises ValueError."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(rec).__name__}")
+    items = {m: _media(rec[m], root) for m in modalities if m in rec}
+    if "conversations" in rec:  # LLaVA
+        conv = rec["conversations"]
+        if not isinstance(conv, list) or len(conv) < 2:
+            raise ValueError("`conversations` must be a list of at least two turns")
+        turns = []
+        for i in range(0, len(conv) - 1, 2):
+            h, g = conv[i], conv[i + 1]
+            if not (isinstance(h, dict) and isinstance(g, dict)) or h.get("from") != "human" or g.get("from") != "gpt":
+                raise ValueError(f"turns {i} and {i + 1} must be from 'human' then 'gpt'")
+            if not isinstance(h.get("value"), str) or not isinstance(g.get("value"), str):
+                raise ValueError(f"turns {i} and {i + 1} need string `value`s")
+            turns.append((h["value"], g["value"]))
+    elif "audio_id" in rec or "instruction" in rec:  # LTU
+        if "audio" in modalities and "audio_id" in rec:
+            items["audio"] = _media(rec["audio_id"], root)
+        for k in ("instruction", "output"):
+            if not isinstance(rec.get(k), str):
+                raise ValueError(f"`{k}` must be a string")
+        turns = [(rec["instruction"], rec["output"])]
+    elif "prompt" in rec and "response" in rec:
+        if not isinstance(rec["prompt"], str) or not isinstance(rec["response"], str):
+            raise ValueError("`prompt` and `response` must be strings")
+        turns = [(rec["prompt"], rec["response"])]
+    else:
+        raise ValueError("unknown record format: expected `conversations` (LLaVA), `instruction`/`output` (LTU) "
+                         "or `prompt`/`response`")
+    return Example(turns, items)
+
+
+def read_jsonl(path: str | Path, modalities: dict[str, str], *, on_bad: str = "fail",
+               media_root: str | Path | None = None) -> list[Example]:
+    """All records of a JSONL file. ``on_bad``: "fail" raises InputError naming file:line;
+    "skip" logs a warning and drops the record."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: data file not found")
+    root = Path(media_root) if media_root else path.parent
+    out: list[Example] = []
+    with path.open(encoding="utf-8", errors="strict") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = parse_record(json.loads(line), modalities, root)
+                for m, paths in ex.items.items():
+                    for p in paths:
+                        if not Path(p).is_file():
+                            raise ValueError(f"{m} file not found: {p}")
+            except (ValueError, UnicodeDecodeError) as e:
+                msg = f"{path}:{n}: {e}"
+                if on_bad == "fail":
+                    raise InputError(msg) from None
+                log.warning("skipping bad record %s", msg)
+                continue
+            ex.where = f"{path}:{n}"
+            out.append(ex)
+    if not out:
+        raise InputError(f"{path}: no usable records")
+    return out
+
+
+def strip_placeholders(text: str, placeholders: list[str]) -> str:
+    for ph in placeholders:
+        text = text.replace(ph + "\n", "").replace(ph, "")
+    return text.strip()
+
+
+def tokenize_example(ex: Example, model) -> tuple[list[int], list[int]]:
+    """-> (input_ids with placeholders expanded, labels with prompts masked)."""
+    tok = model.tokenizer
+    phs = [model.spec.modalities[m].placeholder for m in model.encoders]
+    template = model.spec.prompt.template
+    later = strip_placeholders(template, phs)
+    ids: list[int] = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    eos = tok.eos_token_id
+    for i, (user, response) in enumerate(ex.turns):
+        if i == 0 and not any(ph in user for ph in phs):
+            prompt = template.replace("{instruction}", user.strip())  # the template places the media
+        else:  # media placeholders written in the turn itself (LLaVA data) stay where they are
+            prompt = ("" if i == 0 else " ") + later.replace("{instruction}", user.strip())
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tok(" " + response.strip() if not prompt.endswith((" ", "\n")) else response.strip(),
+                    add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        ids += p_ids + r_ids
+        labels += [IGNORE_INDEX] * len(p_ids) + r_ids
+    return _expand(ids, labels, model)
+
+
+def _expand(ids: list[int], labels: list[int], model) -> tuple[list[int], list[int]]:
+    of_id = {pid: m for m, pid in model.placeholder_ids.items()}
+    out_ids, out_labels = [], []
+    for t, lab in zip(ids, labels, strict=True):
+        m = of_id.get(t)
+        n = model.num_tokens(m) if m else 1
+        out_ids += [t] * n
+        out_labels += [IGNORE_INDEX if m else lab] * n
+    return out_ids, out_labels
+
+
+class Collator:
+    """Examples -> a right-padded batch with labels and one tensor (or dict) per modality."""
+
+    def __init__(self, model, max_length: int | None = None):
+        self.model = model
+        self.max_length = max_length
+
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
+        model = self.model
+        rows = []
+        counts = {m: 0 for m in model.encoders}
+        items: dict[str, list] = {m: [] for m in model.encoders}
+        for ex in examples:
+            ids, labels = tokenize_example(ex, model)
+            for m, pid in model.placeholder_ids.items():
+                n_ph = ids.count(pid) // model.num_tokens(m)
+                have = len(ex.items.get(m, []))
+                if n_ph != have:
+                    raise InputError(f"{ex.where}: the prompt has {n_ph} {m} placeholder(s) but the record gives {have} item(s)")
+                counts[m] += n_ph
+                items[m] += ex.items.get(m, [])
+            if self.max_length and len(ids) > self.max_length:
+                raise InputError(f"{ex.where}: {len(ids)} tokens exceed max_length {self.max_length}")
+            rows.append((ids, labels))
+        width = max(len(r[0]) for r in rows)
+        pad = model.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            mask[i, : len(ids)] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        for m, its in items.items():
+            if its:
+                batch[m] = type(model.encoders[m]).preprocess(model.processors[m], its)
+        return batch

@@ -1,0 +1,178 @@
+"""Training: loss decreases, exact resume, frozen weights untouched, LoRA merge, data formats."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import spec_dict
+from PIL import Image
+
+from composer.builder import build
+from composer.data import Collator, read_jsonl
+from composer.errors import InputError
+from composer.model import ComposedModel
+from composer.spec import parse_spec
+from composer.train import TrainConfig, merge_lora, train
+
+
+def _model(llm_train="lora", k=2):
+    d = spec_dict("llama", k)
+    d["llm"]["train"] = llm_train
+    if llm_train == "lora":
+        d["llm"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+    return build(parse_spec(d))
+
+
+def _data(tmp_path, n=6, name="train.jsonl"):
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(n):
+        colour = ["red", "green", "blue"][i % 3]
+        img = np.zeros((32, 32, 3), np.uint8)
+        img[..., i % 3] = 200 + rng.integers(0, 50)
+        Image.fromarray(img).save(tmp_path / f"img{i}.png")
+        if i % 3 == 0:
+            recs.append({"image": f"img{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": colour},
+                {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]})
+        else:
+            recs.append({"image": f"img{i}.png", "prompt": "What colour is it?", "response": colour})
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(data=str(data), output=str(tmp_path / "out"), batch_size=3, lr=5e-3, warmup_ratio=0.0,
+                scheduler="constant", progress=False, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_labels_cover_responses_only(tmp_path):
+    model = _model()
+    ex = read_jsonl(_data(tmp_path), {"image": "<image>"})
+    batch = Collator(model)(ex[:2])
+    tok = model.tokenizer
+    for row in range(2):
+        lab = batch["labels"][row]
+        assert (lab[batch["input_ids"][row] == model.placeholder_ids["image"]] == -100).all()
+        assert (lab[lab != -100] == tok.eos_token_id).sum() == (2 if row == 0 else 1)  # each response ends with EOS
+    first = batch["labels"][0]
+    assert tok.decode(first[first != -100].tolist(), skip_special_tokens=True).split() == ["red", "yes"]
+    assert tok.decode(batch["labels"][1][batch["labels"][1] != -100].tolist(), skip_special_tokens=True).strip() == "green"
+
+
+def test_lora_training_keeps_frozen_weights_bit_identical(tmp_path):
+    model = _model("lora")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("encoders.") for n in frozen) and any("q_proj.base_layer" in n for n in frozen)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    summary = train(model, _cfg(tmp_path, _data(tmp_path, n=3), max_steps=4))
+    assert summary["losses"][-1] < summary["losses"][0]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+        if n in lora:
+            assert not torch.equal(p, lora[n]), n
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path):
+    model = _model("full")
+    summary = train(model, _cfg(tmp_path, _data(tmp_path, n=3), max_steps=12, lr=1e-2))
+    assert summary["losses"][-1] < 0.5 * summary["losses"][0], summary["losses"]
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == list(range(1, 13))
+    again = ComposedModel.from_pretrained(tmp_path / "out")  # the trained output reloads and generates
+    batch = again.prepare([again.format_prompt("What colour is it?")], image=[str(tmp_path / "img0.png")])
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, model.eval()(**batch).logits)
+    assert again.generate(**batch, max_new_tokens=3).shape[0] == 1
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    data = _data(tmp_path)
+    kw = dict(max_steps=6, save_every=2, grad_accum=2, batch_size=2)
+    full = train(_model(), _cfg(tmp_path / "a", data, **kw))["losses"]
+    part = _cfg(tmp_path / "b", data, stop_after=3, **kw)
+    first = train(_model(), part)["losses"]
+    rest = train(_model(), _cfg(tmp_path / "b", data, resume=True, **kw))["losses"]  # resumes from step 2
+    assert first == full[:3]
+    assert rest == full[2:], (rest, full)  # bit-identical, including LoRA dropout's RNG
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_lora_merge_matches_unmerged(tmp_path):
+    model = _model().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    batch = model.prepare([model.format_prompt("q"), model.format_prompt("longer q")],
+                          image=[torch.randn(3, 32, 32), torch.randn(3, 32, 32)])
+    with torch.no_grad():
+        before = model(**batch).logits
+        merge_lora(model)
+        after = model(**batch).logits
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    assert (before - after).abs().max() < 1e-5
+    model.save_pretrained(tmp_path / "merged")
+    again = ComposedModel.from_pretrained(tmp_path / "merged")
+    assert again.spec.llm.train == "full"
+    with torch.no_grad():
+        assert torch.equal(again(**batch).logits, after)
+
+
+def test_stage_1_trains_projector_only(tmp_path):
+    model = _model(llm_train="full")
+    llm_before = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
+    train(model, _cfg(tmp_path, _data(tmp_path, n=3), max_steps=2, stage=1))
+    assert all(torch.equal(p, llm_before[n]) for n, p in model.llm.named_parameters())
+    assert all(p.requires_grad for p in model.projectors.parameters())
+
+
+def test_bad_records_named_by_file_and_line(tmp_path):
+    data = _data(tmp_path, n=3)
+    with data.open("a") as f:
+        f.write('{"image": "missing.png", "prompt": "q", "response": "a"}\n')
+        f.write("not json\n")
+    with pytest.raises(InputError, match=r"train.jsonl:4: image file not found"):
+        read_jsonl(data, {"image": "<image>"})
+    ok = read_jsonl(data, {"image": "<image>"}, on_bad="skip")
+    assert len(ok) == 3
+
+
+def test_ltu_record_format(tmp_path):
+    from composer.data import parse_record
+
+    ex = parse_record({"audio_id": "a.wav", "instruction": "What is it?", "output": "a dog"},
+                      {"audio": "<audio>"}, tmp_path)
+    assert ex.turns == [("What is it?", "a dog")] and ex.items == {"audio": [str(tmp_path / "a.wav")]}
+
+
+def test_cli_train_resume_and_profile(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = _data(tmp_path, n=4)
+    out = tmp_path / "run"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "composer.cli", "train", root / "specs/tiny/llava.yaml",  # noqa: E731
+                                     "--data", data, *map(str, a)], capture_output=True, text=True)
+    r = run("-o", out, "--max-steps", "2", "--batch-size", "2", "--save-every", "1")
+    assert r.returncode == 0, r.stderr
+    assert "trained 2 steps" in r.stdout and (out / "checkpoints" / "step-000002").is_dir()
+    r = run("-o", out, "--max-steps", "3", "--batch-size", "2", "--resume")
+    assert r.returncode == 0, r.stderr and "trained 3 steps" in r.stdout
+    assert ComposedModel.from_pretrained(out).spec.name == "tiny-llava"
+    r = run("-o", tmp_path / "p", "--profile", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    assert "ratio k/0: time" in r.stdout and "insert_at image=2" in r.stdout
+    r = run("-o", tmp_path / "bad", "--stage", "2")  # the tiny spec trains the LLM fully: fine; a bad flag value:
+    assert r.returncode == 0, r.stderr
+    r = run("-o", tmp_path / "bad2", "--precision", "bf16")
+    assert r.returncode == 2 and "needs a CUDA device" in r.stderr
