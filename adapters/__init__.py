@@ -11,14 +11,20 @@ are reused as-is, nothing is re-implemented):
 Encoder adapters follow ``EncoderAdapter`` (``encoder.py``).
 """
 
+from composer.adapters.audio import ASTAudioEncoder
+from composer.adapters.blip2 import Blip2VisionEncoder
 from composer.adapters.encoder import EncoderAdapter, HFEncoder
 from composer.adapters.llm import LLM_ADAPTERS, LLMAdapter, llm_adapter_for
+from composer.adapters.molecule import GinEncoder
 from composer.adapters.vision import ClipVisionEncoder, SiglipVisionEncoder
 
 # spec `encoder.type` -> adapter class (closed registry; mirrored by composer.spec.ENCODER_TYPES).
 ENCODER_ADAPTERS: dict[str, type[EncoderAdapter]] = {
     "clip_vision": ClipVisionEncoder,
     "siglip_vision": SiglipVisionEncoder,
+    "blip2_vision": Blip2VisionEncoder,
+    "ast_audio": ASTAudioEncoder,
+    "gin": GinEncoder,
 }
 
 

@@ -280,7 +280,8 @@ def generate(ctx: click.Context, target: str, prompt: str, raw: bool, max_new_to
              do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None,
              seed: int, provider: str) -> None:
     """Generate text from TARGET, a composed checkpoint (torch) or an ONNX bundle (ONNX Runtime);
-    one `--<modality> FILE` per item. Tokens are printed as they are produced.
+    one `--<modality> FILE` per item (a SMILES string for a molecule encoder: `--molecule CCO`).
+    Tokens are printed as they are produced.
 
     \b
     Example:
@@ -293,7 +294,7 @@ def generate(ctx: click.Context, target: str, prompt: str, raw: bool, max_new_to
     from composer.checkpoint import load_pretrained
     from composer.export.manifest import is_bundle
 
-    items = _modality_args(ctx.args)
+    items = _modality_args(ctx.args, text_ok=_text_modalities(target))
     if is_bundle(target):
         from composer.export.runtime import OnnxPipeline
 
@@ -310,8 +311,25 @@ def generate(ctx: click.Context, target: str, prompt: str, raw: bool, max_new_to
                    top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(seed), streamer=streamer)
 
 
-def _modality_args(args: list[str]) -> dict[str, list[str]]:
-    """`--image a.png --image b.png` -> {"image": ["a.png", "b.png"]} (modality names come from the model)."""
+def _text_modalities(target: str) -> set[str]:
+    """Modalities of TARGET whose encoder takes text items, not files (`--molecule CCO`), read from
+    its composer.json or manifest.json (unreadable: none; loading TARGET reports the error)."""
+    from composer.adapters import ENCODER_ADAPTERS
+
+    p = Path(target)
+    try:
+        if (p / "manifest.json").is_file():
+            types = {m: e["type"] for m, e in json.loads((p / "manifest.json").read_text())["encoders"].items()}
+        else:
+            types = json.loads((p / "composer.json").read_text())["encoder_types"]
+        return {m for m, t in types.items() if getattr(ENCODER_ADAPTERS.get(t), "takes_text", False)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _modality_args(args: list[str], text_ok: set[str] = frozenset()) -> dict[str, list[str]]:
+    """`--image a.png --image b.png` -> {"image": ["a.png", "b.png"]} (modality names come from the model);
+    values of the modalities in ``text_ok`` are text (e.g. SMILES), not files."""
     items: dict[str, list[str]] = {}
     i = 0
     while i < len(args):
@@ -319,7 +337,7 @@ def _modality_args(args: list[str]) -> dict[str, list[str]]:
         if not a.startswith("--") or i + 1 >= len(args):
             raise InputError(f"unexpected argument {a!r}; expected --<modality> FILE")
         name, value = a[2:].replace("-", "_"), args[i + 1]
-        if not Path(value).is_file():
+        if name not in text_ok and not Path(value).is_file():
             raise InputError(f"--{a[2:]} {value}: file not found")
         items.setdefault(name, []).append(value)
         i += 2

@@ -7,6 +7,8 @@ systems so their published weights load as-is:
   ``mm_projector`` (mlp2x_gelu).
 - ``qformer``: BLIP-2's ``query_tokens``, ``qformer`` (transformers ``Blip2QFormerModel``) and
   ``language_projection``.
+- ``pool``: pooling, then ``nn.Sequential(LayerNorm, Linear)`` with keys ``1.weight, 1.bias`` =
+  LTU's ``audio_proj``.
 """
 
 from __future__ import annotations
@@ -73,11 +75,50 @@ class QFormerProjector(nn.Module):
     def num_tokens(self, encoder_tokens: int) -> int:
         return self.query_tokens.shape[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (n, T_enc, d_enc); mask (n, T_enc), 1 = attend. Without a mask, rows that are exactly
+        zero are padding: encoders of variable-size items (the GIN over molecules) zero their
+        padded rows; features of fixed-size items (images) never are, so there it is all ones."""
         q = self.query_tokens.expand(x.shape[0], -1, -1)
-        mask = torch.ones(x.shape[:-1], dtype=torch.long, device=x.device)
-        out = self.qformer(query_embeds=q, encoder_hidden_states=x, encoder_attention_mask=mask)
+        mask = (x != 0).any(-1) if mask is None else mask
+        out = self.qformer(query_embeds=q, encoder_hidden_states=x, encoder_attention_mask=mask.long())
         return self.language_projection(out.last_hidden_state[:, : q.shape[1]])
+
+
+class PoolProjector(nn.Sequential):
+    """LTU's audio projector: pool the encoder tokens to ``tokens``, then LayerNorm (no affine)
+    and Linear(in, out); keys ``1.weight, 1.bias`` = LTU's ``audio_proj``.
+
+    With ``rows``, the (n, rows * cols, d) tokens are a row-major grid (AST: frequency rows x
+    time columns): pool over the rows, then adaptively over the columns to ``tokens``, as LTU
+    does (mean over frequency, then average pooling in time). Without, pool the token axis.
+    Bins follow ``adaptive_avg_pool1d`` (bin i covers [floor(i*L/T), ceil((i+1)*L/T))), which
+    also exports to ONNX for a fixed input length.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, tokens: int, pooling: str = "avg", rows: int | None = None):
+        super().__init__(nn.LayerNorm(in_dim, elementwise_affine=False), nn.Linear(in_dim, out_dim))
+        self.tokens, self.pooling, self.rows = tokens, pooling, rows
+
+    def num_tokens(self, encoder_tokens: int) -> int:
+        from composer.errors import SpecError
+
+        rows = self.rows or 1
+        if encoder_tokens % rows or encoder_tokens // rows < self.tokens:
+            raise SpecError(f"projector: pool needs the encoder's {encoder_tokens} tokens to form {rows} row(s) of at least "
+                            f"num_tokens ({self.tokens}) columns; check projector.rows/num_tokens and encoder.select")
+        return self.tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, T_enc, d_enc) -> (n, tokens, d_llm)
+        import torch.nn.functional as F
+
+        n, t, d = x.shape
+        if self.rows:
+            grid = x.reshape(n, self.rows, t // self.rows, d)
+            x = grid.mean(1) if self.pooling == "avg" else grid.amax(1)  # (n, cols, d)
+        pool = F.adaptive_avg_pool1d if self.pooling == "avg" else F.adaptive_max_pool1d
+        x = pool(x.transpose(1, 2), self.tokens).transpose(1, 2)  # (n, tokens, d)
+        return super().forward(x)
 
 
 def build_projector(spec, in_dim: int, out_dim: int) -> nn.Module:
@@ -92,6 +133,8 @@ def build_projector(spec, in_dim: int, out_dim: int) -> nn.Module:
             num_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
             cross_attention_frequency=spec.cross_attention_frequency,
         )
+    if spec.type == "pool":
+        return PoolProjector(in_dim, out_dim, tokens=spec.num_tokens, pooling=spec.pooling, rows=spec.rows)
     raise AssertionError(f"unreachable: projector type {spec.type!r}")  # the spec's union is closed
 
 
@@ -111,7 +154,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_projector_weights(projector: nn.Module, path: Path, where: str) -> None:
     """Load seed-layout weights (e.g. LLaVA ``mm_projector.bin``) into ``projector``, strictly."""
-    raw = read_weights(path)
+    from composer.hf_weights import read_component  # whole-model checkpoints (BLIP-2): own tensors only
+
+    raw = read_component(path, {k.split(".", 1)[0] for k in projector.state_dict()}, where)
+    raw = read_weights(path) if raw is None else raw
     state = {}
     for k, v in raw.items():
         for p in _KNOWN_PREFIXES:

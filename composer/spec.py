@@ -28,15 +28,21 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 # Closed registries: a spec names a type from these lists, never a dotted import path.
 LLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
-ENCODER_TYPES = ("clip_vision", "siglip_vision")
+ENCODER_TYPES = ("clip_vision", "siglip_vision", "blip2_vision", "ast_audio", "gin")
 # HF `model_type` of an inline/saved config -> encoder type (used when `type` is omitted).
 ENCODER_MODEL_TYPES = {
     "clip_vision_model": "clip_vision",
     "clip": "clip_vision",
     "siglip_vision_model": "siglip_vision",
     "siglip": "siglip_vision",
+    "blip_2_vision_model": "blip2_vision",
+    "blip-2": "blip2_vision",  # a whole BLIP-2 checkpoint: its vision_config and vision_model.* tensors
+    "audio-spectrogram-transformer": "ast_audio",
 }
-PROJECTOR_TYPES = ("linear", "mlp", "qformer")
+# Encoders with their own small config dict (no HF `model_type`: an inline `config` needs
+# `type`) and a variable number of tokens per item (one per atom: the projector must be a Q-Former).
+OWN_CONFIG_ENCODERS = ("gin",)
+PROJECTOR_TYPES = ("linear", "mlp", "qformer", "pool")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu", "tanh", "quick_gelu")
 # Names a modality may not take: they are ComposedModel.forward/generate keyword arguments.
 RESERVED_MODALITY_NAMES = {"input_ids", "attention_mask", "labels", "position_ids", "cache", "max_new_tokens"}
@@ -126,11 +132,12 @@ class EncoderSpec(_Strict):
     def _check(self) -> EncoderSpec:
         if (self.model is None) == (self.config is None):
             raise ValueError("give exactly one of `model` (Hub id or local dir) or `config` (inline HF config)")
-        if self.config is not None:
+        if self.config is not None and self.type not in OWN_CONFIG_ENCODERS:
             mt = self.config.get("model_type")
             inferred = ENCODER_MODEL_TYPES.get(mt)
             if inferred is None:
-                raise _FieldError("config.model_type", f"not a supported encoder; known: {sorted(ENCODER_MODEL_TYPES)}", mt)
+                raise _FieldError("config.model_type", f"not a supported encoder; known: {sorted(ENCODER_MODEL_TYPES)} "
+                                  f"(or set `type` to one of {list(OWN_CONFIG_ENCODERS)})", mt)
             if self.type is None:
                 self.type = inferred
         if self.type is not None and self.type not in ENCODER_TYPES:
@@ -182,8 +189,23 @@ class QFormerProjectorSpec(_ProjectorBase):
         return self
 
 
+class PoolProjectorSpec(_ProjectorBase):
+    """LTU's projector: pool the encoder tokens to `num_tokens`, LayerNorm, Linear to the LLM.
+
+    `rows`: the encoder's tokens form a row-major (rows, T_enc / rows) grid, e.g. AST's 12
+    frequency rows x 101 time columns; the rows are pooled away first, then the columns are
+    pooled to `num_tokens` (LTU: mean over frequency, average over time). Unset: the token axis
+    is pooled as it is (adaptive pooling, as torch's `adaptive_avg_pool1d`).
+    """
+
+    type: Literal["pool"]
+    num_tokens: int = Field(32, gt=0)
+    pooling: Literal["avg", "max"] = "avg"
+    rows: int | None = Field(None, gt=0)
+
+
 ProjectorSpec = Annotated[
-    LinearProjectorSpec | MLPProjectorSpec | QFormerProjectorSpec, Field(discriminator="type")
+    LinearProjectorSpec | MLPProjectorSpec | QFormerProjectorSpec | PoolProjectorSpec, Field(discriminator="type")
 ]
 
 
@@ -192,6 +214,13 @@ class ModalitySpec(_Strict):
     projector: ProjectorSpec
     insert_at: int = Field(0, ge=0)
     placeholder: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModalitySpec:
+        if self.encoder.type in OWN_CONFIG_ENCODERS and self.projector.type != "qformer":
+            raise _FieldError("projector.type", f"the {self.encoder.type} encoder gives a variable number of tokens "
+                              "per item; use `qformer`", self.projector.type)
+        return self
 
 
 class PromptSpec(_Strict):
