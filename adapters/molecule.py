@@ -277,7 +277,10 @@ class GinEncoder(EncoderAdapter):
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def load_config(cls, src: str) -> GinConfig:
-        cfg_file, weights = _resolve(src)
+        if (Path(src) / CONFIG_FILE).is_file():  # a dir with a config (the weights may be absent: inspect)
+            cfg_file, weights = str(Path(src) / CONFIG_FILE), None
+        else:
+            cfg_file, weights = _resolve(src)
         if cfg_file is not None:
             try:
                 return GinConfig.from_dict(json.loads(Path(cfg_file).read_text()))
