@@ -19,18 +19,106 @@ from composer.adapters.encoder import maybe_no_init
 from composer.errors import InputError, SpecError
 from composer.model import ComposedModel
 from composer.projectors import build_projector, load_projector_weights
-from composer.spec import ENCODER_MODEL_TYPES, EncoderSpec, LLMSpec, LoraSpec, Spec, load_spec
+from composer.spec import ENCODER_MODEL_TYPES, EncoderSpec, LLMSpec, LoraSpec, Spec, load_spec, split_revision
 from composer.tokenizer import add_placeholders, byte_tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_source(value: str, base_dir: Path | None) -> str:
+def resolve_source(value: str, base_dir: Path | None, *, weights: bool = True, where: str | None = None,
+                   offline: bool = False) -> str:
     """A local dir relative to the spec file wins over a Hub id of the same spelling (as HF does
-    with the working directory)."""
+    with the working directory). A pinned Hub id ``owner/name@<commit>`` (``pin_revisions`` has
+    resolved the revision) becomes its snapshot dir in the HF cache: configs and tokenizer files,
+    plus the weights when ``weights`` (``offline``: the cached snapshot as it is). A spec inside
+    the HF cache (a Hub repo's snapshot) may only name files inside that snapshot."""
+    if base_dir is not None:
+        check_confined(value, base_dir, where)
     if base_dir is not None and not Path(value).is_absolute() and (base_dir / value).exists():
-        return str((base_dir / value).resolve())
+        return os.path.abspath(base_dir / value)  # not resolve(): HF cache files are symlinks to suffix-less blobs
+    repo, rev = split_revision(value)
+    if rev is not None and not Path(value).exists():
+        from composer.hub import pinned_snapshot
+
+        return str(pinned_snapshot(repo, rev, where=where or value, weights=weights, offline=offline))
     return value
+
+
+def hub_snapshot_root(base_dir: Path) -> Path | None:
+    """The snapshot dir (``<HF cache>/models--o--n/snapshots/<commit>``) holding ``base_dir``, or
+    None when ``base_dir`` is not inside the Hugging Face cache. Compared lexically: the cache's
+    files are symlinks into ``blobs/``."""
+    from huggingface_hub import constants
+
+    base = Path(os.path.abspath(base_dir))
+    for cache in {os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE, constants.HF_HUB_CACHE}:
+        try:
+            parts = base.relative_to(os.path.abspath(cache)).parts
+        except ValueError:
+            continue
+        if len(parts) >= 3 and parts[1] == "snapshots":
+            return Path(os.path.abspath(cache), *parts[:3])
+        return base
+    return None
+
+
+def check_confined(value: str, base_dir: Path, where: str | None) -> None:
+    """Refuse an absolute path, or a relative one that leaves the repo with ``..``, in a spec
+    that came from the Hub (whose ``base_dir`` is in the HF cache): a downloaded spec must not
+    read the user's other files. Local specs are trusted as the user's own files."""
+    root = hub_snapshot_root(base_dir)
+    if root is None:
+        return
+    target = os.path.normpath(os.path.join(os.path.abspath(base_dir), value))
+    if Path(value).is_absolute() or os.path.commonpath([target, str(root)]) != str(root):
+        raise SpecError(f"{where or 'spec'}: {value!r} points outside the Hub repo the spec came from ({root}); "
+                        "a spec from the Hub may only name files inside its repo, or Hub ids")
+
+
+def _config_error(where: str, e: Exception) -> SpecError:
+    """An inline config that transformers refuses -> one line naming the field when it can."""
+    import re
+
+    text = str(e).strip() or type(e).__name__
+    field = re.search(r"field '(\w+)'", text)
+    path = f"{where}.{field.group(1)}" if field else where
+    return SpecError(f"{path}: {text.splitlines()[-1].strip()}")
+
+
+def _hub_fields(spec: Spec):
+    """(field path, owning section, attribute) of every spec field that may name a Hub id."""
+    yield "llm.model", spec.llm, "model"
+    if spec.llm.tokenizer is not None:
+        yield "llm.tokenizer.model", spec.llm.tokenizer, "model"
+    for name, mod in spec.modalities.items():
+        yield f"modalities.{name}.encoder.model", mod.encoder, "model"
+        yield f"modalities.{name}.projector.weights", mod.projector, "weights"
+
+
+def pin_revisions(spec: Spec, offline: bool = False) -> Spec:
+    """Resolve every ``owner/name@revision`` of ``spec`` to ``owner/name@<commit hash>`` (the Hub's
+    answer, or the HF cache's offline), in a copy: the saved spec.yaml then names exactly what was
+    loaded. ``spec`` itself when nothing is pinned. A local path of the same spelling is not a pin."""
+    base = spec.source_dir
+
+    def pinned(value: str | None) -> bool:
+        local = value is not None and (Path(value).exists() or (base is not None and (base / value).exists()))
+        return value is not None and not local and split_revision(value)[1] is not None
+
+    if not any(pinned(getattr(obj, attr)) for _, obj, attr in _hub_fields(spec)):
+        return spec
+    from composer.hub import resolve_revision
+
+    spec = spec.model_copy(deep=True)  # keeps the source dir
+    seen: dict[str, str] = {}
+    for where, obj, attr in _hub_fields(spec):
+        value = getattr(obj, attr)
+        if pinned(value):
+            if value not in seen:
+                repo, rev = split_revision(value)
+                seen[value] = f"{repo}@{resolve_revision(repo, rev, where=where, offline=offline)}"
+            setattr(obj, attr, seen[value])
+    return spec
 
 
 EMBEDDED_CONFIGS = Path(__file__).parent / "configs"
@@ -64,8 +152,12 @@ def llm_config(spec: LLMSpec, base_dir: Path | None, offline: bool = False):
     if spec.config is not None:
         cfg = dict(spec.config)
         mt = cfg.pop("model_type")
-        return AutoConfig.for_model(mt, **cfg)
-    src = config_source(resolve_source(spec.model, base_dir), "llm.model", offline)
+        try:
+            return AutoConfig.for_model(mt, **cfg)
+        except Exception as e:  # ValueError/TypeError, or huggingface_hub's strict-dataclass errors
+            raise _config_error("llm.config", e) from None
+    src = resolve_source(spec.model, base_dir, weights=False, where="llm.model", offline=offline)
+    src = config_source(src, "llm.model", offline)
     try:
         return AutoConfig.from_pretrained(src, trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -83,15 +175,18 @@ def build_llm(spec: LLMSpec, base_dir: Path | None, *, config=None, load_weights
     if cfg.model_type not in LLM_ADAPTERS:
         raise SpecError(f"llm: model_type {cfg.model_type!r} is not supported; supported: {sorted(LLM_ADAPTERS)}")
     if spec.model is not None and load_weights:
-        src = resolve_source(spec.model, base_dir)
+        src = resolve_source(spec.model, base_dir, where="llm.model")
         try:
             return AutoModelForCausalLM.from_pretrained(
                 src, dtype=dtype, attn_implementation=spec.attn_implementation, trust_remote_code=False
             )
         except (OSError, ValueError, RuntimeError) as e:
             raise _hf_error("llm.model", src, e) from None
-    with maybe_no_init(not load_weights):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=spec.attn_implementation)
+    try:
+        with maybe_no_init(not load_weights):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=spec.attn_implementation)
+    except (ValueError, TypeError, RuntimeError) as e:  # e.g. negative or inconsistent sizes in an inline config
+        raise _config_error("llm.config", e) from None
     model.tie_weights()  # skipped by no_init_weights; tied weights are saved once
     return model
 
@@ -111,7 +206,8 @@ def build_encoder(spec: EncoderSpec, where: str, base_dir: Path | None, *, confi
                   offline: bool = False):
     """-> (encoder adapter module, preprocessor or None). ``config``/``etype`` given: a saved
     checkpoint's, and nothing is looked up at ``encoder.model``."""
-    src = resolve_source(spec.model, base_dir) if spec.model and config is None else None
+    src = (resolve_source(spec.model, base_dir, weights=load_weights, where=f"{where}.model", offline=offline)
+           if spec.model and config is None else None)
     if src is not None and not load_weights:
         src = config_source(src, f"{where}.model", offline)
     if etype is not None:
@@ -126,8 +222,12 @@ def build_encoder(spec: EncoderSpec, where: str, base_dir: Path | None, *, confi
     if config is None:
         try:
             config = adapter.load_config(src) if src is not None else adapter.config_from_dict(spec.config)
-        except (OSError, ValueError, TypeError) as e:
-            raise _hf_error(f"{where}.model" if src else f"{where}.config", src or "inline config", e) from None
+        except Exception as e:  # OSError/ValueError/TypeError, or huggingface_hub's strict-dataclass errors
+            if src is None:
+                raise _config_error(f"{where}.config", e) from None
+            if not isinstance(e, (OSError, ValueError, TypeError)):
+                raise
+            raise _hf_error(f"{where}.model", src, e) from None
     dtype = DTYPES[spec.dtype] if spec.dtype else None
     try:
         enc = adapter.create(config, spec, src=src, dtype=dtype, load_weights=load_weights)
@@ -193,6 +293,8 @@ def build(spec: Spec | str | Path, *, saved: dict[str, Any] | None = None, shape
     """
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
+    if saved is None:
+        spec = pin_revisions(spec, offline=offline)  # `owner/name@rev` -> `owner/name@<commit hash>`
     if shape_only:
         with torch.device("meta"):
             return _build(spec, saved, load=False, shape_only=True, offline=offline)
@@ -216,7 +318,8 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
     elif spec.llm.tokenizer.type == "byte" or shape_only:
         tokenizer = byte_tokenizer()
     else:
-        tokenizer = load_tokenizer(resolve_source(spec.llm.tokenizer.model or spec.llm.model, base_dir), "llm.tokenizer")
+        src = resolve_source(spec.llm.tokenizer.model or spec.llm.model, base_dir, weights=False, where="llm.tokenizer")
+        tokenizer = load_tokenizer(src, "llm.tokenizer")
 
     encoders, projectors, processors = {}, {}, {}
     for name, mod in spec.modalities.items():
@@ -229,7 +332,8 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
         )
         proj = build_projector(mod.projector, enc.hidden_size, width)
         if mod.projector.weights and load:
-            load_projector_weights(proj, Path(resolve_source(mod.projector.weights, base_dir)), f"{where}.projector.weights")
+            src = resolve_source(mod.projector.weights, base_dir, where=f"{where}.projector.weights")
+            load_projector_weights(proj, Path(src), f"{where}.projector.weights")
         proj = proj.to(DTYPES[mod.encoder.dtype or spec.llm.dtype])
         encoders[name], projectors[name], processors[name] = enc, proj, proc
 
@@ -248,5 +352,10 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
 
     model = ComposedModel(spec, llm, encoders, projectors, tokenizer, processors, placeholder_ids)
     for name in spec.modalities:
-        model.num_tokens(name)  # fail now, not at the first batch, if the shapes do not compose
+        if model.num_tokens(name) < 1:  # fail now, not at the first batch, if the shapes do not compose
+            raise SpecError(f"modalities.{name}: the encoder and projector give no tokens per item "
+                            "(e.g. encoder image_size smaller than patch_size)")
+    n_ids = len(tokenizer) - len(placeholders)  # placeholders may lie past the vocabulary: never embedded
+    if spec.llm.tokenizer.type == "byte" and not saved and n_ids > adapter.shape.vocab_size:
+        raise SpecError(f"llm.config.vocab_size: must be >= the byte tokenizer's {n_ids} ids, got {adapter.shape.vocab_size}")
     return model

@@ -13,14 +13,17 @@ Writes go to a temporary sibling directory that is renamed into place when compl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from composer.errors import InputError
-from composer.spec import parse_spec
+from composer.spec import _load_yaml, parse_spec
 
 if TYPE_CHECKING:
     from composer.model import ComposedModel
@@ -29,9 +32,52 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM wait until the block ends, then take effect as usual: the renames that
+    swap a finished output into place (or the removal of a temp dir) are never cut in half.
+    Only the main thread receives signals; elsewhere this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: installed outside Python, cannot be restored
+            old[sig] = signal.signal(sig, lambda n, f: got.append(n))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if got:
+            signal.raise_signal(got[0])  # delivered now, to the restored handler
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+    out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        old.rename(out_dir)  # the previous output stays
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
 def atomic_dir(out_dir: Path, overwrite: bool):
-    """Context manager yielding a temp dir that replaces ``out_dir`` on success."""
-    import contextlib
+    """Context manager yielding a temp dir (``.<name>.tmp-*``, a sibling of ``out_dir``) that
+    replaces ``out_dir`` when the block completes. On any exception, KeyboardInterrupt or (with
+    the CLI's handler) SIGTERM the temp dir is removed and ``out_dir`` is left as it was; the swap
+    itself runs with signals deferred. Only a hard kill (SIGKILL, power loss) can leave a
+    ``.<name>.tmp-*`` dir behind, never a partial ``out_dir``."""
 
     @contextlib.contextmanager
     def cm():
@@ -41,16 +87,12 @@ def atomic_dir(out_dir: Path, overwrite: bool):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
             yield tmp
+            with signals_deferred():
+                _swap_into_place(tmp, out_dir)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with signals_deferred():
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
 
     return cm()
 
@@ -88,13 +130,50 @@ def _untied(model, missing: list[str]) -> list[str]:
     return [k for k in missing if state[k].data_ptr() not in loaded]
 
 
+def _check_consistent(spec, meta: dict, meta_file: Path) -> None:
+    """spec.yaml and composer.json describe the same model (files of two checkpoints mixed up?)."""
+    if not isinstance(meta.get("encoder_configs"), dict) or not isinstance(meta.get("llm_config"), dict):
+        raise InputError(f"{meta_file}: missing llm_config or encoder_configs")
+    if set(meta["encoder_configs"]) != set(spec.modalities):
+        raise InputError(f"{meta_file}: modalities {sorted(meta['encoder_configs'])} differ from spec.yaml's "
+                         f"{sorted(spec.modalities)}")
+    n = meta["llm_config"].get("num_hidden_layers")
+    if spec.llm.num_layers is not None and spec.llm.num_layers != n:
+        raise InputError(f"{meta_file}: llm_config has {n} layers but spec.yaml's llm.config has {spec.llm.num_layers}")
+    if meta.get("insert_at", spec.insert_layers()) != spec.insert_layers():
+        raise InputError(f"{meta_file}: insert_at {meta['insert_at']} differs from spec.yaml's {spec.insert_layers()}")
+
+
+def check_weights(model, weights: Path) -> None:
+    """Compare the tensor names and shapes in a safetensors header with ``model`` before any
+    weight is copied; raises ``InputError`` naming the file and the first mismatch."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{weights}: cannot load ({str(e).strip().splitlines()[0]})") from None
+    state = model.state_dict()
+    missing = _untied(model, sorted(set(state) - set(shapes)))
+    unexpected = sorted(set(shapes) - set(state))
+    if missing or unexpected:
+        raise InputError(f"{weights}: does not match the spec (missing {missing[:5]}, unexpected {unexpected[:5]}; "
+                         "weights of another model?)")
+    for k, shape in shapes.items():
+        if tuple(state[k].shape) != shape:
+            raise InputError(f"{weights}: {k} has shape {shape}, the model needs {tuple(state[k].shape)} "
+                             "(weights of another model?)")
+
+
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "composer.json").is_file()
 
 
-def load_pretrained(path: str | Path) -> ComposedModel:
+def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedModel:
     """Rebuild the architecture from the saved configs (no download, no weight init), then load
-    ``model.safetensors`` strictly."""
+    ``model.safetensors`` strictly. ``shape_only``: the architecture on the meta device, no
+    weights read (parameter counts and FLOPs for model cards)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig
@@ -110,26 +189,37 @@ def load_pretrained(path: str | Path) -> ComposedModel:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{meta_file}: invalid JSON ({e})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{meta_file}: unknown format_version {meta.get('format_version')!r} (this composer reads {FORMAT_VERSION})")
-    import yaml
-
-    spec = parse_spec(yaml.safe_load((root / "spec.yaml").read_text()), str(root / "spec.yaml"))
-    llm_cfg = dict(meta["llm_config"])
-    enc_cfgs = {}
-    for m, cfg in meta["encoder_configs"].items():
-        enc_cfgs[m] = ENCODER_ADAPTERS[meta["encoder_types"][m]].config_from_dict(cfg)
-    saved = {
-        "llm_config": AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg),
-        "encoder_configs": enc_cfgs,
-        "encoder_types": meta["encoder_types"],
-        "tokenizer_dir": root / "tokenizer",
-        "processor_dirs": {m: root / "processors" / m for m in spec.modalities},
-    }
-    model = build(spec, saved=saved)
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise InputError(f"{meta_file}: unknown format_version {version!r} (this composer reads {FORMAT_VERSION})")
+    spec_file = root / "spec.yaml"
+    try:
+        spec = parse_spec(_load_yaml(spec_file.read_text(), str(spec_file)), str(spec_file))
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{spec_file}: cannot read ({type(e).__name__}: {e})") from None
+    _check_consistent(spec, meta, meta_file)
+    try:
+        llm_cfg = dict(meta["llm_config"])
+        enc_cfgs = {}
+        for m, cfg in meta["encoder_configs"].items():
+            enc_cfgs[m] = ENCODER_ADAPTERS[meta["encoder_types"][m]].config_from_dict(cfg)
+        saved = {
+            "llm_config": AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg),
+            "encoder_configs": enc_cfgs,
+            "encoder_types": meta["encoder_types"],
+            "tokenizer_dir": root / "tokenizer",
+            "processor_dirs": {m: root / "processors" / m for m in spec.modalities},
+        }
+    except Exception as e:  # KeyError/TypeError/ValueError, or transformers' config validation errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{meta_file}: cannot rebuild the configs ({type(e).__name__}: {first})") from None
+    model = build(spec, saved=saved, shape_only=shape_only)
+    if shape_only:
+        return model
     weights = root / WEIGHTS
     if not weights.is_file():
         raise InputError(f"{weights}: missing")
+    check_weights(model, weights)  # keys and shapes from the header: nothing loads half-way
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:

@@ -178,6 +178,7 @@ def plan(target: str, text_tokens: int, mm_tokens: int | None, offline: bool, pl
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: none).")
 @click.option("--eval-every", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUTPUT/checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Train from scratch into a non-empty OUTPUT (its old checkpoints/ are removed).")
 @click.option("--skip-bad-records", is_flag=True, help="Warn and skip bad records instead of failing.")
 @click.option("--media-root", type=click.Path(file_okay=False), default=None, help="Resolve media paths here (default: next to --data).")
 @click.option("--merge-lora", is_flag=True, help="Fold LoRA into the weights of the saved model.")
@@ -186,7 +187,7 @@ def plan(target: str, text_tokens: int, mm_tokens: int | None, offline: bool, pl
 def train(target: str, data: str, out: str, eval_data: str | None, stage: int | None, epochs: int,
           max_steps: int | None, batch_size: int, grad_accum: int, lr: float, weight_decay: float, warmup_ratio: float,
           scheduler: str, precision: str, grad_checkpointing: bool, save_every: int, eval_every: int, resume: bool,
-          skip_bad_records: bool, media_root: str | None, merge_lora: bool, seed: int, profile: bool) -> None:
+          overwrite: bool, skip_bad_records: bool, media_root: str | None, merge_lora: bool, seed: int, profile: bool) -> None:
     """Train TARGET (a spec or a composed checkpoint) on --data; the result in OUTPUT reloads
     with `ComposedModel.from_pretrained(OUTPUT)` and exports with `compose export OUTPUT`.
 
@@ -200,8 +201,8 @@ def train(target: str, data: str, out: str, eval_data: str | None, stage: int | 
                       batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                       warmup_ratio=warmup_ratio, scheduler=scheduler, precision=precision,
                       grad_checkpointing=grad_checkpointing, save_every=save_every, eval_every=eval_every,
-                      resume=resume, on_bad_record="skip" if skip_bad_records else "fail", media_root=media_root,
-                      merge_lora=merge_lora, seed=seed)
+                      resume=resume, overwrite=overwrite, on_bad_record="skip" if skip_bad_records else "fail",
+                      media_root=media_root, merge_lora=merge_lora, seed=seed)
     con = _console()
     if profile:
         from composer.profile import profile_training
@@ -344,6 +345,139 @@ def _modality_args(args: list[str], text_ok: set[str] = frozenset()) -> dict[str
     return items
 
 
+@cli.command()
+@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, help="Branch to push to (created from main if needed).")
+@click.option("-m", "--message", default=None, help="Commit message.")
+def push(target: Path, repo_id: str, private: bool, revision: str | None, message: str | None) -> None:
+    """Push TARGET (a composer checkpoint or an ONNX bundle) to the Hub repo REPO_ID in one commit,
+    with a generated model card. Token: HF_TOKEN or `hf auth login`; HF_ENDPOINT is respected.
+
+    \b
+    Example:
+      compose push out/tiny-llava alice/tiny-llava
+      compose push out/tiny-llava.onnx alice/tiny-llava-onnx --private
+    """
+    from composer.hub import push_to_hub
+
+    info = push_to_hub(target, repo_id, private=private, revision=revision, commit_message=message)
+    click.echo(f"pushed {target} to {repo_id}" + (f"@{revision}" if revision else "") + f" (commit {info.oid})")
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--revision", default=None, help="Branch, tag or commit hash (or write REPO_ID@REV).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+def pull(repo_id: str, out: Path, revision: str | None, overwrite: bool) -> None:
+    """Download a composer checkpoint or ONNX bundle from the Hub into OUTPUT (through the HF
+    cache; with HF_HUB_OFFLINE=1 from the cache alone). Pickled weights are never downloaded.
+
+    \b
+    Example:
+      compose pull alice/tiny-llava -o models/tiny-llava
+      compose generate models/tiny-llava --image cat.png --prompt "What is it?"
+    """
+    from composer.hub import pull as hub_pull
+
+    path, sha = hub_pull(repo_id, out, revision=revision, overwrite=overwrite)
+    click.echo(f"pulled {repo_id} (commit {sha}) to {path}")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--insert-at", "insert_at", type=int, multiple=True,
+              help="Insertion layer k to compare with 0 (repeatable; default: the model's insert_at).")
+@click.option("--runtime", "runtimes", type=click.Choice(["onnx", "torch", "hf"]), multiple=True,
+              help="Runtime to measure (repeatable; default: all three).")
+@click.option("--text-tokens", default=64, show_default=True, help="Text tokens in the prompt.")
+@click.option("--batch", default=1, show_default=True, help="Rows per generate call (identical prompts).")
+@click.option("--new-tokens", default=16, show_default=True, help="Tokens generated per run (EOS ignored).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed runs per configuration (peak memory is taken over them).")
+@click.option("--repeats", default=5, show_default=True, help="Timed runs per configuration (round-robin).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime provider; torch and hf run on the same device.")
+@click.option("--ort-spinning/--no-ort-spinning", default=False, show_default=True,
+              help="Let ONNX Runtime's idle intra-op threads busy-wait (its default; off here: with one session per "
+                   "graph the spinning threads take cores from the graph that runs).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads of torch and ONNX Runtime (default: theirs).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random modality inputs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
+def bench(target: str, insert_at: tuple[int, ...], runtimes: tuple[str, ...], text_tokens: int, batch: int,
+          new_tokens: int, warmup: int, repeats: int, provider: str, ort_spinning: bool, threads: int | None,
+          seed: int, json_path: str | None) -> None:
+    """Prefill latency, decode tokens/s and peak memory of TARGET (a spec or a checkpoint) with
+    its MM tokens inserted at k vs 0: ONNX Runtime, composer's torch path and the HF reference
+    (LlavaForConditionalGeneration), same weights and inputs, in one process.
+
+    \b
+    Example:
+      compose bench specs/tiny/llava.yaml --insert-at 2 --repeats 3 --json bench.json
+      compose bench benchmarks/mid_llava.yaml --insert-at 12
+    """
+    from composer.bench import RUNTIMES, BenchConfig, render, run_bench
+
+    cfg = BenchConfig(insert_at=list(insert_at) or None, runtimes=tuple(runtimes) or RUNTIMES, text_tokens=text_tokens,
+                      batch=batch, new_tokens=new_tokens, warmup=warmup, repeats=repeats, provider=provider,
+                      ort_spinning=ort_spinning, threads=threads, seed=seed)
+    con = _console()
+    with con.status(f"loading {target}") as status:
+        model = _load_any(target)
+        result = run_bench(model, cfg, progress=status.update)
+    render(result, con)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+        con.print(f"wrote {json_path}")
+
+
+def _int_list(values: tuple[str, ...], option: str) -> list[int] | None:
+    """`--layers 0,4 --layers 8` -> [0, 4, 8]."""
+    out = []
+    for v in values:
+        for part in v.split(","):
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise InputError(f"{option} {v}: expected integers separated by commas") from None
+    return out or None
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL records (LLaVA, LTU or generic).")
+@click.option("--layers", multiple=True, help="Layers to probe and candidate k, e.g. 0,4,8,12 (default: every layer).")
+@click.option("--max-records", default=64, show_default=True, help="Use the first N records.")
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--max-loss-increase", default=0.05, show_default=True,
+              help="Largest relative loss increase vs k = 0 that a recommended k may have.")
+@click.option("--media-root", type=click.Path(file_okay=False), default=None, help="Resolve media paths here (default: next to --data).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
+def probe(target: str, data: str, layers: tuple[str, ...], max_records: int, batch_size: int,
+          max_loss_increase: float, media_root: str | None, json_path: str | None) -> None:
+    """Per-layer alignment of MM and text hidden states (IMA-style cosine) of a model trained at
+    k = 0, and its loss on --data's responses with the MM tokens inserted at each candidate k
+    without retraining; recommends k.
+
+    \b
+    Example:
+      compose probe out/trained --data data/val.jsonl --layers 0,2,4,8,12 --json probe.json
+    """
+    from composer.probe import ProbeConfig, render, run_probe
+
+    cfg = ProbeConfig(layers=_int_list(layers, "--layers"), max_records=max_records, batch_size=batch_size,
+                      max_loss_increase=max_loss_increase, media_root=media_root)
+    con = _console()
+    with con.status(f"loading {target}") as status:
+        model = _load_any(target)
+        result = run_probe(model, data, cfg, progress=status.update)
+    render(result, con)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+        con.print(f"wrote {json_path}")
+
+
 def _checkpoint_dir(target: str) -> Path:
     from composer.checkpoint import is_checkpoint
 
@@ -353,12 +487,37 @@ def _checkpoint_dir(target: str) -> Path:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that temp outputs are removed on the way out."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("COMPOSER_DEBUG") == "1"
     try:
         cli.main(args=argv, prog_name="compose", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt (Ctrl-C, and SIGTERM here) into Abort
+        if isinstance(e.__cause__, _Terminated):
+            click.echo("error: terminated (SIGTERM)", err=True)
+            sys.exit(143)
+        click.echo("error: interrupted" if isinstance(e.__cause__, KeyboardInterrupt) else "error: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
@@ -368,9 +527,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        click.echo("error: terminated (SIGTERM)" if isinstance(e, _Terminated) else "error: interrupted", err=True)
+        sys.exit(143 if isinstance(e, _Terminated) else 130)
     except Exception as e:  # a runtime failure: one line unless --debug
         if debug:
             raise

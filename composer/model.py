@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from composer.adapters.llm import LLMAdapter, llm_adapter_for
 from composer.errors import InputError
 from composer.generation import Sampling, decode_loop, eos_ids
-from composer.prompting import prepare_batch
+from composer.prompting import check_context, prepare_batch
 from composer.layout import KVState, Layout, additive_mask
 
 IGNORE_INDEX = -100
@@ -55,6 +55,11 @@ class ComposedModel(nn.Module):
     @property
     def insert_at(self) -> dict[str, int]:
         return self.spec.insert_layers()
+
+    @property
+    def context_length(self) -> int | None:
+        """The LLM's ``max_position_embeddings`` (None when its config has none)."""
+        return getattr(self.llm.config, "max_position_embeddings", None)
 
     @property
     def num_layers(self) -> int:
@@ -112,6 +117,7 @@ class ComposedModel(nn.Module):
     def _prefill(self, input_ids, attention_mask, modality_inputs, state: KVState | None = None) -> torch.Tensor:
         """Run all layers over a laid-out prompt; returns final hidden states (B, L, d)."""
         B, L = input_ids.shape
+        check_context(attention_mask, 0, self.context_length)
         slot_masks = self._slot_masks(input_ids)
         mm = self._mm_tokens(slot_masks, modality_inputs)
         layout = Layout.build(attention_mask, slot_masks, self.insert_at, self.num_layers)
@@ -197,6 +203,7 @@ class ComposedModel(nn.Module):
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         if not bool(attention_mask[:, -1].all()):
             raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
+        check_context(attention_mask, sampling.max_new_tokens, self.context_length)
         state = KVState(cache=_new_cache(), key_slot=[], key_ok=[], next_slot=0, next_pos=None)
 
         def step(out: torch.Tensor) -> torch.Tensor:
@@ -227,20 +234,28 @@ class ComposedModel(nn.Module):
         """Fill the spec's prompt template, e.g. ``"USER: <image>\\n{instruction} ASSISTANT:"``."""
         return self.spec.prompt.template.replace("{instruction}", instruction)
 
-    def prepare(self, prompts: str | list[str], *, padding_side: str = "left", **modality_items) -> dict[str, Any]:
+    def prepare(self, prompts: str | list[str], *, padding_side: str = "left", errors: str = "raise",
+                **modality_items) -> dict[str, Any]:
         """Tokenise prompts (each placeholder once per item, as a user writes it), expand each
         placeholder to its modality's token count, pad, and preprocess the media.
 
         ``modality_items``: per modality, a list (in prompt order, row after row) of file paths,
         PIL images, or already-preprocessed tensors. Returns ``input_ids``, ``attention_mask``
-        and one tensor per modality, ready for ``forward``/``generate``.
+        and one tensor per modality, ready for ``forward``/``generate``. A prompt longer than the
+        LLM's context, or an unreadable item, raises ``InputError``.
+
+        ``errors="collect"``: a bad prompt or item does not stop the batch; returns
+        ``Prepared(batch, rows, errors)`` (``composer.prompting``): the batch of the good prompts,
+        their indices, and {index: message} for the others::
+
+            batch, rows, errors = model.prepare(prompts, image=paths, errors="collect")
         """
         return prepare_batch(
             self.tokenizer, prompts, placeholder_ids=self.placeholder_ids,
             num_tokens={m: self.num_tokens(m) for m in self.encoders},
             placeholders={m: self.spec.modalities[m].placeholder for m in self.encoders},
             preprocess={m: functools.partial(type(self.encoders[m]).preprocess, self.processors[m]) for m in self.encoders},
-            padding_side=padding_side, **modality_items,
+            padding_side=padding_side, max_positions=self.context_length, errors=errors, **modality_items,
         )
 
     def decode(self, ids: torch.Tensor) -> list[str]:
@@ -253,10 +268,30 @@ class ComposedModel(nn.Module):
         return save_pretrained(self, out_dir, overwrite=overwrite)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> ComposedModel:
+    def from_pretrained(cls, path: str | Path, *, revision: str | None = None) -> ComposedModel:
+        """A composer checkpoint: a local dir, or a Hub repo id (``owner/name``, ``owner/name@rev``
+        or ``revision=``) that is not a local path: downloaded to the HF cache (safetensors only;
+        ``HF_HUB_OFFLINE=1``: from the cache), then loaded."""
         from composer.checkpoint import load_pretrained
+        from composer.hub import is_hub_ref, load_from_hub
 
-        return load_pretrained(path)
+        if not is_hub_ref(str(path)):
+            if revision is not None:
+                raise InputError(f"{path}: revision={revision!r} applies to Hub repos; this is a local path")
+            return load_pretrained(path)
+        try:
+            return load_from_hub(str(path), revision=revision)
+        except InputError as e:
+            raise InputError(f"{path}: no such local directory; {e}") from None
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None,
+                    token: str | None = None, commit_message: str | None = None):
+        """Save this model with a generated model card and push it to ``repo_id`` (one commit);
+        returns huggingface_hub's ``CommitInfo``. See ``composer.hub.push_to_hub``."""
+        from composer.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, revision=revision, token=token,
+                           commit_message=commit_message)
 
 
 def _new_cache():

@@ -3,20 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from composer.errors import InputError
 
 
+class Prepared(NamedTuple):
+    """``prepare(..., errors="collect")``: ``batch`` holds the prompts at indices ``rows`` (None
+    when none could be prepared); ``errors`` maps each failed prompt's index to a one-line message."""
+
+    batch: dict[str, Any] | None
+    rows: list[int]
+    errors: dict[int, str]
+
+
 def prepare_batch(tokenizer, prompts: str | list[str], *, placeholder_ids: dict[str, int], num_tokens: dict[str, int],
                   placeholders: dict[str, str], preprocess: dict[str, Callable[[list], torch.Tensor]],
-                  padding_side: str = "left", **modality_items) -> dict[str, Any]:
+                  padding_side: str = "left", max_positions: int | None = None, errors: str = "raise",
+                  **modality_items) -> dict[str, Any] | Prepared:
     """Tokenise, expand each placeholder to ``num_tokens[m]`` slots, pad, preprocess media.
 
     Items of a modality are given in prompt order, row after row. Raises ``InputError`` when
-    the number of placeholders and items differ or a modality is unknown.
+    the number of placeholders and items differ, a modality is unknown, an item cannot be read
+    or a prompt is longer than ``max_positions`` (the LLM's context) once expanded.
+
+    ``errors="collect"`` (batch generation that must not stop at one bad item): each prompt and
+    its items are checked on their own; returns ``Prepared(batch, rows, errors)`` where ``batch``
+    holds the good prompts (at indices ``rows``) and ``errors`` maps a failed prompt's index to
+    its message. Placeholder/item counts that differ over the whole batch still raise (the
+    items cannot be assigned to prompts then). Example::
+
+        batch, rows, errors = model.prepare(prompts, image=paths, errors="collect")
+        texts = model.decode(model.generate(**batch)) if batch else []   # texts[j] answers prompts[rows[j]]
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -24,30 +44,43 @@ def prepare_batch(tokenizer, prompts: str | list[str], *, placeholder_ids: dict[
         raise InputError("no prompts given")
     if padding_side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if errors not in ("raise", "collect"):
+        raise InputError(f"errors must be 'raise' or 'collect', got {errors!r}")
     extra = sorted(set(modality_items) - set(placeholder_ids))
     if extra:
         raise InputError(f"unknown modality {extra}; this model has {sorted(placeholder_ids)}")
     modality_of = {pid: m for m, pid in placeholder_ids.items()}
     counts = {m: 0 for m in placeholder_ids}
+    row_counts: list[dict[str, int]] = []
     rows = []
     for prompt in prompts:
-        row = []
+        row, mine = [], dict.fromkeys(placeholder_ids, 0)
         for t in tokenizer(prompt, add_special_tokens=True)["input_ids"]:
             m = modality_of.get(t)
             if m is None:
                 row.append(t)
             else:
                 counts[m] += 1
+                mine[m] += 1
                 row.extend([t] * num_tokens[m])
         rows.append(row)
-    batch: dict[str, Any] = {}
+        row_counts.append(mine)
+    items_of: dict[str, list] = {}
     for m, n in counts.items():
         items = modality_items.get(m)
-        items = [] if items is None else list(items) if isinstance(items, (list, tuple)) else [items]
-        if len(items) != n:
-            raise InputError(f"{m}: the prompts contain {n} {placeholders[m]!r} placeholder(s) but {len(items)} {m} item(s) were given")
+        items_of[m] = [] if items is None else list(items) if isinstance(items, (list, tuple)) else [items]
+        if len(items_of[m]) != n:
+            raise InputError(f"{m}: the prompts contain {n} {placeholders[m]!r} placeholder(s) but {len(items_of[m])} {m} item(s) were given")
+    if errors == "collect":
+        return _collect(tokenizer, prompts, rows, row_counts, items_of, placeholder_ids=placeholder_ids,
+                        num_tokens=num_tokens, placeholders=placeholders, preprocess=preprocess,
+                        padding_side=padding_side, max_positions=max_positions)
+    for i, r in enumerate(rows):
+        _check_length(i, r, row_counts[i], num_tokens, placeholders, max_positions)
+    batch: dict[str, Any] = {}
+    for m, n in counts.items():
         if n:
-            batch[m] = preprocess[m](items)
+            batch[m] = preprocess[m](items_of[m])
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -57,3 +90,52 @@ def prepare_batch(tokenizer, prompts: str | list[str], *, placeholder_ids: dict[
         ids[i, sl] = torch.tensor(r, dtype=torch.long)
         mask[i, sl] = 1
     return {"input_ids": ids, "attention_mask": mask, **batch}
+
+
+def _check_length(i: int, row: list[int], counts: dict[str, int], num_tokens: dict[str, int],
+                  placeholders: dict[str, str], max_positions: int | None) -> None:
+    if max_positions is None or len(row) <= max_positions:
+        return
+    mm = ", ".join(f"{n} x {num_tokens[m]} for {placeholders[m]!r}" for m, n in counts.items() if n)
+    raise InputError(f"prompt {i}: {len(row)} tokens" + (f" ({mm})" if mm else "")
+                     + f" exceed the LLM's context of {max_positions} positions (max_position_embeddings)")
+
+
+def _collect(tokenizer, prompts, rows, row_counts, items_of, *, max_positions, **kw) -> Prepared:
+    """Check each prompt and its items alone, then prepare the good ones together."""
+    start = dict.fromkeys(items_of, 0)
+    failed: dict[int, str] = {}
+    mine_of: list[dict[str, list]] = []
+    for i, (row, counts) in enumerate(zip(rows, row_counts, strict=True)):
+        mine = {m: items_of[m][start[m]: start[m] + n] for m, n in counts.items()}
+        for m, n in counts.items():
+            start[m] += n
+        mine_of.append(mine)
+        try:
+            _check_length(i, row, counts, kw["num_tokens"], kw["placeholders"], max_positions)
+            for m, its in mine.items():
+                if its:
+                    kw["preprocess"][m](its)
+        except Exception as e:  # one bad item must not stop the batch: report it with its prompt
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            failed[i] = msg if isinstance(e, InputError) else f"{type(e).__name__}: {msg}"
+    keep = [i for i in range(len(prompts)) if i not in failed]
+    if not keep:
+        return Prepared(None, [], failed)
+    items = {m: [x for i in keep for x in mine_of[i][m]] for m in items_of}
+    batch = prepare_batch(tokenizer, [prompts[i] for i in keep], max_positions=max_positions, **kw,
+                          **{m: v for m, v in items.items() if v})
+    return Prepared(batch, keep, failed)
+
+
+def check_context(attention_mask: torch.Tensor, max_new_tokens: int, max_positions: int | None) -> None:
+    """Before generating: the longest prompt (real tokens) plus ``max_new_tokens`` must fit the
+    LLM's context; past it, learned position tables (OPT) index out of range mid-generation and
+    RoPE models run outside what they were trained on."""
+    if max_positions is None:
+        return
+    longest = int(attention_mask.sum(1).max()) if attention_mask.numel() else 0
+    if longest + max_new_tokens > max_positions:
+        raise InputError(f"the longest prompt has {longest} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                         f"LLM's context of {max_positions} positions (max_position_embeddings): shorten the prompt or "
+                         "lower max_new_tokens")

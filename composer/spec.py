@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from composer.errors import SpecError
 
@@ -47,6 +49,29 @@ ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu", "tanh", "quick_gelu")
 # Names a modality may not take: they are ComposedModel.forward/generate keyword arguments.
 RESERVED_MODALITY_NAMES = {"input_ids", "attention_mask", "labels", "position_ids", "cache", "max_new_tokens"}
 
+# `owner/name@revision` pins a Hub id to a branch, tag or commit hash (`llm.model`,
+# `llm.tokenizer.model`, `encoder.model`, `projector.weights`); a build resolves the revision to
+# its commit hash and saves `owner/name@<hash>`. A local path of the same spelling wins.
+_PINNED = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*(?:/[A-Za-z0-9][A-Za-z0-9_.-]*)?)@(?P<rev>.*)", re.S)
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_.-]+)*")
+
+
+def split_revision(value: str) -> tuple[str, str | None]:
+    """``"owner/name@v1"`` -> ``("owner/name", "v1")``; a value without a pin -> ``(value, None)``."""
+    m = _PINNED.fullmatch(value)
+    return (m["repo"], m["rev"]) if m else (value, None)
+
+
+def _check_pin(value: str | None) -> str | None:
+    if value is not None:
+        rev = split_revision(value)[1]
+        if rev is not None and (not _REVISION.fullmatch(rev) or ".." in rev or rev.endswith(".lock")):
+            raise ValueError("bad revision after '@' (want a branch, tag or commit hash, e.g. owner/name@v1.0)")
+    return value
+
+
+HubRef = Annotated[str | None, AfterValidator(_check_pin)]  # a Hub id (optionally @revision) or a local path
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=())
@@ -69,7 +94,7 @@ class TokenizerSpec(_Strict):
     """
 
     type: Literal["pretrained", "byte"] = "pretrained"
-    model: str | None = None
+    model: HubRef = None
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerSpec:
@@ -81,7 +106,7 @@ class TokenizerSpec(_Strict):
 class LLMSpec(_Strict):
     """The language model. Exactly one of `model` (Hub id or local dir) or `config` (inline HF config)."""
 
-    model: str | None = None
+    model: HubRef = None
     config: dict[str, Any] | None = None
     dtype: DType = "float32"
     train: TrainMode = "frozen"
@@ -119,7 +144,7 @@ class EncoderSpec(_Strict):
     """A modality encoder: a pretrained model (`model`) or an inline config (`config`, random init)."""
 
     type: str | None = None
-    model: str | None = None
+    model: HubRef = None
     config: dict[str, Any] | None = None
     feature_layer: int = -1
     select: Literal["patch", "all"] = "patch"
@@ -134,12 +159,17 @@ class EncoderSpec(_Strict):
             raise ValueError("give exactly one of `model` (Hub id or local dir) or `config` (inline HF config)")
         if self.config is not None and self.type not in OWN_CONFIG_ENCODERS:
             mt = self.config.get("model_type")
-            inferred = ENCODER_MODEL_TYPES.get(mt)
+            inferred = ENCODER_MODEL_TYPES.get(mt) if isinstance(mt, str) else None
             if inferred is None:
                 raise _FieldError("config.model_type", f"not a supported encoder; known: {sorted(ENCODER_MODEL_TYPES)} "
                                   f"(or set `type` to one of {list(OWN_CONFIG_ENCODERS)})", mt)
             if self.type is None:
                 self.type = inferred
+            _check_heads(self.config)
+        if self.config is not None:
+            n = self.config.get("num_layers" if self.type in OWN_CONFIG_ENCODERS else "num_hidden_layers")
+            if _pos_int(n) and not -(n + 1) <= self.feature_layer <= n:
+                raise _FieldError("feature_layer", f"must be in [-{n + 1}, {n}] for a {n}-layer encoder", self.feature_layer)
         if self.type is not None and self.type not in ENCODER_TYPES:
             raise _FieldError("type", f"not a known encoder type; known: {list(ENCODER_TYPES)}", self.type)
         if self.train == "lora" and self.lora is None:
@@ -148,7 +178,7 @@ class EncoderSpec(_Strict):
 
 
 class _ProjectorBase(_Strict):
-    weights: str | None = None  # safetensors (or LLaVA .bin, loaded with weights_only) in the seed layouts
+    weights: HubRef = None  # safetensors (or LLaVA .bin, loaded with weights_only) in the seed layouts
     train: TrainMode = "full"
 
 
@@ -297,25 +327,64 @@ def _check_inline_config(config: dict[str, Any], families: tuple[str, ...], wher
         raise _FieldError("config.model_type", f"must be one of {list(families)}", mt)
     for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
         v = config.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        if not _pos_int(v):
             raise _FieldError(f"config.{key}", "must be a positive integer", v)
+    _check_heads(config)
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_heads(config: dict[str, Any]) -> None:
+    """Sizes and attention arithmetic of an inline HF config, checked here rather than deep inside
+    torch: sizes are positive, heads divide the width (unless ``head_dim`` is set) and KV heads
+    divide the heads (GQA)."""
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                "ffn_dim", "max_position_embeddings", "num_hidden_layers", "image_size", "patch_size",
+                "num_channels", "num_mel_bins", "max_length", "frequency_stride", "time_stride"):
+        v = config.get(key)
+        if v is not None and not _pos_int(v):
+            raise _FieldError(f"config.{key}", "must be a positive integer", v)
+    h, n, kv = config.get("hidden_size"), config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if n is None:
+        return
+    if kv is not None and n % kv:
+        raise _FieldError("config.num_attention_heads", f"must be divisible by num_key_value_heads ({kv})", n)
+    if h is not None and config.get("head_dim") is None and h % n:
+        raise _FieldError("config.hidden_size", f"must be divisible by num_attention_heads ({n})", h)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 200, 200, 200
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 40
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    s = repr(value)
+    s = _REPR.repr(value)  # bounded even for huge or alias-shared values
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    # pydantic puts the tag of a discriminated union into the location: drop it.
-    parts = [str(p) for i, p in enumerate(loc) if not (i and loc[i - 1] == "projector" and p in PROJECTOR_TYPES)]
+    # pydantic puts the tag of a discriminated union into the location: drop it. Keys that are
+    # not plain words (spaces, newlines, ...) are quoted so the message stays one readable line.
+    parts = [p if isinstance(p, str) and re.fullmatch(r"[\w\-<>\[\]]+", p) else _short(p, 40)
+             for i, p in enumerate(loc) if not (i and loc[i - 1] == "projector" and p in PROJECTOR_TYPES)]
     return ".".join(parts) or "<root>"
 
 
+def _one_line(s: str) -> str:
+    return s.replace("\r", "\\r").replace("\n", "\\n")
+
+
+MAX_REPORTED_ERRORS = 5
+
+
 def format_validation_error(err: ValidationError) -> str:
-    """One line: `path: message, got value` for each error, joined with '; '."""
+    """One line: `path: message, got value` for each error (the first few), joined with '; '."""
     out = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:MAX_REPORTED_ERRORS]:
         ctx_err = (e.get("ctx") or {}).get("error")
         loc = _loc(tuple(e["loc"]))
         if isinstance(ctx_err, _FieldError):
@@ -331,7 +400,9 @@ def format_validation_error(err: ValidationError) -> str:
             out.append(f"{loc}: {msg}")
         else:
             out.append(f"{loc}: {msg}, got {_short(e.get('input'))}")
-    return "; ".join(out)
+    if len(errors) > MAX_REPORTED_ERRORS:
+        out.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more error(s)")
+    return _one_line("; ".join(out))
 
 
 def parse_spec(data: Any, source: str = "<spec>") -> Spec:
@@ -342,9 +413,78 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
         return Spec.model_validate(data)
     except ValidationError as e:
         raise SpecError(f"{source}: {format_validation_error(e)}") from None
+    except (TypeError, KeyError, AttributeError, OverflowError, RecursionError) as e:  # a validator's blind spot
+        raise SpecError(_one_line(f"{source}: <root>: invalid spec ({type(e).__name__}: {str(e)[:200]})")) from None
 
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a short text file; refuse anything bigger before parsing it
+MAX_YAML_DEPTH = 64  # nesting; PyYAML composes recursively
+MAX_YAML_NODES = 20_000  # nodes after expanding aliases ("billion laughs": 9 aliases of 9 aliases of ...)
+
+
+def _check_yaml_shape(text: str, source: str) -> None:
+    """Bound a YAML document before it is constructed: nesting depth, and the number of nodes it
+    expands to when every alias is replaced by its anchor's node (an alias bomb is a few hundred
+    bytes that expand to billions of nodes). Recursive aliases are refused. Walks PyYAML's event
+    stream, which is iterative and linear in the text."""
+    fast = getattr(yaml, "CSafeLoader", None)  # libyaml's events: fast
+    if fast is not None:
+        try:
+            return _scan_events(yaml.parse(text, Loader=fast), source)
+        except yaml.YAMLError:
+            pass  # malformed: scan again with PyYAML, whose error messages safe_load's match
+    _scan_events(yaml.parse(text, Loader=yaml.SafeLoader), source)
+
+
+def _scan_events(events, source: str) -> None:
+    sizes: dict[str, int] = {}  # anchor -> expanded nodes of its node
+    stack: list[list] = []  # open collections: [anchor, expanded nodes so far]
+    total = 0
+    for ev in events:
+        if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if len(stack) >= MAX_YAML_DEPTH:
+                raise SpecError(f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels at line {ev.start_mark.line + 1}")
+            stack.append([ev.anchor, 1])
+            total += 1
+            continue
+        if isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, n = stack.pop()
+            if anchor is not None:
+                sizes[anchor] = n
+        elif isinstance(ev, yaml.ScalarEvent):
+            n = 1
+            total += 1
+            if ev.anchor is not None:
+                sizes[ev.anchor] = 1
+        elif isinstance(ev, yaml.AliasEvent):
+            if any(a == ev.anchor for a, _ in stack):
+                raise SpecError(f"{source}: recursive YAML alias *{_one_line(ev.anchor)} at line {ev.start_mark.line + 1}")
+            n = sizes.get(ev.anchor, 1)  # an undefined alias: composing reports it
+            total += n
+        else:
+            continue
+        if stack:
+            stack[-1][1] += n
+        if total > MAX_YAML_NODES:
+            raise SpecError(f"{source}: YAML expands to more than {MAX_YAML_NODES} nodes (alias bomb?); a spec is a short file")
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` (plain data: tags that construct Python objects are refused) behind
+    ``_check_yaml_shape``; every failure is a one-line ``SpecError`` naming ``source``."""
+    try:
+        _check_yaml_shape(text, source)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if isinstance(e, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
+            problem = f"{problem.split('tag', 1)[1].strip()} is not allowed: a spec is plain data (no YAML tags that build objects)"
+            problem = f"YAML tag {problem}"
+        raise SpecError(_one_line(f"{source}: invalid YAML{where}: {problem}")) from None
+    except (ValueError, OverflowError, RecursionError) as e:  # e.g. a 5000-digit int, a 13th month
+        raise SpecError(_one_line(f"{source}: invalid YAML value ({type(e).__name__}: {str(e)[:120]})")) from None
 
 
 def load_spec(path: str | os.PathLike[str]) -> Spec:
@@ -358,13 +498,7 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise SpecError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{p}: invalid YAML{where}: {problem}") from None
+    data = _load_yaml(text, str(p))
     spec = parse_spec(data, str(p))
-    spec._source_dir = p.resolve().parent
+    spec._source_dir = Path(os.path.abspath(p)).parent  # not resolve(): HF cache files are symlinks into blobs/
     return spec

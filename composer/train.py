@@ -59,6 +59,7 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # train from scratch into a non-empty output dir (its old checkpoints/ are removed)
     on_bad_record: str = "fail"  # fail | skip
     media_root: str | None = None
     max_length: int | None = None
@@ -93,34 +94,35 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 # -- checkpoints without pickle ------------------------------------------------------------------------
 def _save_checkpoint(path: Path, model, opt, sched, state: dict) -> None:
+    """Write ``path`` through ``atomic_dir``: an interrupted save leaves the previous checkpoints
+    and no partial one (``latest_checkpoint`` never sees a half-written dir)."""
     from safetensors.torch import save_file
 
+    from composer.checkpoint import atomic_dir
+
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    osd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, st in osd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.contiguous()
-            else:
-                scalars[f"{idx}.{k}"] = v
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    np_state = np.random.get_state()
-    meta = {
-        "state": state,
-        "param_names": names,
-        "param_groups": osd["param_groups"],
-        "optimizer_scalars": scalars,
-        "scheduler": sched.state_dict(),
-        "rng": {"python": _jsonable(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
-    }
-    (tmp / "trainer_state.json").write_text(json.dumps(meta))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path, overwrite=True) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        osd = opt.state_dict()
+        tensors, scalars = {}, {}
+        for idx, st in osd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{idx}.{k}"] = v.contiguous()
+                else:
+                    scalars[f"{idx}.{k}"] = v
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        np_state = np.random.get_state()
+        meta = {
+            "state": state,
+            "param_names": names,
+            "param_groups": osd["param_groups"],
+            "optimizer_scalars": scalars,
+            "scheduler": sched.state_dict(),
+            "rng": {"python": _jsonable(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(meta))
 
 
 def _jsonable(x):
@@ -137,18 +139,40 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def _load_checkpoint(path: Path, model, opt, sched) -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    meta = json.loads((path / "trainer_state.json").read_text())
+    def tensors_of(f: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{f}: cannot load ({str(e).strip().splitlines()[0]})") from None
+
+    # Read and check everything first: a bad checkpoint changes nothing in the model or optimizer.
+    state_file = path / "trainer_state.json"
+    try:
+        meta = json.loads(state_file.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{state_file}: not a readable trainer state ({type(e).__name__}: {e})") from None
+    keys = ("state", "param_names", "param_groups", "optimizer_scalars", "scheduler", "rng")
+    if not isinstance(meta, dict) or any(k not in meta for k in keys):
+        raise InputError(f"{state_file}: not a trainer state (needs the keys {list(keys)})")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if names != meta["param_names"]:
         raise InputError(f"{path}: checkpoint's trainable parameters differ from this run's (different spec or --stage?)")
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = tensors_of(path / "trainable.safetensors")
     params = dict(model.named_parameters())
+    for n in names:
+        if n not in weights or weights[n].shape != params[n].shape:
+            got = "missing" if n not in weights else f"shape {tuple(weights[n].shape)}"
+            raise InputError(f"{path / 'trainable.safetensors'}: {n} is {got}, this run needs {tuple(params[n].shape)} "
+                             "(a checkpoint of another spec?)")
+    tensors = tensors_of(path / "optimizer.safetensors")
+    if "rng.torch" not in tensors:
+        raise InputError(f"{path / 'optimizer.safetensors'}: no rng.torch state")
     with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
-    tensors = load_file(str(path / "optimizer.safetensors"))
+        for n in names:
+            params[n].copy_(weights[n])
     torch.set_rng_state(tensors.pop("rng.torch"))
     state: dict[int, dict] = {}
     for key, v in {**tensors, **meta["optimizer_scalars"]}.items():
@@ -231,6 +255,10 @@ def train(model, cfg: TrainConfig) -> dict:
     from transformers import get_scheduler
 
     out = Path(cfg.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (cfg.resume or cfg.overwrite):
+        raise InputError(f"{out}: exists and is not empty (pass --overwrite to train into it from scratch, or --resume)")
+    if cfg.overwrite and not cfg.resume and (out / CKPT_DIR).is_dir():
+        shutil.rmtree(out / CKPT_DIR)  # another run's: --resume must never pick them up
     out.mkdir(parents=True, exist_ok=True)
     (out / CKPT_DIR).mkdir(exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -331,19 +359,27 @@ def train(model, cfg: TrainConfig) -> dict:
 
 def _save_final(model, out: Path) -> None:
     """The final model as a composer checkpoint in ``out`` itself (next to checkpoints/ and
-    metrics.jsonl): written to a temp dir, then each entry moved into place."""
+    metrics.jsonl): written to a temp dir, then each entry moved into place with SIGINT/SIGTERM
+    deferred. ``composer.json`` (what makes ``out`` a checkpoint) is removed first and moved in
+    last, so even a hard kill between the moves leaves no loadable mix of old and new files."""
+    from composer.checkpoint import signals_deferred
+
     tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=out))
     try:
         model.save_pretrained(tmp / "m")
-        for entry in (tmp / "m").iterdir():
-            dst = out / entry.name
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            elif dst.exists():
-                dst.unlink()
-            entry.rename(dst)
+        entries = sorted((tmp / "m").iterdir(), key=lambda e: e.name == "composer.json")
+        with signals_deferred():
+            (out / "composer.json").unlink(missing_ok=True)
+            for entry in entries:
+                dst = out / entry.name
+                if dst.is_dir():
+                    shutil.rmtree(dst)
+                elif dst.exists():
+                    dst.unlink()
+                entry.rename(dst)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def merge_lora(model) -> None:

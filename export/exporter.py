@@ -192,7 +192,7 @@ def export_onnx(model, out_dir: str | Path, *, dtype: str = "fp32", opset: int |
             "name": m.spec.name,
             "dtype": dtype,
             "llm": {"family": m.llm.config.model_type, "num_layers": N, "hidden_size": shape.hidden_size,
-                    "vocab_size": shape.vocab_size},
+                    "vocab_size": shape.vocab_size, "max_position_embeddings": m.context_length},
             "kv": {"layout": "past_key.{i}/past_value.{i}: (batch, kv_heads, past, head_dim); layer index i absolute",
                    "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim, "dtype": dtype},
             "insert_at": m.insert_at,

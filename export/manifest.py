@@ -38,9 +38,23 @@ def read_manifest(bundle: str | Path, *, check_files: bool = True) -> dict:
     for key in ("stages", "encoders", "graphs", "llm", "kv", "generation"):
         if key not in manifest:
             raise InputError(f"{path}: missing key {key!r}")
+    graphs = manifest["graphs"]
+    try:
+        named = [s["graph"] for s in manifest["stages"]] + [e["graph"] for e in manifest["encoders"].values()]
+    except (AttributeError, TypeError, KeyError):
+        named = None
+    if named is None or not isinstance(graphs, dict):
+        raise InputError(f"{path}: malformed 'stages', 'encoders' or 'graphs'")
+    unknown = sorted(str(g) for g in named if g not in graphs)
+    if unknown:
+        raise InputError(f"{path}: stages/encoders name graphs the manifest does not list: {unknown}")
     if check_files:
-        for name in manifest["graphs"]:
+        for name in graphs:
             check_graph_file(root / name)
+        dirs = [manifest.get("tokenizer", "tokenizer")] + [e.get("processor") for e in manifest["encoders"].values()]
+        for d in dirs:
+            if d and not (root / d).is_dir():
+                raise InputError(f"{root / d}: missing from the bundle")
     return manifest
 
 

@@ -26,7 +26,7 @@ import torch
 from composer.errors import ComposerError, InputError
 from composer.export.manifest import read_manifest
 from composer.generation import Sampling, decode_loop
-from composer.prompting import prepare_batch
+from composer.prompting import check_context, prepare_batch
 
 _NP = {"fp32": np.float32, "fp16": np.float16}
 
@@ -87,7 +87,13 @@ class OnnxPipeline:
     def format_prompt(self, instruction: str) -> str:
         return self.manifest["prompt_template"].replace("{instruction}", instruction)
 
-    def prepare(self, prompts, *, padding_side: str = "left", **modality_items) -> dict[str, Any]:
+    @property
+    def context_length(self) -> int | None:
+        """The LLM's ``max_position_embeddings`` (None for bundles written before it was recorded)."""
+        return self.manifest["llm"].get("max_position_embeddings")
+
+    def prepare(self, prompts, *, padding_side: str = "left", errors: str = "raise", **modality_items) -> dict[str, Any]:
+        """As ``ComposedModel.prepare`` (``errors="collect"``: per-prompt errors, see there)."""
         from composer.adapters import ENCODER_ADAPTERS
 
         return prepare_batch(
@@ -96,7 +102,7 @@ class OnnxPipeline:
             placeholders={m: e["placeholder"] for m, e in self.encoders.items()},
             preprocess={m: functools.partial(ENCODER_ADAPTERS[e["type"]].preprocess, self.processor(m))
                         for m, e in self.encoders.items()},
-            padding_side=padding_side, **modality_items,
+            padding_side=padding_side, max_positions=self.context_length, errors=errors, **modality_items,
         )
 
     def decode(self, ids) -> list[str]:
@@ -261,6 +267,7 @@ class OnnxPipeline:
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
         if not bool(attention_mask[:, -1].all()):
             raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
+        check_context(attention_mask, sampling.max_new_tokens, self.context_length)
         state: dict = {}
 
         def step(out: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,344 @@
+"""Hub push and pull against a local fake Hub (tests/fake_hub.py, 127.0.0.1 only): checkpoints
+and ONNX bundles round-trip bit-identically (same logits, same greedy tokens), model cards carry
+the metadata, a push without write permission is one clear error and leaves the local model
+untouched, `owner/name@rev` pins resolve to the commit the server reports and are saved, and
+HF_HUB_OFFLINE=1 serves pulls and pinned builds from the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import CLIP, LLAMA, images, make_model, spec_dict
+from fake_hub import FakeHub
+
+from composer.cli import main
+from composer.errors import InputError, SpecError
+from composer.hub import pull, push_to_hub
+from composer.model import ComposedModel
+from composer.spec import parse_spec
+
+TOKEN = "hf_composer_test_token"
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # inside huggingface_hub's LFS upload
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """huggingface_hub pointed at a fake Hub for this module: online, a token in HF_TOKEN, LFS
+    uploads (``HF_HUB_DISABLE_XET``: with hf_xet installed every large file would go through xet)."""
+    from huggingface_hub import constants
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    bars_were_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    with FakeHub() as server, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest turns it on for the other tests
+        mp.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        mp.setenv("HF_HUB_OFFLINE", "0")
+        mp.setenv("HF_ENDPOINT", server.url)  # read by composer.hub at call time
+        mp.setenv("HF_TOKEN", TOKEN)
+        mp.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
+        yield server
+    if not bars_were_off:
+        enable_progress_bars()
+
+
+@pytest.fixture
+def cache(hub, tmp_path, monkeypatch):
+    """An empty HF cache for this test."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    hub.deny.clear()
+    return tmp_path / "hf-cache"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _outputs(model, generate: bool = True):
+    batch = model.prepare([model.format_prompt("what is it"), model.format_prompt("and this?")], image=list(images(2)))
+    with torch.no_grad():
+        return model(**batch).logits, model.generate(**batch, max_new_tokens=6, eos_token_id=[]) if generate else None
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _card(text: str):
+    from huggingface_hub import ModelCard
+
+    return ModelCard(text)
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, tmp_path_factory):
+    """A tiny checkpoint (llama, image at layer 2), pushed to alice/tiny-llava."""
+    model = make_model("llama", insert_at=2)
+    ckpt = model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny-llava")
+    before = _tree(ckpt)
+    info = push_to_hub(ckpt, "alice/tiny-llava")
+    return model, ckpt, before, info
+
+
+def test_checkpoint_push_card_and_pull_round_trip(pushed, hub, cache, tmp_path, capsys):
+    model, ckpt, before, info = pushed
+    assert _tree(ckpt) == before  # the local model is not touched (the card is written remotely only)
+    repo = hub.repos["alice/tiny-llava"]
+    assert repo.refs["main"] == info.oid
+    files = hub.files("alice/tiny-llava")
+    assert set(files) == set(before) | {"README.md", ".gitattributes"}
+    assert all(files[p] == before[p] for p in before)
+    assert "model.safetensors" in repo.lfs_paths[info.oid]  # the large-file path (LFS batch + PUT + verify)
+    writes = [(m, p, auth) for m, p, auth in hub.requests if "/commit/" in p or "/preupload/" in p or p.endswith("/create")]
+    assert writes and all(auth == f"Bearer {TOKEN}" for _, _, auth in writes)  # HF_TOKEN, as huggingface_hub reads it
+
+    card = _card(files["README.md"].decode())
+    assert card.data.library_name == "mm-composer" and card.data.pipeline_tag == "image-text-to-text"
+    assert {"composer", "deepinsert", "multimodal", "image"} <= set(card.data.tags)
+    assert card.data.base_model is None  # inline configs: no Hub base models
+    assert "| image.projector | mlp |" in card.text and "`image` enters at layer 2 of 4 (16 tokens per item)" in card.text
+    assert "prefill FLOPs saving" in card.text and "ComposedModel.from_pretrained(\"alice/tiny-llava\")" in card.text
+
+    again = ComposedModel.from_pretrained("alice/tiny-llava")  # an empty cache: downloaded, then loaded
+    (l1, g1), (l2, g2) = _outputs(model), _outputs(again)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    assert (cache / "models--alice--tiny-llava" / "snapshots" / info.oid / "model.safetensors").is_file()
+
+    out = tmp_path / "pulled"
+    with pytest.raises(SystemExit) as e:
+        main(["pull", "alice/tiny-llava", "-o", str(out)])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert info.oid in capsys.readouterr().out
+    assert _tree(out) == {**before, "README.md": files["README.md"]}
+    assert [p.name for p in tmp_path.iterdir()] == ["hf-cache", "pulled"]  # no temp dirs left
+    with pytest.raises(InputError, match="exists and is not empty"):
+        pull("alice/tiny-llava", out)
+
+    # re-pushing a pulled dir regenerates composer's card; a card of one's own is pushed as written
+    push_to_hub(out, "alice/copy")
+    assert 'from_pretrained("alice/copy")' in hub.files("alice/copy")["README.md"].decode()
+    (out / "README.md").write_text("---\nlicense: mit\n---\n# my notes\n")
+    push_to_hub(out, "alice/copy")
+    assert hub.files("alice/copy")["README.md"] == b"---\nlicense: mit\n---\n# my notes\n"
+
+
+def test_model_push_to_branch_with_training_card_and_stale_files(hub, cache, tmp_path):
+    from composer.train import TrainConfig
+
+    model = make_model("opt", insert_at=1)
+    ckpt = model.save_pretrained(tmp_path / "trained")
+    cfg = TrainConfig(data=str(tmp_path / "data" / "train.jsonl"), output=str(ckpt), max_steps=3, stage=1)
+    (ckpt / "train_config.json").write_text(json.dumps(asdict(cfg)))
+    (ckpt / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s}) + "\n" for s in (1, 2, 3)))
+    (ckpt / "checkpoints").mkdir()
+    (ckpt / "checkpoints" / "optimizer.safetensors").write_bytes(b"resume state stays local")
+    info = push_to_hub(ckpt, "alice/trained", revision="v2", private=True)
+    hub_repo = hub.repos["alice/trained"]
+    assert hub_repo.private and hub_repo.refs["v2"] == info.oid and hub_repo.refs["main"] != info.oid
+    files = hub.files("alice/trained", "v2")
+    assert "metrics.jsonl" in files and not any(p.startswith("checkpoints/") or p == "train_config.json" for p in files)
+    text = files["README.md"].decode()
+    assert "on `train.jsonl`: stage 1 (projectors only), 3 steps" in text and "loss 4.0000 -> 2.0000" in text
+    assert str(tmp_path) not in text  # the card names the data file, not local paths
+
+    # a model object pushes the same way; files the revision had but the new push lacks are removed
+    model.push_to_hub("alice/trained", revision="v2", commit_message="replace")
+    files = hub.files("alice/trained", "v2")
+    assert "metrics.jsonl" not in files and "No training record" in files["README.md"].decode()
+    again = ComposedModel.from_pretrained("alice/trained@v2")
+    assert _same_weights(model, again) and torch.equal(_outputs(model, False)[0], _outputs(again, False)[0])
+    with pytest.raises(InputError, match="revision not found"):
+        ComposedModel.from_pretrained("alice/trained", revision="v3")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from composer.export.exporter import export_onnx
+
+    model = make_model("llama", insert_at=1)
+    return model, export_onnx(model, tmp_path_factory.mktemp("onnx") / "bundle")
+
+
+def test_bundle_push_pull_same_greedy_tokens(hub, cache, bundle, tmp_path, capsys):
+    from composer.export.runtime import OnnxPipeline
+
+    model, path = bundle
+    before = _tree(path)
+    with pytest.raises(SystemExit) as e:
+        main(["push", str(path), "alice/tiny-llava-onnx"])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert _tree(path) == before
+    repo = hub.repos["alice/tiny-llava-onnx"]
+    assert {"late_multimodal.onnx.data", "early_text.onnx.data"} <= repo.lfs_paths[repo.refs["main"]]
+    card = _card(hub.files("alice/tiny-llava-onnx")["README.md"].decode())
+    assert "onnx" in card.data.tags and "OnnxPipeline" in card.text and "FLOPs saving" in card.text
+
+    out, sha = pull("alice/tiny-llava-onnx", tmp_path / "pulled")
+    assert sha == repo.refs["main"]
+    assert {k: v for k, v in _tree(out).items() if k != "README.md"} == before
+    batch = model.prepare([model.format_prompt("tell me about it"), model.format_prompt("hi")], image=list(images(2)))
+    want = model.generate(**batch, max_new_tokens=8, eos_token_id=[])
+    got = OnnxPipeline(out).generate(**batch, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(got, want) and torch.equal(got, OnnxPipeline(path).generate(**batch, max_new_tokens=8, eos_token_id=[]))
+    with pytest.raises(InputError, match="holds an ONNX bundle"):
+        ComposedModel.from_pretrained("alice/tiny-llava-onnx")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_push_without_write_permission(hub, cache, tmp_path, capsys, status):
+    model = make_model("llama", insert_at=1)
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    before = _tree(ckpt)
+    push_to_hub(ckpt, f"alice/locked-{status}")  # exists now; then the token loses write access
+    hub.deny.update(create=status, preupload=status, commit=status, lfs=status, branch=status)
+    for repo_id in (f"alice/locked-{status}", f"bob/new-{status}"):  # an existing repo; a repo to create
+        with pytest.raises(InputError) as e:
+            push_to_hub(ckpt, repo_id)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"push to {repo_id}: permission denied") and f"HTTP {status}" in msg
+    assert "bob/new-401" not in hub.repos and "bob/new-403" not in hub.repos
+    with pytest.raises(SystemExit) as e:
+        main(["push", str(ckpt), f"alice/locked-{status}", "--revision", "dev"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: push to alice/locked-{status}@dev")
+    assert _tree(ckpt) == before and [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # untouched, nothing left over
+
+
+def test_pickle_only_repo_is_refused(hub, cache):
+    from huggingface_hub import HfApi
+
+    model = make_model("llama", insert_at=1)
+    api = HfApi(endpoint=hub.url)
+    api.create_repo("mallory/pickled")
+    api.upload_file(path_or_fileobj=json.dumps({"format_version": 1}).encode(), path_in_repo="composer.json",
+                    repo_id="mallory/pickled")
+    api.upload_file(path_or_fileobj=model.spec.to_yaml().encode(), path_in_repo="spec.yaml", repo_id="mallory/pickled")
+    api.upload_file(path_or_fileobj=b"\x80\x04 pickled weights" * 400, path_in_repo="pytorch_model.bin",
+                    repo_id="mallory/pickled")
+    with pytest.raises(InputError, match="has no model.safetensors; composer loads safetensors only"):
+        ComposedModel.from_pretrained("mallory/pickled")
+    assert not list(cache.rglob("pytorch_model.bin"))  # never downloaded
+
+
+def _compose(*args, env):
+    return subprocess.run([sys.executable, "-m", "composer.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_cli_pull_with_env_and_offline_from_cache(pushed, hub, tmp_path):
+    """A fresh process: HF_ENDPOINT is read by huggingface_hub at import; then HF_HUB_OFFLINE=1 pulls
+    from the cache alone (no request reaches the server)."""
+    _, _, before, info = pushed
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    r = _compose("pull", f"alice/tiny-llava@{info.oid}", "-o", tmp_path / "a", env=env)
+    assert r.returncode == 0, r.stderr
+    n = len(hub.requests)
+    r = _compose("pull", "alice/tiny-llava", "--revision", info.oid, "-o", tmp_path / "b", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert len(hub.requests) == n
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b") and before.items() <= _tree(tmp_path / "b").items()
+    r = _compose("pull", "alice/never-pulled", "-o", tmp_path / "c", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: pull alice/never-pulled: not in the Hugging Face cache") and "offline" in r.stderr
+
+
+def _hf_components(seed: int, tmp: Path) -> tuple[Path, Path]:
+    """A tiny HF llama (safetensors, plus a pickle copy that must not be downloaded) and a CLIP tower."""
+    from transformers import AutoModelForCausalLM, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+
+    from composer.tokenizer import byte_tokenizer
+
+    torch.manual_seed(seed)
+    llm = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}))
+    llm.save_pretrained(tmp / f"llm{seed}")
+    torch.save(llm.state_dict(), tmp / f"llm{seed}" / "pytorch_model.bin")
+    byte_tokenizer().save_pretrained(tmp / f"llm{seed}")
+    vit = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in CLIP.items() if k != "model_type"}))
+    vit.save_pretrained(tmp / "vit")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp / "vit")
+    return tmp / f"llm{seed}", tmp / "vit"
+
+
+def test_pinned_revisions_resolve_and_are_saved(hub, cache, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, constants
+    from safetensors.torch import load_file
+
+    from composer.builder import build
+
+    api = HfApi(endpoint=hub.url)
+    llm_v1, vit = _hf_components(0, tmp_path)
+    llm_v2, _ = _hf_components(1, tmp_path)
+    api.create_repo("org/tiny-llm")
+    api.upload_folder(folder_path=llm_v1, repo_id="org/tiny-llm")
+    api.create_tag("org/tiny-llm", tag="v1")
+    api.upload_folder(folder_path=llm_v2, repo_id="org/tiny-llm")  # main moves on
+    api.create_repo("org/tiny-vit")
+    api.upload_folder(folder_path=vit, repo_id="org/tiny-vit")
+    sha_v1, sha_vit = hub.repos["org/tiny-llm"].refs["v1"], hub.repos["org/tiny-vit"].refs["main"]
+    assert sha_v1 != hub.repos["org/tiny-llm"].refs["main"]
+
+    d = spec_dict("llama", 2)
+    d["llm"] = {"model": "org/tiny-llm@v1", "attn_implementation": "eager"}
+    d["modalities"]["image"]["encoder"] = {"model": "org/tiny-vit@main", "feature_layer": -2}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(d))
+    model = build(tmp_path / "spec.yaml")
+    assert model.spec.llm.model == f"org/tiny-llm@{sha_v1}"
+    assert model.spec.modalities["image"].encoder.model == f"org/tiny-vit@{sha_vit}"
+    want = load_file(llm_v1 / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(model.llm.model.layers[0].self_attn.q_proj.weight, want)  # v1's weights, not main's
+    assert not list(cache.rglob("pytorch_model.bin"))  # safetensors present: the pickle copy is not fetched
+    saved = yaml.safe_load(model.save_pretrained(tmp_path / "out").joinpath("spec.yaml").read_text())
+    assert saved["llm"]["model"] == f"org/tiny-llm@{sha_v1}"
+    assert saved["modalities"]["image"]["encoder"]["model"] == f"org/tiny-vit@{sha_vit}"
+    model.push_to_hub("alice/pinned")  # the card names the components' Hub repos, pins dropped
+    assert _card(hub.files("alice/pinned")["README.md"].decode()).data.base_model == ["org/tiny-llm", "org/tiny-vit"]
+
+    # offline: the same pins resolve from the cache (refs/v1, refs/main) without a request
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n = len(hub.requests)
+    offline = build(tmp_path / "spec.yaml")
+    assert len(hub.requests) == n and offline.spec.llm.model == f"org/tiny-llm@{sha_v1}"
+    assert _same_weights(offline, model)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+
+    d["llm"]["model"] = "org/tiny-llm@nope"
+    with pytest.raises(InputError, match=r"^llm.model: org/tiny-llm@nope: revision not found on http://127.0.0.1"):
+        build(parse_spec(d))
+
+
+@pytest.mark.parametrize("field,value,path", [
+    ("llm", "org/x@", "llm.model"),
+    ("llm", "org/x@two words", "llm.model"),
+    ("encoder", "org/v@a..b", "modalities.image.encoder.model"),
+    ("weights", "org/w@", "modalities.image.projector.weights"),
+    ("tokenizer", "org/t@x@y", "llm.tokenizer.model"),
+])
+def test_revision_syntax_errors_name_the_field(field, value, path):
+    d = spec_dict("llama", 1)
+    if field == "llm":
+        d["llm"] = {"model": value}
+    elif field == "encoder":
+        d["modalities"]["image"]["encoder"] = {"model": value}
+    elif field == "weights":
+        d["modalities"]["image"]["projector"]["weights"] = value
+    else:
+        d["llm"]["tokenizer"] = {"model": value}
+    with pytest.raises(SpecError) as e:
+        parse_spec(d, "s.yaml")
+    assert str(e.value).startswith(f"s.yaml: {path}: bad revision after '@'") and repr(value) in str(e.value)
+    d2 = spec_dict("llama", 1)
+    d2["llm"] = {"model": "org/x@refs/pr/1"}  # branches with slashes are fine
+    assert parse_spec(d2).llm.model == "org/x@refs/pr/1"

@@ -1,0 +1,167 @@
+"""Reliability, point 5: no pickles (torch files only with ``weights_only=True``), no remote code
+(configs and tokenizers asking for ``auto_map`` code get the built-in classes or a clear error,
+and the code never runs), and a spec that came from the Hub (it lies in the HF cache) may only
+name files inside its repo: absolute paths and ``..`` that leave it are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import CLIP, LLAMA, spec_dict
+from safetensors.torch import load_file, save_file
+
+from composer.builder import build
+from composer.errors import InputError, SpecError
+from composer.spec import load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [p for d in ("composer", "adapters", "export") for p in sorted((ROOT / d).rglob("*.py"))]
+
+
+def _calls(text: str, name: str) -> list[str]:
+    """The argument text of every ``name(...)`` call (balanced parentheses, across lines)."""
+    out = []
+    for m in re.finditer(re.escape(name) + r"\(", text):
+        depth, i = 1, m.end()
+        while depth and i < len(text):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        out.append(text[m.end(): i - 1])
+    return out
+
+
+def test_sources_never_unpickle_nor_run_remote_code():
+    loads = 0
+    for path in SOURCES:
+        text = path.read_text()
+        for args in _calls(text, "torch.load"):
+            loads += 1
+            assert "weights_only=True" in args, f"{path}: torch.load({args})"
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill|import cloudpickle)", text, re.M), path
+        assert "pickle.load" not in text and "trust_remote_code=True" not in text, path
+        assert not re.search(r"yaml\.(load|unsafe_load|full_load)\(|yaml\.(Full|Unsafe)?Loader\b", text), path
+        for args in _calls(text, "from_pretrained"):  # Auto* loaders say it explicitly
+            if "trust_remote_code" in args:
+                assert "trust_remote_code=False" in args, f"{path}: from_pretrained({args})"
+    assert loads >= 3  # projectors, GIN weights, HF .bin shards: all weights_only
+
+
+# -- remote code ---------------------------------------------------------------------------------------------
+EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("remote code ran")
+"""
+
+
+def _evil_dir(tmp_path: Path, name: str, config: dict, marker: Path) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "evil.py").write_text(EVIL.format(marker=str(marker)))
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_auto_map_in_configs_and_tokenizers_is_ignored_or_refused(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from composer.tokenizer import byte_tokenizer
+
+    marker = tmp_path / "pwned"
+    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM",
+                "AutoModel": "evil.EvilModel", "AutoTokenizer": ["evil.EvilTokenizer", None]}
+    # a known model_type asking for remote code: transformers' own Llama is built, evil.py never runs
+    llm_cfg = {k: v for k, v in LLAMA.items() if k != "model_type"}
+    llm = _evil_dir(tmp_path, "llm", {**LlamaConfig(**llm_cfg).to_dict(), "auto_map": auto_map}, marker)
+    AutoModelForCausalLM.from_config(LlamaConfig(**llm_cfg)).save_pretrained(tmp_path / "weights")
+    (tmp_path / "weights" / "model.safetensors").rename(llm / "model.safetensors")
+    byte_tokenizer().save_pretrained(llm)
+    tok_cfg = json.loads((llm / "tokenizer_config.json").read_text())
+    (llm / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "auto_map": auto_map["AutoTokenizer"]}))
+    vit = _evil_dir(tmp_path, "vit", {**CLIP, "auto_map": auto_map}, marker)
+    d = spec_dict("llama", 1)
+    d["llm"] = {"model": "llm", "attn_implementation": "eager"}
+    d["modalities"]["image"]["encoder"] = {"config": CLIP, "feature_layer": -2}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(d))
+    model = build(tmp_path / "spec.yaml")
+    assert type(model.llm).__name__ == "LlamaForCausalLM" and type(model.tokenizer).__module__.startswith("transformers")
+    assert not marker.exists()
+    # an unknown model_type that only remote code could build: a clear error, and still no code ran
+    _evil_dir(tmp_path, "unknown", {"model_type": "evil_lm", "auto_map": auto_map}, marker)
+    d["llm"] = {"model": "unknown", "tokenizer": {"type": "byte"}}
+    (tmp_path / "spec2.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(InputError, match=r"^llm.model: cannot load '.*unknown'") as e:
+        build(tmp_path / "spec2.yaml")
+    assert "\n" not in str(e.value) and not marker.exists()
+    # the encoder's loader is a concrete transformers class: auto_map is never consulted
+    d["llm"] = {"config": LLAMA, "attn_implementation": "eager"}
+    d["modalities"]["image"]["encoder"] = {"model": str(vit), "feature_layer": -2}
+    with pytest.raises(InputError):  # the dir has a config but no weights: a load error, not code
+        build(parse_spec(d))
+    assert not marker.exists()
+
+
+# -- specs from the Hub stay inside their repo -----------------------------------------------------------------
+COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+def _hub_spec(tmp_path: Path, monkeypatch, weights: str) -> Path:
+    """A spec with projector weights in a fake HF cache snapshot laid out as huggingface_hub does
+    (files are symlinks into blobs/); returns the snapshot's spec.yaml."""
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    repo = cache / "models--alice--tiny-spec"
+    snap, blobs = repo / "snapshots" / COMMIT, repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    d = spec_dict("llama", 1)
+    model = build(parse_spec(d))
+    save_file({k: v.clone() for k, v in model.projectors["image"].state_dict().items()}, blobs / "b1")
+    os.symlink("../../blobs/b1", snap / "proj.safetensors")
+    d["modalities"]["image"]["projector"]["weights"] = weights
+    (blobs / "b2").write_text(yaml.safe_dump(d))
+    os.symlink("../../blobs/b2", snap / "spec.yaml")
+    return snap / "spec.yaml"
+
+
+def test_hub_spec_may_name_files_inside_its_repo(tmp_path, monkeypatch):
+    spec_file = _hub_spec(tmp_path, monkeypatch, "proj.safetensors")
+    spec = load_spec(spec_file)
+    assert spec.source_dir == spec_file.parent  # the snapshot dir, not blobs/ (no symlink resolution)
+    model = build(spec)
+    want = load_file(spec_file.parent / "proj.safetensors")
+    assert all(torch.equal(v, want[k]) for k, v in model.projectors["image"].state_dict().items())
+
+
+@pytest.mark.parametrize("weights", ["../../../../outside.safetensors", "sub/../../proj.safetensors", "ABSOLUTE"])
+def test_hub_spec_paths_that_leave_the_repo_are_refused(tmp_path, monkeypatch, weights):
+    outside = tmp_path / "outside.safetensors"
+    spec_file = _hub_spec(tmp_path, monkeypatch, str(outside) if weights == "ABSOLUTE" else weights)
+    save_file({"x": torch.zeros(1)}, outside)
+    value = str(outside) if weights == "ABSOLUTE" else weights
+    with pytest.raises(SpecError) as e:
+        build(spec_file)
+    assert str(e.value) == (f"modalities.image.projector.weights: {value!r} points outside the Hub repo the spec came "
+                            f"from ({spec_file.parent}); a spec from the Hub may only name files inside its repo, or Hub ids")
+
+
+def test_hub_spec_llm_dir_outside_the_repo_is_refused_and_local_specs_are_trusted(tmp_path, monkeypatch):
+    spec_file = _hub_spec(tmp_path, monkeypatch, "proj.safetensors")
+    d = yaml.safe_load(spec_file.read_text())
+    d["llm"] = {"model": "../../../../llm"}
+    hub_copy = spec_file.parent / "other.yaml"
+    hub_copy.write_text(yaml.safe_dump(d))
+    with pytest.raises(SpecError, match=r"^llm.model: '../../../../llm' points outside the Hub repo"):
+        build(hub_copy)
+    # the same `..` in a spec of the user's own (outside the HF cache) is resolved against the spec file
+    local = tmp_path / "mine" / "spec.yaml"
+    local.parent.mkdir()
+    d["llm"] = {"model": "../llm-dir"}
+    local.write_text(yaml.safe_dump(d))
+    with pytest.raises(InputError, match=r"^llm.model: cannot load '"):  # looked up, not refused: no such dir
+        build(local)
