@@ -519,7 +519,8 @@ def _ort_options(spinning: bool, threads: int | None):
     """Session options for the bundle's graphs. Each graph is its own session with its own
     intra-op thread pool; with spinning on (ONNX Runtime's default) the threads of the graph that
     just ran busy-wait while the next graph runs and take cores from it. Measured here on 2
-    shared cores (24 layers, d=1024, k=12): 3.2 decode tokens/s with spinning, 9.0 without."""
+    cores with another process busy on one (24 layers, d=1024, k=12, default threads): about 3
+    decode tokens/s with spinning, 9 without."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -28,7 +28,11 @@ TINY = ROOT / "specs/tiny/llava.yaml"
 # Runs `compose ARGS` with one write made slow: the hook writes its part, touches the marker file
 # and sleeps, so that the test can signal the process while the output is half-written.
 DRIVER = r'''
-import os, sys, time
+import os, signal, sys, time
+
+# A shell running CI in the background starts its children with SIGINT ignored (a terminal does
+# not): give the CLI the Ctrl-C a user has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 marker, hook = os.environ["COMPOSER_TEST_MARKER"], os.environ["COMPOSER_TEST_HOOK"]
 
@@ -156,6 +160,15 @@ def test_export_failing_mid_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_signals_are_deferred_during_the_swap(tmp_path, monkeypatch):
     """A signal that arrives while the finished output is renamed into place waits for the rename."""
+    # as in a terminal, even where CI's background shell started us with SIGINT ignored
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _deferred_swap_checks(tmp_path, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _deferred_swap_checks(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         with signals_deferred():
             os.kill(os.getpid(), signal.SIGINT)
