@@ -29,7 +29,13 @@ ENCODER_ADAPTERS: dict[str, type[EncoderAdapter]] = {
 
 
 def encoder_type_of(encoder: EncoderAdapter) -> str:
-    return next(k for k, cls in ENCODER_ADAPTERS.items() if type(encoder) is cls)
+    """The registry name of ``encoder``'s class (the nearest registered class in its MRO: FSDP
+    re-classes a sharded module as a subclass of its own class)."""
+    by_cls = {cls: k for k, cls in ENCODER_ADAPTERS.items()}
+    for cls in type(encoder).__mro__:
+        if cls in by_cls:
+            return by_cls[cls]
+    raise TypeError(f"{type(encoder).__name__} is not a registered encoder adapter")
 
 
 __all__ = ["ENCODER_ADAPTERS", "EncoderAdapter", "HFEncoder", "LLM_ADAPTERS", "LLMAdapter", "encoder_type_of",

@@ -97,8 +97,11 @@ def atomic_dir(out_dir: Path, overwrite: bool):
     return cm()
 
 
-def save_pretrained(model: ComposedModel, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    from safetensors.torch import save_model
+def save_pretrained(model: ComposedModel, out_dir: str | Path, *, overwrite: bool = False,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """``state_dict``: the weights to write instead of ``model``'s own (the full tensors gathered
+    from an FSDP-sharded model); tied weights are written once, as for the model itself."""
+    from safetensors.torch import save_file, save_model
 
     from composer.adapters import encoder_type_of
 
@@ -116,11 +119,27 @@ def save_pretrained(model: ComposedModel, out_dir: str | Path, *, overwrite: boo
             "insert_at": model.insert_at,
         }
         (tmp / "composer.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt", "composer_format": str(FORMAT_VERSION)})
+        st_meta = {"format": "pt", "composer_format": str(FORMAT_VERSION)}
+        if state_dict is None:
+            save_model(model, str(tmp / WEIGHTS), metadata=st_meta)
+        else:
+            save_file(_drop_tied(model, state_dict), str(tmp / WEIGHTS), metadata=st_meta)
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         for m, proc in model.processors.items():
             proc.save_pretrained(str(tmp / "processors" / m))
     return out_dir
+
+
+def _drop_tied(model, state_dict: dict) -> dict:
+    """``state_dict`` with one name per group of tied parameters (the first, by name)."""
+    seen: dict[int, str] = {}
+    drop = set()
+    for name, p in sorted(model.named_parameters(remove_duplicate=False)):
+        if id(p) in seen:
+            drop.add(name)
+        else:
+            seen[id(p)] = name
+    return {k: v.contiguous() for k, v in state_dict.items() if k not in drop}
 
 
 def _untied(model, missing: list[str]) -> list[str]:

@@ -184,16 +184,24 @@ def plan(target: str, text_tokens: int, mm_tokens: int | None, offline: bool, pl
 @click.option("--merge-lora", is_flag=True, help="Fold LoRA into the weights of the saved model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--profile", is_flag=True, help="Measure a training step at the spec's insert_at vs 0 and print time and FLOPs.")
+@click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp"]), default="auto", show_default=True,
+              help="Under torchrun/accelerate launch: DDP or FSDP (auto: the accelerate config's, else DDP).")
 def train(target: str, data: str, out: str, eval_data: str | None, stage: int | None, epochs: int,
           max_steps: int | None, batch_size: int, grad_accum: int, lr: float, weight_decay: float, warmup_ratio: float,
           scheduler: str, precision: str, grad_checkpointing: bool, save_every: int, eval_every: int, resume: bool,
-          overwrite: bool, skip_bad_records: bool, media_root: str | None, merge_lora: bool, seed: int, profile: bool) -> None:
+          overwrite: bool, skip_bad_records: bool, media_root: str | None, merge_lora: bool, seed: int, profile: bool,
+          strategy: str) -> None:
     """Train TARGET (a spec or a composed checkpoint) on --data; the result in OUTPUT reloads
     with `ComposedModel.from_pretrained(OUTPUT)` and exports with `compose export OUTPUT`.
 
     \b
     Example:
       compose train specs/tiny/llava.yaml --data data/train.jsonl -o out/trained --max-steps 100 --save-every 50
+
+    \b
+    On several devices or machines, launch the same command on every rank (--batch-size is per rank):
+      torchrun --nproc-per-node 8 -m composer.cli train ...
+      accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m composer.cli train ...
     """
     from composer.train import TrainConfig, train as run_train
 
@@ -202,7 +210,7 @@ def train(target: str, data: str, out: str, eval_data: str | None, stage: int | 
                       warmup_ratio=warmup_ratio, scheduler=scheduler, precision=precision,
                       grad_checkpointing=grad_checkpointing, save_every=save_every, eval_every=eval_every,
                       resume=resume, overwrite=overwrite, on_bad_record="skip" if skip_bad_records else "fail",
-                      media_root=media_root, merge_lora=merge_lora, seed=seed)
+                      media_root=media_root, merge_lora=merge_lora, seed=seed, strategy=strategy)
     con = _console()
     if profile:
         from composer.profile import profile_training
@@ -212,9 +220,12 @@ def train(target: str, data: str, out: str, eval_data: str | None, stage: int | 
         return
     model = _load_any(target)
     summary = run_train(model, cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     losses = summary["losses"]
     if losses:
-        con.print(f"trained {summary['steps']} steps ({summary['precision']}): loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        ranks = f" on {summary['world_size']} ranks" if summary["world_size"] > 1 else ""
+        con.print(f"trained {summary['steps']} steps{ranks} ({summary['precision']}): loss {losses[0]:.4f} -> {losses[-1]:.4f}"
                   + (f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))
     con.print(f"saved the trained model to {out} (metrics: {out}/metrics.jsonl)")
 

@@ -150,9 +150,12 @@ class ComposedModel(nn.Module):
         return canvas[:, :L]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **modality_inputs) -> CausalLMOutputWithPast:
+                labels: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
+                **modality_inputs) -> CausalLMOutputWithPast:
         """Logits (B, L, V) over every slot (as the classic model), and the LM loss when ``labels``
-        are given (labels at MM slots and padding are ignored; shifted inside)."""
+        are given (labels at MM slots and padding are ignored; shifted inside): the mean over this
+        batch's label tokens, or their sum divided by ``num_items_in_batch`` (the label tokens of a
+        whole optimizer step, across micro-batches and ranks; as in transformers)."""
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         hidden = self._prefill(input_ids, attention_mask, modality_inputs)
@@ -165,8 +168,11 @@ class ComposedModel(nn.Module):
                 is_mm |= m
             labels = labels.masked_fill(is_mm | ~attention_mask.bool(), IGNORE_INDEX)
             loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+                reduction="mean" if num_items_in_batch is None else "sum",
             )
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     # -- generation ------------------------------------------------------------------------------
@@ -262,10 +268,13 @@ class ComposedModel(nn.Module):
         return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
     # -- persistence -----------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    def save_pretrained(self, out_dir: str | Path, *, overwrite: bool = False,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write a composer checkpoint. ``state_dict``: full weights to write instead of this
+        module's own (gathered from FSDP shards)."""
         from composer.checkpoint import save_pretrained
 
-        return save_pretrained(self, out_dir, overwrite=overwrite)
+        return save_pretrained(self, out_dir, overwrite=overwrite, state_dict=state_dict)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, revision: str | None = None) -> ComposedModel:

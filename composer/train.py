@@ -6,10 +6,16 @@ projectors and the LLM as the spec says (LoRA or full). Gradient accumulation, b
 autocast on CUDA, gradient checkpointing, an eval loop, a progress bar and metrics as JSONL
 (and TensorBoard when installed).
 
-Checkpoints (``OUT/checkpoints/step-NNNNNN/``) hold no pickles: trainable weights and the
-optimizer's tensors as safetensors, everything else (scheduler, data position, Python/NumPy
-RNG) as JSON, the torch RNG state as a uint8 tensor. Resuming restores all of it, so the loss
-curve continues exactly as an uninterrupted run's would (same seed, same machine).
+The same loop runs on many ranks under ``torchrun`` or ``accelerate launch`` (DDP or FSDP,
+``composer.distributed``): each global micro-batch is split over the ranks, the loss of a step
+is normalised by the label tokens of the whole step, and metrics, progress and the final model
+come from rank 0.
+
+Checkpoints (``OUT/checkpoints/step-NNNNNN/``, ``composer.train_checkpoint``) hold no
+pickles: trainable weights and optimizer tensors as sharded safetensors, everything else as
+JSON. Resuming restores all of it, so the loss curve continues exactly as an uninterrupted
+run's would (same seed, same machine, same world size), and a checkpoint also resumes on a
+different number of ranks.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class TrainConfig:
     media_root: str | None = None
     max_length: int | None = None
     merge_lora: bool = False
+    strategy: str = "auto"  # auto | ddp | fsdp (auto: the accelerate config's, else DDP when launched on >1 rank)
     stop_after: int | None = None  # stop (as if interrupted) after this many steps; for tests and dry runs
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -92,98 +99,10 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-# -- checkpoints without pickle ------------------------------------------------------------------------
-def _save_checkpoint(path: Path, model, opt, sched, state: dict) -> None:
-    """Write ``path`` through ``atomic_dir``: an interrupted save leaves the previous checkpoints
-    and no partial one (``latest_checkpoint`` never sees a half-written dir)."""
-    from safetensors.torch import save_file
-
-    from composer.checkpoint import atomic_dir
-
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    with atomic_dir(path, overwrite=True) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        osd = opt.state_dict()
-        tensors, scalars = {}, {}
-        for idx, st in osd["state"].items():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"{idx}.{k}"] = v.contiguous()
-                else:
-                    scalars[f"{idx}.{k}"] = v
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        np_state = np.random.get_state()
-        meta = {
-            "state": state,
-            "param_names": names,
-            "param_groups": osd["param_groups"],
-            "optimizer_scalars": scalars,
-            "scheduler": sched.state_dict(),
-            "rng": {"python": _jsonable(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(meta))
-
-
-def _jsonable(x):
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
-
-
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / CKPT_DIR).glob("step-*")) if (out / CKPT_DIR).is_dir() else []
-    return ckpts[-1] if ckpts else None
+    from composer import train_checkpoint
 
-
-def _load_checkpoint(path: Path, model, opt, sched) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    def tensors_of(f: Path) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(str(f))
-        except (SafetensorError, OSError) as e:
-            raise InputError(f"{f}: cannot load ({str(e).strip().splitlines()[0]})") from None
-
-    # Read and check everything first: a bad checkpoint changes nothing in the model or optimizer.
-    state_file = path / "trainer_state.json"
-    try:
-        meta = json.loads(state_file.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{state_file}: not a readable trainer state ({type(e).__name__}: {e})") from None
-    keys = ("state", "param_names", "param_groups", "optimizer_scalars", "scheduler", "rng")
-    if not isinstance(meta, dict) or any(k not in meta for k in keys):
-        raise InputError(f"{state_file}: not a trainer state (needs the keys {list(keys)})")
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if names != meta["param_names"]:
-        raise InputError(f"{path}: checkpoint's trainable parameters differ from this run's (different spec or --stage?)")
-    weights = tensors_of(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    for n in names:
-        if n not in weights or weights[n].shape != params[n].shape:
-            got = "missing" if n not in weights else f"shape {tuple(weights[n].shape)}"
-            raise InputError(f"{path / 'trainable.safetensors'}: {n} is {got}, this run needs {tuple(params[n].shape)} "
-                             "(a checkpoint of another spec?)")
-    tensors = tensors_of(path / "optimizer.safetensors")
-    if "rng.torch" not in tensors:
-        raise InputError(f"{path / 'optimizer.safetensors'}: no rng.torch state")
-    with torch.no_grad():
-        for n in names:
-            params[n].copy_(weights[n])
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    state: dict[int, dict] = {}
-    for key, v in {**tensors, **meta["optimizer_scalars"]}.items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    sched.load_state_dict(meta["scheduler"])
-    random.setstate(_tuplify(meta["rng"]["python"]))
-    npst = meta["rng"]["numpy"]
-    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
-    return meta["state"]
+    return train_checkpoint.latest(out / CKPT_DIR)
 
 
 # -- the loop -----------------------------------------------------------------------------------------
@@ -200,25 +119,55 @@ def _autocast(model, precision: str):
     return torch.autocast("cuda", dtype=dtype), scaler, precision
 
 
-def _batches(n: int, bs: int, seed: int, epoch: int) -> list[list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    return [order[i: i + bs] for i in range(0, n, bs)]
+def _micro_batches(n: int, bs: int, world: int, seed: int, epoch: int, seen: int = 0) -> list[list[int]]:
+    """The rest of an epoch (after its first ``seen`` records) as global micro-batches of
+    ``bs * world`` record indices; every rank computes the same list (same seed), then takes its
+    share (``rank_share``). Positions count records, not batches, so a run resumes on another
+    number of ranks without repeating or skipping a record."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()[seen:]
+    g = bs * world
+    return [order[i: i + g] for i in range(0, len(order), g)]
 
 
-def evaluate(model, examples, collate, batch_size: int, autocast) -> float:
-    """Mean token loss over ``examples``."""
+def _label_count(batch) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _local_batches(examples, chunks, collate, eng) -> list[tuple[dict, bool]]:
+    """This rank's part of each global micro-batch, collated. A rank whose part is empty (the
+    epoch's last, short micro-batch) runs the micro-batch's first record with weight 0, so that
+    every rank takes part in the collectives and nothing is counted twice."""
+    from composer.distributed import rank_share
+
+    out = []
+    for chunk in chunks:
+        mine = rank_share(chunk, eng.rank, eng.world)
+        out.append((collate([examples[i] for i in (mine or chunk[:1])]), bool(mine)))
+    return out
+
+
+def evaluate(model, examples, collate, batch_size: int, autocast, eng=None) -> float:
+    """Mean token loss over ``examples`` (sharded over the ranks when distributed)."""
+    from composer.distributed import Engine, rank_share
+
+    eng = eng or Engine()
     was = model.training
     model.eval()
     total, count = 0.0, 0
+    idx = list(range(len(examples)))
     with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = collate(examples[i: i + batch_size])
-            n = int((batch["labels"][:, 1:] != -100).sum())
+        for i in range(0, len(idx), batch_size * eng.world):
+            chunk = idx[i: i + batch_size * eng.world]
+            mine = rank_share(chunk, eng.rank, eng.world)
+            batch = collate([examples[j] for j in (mine or chunk[:1])])
+            n = _label_count(batch)
             with autocast:
-                loss = model(**batch).loss
-            total += float(loss) * n
-            count += n
+                loss = model(**batch, num_items_in_batch=max(n, 1)).loss
+            if mine:
+                total += float(loss) * max(n, 1)
+                count += n
     model.train(was)
+    total, count = eng.sum([total, count])
     return total / max(count, 1)
 
 
@@ -251,22 +200,37 @@ class _Metrics:
 
 def train(model, cfg: TrainConfig) -> dict:
     """Train ``model`` in place; returns a summary. Writes checkpoints, metrics and the final
-    model (a composer checkpoint: ``ComposedModel.from_pretrained(cfg.output)``)."""
+    model (a composer checkpoint: ``ComposedModel.from_pretrained(cfg.output)``).
+
+    Under ``torchrun``/``accelerate launch`` every rank runs this with the same arguments:
+    ``batch_size`` is per rank, so an optimizer step sees ``batch_size * grad_accum * world``
+    records; the loss is the mean over all label tokens of the step, whatever the split over
+    micro-batches and ranks (a 2-rank run matches a 1-rank run of the same global batch)."""
     from transformers import get_scheduler
 
+    from composer import distributed, train_checkpoint
+
+    eng = distributed.setup(cfg.strategy)
+    try:
+        return _train(model, cfg, eng, get_scheduler, train_checkpoint)
+    finally:
+        eng.close()
+
+
+def _train(model, cfg: TrainConfig, eng, get_scheduler, ckpts) -> dict:
     out = Path(cfg.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (cfg.resume or cfg.overwrite):
-        raise InputError(f"{out}: exists and is not empty (pass --overwrite to train into it from scratch, or --resume)")
-    if cfg.overwrite and not cfg.resume and (out / CKPT_DIR).is_dir():
-        shutil.rmtree(out / CKPT_DIR)  # another run's: --resume must never pick them up
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CKPT_DIR).mkdir(exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    if eng.main:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (cfg.resume or cfg.overwrite):
+            raise InputError(f"{out}: exists and is not empty (pass --overwrite to train into it from scratch, or --resume)")
+        if cfg.overwrite and not cfg.resume and (out / CKPT_DIR).is_dir():
+            shutil.rmtree(out / CKPT_DIR)  # another run's: --resume must never pick them up
+        (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+    eng.barrier()
+    torch.manual_seed(cfg.seed + eng.rank)  # per-rank dropout; data order uses its own generator
+    random.seed(cfg.seed + eng.rank)
+    np.random.seed(cfg.seed + eng.rank)
     apply_stage(model, cfg.stage)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise SpecError("nothing to train: every component is frozen (set `train:` in the spec or use --stage)")
     placeholders = {m: model.spec.modalities[m].placeholder for m in model.encoders}
     examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
@@ -274,45 +238,68 @@ def train(model, cfg: TrainConfig) -> dict:
     collate = Collator(model, cfg.max_length)
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # DDP must be told when a step can leave a trainable module unused (a record without some modality)
+    partial = any(set(ex.items) != set(model.encoders) for ex in examples)
+    net = eng.wrap(model, find_unused=partial)
     autocast, scaler, precision = _autocast(model, cfg.precision)
-    per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
+    params = [p for p in net.parameters() if p.requires_grad]
+    per_epoch = math.ceil(math.ceil(len(examples) / (cfg.batch_size * eng.world)) / cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * per_epoch
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
-    state = {"step": 0, "epoch": 0, "batch": 0}
+    global_batch = cfg.batch_size * cfg.grad_accum * eng.world
+    state = {"step": 0, "epoch": 0, "seen": 0}
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
+    if cfg.resume and ckpt is None and eng.main:
         log.warning("--resume: no checkpoint in %s; starting from scratch", out / CKPT_DIR)
     if ckpt is not None:
-        state = _load_checkpoint(ckpt, model, opt, sched)
-    metrics = _Metrics(out, state["step"])
-    model.train()
+        meta = ckpts.load(ckpt, eng, net, opt, sched)
+        state = meta["state"]
+        if meta["world_size"] != eng.world:  # the saved RNG streams belong to other ranks: fresh ones
+            torch.manual_seed(cfg.seed + eng.rank + 7919 * state["step"])
+            random.seed(cfg.seed + eng.rank + 7919 * state["step"])
+            np.random.seed(cfg.seed + eng.rank + 7919 * state["step"])
+        if eng.main:
+            log.info("resumed from %s (written by %d rank(s); this run has %d)", ckpt, meta["world_size"], eng.world)
+            if meta.get("global_batch", global_batch) != global_batch:
+                log.warning("--resume: the checkpoint's global batch was %s records per step, this run's is %d",
+                            meta.get("global_batch"), global_batch)
+    metrics = _Metrics(out, state["step"]) if eng.main else None
+    net.train()
     bar = None
-    if cfg.progress:
+    if cfg.progress and eng.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
     step_times: list[float] = []
     losses: list[float] = []
+    extra = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "global_batch": global_batch, "seed": cfg.seed}
     try:
         while state["step"] < total:
-            batches = _batches(len(examples), cfg.batch_size, cfg.seed, state["epoch"])
-            acc, acc_loss, t0, n_tok = 0, 0.0, time.perf_counter(), 0
-            while state["batch"] < len(batches) and state["step"] < total:
-                batch = collate([examples[i] for i in batches[state["batch"]]])
-                state["batch"] += 1
-                with autocast:
-                    loss = model(**batch).loss
-                scaled = loss / cfg.grad_accum
-                (scaler.scale(scaled) if scaler else scaled).backward()
-                acc += 1
-                acc_loss += float(loss.detach()) / cfg.grad_accum
-                n_tok += int(batch["attention_mask"].sum())
-                if acc < cfg.grad_accum and state["batch"] < len(batches):
-                    continue
+            chunks = _micro_batches(len(examples), cfg.batch_size, eng.world, cfg.seed, state["epoch"], state["seen"])
+            i = 0
+            while i < len(chunks) and state["step"] < total:
+                t0 = time.perf_counter()
+                group = chunks[i: i + cfg.grad_accum]
+                i += len(group)
+                micro = _local_batches(examples, group, collate, eng)
+                n_labels, n_tok = eng.sum([sum(_label_count(b) for b, real in micro if real),
+                                           sum(int(b["attention_mask"].sum()) for b, real in micro if real)])
+                denom = max(int(n_labels), 1)
+                loss_sum = 0.0
+                for j, (batch, real) in enumerate(micro):
+                    with eng.no_sync(net, sync=j == len(micro) - 1):
+                        with autocast:
+                            loss = net(**batch, num_items_in_batch=denom).loss
+                        # DDP and FSDP average gradients over the ranks: scale back to a sum
+                        scaled = loss * (eng.world if real else 0.0)
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                    if real:
+                        loss_sum += float(loss.detach()) * denom
                 if scaler:
                     scaler.unscale_(opt)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 if scaler:
                     scaler.step(opt)
                     scaler.update()
@@ -321,52 +308,68 @@ def train(model, cfg: TrainConfig) -> dict:
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 state["step"] += 1
+                state["seen"] += sum(len(c) for c in group)
+                losses.append(eng.sum([loss_sum])[0] / denom)
                 dt = time.perf_counter() - t0
                 step_times.append(dt)
-                losses.append(acc_loss * cfg.grad_accum / acc)
                 rec = {"step": state["step"], "epoch": state["epoch"], "loss": losses[-1], "lr": sched.get_last_lr()[0],
-                       "grad_norm": grad_norm, "tokens": n_tok, "step_time_s": dt}
+                       "grad_norm": grad_norm, "tokens": int(n_tok), "step_time_s": dt}
                 if evals is not None and cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                    rec["eval_loss"] = evaluate(model, evals, collate, cfg.batch_size, autocast)
-                if state["step"] % cfg.log_every == 0 or "eval_loss" in rec:
+                    rec["eval_loss"] = evaluate(net, evals, collate, cfg.batch_size, autocast, eng)
+                if eng.distributed:
+                    rec["world_size"] = eng.world
+                    rec["step_time_s_max_rank"] = max(eng.gather(dt))
+                if metrics is not None and (state["step"] % cfg.log_every == 0 or "eval_loss" in rec):
                     metrics.write(rec)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if i >= len(chunks):  # the epoch is done: a checkpoint here resumes at the next one
+                    state["epoch"] += 1
+                    state["seen"] = 0
                 if cfg.save_every and state["step"] % cfg.save_every == 0:
-                    _save_checkpoint(out / CKPT_DIR / f"step-{state['step']:06d}", model, opt, sched, dict(state))
-                acc, acc_loss, t0, n_tok = 0, 0.0, time.perf_counter(), 0
+                    ckpts.save(out / CKPT_DIR / f"step-{state['step']:06d}", eng, net, opt, sched, dict(state), extra)
                 if cfg.stop_after is not None and state["step"] >= cfg.stop_after:
                     return {"stopped_at": state["step"], "losses": losses}
-            if state["batch"] >= len(batches):
-                state["epoch"] += 1
-                state["batch"] = 0
     finally:
         if bar is not None:
             bar.close()
-        metrics.close()
-    summary = {"steps": state["step"], "losses": losses, "precision": precision,
+        if metrics is not None:
+            metrics.close()
+    summary = {"steps": state["step"], "losses": losses, "precision": precision, "world_size": eng.world,
                "median_step_time_s": statistics.median(step_times) if step_times else None}
     if evals is not None:
-        summary["eval_loss"] = evaluate(model, evals, collate, cfg.batch_size, autocast)
-    model.eval()
-    if cfg.merge_lora:
-        merge_lora(model)
-    _save_final(model, out)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        summary["eval_loss"] = evaluate(net, evals, collate, cfg.batch_size, autocast, eng)
+    net.eval()
+    full = None
+    if eng.strategy == "fsdp":  # gather the shards (a collective); rank 0 writes them
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if eng.main:
+        _save_final(model, out, state_dict=full, merge=cfg.merge_lora)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    eng.barrier()
     return summary
 
 
-def _save_final(model, out: Path) -> None:
+def _save_final(model, out: Path, state_dict: dict | None = None, merge: bool = False) -> None:
     """The final model as a composer checkpoint in ``out`` itself (next to checkpoints/ and
     metrics.jsonl): written to a temp dir, then each entry moved into place with SIGINT/SIGTERM
     deferred. ``composer.json`` (what makes ``out`` a checkpoint) is removed first and moved in
-    last, so even a hard kill between the moves leaves no loadable mix of old and new files."""
-    from composer.checkpoint import signals_deferred
+    last, so even a hard kill between the moves leaves no loadable mix of old and new files.
+    ``state_dict``: full weights gathered from FSDP shards (``model`` holds only this rank's)."""
+    from composer.checkpoint import load_pretrained, signals_deferred
 
     tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=out))
     try:
-        model.save_pretrained(tmp / "m")
+        if merge and state_dict is None:
+            merge_lora(model)
+        model.save_pretrained(tmp / "m", state_dict=state_dict)
+        if merge and state_dict is not None:  # a sharded model cannot merge in place: merge the saved one
+            full = load_pretrained(tmp / "m")
+            merge_lora(full)
+            full.save_pretrained(tmp / "m", overwrite=True)
         entries = sorted((tmp / "m").iterdir(), key=lambda e: e.name == "composer.json")
         with signals_deferred():
             (out / "composer.json").unlink(missing_ok=True)

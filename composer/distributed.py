@@ -1,0 +1,246 @@
+"""Data-parallel and sharded training under ``torchrun`` or ``accelerate launch``.
+
+One process per device. The launcher's environment says how many (``WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``: both launchers set them) and an accelerate
+config says how to wrap the model (``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` variables that
+``accelerate launch --config_file`` exports). The engines are PyTorch's own:
+
+- ``ddp``: ``DistributedDataParallel`` (gradients all-reduced; every rank holds the model).
+- ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``, what accelerate runs for
+  ``fsdp_version: 2``): parameters, gradients and optimizer state sharded over the ranks. Each
+  LLM decoder layer, each encoder layer (the classes its transformers model lists in
+  ``_no_split_modules``), each projector and each encoder is its own unit, then the root;
+  frozen parameters are sharded too and get no gradients. ``reshard_after_forward=False``
+  (accelerate's ``SHARD_GRAD_OP``) is the ZeRO-2 analogue, the default full shard ZeRO-3's.
+
+Backends: NCCL on CUDA, gloo on CPU (what the tests use, on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from composer.errors import InputError
+
+log = logging.getLogger("composer.distributed")
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass
+class FsdpOptions:
+    reshard_after_forward: bool = True  # False: gradients and optimizer state sharded, params kept (ZeRO-2)
+    offload_params: bool = False  # parameters and optimizer state on the CPU between uses
+    wrap_classes: list[str] = field(default_factory=list)  # extra/override layer class names to wrap
+
+    @classmethod
+    def from_env(cls) -> FsdpOptions:
+        """The options an accelerate FSDP config exports (``accelerate launch --config_file``)."""
+        o = cls()
+        strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "").strip().upper()
+        # accelerate writes names (FULL_SHARD) or, in old configs, their numbers (1 = FULL_SHARD, 2 = SHARD_GRAD_OP)
+        named = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD", "4": "HYBRID_SHARD", "5": "_HYBRID_SHARD_ZERO2"}
+        strategy = named.get(strategy, strategy)
+        if strategy in ("NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
+            raise InputError(f"FSDP_SHARDING_STRATEGY={strategy} is not supported: use FULL_SHARD (ZeRO-3), "
+                             "SHARD_GRAD_OP (ZeRO-2), or plain DDP (no accelerate FSDP config)")
+        if "FSDP_RESHARD_AFTER_FORWARD" in os.environ:
+            o.reshard_after_forward = _flag("FSDP_RESHARD_AFTER_FORWARD")
+        elif strategy == "SHARD_GRAD_OP":
+            o.reshard_after_forward = False
+        o.offload_params = _flag("FSDP_OFFLOAD_PARAMS")
+        o.wrap_classes = [c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()]
+        return o
+
+
+@dataclass
+class Engine:
+    """This process's place in the job and the strategy that wraps the model."""
+
+    strategy: str = "none"  # none | ddp | fsdp
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    fsdp: FsdpOptions = field(default_factory=FsdpOptions)
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    # -- collectives (no-ops in one process) ------------------------------------------------
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, value: float) -> list[float]:
+        """``value`` of every rank, in rank order (on every rank)."""
+        if not self.distributed:
+            return [value]
+        t = torch.zeros(self.world, dtype=torch.float64, device=self._comm_device)
+        t[self.rank] = value
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast_object(self, obj):
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    # -- the model ----------------------------------------------------------------------------
+    def wrap(self, model: nn.Module, *, find_unused: bool = False) -> nn.Module:
+        """Move ``model`` to this rank's device, make every rank start from rank 0's weights, and
+        wrap it for the strategy. Returns the module to call for training (``model`` itself when
+        not distributed). Build the optimizer after this (FSDP swaps the parameters)."""
+        model.to(self.device)
+        if not self.distributed:
+            return model
+        with torch.no_grad():  # rank 0's initialisation everywhere (random projectors, LoRA)
+            for t in [*model.parameters(), *model.buffers()]:
+                if t.device.type == "meta":
+                    continue
+                dist.broadcast(t.data, src=0)
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+        return self._fully_shard(model)
+
+    def _fully_shard(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        kw = {"reshard_after_forward": self.fsdp.reshard_after_forward}
+        if self.fsdp.offload_params:
+            kw["offload_policy"] = CPUOffloadPolicy()
+        names = set(self.fsdp.wrap_classes) or wrap_class_names(model)
+        units = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+        # own units for the projectors and encoders (their leftovers: embeddings, heads), whose
+        # dtypes may differ from the LLM's
+        units += [*getattr(model, "projectors", {}).values(), *getattr(model, "encoders", {}).values()]
+        done: set[int] = set()
+        for m in units:  # modules() is pre-order: inner layers are sharded before their parents
+            if id(m) in done or not any(True for _ in m.parameters()):
+                continue
+            fully_shard(m, **kw)
+            done.add(id(m))
+        fully_shard(model, **kw)
+        log.info("FSDP: %d units (%s) + root, reshard_after_forward=%s", len(done), ", ".join(sorted(names)),
+                 self.fsdp.reshard_after_forward)
+        return model
+
+    def no_sync(self, module: nn.Module, sync: bool):
+        """Skip the gradient reduction of a micro-batch that is not the step's last."""
+        if sync or not self.distributed:
+            return contextlib.nullcontext()
+        if self.strategy == "ddp":
+            return module.no_sync()
+
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+
+        return fsdp_no_sync()
+
+
+def wrap_class_names(model: nn.Module) -> set[str]:
+    """Layer classes FSDP shards as units: the LLM's decoder layer and every class that the
+    transformers models inside ``model`` list in ``_no_split_modules`` (CLIP/SigLIP/AST encoder
+    layers, Q-Former layers, ...)."""
+    names: set[str] = set()
+    adapter = getattr(model, "adapter", None)
+    if adapter is not None and len(adapter.layers):
+        names.add(type(adapter.layers[0]).__name__)
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return names
+
+
+def resolve_strategy(strategy: str, world: int) -> str:
+    if strategy not in STRATEGIES:
+        raise InputError(f"--strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise InputError("DeepSpeed (ACCELERATE_USE_DEEPSPEED) is not supported yet: use an FSDP config "
+                         "(configs/accelerate/fsdp_*.yaml; FULL_SHARD is ZeRO-3, SHARD_GRAD_OP is ZeRO-2)")
+    if world == 1:
+        return "none"
+    if strategy == "auto":
+        return "fsdp" if _flag("ACCELERATE_USE_FSDP") else "ddp"
+    return strategy
+
+
+def setup(strategy: str = "auto") -> Engine:
+    """The engine for this process: from the launcher's environment, or a single process."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as e:
+        raise InputError(f"WORLD_SIZE/RANK/LOCAL_RANK must be integers ({e})") from None
+    strategy = resolve_strategy(strategy, world)
+    cuda = torch.cuda.is_available() and not _flag("ACCELERATE_USE_CPU")
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    eng = Engine(strategy=strategy, rank=rank, world=world, local_rank=local_rank, device=device)
+    if strategy == "fsdp":
+        eng.fsdp = FsdpOptions.from_env()
+    if world == 1:
+        if cuda:
+            eng.device = torch.device("cuda", torch.cuda.current_device())
+        return eng
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise InputError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun or accelerate launch")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=int(os.environ.get("COMPOSER_DIST_TIMEOUT", "1800")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        eng.owns_group = True
+    if dist.get_world_size() != world:
+        raise InputError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} ranks")
+    return eng
+
+
+def rank_share(chunk: list[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s contiguous part of a global micro-batch: sizes differ by at most one, and
+    the parts of all ranks are exactly ``chunk`` (nothing duplicated, nothing dropped)."""
+    n = len(chunk)
+    return chunk[rank * n // world: (rank + 1) * n // world]

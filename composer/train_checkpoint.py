@@ -1,0 +1,200 @@
+"""Training checkpoints: sharded, pickle-free, and loadable on another number of ranks.
+
+``OUT/checkpoints/step-NNNNNN/``::
+
+    trainer_state.json      step/epoch/data position, world size and batch sizes, trainable
+                            parameter names, optimizer hyper-parameters, scheduler (rank 0)
+    rng-rank00000.json ...  each rank's torch/Python/NumPy RNG states (JSON)
+    state/*.safetensors     trainable weights and optimizer tensors, written by
+                            torch.distributed.checkpoint (DCP) in Hugging Face safetensors form:
+                            every rank writes its own shard, offsets in the files' metadata
+
+Loading goes through DCP too, which reads whatever slices this run's sharding needs: a
+checkpoint of 2 FSDP ranks resumes in 1 process, on 8 ranks, or under DDP. No file is read
+with pickle (DCP's default ``.metadata`` file is a pickle; the safetensors reader does not use one).
+
+A checkpoint is written into ``.step-NNNNNN.tmp`` and renamed by rank 0 after every rank has
+finished, so ``latest_checkpoint`` never sees a partial one (the directory must be on a
+filesystem that all nodes share).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from composer.distributed import Engine
+from composer.errors import InputError
+
+CKPT_FORMAT = 2
+STATE_DIR = "state"
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, **kw)
+
+
+def _split(osd: dict) -> tuple[dict, dict]:
+    tensors = {k: v for k, v in osd.items() if torch.is_tensor(v)}
+    return tensors, {k: v for k, v in osd.items() if not torch.is_tensor(v)}
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    st = {"python": _jsonable(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+          "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state().tolist()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(_tuplify(st["python"]))
+    npst = st["numpy"]
+    np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(st["cuda"], dtype=torch.uint8))
+
+
+def save(path: Path, eng: Engine, model, opt, sched, state: dict, extra: dict) -> None:
+    """Every rank calls this (DCP is collective). ``model`` is the wrapped module."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from composer.checkpoint import signals_deferred
+
+    tmp = path.parent / f".{path.name}.tmp"
+    if eng.main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover
+        (tmp / STATE_DIR).mkdir(parents=True)
+    eng.barrier()
+    try:
+        msd, osd = get_state_dict(model, opt, options=_options())
+        tensors, scalars = _split(osd)
+        with _quiet():
+            dcp.save({"model": msd, "optim": tensors},
+                     storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=eng.distributed),
+                     no_dist=not eng.distributed)
+        (tmp / f"rng-rank{eng.rank:05d}.json").write_text(json.dumps(rng_state()))
+        if eng.main:
+            meta = {"format_version": CKPT_FORMAT, "state": state, "world_size": eng.world, "strategy": eng.strategy,
+                    "param_names": sorted(msd), "optimizer_scalars": {k: _jsonable(v) for k, v in scalars.items()},
+                    "scheduler": sched.state_dict(), **extra}
+            (tmp / "trainer_state.json").write_text(json.dumps(meta))
+        eng.barrier()
+    except BaseException:
+        if eng.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if eng.main:
+        with signals_deferred():
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+    eng.barrier()
+
+
+def read_meta(path: Path) -> dict:
+    state_file = path / "trainer_state.json"
+    try:
+        meta = json.loads(state_file.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{state_file}: not a readable trainer state ({type(e).__name__}: {e})") from None
+    keys = ("format_version", "state", "world_size", "param_names", "optimizer_scalars", "scheduler")
+    if not isinstance(meta, dict) or any(k not in meta for k in keys):
+        raise InputError(f"{state_file}: not a trainer state of this composer version (needs the keys {list(keys)})")
+    if meta["format_version"] != CKPT_FORMAT:
+        raise InputError(f"{state_file}: checkpoint format {meta['format_version']}, this composer reads {CKPT_FORMAT}")
+    return meta
+
+
+def load(path: Path, eng: Engine, model, opt, sched) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from ``path`` into this run, whatever its
+    world size. Everything is read and checked before the model changes: a bad checkpoint
+    raises InputError and leaves the model and optimizer as they were. Returns the metadata."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta = read_meta(path)
+    msd, osd = get_state_dict(model, opt, options=_options())
+    if sorted(msd) != meta["param_names"]:
+        ours, theirs = set(msd), set(meta["param_names"])
+        diff = sorted(ours ^ theirs)[:3]
+        raise InputError(f"{path}: checkpoint's trainable parameters differ from this run's (different spec or "
+                         f"--stage?), e.g. {diff}")
+    tensors, scalars = _split(osd)
+    # load into copies: DCP fills tensors in place, and a failure half-way must not touch the model
+    target = {"model": {k: v.detach().clone() for k, v in msd.items()},
+              "optim": {k: v.detach().clone() for k, v in tensors.items()}}
+    state_dir = path / STATE_DIR
+    if not state_dir.is_dir() or not any(state_dir.glob("*.safetensors")):
+        raise InputError(f"{state_dir}: no safetensors shards")
+    reader = HuggingFaceStorageReader(str(state_dir))
+    with _quiet():
+        saved = _guard(state_dir, reader.read_metadata).state_dict_metadata
+    for group, tensors_ in target.items():
+        for k, v in tensors_.items():
+            key = f"{group}.{k}"
+            if key not in saved:
+                raise InputError(f"{state_dir}: no {key} (a checkpoint of another spec or optimizer?)")
+            if tuple(saved[key].size) != tuple(v.shape):
+                raise InputError(f"{state_dir}: {key} is shape {tuple(saved[key].size)}, this run needs "
+                                 f"{tuple(v.shape)} (a checkpoint of another spec?)")
+    with _quiet():
+        _guard(state_dir, lambda: dcp.load(target, storage_reader=reader, no_dist=not eng.distributed))
+    saved_scalars = meta["optimizer_scalars"]
+    missing = sorted(set(scalars) - set(saved_scalars))
+    if missing:
+        raise InputError(f"{path / 'trainer_state.json'}: optimizer settings missing for {missing[:3]}")
+    optim = {**target["optim"], **{k: _tuplify(saved_scalars[k]) for k in scalars}}
+    set_state_dict(model, opt, model_state_dict=target["model"], optim_state_dict=optim, options=_options(strict=False))
+    sched.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng-rank{eng.rank:05d}.json"
+    if meta["world_size"] == eng.world and rng_file.is_file():
+        try:
+            set_rng_state(json.loads(rng_file.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{rng_file}: not a readable RNG state ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def _guard(where: Path, fn):
+    """Run ``fn``; any failure reading the shards becomes one InputError naming ``where``."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - DCP and safetensors raise many types (CheckpointException, SafetensorError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{where}: cannot load the trainer state ({first[:300]})") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that it assumes a single process when there is no process group: we mean that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def latest(ckpt_dir: Path) -> Path | None:
+    ckpts = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir()) if ckpt_dir.is_dir() else []
+    return ckpts[-1] if ckpts else None

@@ -1,0 +1,174 @@
+"""Distributed training on the CPU: 2 ranks (gloo on 127.0.0.1, launched by torchrun) under DDP
+and FSDP match a 1-process run with the same global batch; a checkpoint written by 2 FSDP ranks
+resumes in 1 process; data sharding covers every record once; accelerate configs map to options.
+
+Tolerance: losses within 2e-5 (absolute) and final weights within 2e-5 of the 1-process run;
+the runs differ only in float summation order (per-rank partial sums, all-reduce).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import spec_dict
+from PIL import Image
+from safetensors.torch import load_file
+
+from composer.builder import build
+from composer.checkpoint import load_pretrained
+from composer.distributed import FsdpOptions, rank_share, resolve_strategy, wrap_class_names
+from composer.errors import InputError
+from composer.spec import parse_spec
+from composer.train import TrainConfig, _micro_batches, train
+
+TOL = 2e-5
+N_RECORDS = 7  # odd: the epoch's last global micro-batch leaves a rank without records
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    d = spec_dict("llama", 2)
+    d["llm"]["train"] = "lora"  # LoRA inside FSDP units: frozen base weights and trainable adapters share a unit
+    d["llm"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    build(parse_spec(d)).save_pretrained(root / "init")
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(N_RECORDS):
+        img = np.zeros((32, 32, 3), np.uint8)
+        img[..., i % 3] = 150 + rng.integers(0, 100)
+        Image.fromarray(img).save(root / f"img{i}.png")
+        recs.append({"image": f"img{i}.png", "prompt": "What colour is it?",
+                     "response": ["red", "green", "blue"][i % 3] + " and" * (i % 4)})  # unequal label counts
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return root
+
+
+def _cfg(root: Path, out: str, **kw) -> TrainConfig:
+    base = dict(data=str(root / "train.jsonl"), output=str(root / out), batch_size=4, max_steps=4, lr=1e-2,
+                warmup_ratio=0.0, scheduler="constant", progress=False, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _reference(root: Path) -> tuple[list[float], dict]:
+    """1 process, 4 records per step."""
+    if not (root / "ref" / "composer.json").exists():
+        losses = train(load_pretrained(root / "init"), _cfg(root, "ref", save_every=2))["losses"]
+        (root / "ref_losses.json").write_text(json.dumps(losses))
+    return json.loads((root / "ref_losses.json").read_text()), load_file(str(root / "ref" / "model.safetensors"))
+
+
+def _torchrun(root: Path, out: str, *args: str) -> list[float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "composer.cli", "train", str(root / "init"),
+           "--data", str(root / "train.jsonl"), "-o", str(root / out), "--max-steps", "4", "--lr", "1e-2",
+           "--warmup-ratio", "0", "--scheduler", "constant", *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(ln) for ln in (root / out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs] == [1, 2, 3, 4]  # logged once (rank 0), not once per rank
+    assert all(x["world_size"] == 2 for x in recs)
+    return [x["loss"] for x in recs]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_ddp_two_ranks_match_one_process(setup):
+    """2 ranks x 1 record x 2 accumulated micro-batches = the reference's 4 records per step."""
+    ref, ref_w = _reference(setup)
+    losses = _torchrun(setup, "ddp", "--strategy", "ddp", "--batch-size", "1", "--grad-accum", "2")
+    np.testing.assert_allclose(losses, ref, atol=TOL, rtol=0)
+    assert _max_diff(load_file(str(setup / "ddp" / "model.safetensors")), ref_w) < TOL
+    assert ref[-1] < ref[0]
+
+
+def test_fsdp_two_ranks_match_one_process_and_resume_in_one(setup):
+    ref, ref_w = _reference(setup)
+    losses = _torchrun(setup, "fsdp", "--strategy", "fsdp", "--batch-size", "2", "--save-every", "2")
+    np.testing.assert_allclose(losses, ref, atol=TOL, rtol=0)
+    # the final model: gathered from the shards, written once by rank 0, a normal checkpoint
+    assert _max_diff(load_file(str(setup / "fsdp" / "model.safetensors")), ref_w) < TOL
+    ckpt = setup / "fsdp" / "checkpoints" / "step-000002"
+    meta = json.loads((ckpt / "trainer_state.json").read_text())
+    assert meta["world_size"] == 2 and meta["strategy"] == "fsdp" and meta["state"]["seen"] == 0
+    shards = sorted(p.name for p in (ckpt / "state").glob("*.safetensors"))
+    assert len(shards) == 2, shards  # one per rank
+    # resume the 2-rank checkpoint in 1 process, 4 records per step: steps 3-4 as the reference's
+    resumed = setup / "resumed"
+    shutil.copytree(setup / "fsdp", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    rest = train(load_pretrained(setup / "init"), _cfg(setup, "resumed", resume=True))["losses"]
+    np.testing.assert_allclose(rest, ref[2:], atol=TOL, rtol=0)
+    assert _max_diff(load_file(str(resumed / "model.safetensors")), ref_w) < TOL
+
+
+def test_data_sharding_covers_every_record_once():
+    for n, bs, world in [(7, 1, 2), (7, 2, 2), (10, 3, 4), (5, 4, 3), (1, 2, 2)]:
+        for seen in (0, bs * world):
+            chunks = _micro_batches(n, bs, world, seed=3, epoch=1, seen=min(seen, n))
+            got = [i for c in chunks for r in range(world) for i in rank_share(c, r, world)]
+            order = _micro_batches(n, 1, 1, seed=3, epoch=1)
+            assert got == [i for c in order for i in c][min(seen, n):]
+            assert all(len(rank_share(c, r, world)) <= bs for c in chunks for r in range(world))
+
+
+def test_strategy_from_accelerate_config(monkeypatch):
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_SHARDING_STRATEGY",
+                "FSDP_RESHARD_AFTER_FORWARD", "FSDP_OFFLOAD_PARAMS", "FSDP_TRANSFORMER_CLS_TO_WRAP"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_strategy("auto", 1) == "none"
+    assert resolve_strategy("auto", 2) == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert resolve_strategy("auto", 2) == "fsdp"
+    assert resolve_strategy("ddp", 2) == "ddp"  # an explicit --strategy wins
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer, CLIPEncoderLayer")
+    o = FsdpOptions.from_env()
+    assert (o.reshard_after_forward, o.offload_params, o.wrap_classes) == (False, True, ["LlamaDecoderLayer", "CLIPEncoderLayer"])
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "1")  # old configs write numbers
+    assert FsdpOptions.from_env().reshard_after_forward is True
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")
+    with pytest.raises(InputError, match="HYBRID_SHARD"):
+        FsdpOptions.from_env()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(InputError, match="DeepSpeed"):
+        resolve_strategy("auto", 2)
+    with pytest.raises(InputError, match="--strategy"):
+        resolve_strategy("zero3", 2)
+
+
+def test_fsdp_units_know_the_decoder_and_encoder_layers(tiny_llava):
+    names = wrap_class_names(tiny_llava)
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= names
+
+
+def test_world_size_without_rendezvous_is_one_clear_error(monkeypatch, tmp_path):
+    from composer.distributed import setup
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(InputError, match="MASTER_ADDR"):
+        setup("auto")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(InputError, match="WORLD_SIZE"):
+        setup("auto")
