@@ -3,7 +3,7 @@
 Both models hold the same weights (a deep copy with every ``insert_at`` set to 0) and see the
 same batches. Reported: median wall time of a full step (forward, backward, optimizer) after
 a warm-up step, and the analytic FLOPs per step of the LLM layers (3x the forward FLOPs of
-DESIGN.md's model: forward + backward).
+DESIGN.md's model: forward + backward). Under torchrun/accelerate launch, a row per rank.
 """
 
 from __future__ import annotations
@@ -29,15 +29,19 @@ def _step_flops(model, batch) -> float:
     return 3 * total
 
 
-def _time_steps(model, batches, steps: int) -> list[float]:
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+def _time_steps(net, batches, steps: int, eng) -> list[float]:
+    """Wall time of ``steps`` full steps (after one warm-up) on this rank; ranks start each step
+    together (a barrier), so a rank's time includes its waits in the step's collectives."""
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     times = []
     for i in range(steps + 1):  # the first step warms up
-        batch = batches[i % len(batches)]
+        batch, real = batches[i % len(batches)]
+        eng.barrier()
         t = time.perf_counter()
-        model(**batch).loss.backward()
+        loss = net(**batch).loss
+        (loss if real else loss * 0.0).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i:
@@ -46,29 +50,55 @@ def _time_steps(model, batches, steps: int) -> list[float]:
 
 
 def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
+    """Lines to print (on rank 0; other ranks get none). Under torchrun/accelerate launch each
+    rank times its own steps of the same global batches, wrapped as the run would be (DDP/FSDP),
+    and the report has a row per rank."""
+    from composer import distributed
     from composer.cli import _load_any
     from composer.train import apply_stage
 
-    model = _load_any(target)
-    apply_stage(model, cfg.stage)
-    base = copy.deepcopy(model)
-    for m in base.spec.modalities.values():
-        m.insert_at = 0
-    placeholders = {m: model.spec.modalities[m].placeholder for m in model.encoders}
-    examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
-    collate = Collator(model, cfg.max_length)
-    batches = [collate(examples[i: i + cfg.batch_size]) for i in range(0, len(examples), cfg.batch_size)][:steps]
-    torch.manual_seed(cfg.seed)
-    t_k = _time_steps(model, batches, steps)
-    torch.manual_seed(cfg.seed)
-    t_0 = _time_steps(base, batches, steps)
-    f_k = statistics.mean(_step_flops(model, b) for b in batches)
-    f_0 = statistics.mean(_step_flops(base, b) for b in batches)
+    eng = distributed.setup(cfg.strategy)
+    try:
+        model = _load_any(target)
+        apply_stage(model, cfg.stage)
+        base = copy.deepcopy(model)
+        for m in base.spec.modalities.values():
+            m.insert_at = 0
+        placeholders = {m: model.spec.modalities[m].placeholder for m in model.encoders}
+        examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
+        collate = Collator(model, cfg.max_length)
+        g = cfg.batch_size * eng.world
+        chunks = [list(range(i, min(i + g, len(examples)))) for i in range(0, len(examples), g)][:steps]
+        batches = []
+        for chunk in chunks:
+            mine = distributed.rank_share(chunk, eng.rank, eng.world)
+            batches.append((collate([examples[i] for i in (mine or chunk[:1])]), bool(mine)))
+        mine_only = [b for b, real in batches if real] or [batches[0][0]]
+        f_k = statistics.mean(_step_flops(model, b) for b in mine_only)
+        f_0 = statistics.mean(_step_flops(base, b) for b in mine_only)
+        torch.manual_seed(cfg.seed + eng.rank)
+        partial = any(set(ex.items) != set(model.encoders) for ex in examples)
+        t_k = statistics.median(_time_steps(eng.wrap(model, find_unused=partial), batches, steps, eng))
+        torch.manual_seed(cfg.seed + eng.rank)
+        t_0 = statistics.median(_time_steps(eng.wrap(base, find_unused=partial), batches, steps, eng))
+        per_rank = list(zip(eng.gather(t_k), eng.gather(t_0), eng.gather(f_k), eng.gather(f_0), strict=True))
+    finally:
+        eng.close()
+    if not eng.main:
+        return []
     ks = ", ".join(f"{m}={k}" for m, k in model.insert_at.items())
-    med_k, med_0 = statistics.median(t_k), statistics.median(t_0)
-    return [
-        f"training step, batch {cfg.batch_size}, median of {steps} after 1 warm-up, same weights and batches:",
-        f"  insert_at {ks:<20} {med_k * 1e3:9.1f} ms/step  {f_k / 1e9:10.3f} GFLOPs/step (LLM layers, fwd+bwd)",
-        f"  insert_at 0{'':<19} {med_0 * 1e3:9.1f} ms/step  {f_0 / 1e9:10.3f} GFLOPs/step",
-        f"  ratio k/0: time {med_k / med_0:.2f}, FLOPs {f_k / f_0:.2f}",
-    ]
+    if eng.world == 1:
+        return [
+            f"training step, batch {cfg.batch_size}, median of {steps} after 1 warm-up, same weights and batches:",
+            f"  insert_at {ks:<20} {t_k * 1e3:9.1f} ms/step  {f_k / 1e9:10.3f} GFLOPs/step (LLM layers, fwd+bwd)",
+            f"  insert_at 0{'':<19} {t_0 * 1e3:9.1f} ms/step  {f_0 / 1e9:10.3f} GFLOPs/step",
+            f"  ratio k/0: time {t_k / t_0:.2f}, FLOPs {f_k / f_0:.2f}",
+        ]
+    lines = [f"training step on {eng.world} ranks ({eng.strategy}), batch {cfg.batch_size} per rank, median of {steps} "
+             "after 1 warm-up, same weights and batches; per rank (its own records' FLOPs, LLM layers, fwd+bwd):",
+             f"  {'rank':>4}  {'ms/step @' + ks:>22}  {'ms/step @0':>11}  {'time k/0':>8}  {'FLOPs k/0':>9}"]
+    for r, (tk, t0, fk, f0) in enumerate(per_rank):
+        lines.append(f"  {r:>4}  {tk * 1e3:>22.1f}  {t0 * 1e3:>11.1f}  {tk / t0:>8.2f}  {fk / f0:>9.2f}")
+    slow_k, slow_0 = max(r[0] for r in per_rank), max(r[1] for r in per_rank)
+    lines.append(f"  slowest rank: time k/0 {slow_k / slow_0:.2f} (a synchronous step takes the slowest rank's time)")
+    return lines

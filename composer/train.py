@@ -107,9 +107,16 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 # -- the loop -----------------------------------------------------------------------------------------
 def _autocast(model, precision: str):
+    import os
+
     dev = model.device.type
     if precision == "auto":
-        precision = "bf16" if dev == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        # an accelerate config's mixed_precision (ACCELERATE_MIXED_PRECISION), on CUDA
+        launcher = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", ""))
+        if dev == "cuda" and launcher:
+            precision = launcher
+        else:
+            precision = "bf16" if dev == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp32":
         return torch.autocast(dev, enabled=False), None, precision
     if dev != "cuda":
@@ -236,7 +243,7 @@ def _train(model, cfg: TrainConfig, eng, get_scheduler, ckpts) -> dict:
     examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
     evals = read_jsonl(cfg.eval_data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root) if cfg.eval_data else None
     collate = Collator(model, cfg.max_length)
-    if cfg.grad_checkpointing:
+    if cfg.grad_checkpointing or eng.fsdp.activation_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # DDP must be told when a step can leave a trainable module unused (a record without some modality)
     partial = any(set(ex.items) != set(model.encoders) for ex in examples)

@@ -29,6 +29,7 @@ from composer.errors import InputError
 from composer.spec import parse_spec
 from composer.train import TrainConfig, _micro_batches, train
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 TOL = 2e-5
 N_RECORDS = 7  # odd: the epoch's last global micro-batch leaves a rank without records
 
@@ -72,14 +73,23 @@ def _reference(root: Path) -> tuple[list[float], dict]:
     return json.loads((root / "ref_losses.json").read_text()), load_file(str(root / "ref" / "model.safetensors"))
 
 
-def _torchrun(root: Path, out: str, *args: str) -> list[float]:
+def _launch(root: Path, out: str, *args: str, config: str | None = None) -> list[float]:
+    """2 ranks on this machine: torchrun, or accelerate launch with one of the shipped configs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "composer.cli", "train", str(root / "init"),
+    if config is None:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                    "--master-port", str(_free_port())]
+    else:  # the config's 8 GPUs and bf16 become 2 CPU processes in fp32; everything else is the config's
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+                    "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
+                    "--main_process_port", str(_free_port())]
+    cmd = [*launcher, "-m", "composer.cli", "train", str(root / "init"),
            "--data", str(root / "train.jsonl"), "-o", str(root / out), "--max-steps", "4", "--lr", "1e-2",
            "--warmup-ratio", "0", "--scheduler", "constant", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if "--profile" in args:
+        return r.stdout
     recs = [json.loads(ln) for ln in (root / out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [1, 2, 3, 4]  # logged once (rank 0), not once per rank
     assert all(x["world_size"] == 2 for x in recs)
@@ -94,7 +104,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_ddp_two_ranks_match_one_process(setup):
     """2 ranks x 1 record x 2 accumulated micro-batches = the reference's 4 records per step."""
     ref, ref_w = _reference(setup)
-    losses = _torchrun(setup, "ddp", "--strategy", "ddp", "--batch-size", "1", "--grad-accum", "2")
+    losses = _launch(setup, "ddp", "--strategy", "ddp", "--batch-size", "1", "--grad-accum", "2")
     np.testing.assert_allclose(losses, ref, atol=TOL, rtol=0)
     assert _max_diff(load_file(str(setup / "ddp" / "model.safetensors")), ref_w) < TOL
     assert ref[-1] < ref[0]
@@ -102,7 +112,7 @@ def test_ddp_two_ranks_match_one_process(setup):
 
 def test_fsdp_two_ranks_match_one_process_and_resume_in_one(setup):
     ref, ref_w = _reference(setup)
-    losses = _torchrun(setup, "fsdp", "--strategy", "fsdp", "--batch-size", "2", "--save-every", "2")
+    losses = _launch(setup, "fsdp", "--batch-size", "2", "--save-every", "2", config="fsdp_8gpu.yaml")
     np.testing.assert_allclose(losses, ref, atol=TOL, rtol=0)
     # the final model: gathered from the shards, written once by rank 0, a normal checkpoint
     assert _max_diff(load_file(str(setup / "fsdp" / "model.safetensors")), ref_w) < TOL
@@ -118,6 +128,15 @@ def test_fsdp_two_ranks_match_one_process_and_resume_in_one(setup):
     rest = train(load_pretrained(setup / "init"), _cfg(setup, "resumed", resume=True))["losses"]
     np.testing.assert_allclose(rest, ref[2:], atol=TOL, rtol=0)
     assert _max_diff(load_file(str(resumed / "model.safetensors")), ref_w) < TOL
+
+
+def test_profile_reports_each_rank_under_fsdp(setup):
+    out = _launch(setup, "prof", "--profile", "--strategy", "fsdp", "--batch-size", "2")
+    assert "training step on 2 ranks (fsdp)" in out, out
+    rows = [ln.split() for ln in out.splitlines() if ln.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["0", "1"], out  # printed once, by rank 0
+    assert all(0.0 < float(r[4]) < 1.0 for r in rows)  # FLOPs k/0: image tokens skip layers 0-1
+    assert "slowest rank: time k/0" in out
 
 
 def test_data_sharding_covers_every_record_once():
@@ -172,3 +191,34 @@ def test_world_size_without_rendezvous_is_one_clear_error(monkeypatch, tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(InputError, match="WORLD_SIZE"):
         setup("auto")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_accelerate_configs_map_to_strategies(config, monkeypatch):
+    """Each config under configs/accelerate, read by accelerate's own launcher code, exports the
+    environment that composer turns into the strategy the config's comment promises."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / config), "-m", "composer.cli", "train"])
+    args, _, _ = _validate_launch_command(args)
+    if args.use_fsdp or args.multi_gpu:
+        env = prepare_multi_gpu_env(args)
+    else:
+        env = prepare_simple_launcher_cmd_env(args)[1]
+    for k in [k for k in os.environ if k.startswith(("FSDP_", "ACCELERATE_"))]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        if k.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(k, v)
+    world = args.num_processes
+    expected = {"single_gpu.yaml": ("none", None), "ddp_8gpu.yaml": ("ddp", None),
+                "fsdp_8gpu.yaml": ("fsdp", True), "fsdp_zero2_8gpu.yaml": ("fsdp", False),
+                "fsdp_2node_16gpu.yaml": ("fsdp", True)}[config]
+    assert resolve_strategy("auto", world) == expected[0]
+    if expected[0] == "fsdp":
+        o = FsdpOptions.from_env()
+        assert o.reshard_after_forward is expected[1] and not o.offload_params
+        assert o.activation_checkpointing is (config == "fsdp_2node_16gpu.yaml")
+    if config == "fsdp_2node_16gpu.yaml":
+        assert (args.num_machines, world) == (2, 16)
