@@ -61,12 +61,17 @@ def setup(tmp_path_factory):
 
 def _cfg(root: Path, out: str, **kw) -> TrainConfig:
     base = dict(data=str(root / "train.jsonl"), output=str(root / out), batch_size=4, max_steps=4, lr=1e-2,
-                warmup_ratio=0.0, scheduler="constant", progress=False, seed=0)
+                warmup_ratio=0.0, scheduler="constant", progress=False, seed=0, eval_data=str(root / "train.jsonl"),
+                eval_every=2)
     return TrainConfig(**{**base, **kw})
 
 
+def _eval_losses(out: Path) -> list[float]:
+    return [r["eval_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+
+
 def _reference(root: Path) -> tuple[list[float], dict]:
-    """1 process, 4 records per step."""
+    """1 process, 4 records per step; eval loss (over the 7 records) after steps 2 and 4."""
     if not (root / "ref" / "composer.json").exists():
         losses = train(load_pretrained(root / "init"), _cfg(root, "ref", save_every=2))["losses"]
         (root / "ref_losses.json").write_text(json.dumps(losses))
@@ -85,7 +90,8 @@ def _launch(root: Path, out: str, *args: str, config: str | None = None) -> list
                     "--main_process_port", str(_free_port())]
     cmd = [*launcher, "-m", "composer.cli", "train", str(root / "init"),
            "--data", str(root / "train.jsonl"), "-o", str(root / out), "--max-steps", "4", "--lr", "1e-2",
-           "--warmup-ratio", "0", "--scheduler", "constant", *args]
+           "--warmup-ratio", "0", "--scheduler", "constant", "--eval-data", str(root / "train.jsonl"), "--eval-every", "2",
+           *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     if "--profile" in args:
@@ -106,6 +112,9 @@ def test_ddp_two_ranks_match_one_process(setup):
     ref, ref_w = _reference(setup)
     losses = _launch(setup, "ddp", "--strategy", "ddp", "--batch-size", "1", "--grad-accum", "2")
     np.testing.assert_allclose(losses, ref, atol=TOL, rtol=0)
+    # eval sharded over the ranks (a rank idle in the last micro-batch): the same mean token loss
+    np.testing.assert_allclose(_eval_losses(setup / "ddp"), _eval_losses(setup / "ref"), atol=TOL, rtol=0)
+    assert len(_eval_losses(setup / "ref")) == 2
     assert _max_diff(load_file(str(setup / "ddp" / "model.safetensors")), ref_w) < TOL
     assert ref[-1] < ref[0]
 
@@ -114,6 +123,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume_in_one(setup):
     ref, ref_w = _reference(setup)
     losses = _launch(setup, "fsdp", "--batch-size", "2", "--save-every", "2", config="fsdp_8gpu.yaml")
     np.testing.assert_allclose(losses, ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(_eval_losses(setup / "fsdp"), _eval_losses(setup / "ref"), atol=TOL, rtol=0)
     # the final model: gathered from the shards, written once by rank 0, a normal checkpoint
     assert _max_diff(load_file(str(setup / "fsdp" / "model.safetensors")), ref_w) < TOL
     ckpt = setup / "fsdp" / "checkpoints" / "step-000002"
