@@ -184,8 +184,8 @@ def plan(target: str, text_tokens: int, mm_tokens: int | None, offline: bool, pl
 @click.option("--merge-lora", is_flag=True, help="Fold LoRA into the weights of the saved model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--profile", is_flag=True, help="Measure a training step at the spec's insert_at vs 0 and print time and FLOPs.")
-@click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp"]), default="auto", show_default=True,
-              help="Under torchrun/accelerate launch: DDP or FSDP (auto: the accelerate config's, else DDP).")
+@click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp", "deepspeed"]), default="auto", show_default=True,
+              help="Under torchrun/accelerate launch: DDP, FSDP or DeepSpeed (auto: the accelerate config's, else DDP).")
 def train(target: str, data: str, out: str, eval_data: str | None, stage: int | None, epochs: int,
           max_steps: int | None, batch_size: int, grad_accum: int, lr: float, weight_decay: float, warmup_ratio: float,
           scheduler: str, precision: str, grad_checkpointing: bool, save_every: int, eval_every: int, resume: bool,

@@ -32,7 +32,7 @@ from torch import nn
 from composer.errors import InputError
 
 log = logging.getLogger("composer.distributed")
-STRATEGIES = ("auto", "ddp", "fsdp")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 
 
 def _flag(name: str) -> bool:
@@ -71,15 +71,75 @@ class FsdpOptions:
 
 
 @dataclass
+class DeepSpeedOptions:
+    zero_stage: int = 2
+    offload_optimizer: str = "none"  # none | cpu
+    offload_param: str = "none"  # none | cpu (ZeRO-3)
+    config_file: str | None = None
+
+    @classmethod
+    def from_env(cls) -> DeepSpeedOptions:
+        """What an accelerate DeepSpeed config exports; a ``deepspeed_config_file``'s
+        ``zero_optimization`` section, when given, overrides the stage and offload devices."""
+        import json
+
+        o = cls()
+        o.config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+        zero: dict = {}
+        if o.config_file:
+            try:
+                zero = json.loads(open(o.config_file, encoding="utf-8").read()).get("zero_optimization", {})  # noqa: SIM115
+            except (OSError, ValueError, AttributeError) as e:
+                raise InputError(f"{o.config_file}: not a readable DeepSpeed JSON config ({e})") from None
+        try:
+            o.zero_stage = int(zero.get("stage", os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")))
+        except (TypeError, ValueError):
+            raise InputError("DeepSpeed zero stage must be 0, 1, 2 or 3") from None
+        if o.zero_stage not in (0, 1, 2, 3):
+            raise InputError(f"DeepSpeed zero stage must be 0, 1, 2 or 3, got {o.zero_stage}")
+        dev = lambda section, var: str((zero.get(section) or {}).get("device", os.environ.get(var, "none"))).lower()  # noqa: E731
+        o.offload_optimizer = dev("offload_optimizer", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")
+        o.offload_param = dev("offload_param", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
+        for what, v in (("offload_optimizer", o.offload_optimizer), ("offload_param", o.offload_param)):
+            if v not in ("none", "cpu"):
+                raise InputError(f"DeepSpeed {what} device must be none or cpu, got {v!r} (NVMe offload is not supported)")
+        return o
+
+    def config(self, *, micro_batch: int, grad_accum: int, world: int, max_grad_norm: float) -> dict:
+        """The DeepSpeed config of a run: batch sizes and clipping are compose train's. Weights and
+        optimizer state stay fp32 and compose train's autocast does the bf16 compute, as under
+        DDP and FSDP (so the strategies agree numerically)."""
+        zero: dict = {"stage": self.zero_stage}
+        if self.offload_optimizer == "cpu":
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if self.offload_param == "cpu":
+            zero["offload_param"] = {"device": "cpu"}
+        return {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": grad_accum,
+            "train_batch_size": micro_batch * grad_accum * world,
+            "gradient_clipping": max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": False},
+            "fp16": {"enabled": False},
+            "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,  # composer's torch AdamW, also with optimizer offload
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+
+@dataclass
 class Engine:
     """This process's place in the job and the strategy that wraps the model."""
 
-    strategy: str = "none"  # none | ddp | fsdp
+    strategy: str = "none"  # none | ddp | fsdp | deepspeed
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fsdp: FsdpOptions = field(default_factory=FsdpOptions)
+    deepspeed: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     owns_group: bool = False
 
     @property
@@ -145,7 +205,21 @@ class Engine:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+        if self.strategy == "deepspeed":
+            return model  # deepspeed.initialize wraps it together with the optimizer (``wrap_deepspeed``)
         return self._fully_shard(model)
+
+    def wrap_deepspeed(self, model: nn.Module, opt: torch.optim.Optimizer, **config):
+        """``deepspeed.initialize`` with composer's optimizer (its param groups keep the
+        learning rate the scheduler sets) and the config of ``DeepSpeedOptions.config``."""
+        try:
+            import deepspeed
+        except ImportError:
+            raise InputError("the accelerate config selects DeepSpeed but it is not installed: "
+                             "pip install 'mm-composer[deepspeed]'") from None
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                               config=self.deepspeed.config(world=self.world, **config))
+        return engine
 
     def _fully_shard(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
@@ -180,6 +254,8 @@ class Engine:
             return contextlib.nullcontext()
         if self.strategy == "ddp":
             return module.no_sync()
+        if self.strategy == "deepspeed":
+            return contextlib.nullcontext()  # the boundary is set per micro-batch (``backward``)
 
         @contextlib.contextmanager
         def fsdp_no_sync():
@@ -190,6 +266,15 @@ class Engine:
                 module.set_requires_gradient_sync(True)
 
         return fsdp_no_sync()
+
+
+    def backward(self, net, loss: torch.Tensor, last: bool, scaler=None) -> None:
+        """Backward of one micro-batch; ``last``: the step's last (gradients are reduced)."""
+        if self.strategy == "deepspeed":
+            net.set_gradient_accumulation_boundary(last)
+            net.backward(loss, scale_wrt_gas=False)  # composer normalises by the step's label tokens
+        else:
+            (scaler.scale(loss) if scaler else loss).backward()
 
 
 def wrap_class_names(model: nn.Module) -> set[str]:
@@ -208,13 +293,14 @@ def wrap_class_names(model: nn.Module) -> set[str]:
 def resolve_strategy(strategy: str, world: int) -> str:
     if strategy not in STRATEGIES:
         raise InputError(f"--strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
-    if _flag("ACCELERATE_USE_DEEPSPEED"):
-        raise InputError("DeepSpeed (ACCELERATE_USE_DEEPSPEED) is not supported yet: use an FSDP config "
-                         "(configs/accelerate/fsdp_*.yaml; FULL_SHARD is ZeRO-3, SHARD_GRAD_OP is ZeRO-2)")
-    if world == 1:
-        return "none"
     if strategy == "auto":
+        if _flag("ACCELERATE_USE_DEEPSPEED"):
+            return "deepspeed"  # also on one rank: ZeRO offload is useful there
+        if world == 1:
+            return "none"
         return "fsdp" if _flag("ACCELERATE_USE_FSDP") else "ddp"
+    if world == 1 and strategy != "deepspeed":
+        return "none"
     return strategy
 
 
@@ -232,7 +318,9 @@ def setup(strategy: str = "auto") -> Engine:
     eng = Engine(strategy=strategy, rank=rank, world=world, local_rank=local_rank, device=device)
     if strategy == "fsdp":
         eng.fsdp = FsdpOptions.from_env()
-    if world == 1:
+    if strategy == "deepspeed":
+        eng.deepspeed = DeepSpeedOptions.from_env()
+    if world == 1 and strategy != "deepspeed":
         if cuda:
             eng.device = torch.device("cuda", torch.cuda.current_device())
         return eng

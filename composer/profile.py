@@ -29,21 +29,26 @@ def _step_flops(model, batch) -> float:
     return 3 * total
 
 
-def _time_steps(net, batches, steps: int, eng) -> list[float]:
-    """Wall time of ``steps`` full steps (after one warm-up) on this rank; ranks start each step
-    together (a barrier), so a rank's time includes its waits in the step's collectives."""
-    net.train()
+def _time_steps(model, batches, steps: int, eng, find_unused: bool, batch_size: int) -> list[float]:
+    """Wall time of ``steps`` full steps (after one warm-up) on this rank, wrapped as ``compose
+    train`` would wrap it; ranks start each step together (a barrier), so a rank's time includes
+    its waits in the step's collectives."""
+    from composer.train import _optimizer_step
+
+    net = eng.wrap(model, find_unused=find_unused)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
+    if eng.strategy == "deepspeed":
+        net = eng.wrap_deepspeed(model, opt, micro_batch=batch_size, grad_accum=1, max_grad_norm=1.0)
+    net.train()
     times = []
     for i in range(steps + 1):  # the first step warms up
         batch, real = batches[i % len(batches)]
         eng.barrier()
         t = time.perf_counter()
         loss = net(**batch).loss
-        (loss if real else loss * 0.0).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        eng.backward(net, loss if real else loss * 0.0, last=True)
+        _optimizer_step(net, opt, params, None, 1.0, eng)
         if i:
             times.append(time.perf_counter() - t)
     return times
@@ -78,9 +83,9 @@ def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
         f_0 = statistics.mean(_step_flops(base, b) for b in mine_only)
         torch.manual_seed(cfg.seed + eng.rank)
         partial = any(set(ex.items) != set(model.encoders) for ex in examples)
-        t_k = statistics.median(_time_steps(eng.wrap(model, find_unused=partial), batches, steps, eng))
+        t_k = statistics.median(_time_steps(model, batches, steps, eng, partial, cfg.batch_size))
         torch.manual_seed(cfg.seed + eng.rank)
-        t_0 = statistics.median(_time_steps(eng.wrap(base, find_unused=partial), batches, steps, eng))
+        t_0 = statistics.median(_time_steps(base, batches, steps, eng, partial, cfg.batch_size))
         per_rank = list(zip(eng.gather(t_k), eng.gather(t_0), eng.gather(f_k), eng.gather(f_0), strict=True))
     finally:
         eng.close()

@@ -249,10 +249,15 @@ def _train(model, cfg: TrainConfig, eng, get_scheduler, ckpts) -> dict:
     partial = any(set(ex.items) != set(model.encoders) for ex in examples)
     net = eng.wrap(model, find_unused=partial)
     autocast, scaler, precision = _autocast(model, cfg.precision)
+    if scaler is not None and eng.strategy == "deepspeed":
+        raise InputError("--precision fp16 (with a loss scaler) is not supported under DeepSpeed: use bf16")
     params = [p for p in net.parameters() if p.requires_grad]
     per_epoch = math.ceil(math.ceil(len(examples) / (cfg.batch_size * eng.world)) / cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * per_epoch
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if eng.strategy == "deepspeed":
+        net = eng.wrap_deepspeed(model, opt, micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                 max_grad_norm=cfg.max_grad_norm)
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
     global_batch = cfg.batch_size * cfg.grad_accum * eng.world
     state = {"step": 0, "epoch": 0, "seen": 0}
@@ -299,21 +304,11 @@ def _train(model, cfg: TrainConfig, eng, get_scheduler, ckpts) -> dict:
                         with autocast:
                             loss = net(**batch, num_items_in_batch=denom).loss
                         # DDP and FSDP average gradients over the ranks: scale back to a sum
-                        scaled = loss * (eng.world if real else 0.0)
-                        (scaler.scale(scaled) if scaler else scaled).backward()
+                        eng.backward(net, loss * (eng.world if real else 0.0), last=j == len(micro) - 1, scaler=scaler)
                     if real:
                         loss_sum += float(loss.detach()) * denom
-                if scaler:
-                    scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
+                grad_norm = _optimizer_step(net, opt, params, scaler, cfg.max_grad_norm, eng)
                 sched.step()
-                opt.zero_grad(set_to_none=True)
                 state["step"] += 1
                 state["seen"] += sum(len(c) for c in group)
                 losses.append(eng.sum([loss_sum])[0] / denom)
@@ -353,11 +348,34 @@ def _train(model, cfg: TrainConfig, eng, get_scheduler, ckpts) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif eng.strategy == "deepspeed":  # ZeRO-3 partitions the weights; ZeRO-1/2 views them into flat buffers
+        if eng.deepspeed.zero_stage == 3:
+            full = net._zero3_consolidated_16bit_state_dict()  # gathered layer by layer (a collective), on rank 0
+        elif eng.main:
+            full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if eng.main:
         _save_final(model, out, state_dict=full, merge=cfg.merge_lora)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     eng.barrier()
     return summary
+
+
+def _optimizer_step(net, opt, params, scaler, max_grad_norm: float, eng) -> float:
+    """Clip, step, zero the gradients; returns the gradient norm before clipping."""
+    if eng.strategy == "deepspeed":
+        net.step()  # DeepSpeed clips (config gradient_clipping), steps and zeroes itself
+        return float(net.get_global_grad_norm() or 0.0)
+    if scaler:
+        scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def _save_final(model, out: Path, state_dict: dict | None = None, merge: bool = False) -> None:

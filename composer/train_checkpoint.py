@@ -12,6 +12,10 @@
 Loading goes through DCP too, which reads whatever slices this run's sharding needs: a
 checkpoint of 2 FSDP ranks resumes in 1 process, on 8 ranks, or under DDP. No file is read
 with pickle (DCP's default ``.metadata`` file is a pickle; the safetensors reader does not use one).
+Under DeepSpeed (whose ZeRO optimizer keeps flat partitions of its own) each parameter's full
+weight and Adam moments are gathered with DeepSpeed's accessors and written, whole, by one rank
+(parameter i by rank i % world), under the same names: checkpoints move freely between
+DeepSpeed, FSDP, DDP and a single process.
 
 A checkpoint is written into ``.step-NNNNNN.tmp`` and renamed by rank 0 after every rank has
 finished, so ``latest_checkpoint`` never sees a partial one (the directory must be on a
@@ -88,16 +92,20 @@ def save(path: Path, eng: Engine, model, opt, sched, state: dict, extra: dict) -
         (tmp / STATE_DIR).mkdir(parents=True)
     eng.barrier()
     try:
-        msd, osd = get_state_dict(model, opt, options=_options())
-        tensors, scalars = _split(osd)
-        with _quiet():
-            dcp.save({"model": msd, "optim": tensors},
-                     storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=eng.distributed),
-                     no_dist=not eng.distributed)
+        if eng.strategy == "deepspeed":
+            names, scalars = _ds_save(tmp / STATE_DIR, eng, model, opt)
+        else:
+            msd, osd = get_state_dict(model, opt, options=_options())
+            tensors, scalars = _split(osd)
+            names = sorted(msd)
+            with _quiet():
+                dcp.save({"model": msd, "optim": tensors},
+                         storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=eng.distributed),
+                         no_dist=not eng.distributed)
         (tmp / f"rng-rank{eng.rank:05d}.json").write_text(json.dumps(rng_state()))
         if eng.main:
             meta = {"format_version": CKPT_FORMAT, "state": state, "world_size": eng.world, "strategy": eng.strategy,
-                    "param_names": sorted(msd), "optimizer_scalars": {k: _jsonable(v) for k, v in scalars.items()},
+                    "param_names": names, "optimizer_scalars": {k: _jsonable(v) for k, v in scalars.items()},
                     "scheduler": sched.state_dict(), **extra}
             (tmp / "trainer_state.json").write_text(json.dumps(meta))
         eng.barrier()
@@ -136,6 +144,11 @@ def load(path: Path, eng: Engine, model, opt, sched) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     meta = read_meta(path)
+    if eng.strategy == "deepspeed":
+        _ds_load(path, meta, eng, model, opt)
+        sched.load_state_dict(meta["scheduler"])
+        _load_rng(path, meta, eng)
+        return meta
     msd, osd = get_state_dict(model, opt, options=_options())
     if sorted(msd) != meta["param_names"]:
         ours, theirs = set(msd), set(meta["param_names"])
@@ -150,16 +163,7 @@ def load(path: Path, eng: Engine, model, opt, sched) -> dict:
     if not state_dir.is_dir() or not any(state_dir.glob("*.safetensors")):
         raise InputError(f"{state_dir}: no safetensors shards")
     reader = HuggingFaceStorageReader(str(state_dir))
-    with _quiet():
-        saved = _guard(state_dir, reader.read_metadata).state_dict_metadata
-    for group, tensors_ in target.items():
-        for k, v in tensors_.items():
-            key = f"{group}.{k}"
-            if key not in saved:
-                raise InputError(f"{state_dir}: no {key} (a checkpoint of another spec or optimizer?)")
-            if tuple(saved[key].size) != tuple(v.shape):
-                raise InputError(f"{state_dir}: {key} is shape {tuple(saved[key].size)}, this run needs "
-                                 f"{tuple(v.shape)} (a checkpoint of another spec?)")
+    _check_saved(state_dir, reader, {f"{g}.{k}": v.shape for g, ts in target.items() for k, v in ts.items()})
     with _quiet():
         _guard(state_dir, lambda: dcp.load(target, storage_reader=reader, no_dist=not eng.distributed))
     saved_scalars = meta["optimizer_scalars"]
@@ -169,13 +173,156 @@ def load(path: Path, eng: Engine, model, opt, sched) -> dict:
     optim = {**target["optim"], **{k: _tuplify(saved_scalars[k]) for k in scalars}}
     set_state_dict(model, opt, model_state_dict=target["model"], optim_state_dict=optim, options=_options(strict=False))
     sched.load_state_dict(meta["scheduler"])
+    _load_rng(path, meta, eng)
+    return meta
+
+
+def _load_rng(path: Path, meta: dict, eng: Engine) -> None:
     rng_file = path / f"rng-rank{eng.rank:05d}.json"
     if meta["world_size"] == eng.world and rng_file.is_file():
         try:
             set_rng_state(json.loads(rng_file.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"{rng_file}: not a readable RNG state ({type(e).__name__}: {e})") from None
-    return meta
+
+
+def _check_saved(state_dir: Path, reader, wanted: dict[str, tuple]) -> None:
+    """Every key of ``wanted`` (flattened name -> full shape) is in the shards with that shape."""
+    with _quiet():
+        saved = _guard(state_dir, reader.read_metadata).state_dict_metadata
+    for key, shape in wanted.items():
+        if key not in saved:
+            raise InputError(f"{state_dir}: no {key} (a checkpoint of another spec or optimizer?)")
+        if tuple(saved[key].size) != tuple(shape):
+            raise InputError(f"{state_dir}: {key} is shape {tuple(saved[key].size)}, this run needs "
+                             f"{tuple(shape)} (a checkpoint of another spec?)")
+
+
+# -- DeepSpeed: ZeRO keeps flat partitions of its own, so tensors go through DeepSpeed's full-parameter
+# accessors, in the same flattened names as DCP's (checkpoints move between DeepSpeed, DDP and FSDP)
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _ds_trainable(net) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in sorted(net.module.named_parameters()) if p.requires_grad}
+
+
+def _full_shape(p) -> tuple:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def _ds_adam_step(opt) -> float:
+    for st in opt.state.values():
+        if "step" in st:
+            return float(st["step"])
+    return 0.0
+
+
+def _ds_save(state_dir: Path, eng: Engine, net, opt) -> tuple[list[str], dict]:
+    """Each parameter's full fp32 weight and Adam moments, gathered by all ranks (collectives)
+    and written by rank ``i % world`` for the i-th parameter: one safetensors file per rank."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from safetensors.torch import save_file
+
+    params = _ds_trainable(net)
+    step = torch.tensor(_ds_adam_step(opt), dtype=torch.float32)
+    mine: dict[str, torch.Tensor] = {}
+    for i, (n, p) in enumerate(params.items()):
+        full = {f"model.{n}": safe_get_full_fp32_param(p)}
+        for k in _MOMENTS:
+            full[f"optim.state.{n}.{k}"] = safe_get_full_optimizer_state(p, k)
+        if i % eng.world == eng.rank:
+            for key, t in full.items():
+                mine[key] = t.detach().to("cpu", torch.float32).reshape(_full_shape(p)).contiguous()
+            mine[f"optim.state.{n}.step"] = step.clone()
+    if mine:
+        save_file(mine, str(state_dir / f"shard-{eng.rank + 1:05d}-model-00001-of-00001.safetensors"),
+                  metadata={"format": "pt"})
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    scalars = {f"param_groups.{n}.{k}": v for n in params for k, v in group.items()}
+    return list(params), scalars
+
+
+def _ds_init_optimizer_state(net, opt) -> None:
+    """Give the optimizer its state tensors before they are overwritten (Adam creates them at its
+    first step, and DeepSpeed no longer does one at start): one step with zero gradients and
+    learning rate 0 per flat partition, which changes no weight."""
+    zero3 = getattr(net.optimizer, "fp32_partitioned_groups_flat", None)
+    flat = zero3 if zero3 is not None else [p for g in opt.param_groups for p in g["params"]]
+    todo = [i for i, p in enumerate(flat) if not opt.state.get(p)]
+    if not todo:
+        return
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    for i in todo:
+        p, had = flat[i], flat[i].grad
+        p.grad = torch.zeros_like(p)
+        if zero3 is not None:
+            net.optimizer._optimizer_step(i)  # ZeRO-3 hands the optimizer one sub-group at a time
+        p.grad = had if zero3 is not None else p.grad
+    if zero3 is None:
+        opt.step()
+        for i in todo:
+            flat[i].grad = None
+    for g, lr in zip(opt.param_groups, lrs, strict=True):
+        g["lr"] = lr
+
+
+def _ds_load(path: Path, meta: dict, eng: Engine, net, opt) -> None:
+    import deepspeed
+    import torch.distributed.checkpoint as dcp
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    params = _ds_trainable(net)
+    if list(params) != meta["param_names"]:
+        diff = sorted(set(params) ^ set(meta["param_names"]))[:3]
+        raise InputError(f"{path}: checkpoint's trainable parameters differ from this run's (different spec or "
+                         f"--stage?), e.g. {diff}")
+    state_dir = path / STATE_DIR
+    if not state_dir.is_dir() or not any(state_dir.glob("*.safetensors")):
+        raise InputError(f"{state_dir}: no safetensors shards")
+    wanted = {}
+    for n, p in params.items():
+        wanted[f"model.{n}"] = _full_shape(p)
+        wanted.update({f"optim.state.{n}.{k}": _full_shape(p) for k in _MOMENTS})
+    _check_saved(state_dir, HuggingFaceStorageReader(str(state_dir)), wanted)
+    names = list(params)
+    budget, chunks, cur, size = 1 << 27, [], [], 0  # elements per read (x3 tensors): bounded host memory
+    for n in names:
+        cur.append(n)
+        size += params[n].ds_numel if hasattr(params[n], "ds_numel") else params[n].numel()
+        if size >= budget:
+            chunks.append(cur)
+            cur, size = [], 0
+    chunks += [cur] if cur else []
+    _ds_init_optimizer_state(net, opt)
+    step = None
+    for chunk in chunks:
+        target = {"model": {n: torch.empty(_full_shape(params[n])) for n in chunk},
+                  "optim": {f"state.{n}.{k}": torch.empty(_full_shape(params[n])) for n in chunk for k in _MOMENTS}}
+        target["optim"][f"state.{chunk[0]}.step"] = torch.zeros(())
+        with _quiet():
+            _guard(state_dir, lambda t=target: dcp.load(t, storage_reader=HuggingFaceStorageReader(str(state_dir)),
+                                                        no_dist=True))
+        step = float(target["optim"][f"state.{chunk[0]}.step"]) if step is None else step
+        for n in chunk:
+            p, w = params[n], target["model"][n]
+            safe_set_full_fp32_param(p, w)
+            for k in _MOMENTS:
+                safe_set_full_optimizer_state(p, target["optim"][f"state.{n}.{k}"], k)
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():  # the module's copy
+                p.data.copy_(w.to(p.device, p.dtype).reshape(p.shape))
+    for st in opt.state.values():
+        if "step" in st:
+            st["step"] = torch.tensor(step, dtype=st["step"].dtype) if torch.is_tensor(st["step"]) else int(step)
+    first = names[0]
+    for group in opt.param_groups:
+        for k in group:
+            key = f"param_groups.{first}.{k}"
+            if k != "params" and key in meta["optimizer_scalars"]:
+                group[k] = _tuplify(meta["optimizer_scalars"][key])
 
 
 def _guard(where: Path, fn):

@@ -1,6 +1,8 @@
-"""Distributed training on the CPU: 2 ranks (gloo on 127.0.0.1, launched by torchrun) under DDP
-and FSDP match a 1-process run with the same global batch; a checkpoint written by 2 FSDP ranks
-resumes in 1 process; data sharding covers every record once; accelerate configs map to options.
+"""Distributed training on the CPU: 2 ranks (gloo on 127.0.0.1, launched by torchrun or accelerate
+launch with the shipped configs) under DDP, FSDP and DeepSpeed ZeRO-2/3 match a 1-process run with
+the same global batch; checkpoints move between world sizes and engines (2 FSDP ranks -> 1
+process, DeepSpeed ZeRO-2 -> 1 process, FSDP -> DeepSpeed ZeRO-3); data sharding covers every
+record once; accelerate configs map to options.
 
 Tolerance: losses within 2e-5 (absolute) and final weights within 2e-5 of the 1-process run;
 the runs differ only in float summation order (per-rank partial sums, all-reduce).
@@ -24,7 +26,7 @@ from safetensors.torch import load_file
 
 from composer.builder import build
 from composer.checkpoint import load_pretrained
-from composer.distributed import FsdpOptions, rank_share, resolve_strategy, wrap_class_names
+from composer.distributed import DeepSpeedOptions, FsdpOptions, rank_share, resolve_strategy, wrap_class_names
 from composer.errors import InputError
 from composer.spec import parse_spec
 from composer.train import TrainConfig, _micro_batches, train
@@ -132,12 +134,50 @@ def test_fsdp_two_ranks_match_one_process_and_resume_in_one(setup):
     shards = sorted(p.name for p in (ckpt / "state").glob("*.safetensors"))
     assert len(shards) == 2, shards  # one per rank
     # resume the 2-rank checkpoint in 1 process, 4 records per step: steps 3-4 as the reference's
-    resumed = setup / "resumed"
-    shutil.copytree(setup / "fsdp", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    resumed = _from_step_2(setup, "fsdp", "resumed")
     rest = train(load_pretrained(setup / "init"), _cfg(setup, "resumed", resume=True))["losses"]
     np.testing.assert_allclose(rest, ref[2:], atol=TOL, rtol=0)
     assert _max_diff(load_file(str(resumed / "model.safetensors")), ref_w) < TOL
+
+
+def _from_step_2(root: Path, src: str, dst: str) -> Path:
+    """A copy of run ``src`` as it was after step 2 (its last checkpoint and metrics up to there)."""
+    shutil.copytree(root / src, root / dst)
+    shutil.rmtree(root / dst / "checkpoints" / "step-000004")
+    (root / dst / "model.safetensors").unlink()
+    return root / dst
+
+
+def test_deepspeed_zero2_two_ranks_match_and_resume_in_one_process(setup):
+    """accelerate launch with configs/accelerate/deepspeed_zero2_8gpu.yaml, 1 record x 2
+    accumulated micro-batches per rank; its checkpoint (each parameter's full tensors, written by
+    one rank) resumes in 1 process through the DCP reader."""
+    pytest.importorskip("deepspeed")
+    ref, ref_w = _reference(setup)
+    losses = _launch(setup, "zero2", "--batch-size", "1", "--grad-accum", "2", "--save-every", "2",
+                     config="deepspeed_zero2_8gpu.yaml")
+    np.testing.assert_allclose(losses, ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(_eval_losses(setup / "zero2"), _eval_losses(setup / "ref"), atol=TOL, rtol=0)
+    assert _max_diff(load_file(str(setup / "zero2" / "model.safetensors")), ref_w) < TOL
+    meta = json.loads((setup / "zero2" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert meta["strategy"] == "deepspeed" and meta["world_size"] == 2
+    resumed = _from_step_2(setup, "zero2", "zero2-resumed")
+    rest = train(load_pretrained(setup / "init"), _cfg(setup, "zero2-resumed", resume=True))["losses"]
+    np.testing.assert_allclose(rest, ref[2:], atol=TOL, rtol=0)
+    assert _max_diff(load_file(str(resumed / "model.safetensors")), ref_w) < TOL
+
+
+def test_deepspeed_zero3_with_offload_resumes_an_fsdp_checkpoint(setup):
+    """configs/accelerate/deepspeed_zero3_8gpu.yaml (weights partitioned, optimizer state on the
+    CPU) picks up the 2-rank FSDP run's step-2 checkpoint and finishes it as the reference does."""
+    pytest.importorskip("deepspeed")
+    ref, ref_w = _reference(setup)
+    if not (setup / "fsdp" / "checkpoints" / "step-000002").is_dir():
+        _launch(setup, "fsdp", "--batch-size", "2", "--save-every", "2", config="fsdp_8gpu.yaml")
+    out = _from_step_2(setup, "fsdp", "zero3")
+    losses = _launch(setup, "zero3", "--batch-size", "2", "--resume", config="deepspeed_zero3_8gpu.yaml")
+    np.testing.assert_allclose(losses[2:], ref[2:], atol=TOL, rtol=0)
+    assert _max_diff(load_file(str(out / "model.safetensors")), ref_w) < TOL
 
 
 def test_profile_reports_each_rank_under_fsdp(setup):
@@ -160,7 +200,8 @@ def test_data_sharding_covers_every_record_once():
 
 
 def test_strategy_from_accelerate_config(monkeypatch):
-    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_SHARDING_STRATEGY",
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_SHARDING_STRATEGY", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "ACCELERATE_DEEPSPEED_CONFIG_FILE",
                 "FSDP_RESHARD_AFTER_FORWARD", "FSDP_OFFLOAD_PARAMS", "FSDP_TRANSFORMER_CLS_TO_WRAP"):
         monkeypatch.delenv(var, raising=False)
     assert resolve_strategy("auto", 1) == "none"
@@ -179,8 +220,14 @@ def test_strategy_from_accelerate_config(monkeypatch):
     with pytest.raises(InputError, match="HYBRID_SHARD"):
         FsdpOptions.from_env()
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(InputError, match="DeepSpeed"):
-        resolve_strategy("auto", 2)
+    assert resolve_strategy("auto", 2) == "deepspeed"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "5")
+    with pytest.raises(InputError, match="zero stage must be 0, 1, 2 or 3, got 5"):
+        DeepSpeedOptions.from_env()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "nvme")
+    with pytest.raises(InputError, match="NVMe offload is not supported"):
+        DeepSpeedOptions.from_env()
     with pytest.raises(InputError, match="--strategy"):
         resolve_strategy("zero3", 2)
 
@@ -208,11 +255,15 @@ def test_shipped_accelerate_configs_map_to_strategies(config, monkeypatch):
     """Each config under configs/accelerate, read by accelerate's own launcher code, exports the
     environment that composer turns into the strategy the config's comment promises."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+    from accelerate.utils.launch import (prepare_deepspeed_cmd_env, prepare_multi_gpu_env,
+                                         prepare_simple_launcher_cmd_env)
 
     args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / config), "-m", "composer.cli", "train"])
-    args, _, _ = _validate_launch_command(args)
-    if args.use_fsdp or args.multi_gpu:
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command does before its DeepSpeed launcher
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        env = prepare_deepspeed_cmd_env(args)[1]
+    elif args.use_fsdp or args.multi_gpu:
         env = prepare_multi_gpu_env(args)
     else:
         env = prepare_simple_launcher_cmd_env(args)[1]
@@ -223,6 +274,7 @@ def test_shipped_accelerate_configs_map_to_strategies(config, monkeypatch):
             monkeypatch.setenv(k, v)
     world = args.num_processes
     expected = {"single_gpu.yaml": ("none", None), "ddp_8gpu.yaml": ("ddp", None),
+                "deepspeed_zero2_8gpu.yaml": ("deepspeed", None), "deepspeed_zero3_8gpu.yaml": ("deepspeed", None),
                 "fsdp_8gpu.yaml": ("fsdp", True), "fsdp_zero2_8gpu.yaml": ("fsdp", False),
                 "fsdp_2node_16gpu.yaml": ("fsdp", True)}[config]
     assert resolve_strategy("auto", world) == expected[0]
@@ -232,3 +284,9 @@ def test_shipped_accelerate_configs_map_to_strategies(config, monkeypatch):
         assert o.activation_checkpointing is (config == "fsdp_2node_16gpu.yaml")
     if config == "fsdp_2node_16gpu.yaml":
         assert (args.num_machines, world) == (2, 16)
+    if expected[0] == "deepspeed":
+        o = DeepSpeedOptions.from_env()
+        stage = 2 if "zero2" in config else 3
+        assert (o.zero_stage, o.offload_optimizer, o.offload_param) == (stage, "none" if stage == 2 else "cpu", "none")
+        ds = o.config(micro_batch=2, grad_accum=4, world=8, max_grad_norm=1.0)
+        assert ds["train_batch_size"] == 64 and ds["zero_optimization"]["stage"] == stage
