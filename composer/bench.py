@@ -21,7 +21,7 @@ over the following ``new_tokens - 1`` steps. Each configuration first runs ``war
 all configurations, so that a change in machine load hits every configuration alike.
 
 ONNX Runtime runs one session per graph, each with its own intra-op thread pool; the bench
-turns the pools' spinning off by default (``--ort-spinning`` turns it on), since idle pools
+turns the pools' spinning off by default, as ``OnnxPipeline`` does (``--ort-spinning`` turns it on), since idle pools
 that busy-wait take cores from the graph that runs (see ``_ort_options``). ``threads`` sets
 the intra-op threads of torch and ONNX Runtime alike (on a shared machine, 1 thread each
 keeps other processes' load from skewing one runtime more than another).
@@ -516,17 +516,9 @@ def _add_ratios(rows: list[dict], analytic: dict[str, float]) -> None:
 
 
 def _ort_options(spinning: bool, threads: int | None):
-    """Session options for the bundle's graphs. Each graph is its own session with its own
-    intra-op thread pool; with spinning on (ONNX Runtime's default) the threads of the graph that
-    just ran busy-wait while the next graph runs and take cores from it. Measured here on 2
-    cores with another process busy on one (24 layers, d=1024, k=12, default threads): about 3
-    decode tokens/s with spinning, 9 without."""
-    import onnxruntime as ort
+    from composer.export.runtime import default_session_options
 
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    so.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default (the physical cores)
-    return so
+    return default_session_options(spinning, threads)
 
 
 def _onnx_unavailable(provider: str) -> str | None:

@@ -197,3 +197,18 @@ def test_cuda_provider_without_gpu_is_a_clear_error(small_bundle):
         pytest.skip("a CUDA build of onnxruntime is installed")
     with pytest.raises(ComposerError, match="onnxruntime-gpu"):
         OnnxPipeline(small_bundle, provider="cuda")
+
+
+def test_sessions_do_not_spin_between_graphs(small_bundle):
+    """Each graph has its own intra-op pool; spinning pools would take cores from the graph that
+    runs next, so the pipeline turns spinning off unless given other session options."""
+    import onnxruntime as ort
+
+    pipe = OnnxPipeline(small_bundle)
+    assert {s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            for s in pipe.sessions.values()} == {"0"}
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    spinning = OnnxPipeline(small_bundle, session_options=so)
+    assert {s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            for s in spinning.sessions.values()} == {"1"}
