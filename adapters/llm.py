@@ -50,6 +50,20 @@ class LLMAdapter:
     def layer_class(self) -> type[nn.Module]:
         return type(self.layers[0])
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention window HF applies in at least one layer (None: full attention).
+        Mistral windows every layer when ``sliding_window`` is set; Qwen2/Qwen3 the layers that
+        ``layer_types`` marks ``sliding_attention`` (with ``use_sliding_window``)."""
+        c = self.config
+        w = getattr(c, "sliding_window", None)
+        if not w or c.model_type not in ("mistral", "qwen2", "qwen3"):
+            return None
+        types = getattr(c, "layer_types", None)
+        if c.model_type == "mistral" and types is None:
+            return int(w)
+        return int(w) if types is not None and "sliding_attention" in types else None
+
     # -- the DeepInsert contract -----------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from composer.adapters.llm import LLMAdapter, llm_adapter_for
 from composer.errors import InputError
 from composer.generation import Sampling, decode_loop, eos_ids
-from composer.prompting import check_context, prepare_batch
+from composer.prompting import check_context, check_window, prepare_batch
 from composer.layout import KVState, Layout, additive_mask
 
 IGNORE_INDEX = -100
@@ -118,6 +118,7 @@ class ComposedModel(nn.Module):
         """Run all layers over a laid-out prompt; returns final hidden states (B, L, d)."""
         B, L = input_ids.shape
         check_context(attention_mask, 0, self.context_length)
+        check_window(L, 0, self.adapter.sliding_window)
         slot_masks = self._slot_masks(input_ids)
         mm = self._mm_tokens(slot_masks, modality_inputs)
         layout = Layout.build(attention_mask, slot_masks, self.insert_at, self.num_layers)
@@ -210,6 +211,7 @@ class ComposedModel(nn.Module):
         if not bool(attention_mask[:, -1].all()):
             raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
         check_context(attention_mask, sampling.max_new_tokens, self.context_length)
+        check_window(input_ids.shape[1], sampling.max_new_tokens, self.adapter.sliding_window)
         state = KVState(cache=_new_cache(), key_slot=[], key_ok=[], next_slot=0, next_pos=None)
 
         def step(out: torch.Tensor) -> torch.Tensor:

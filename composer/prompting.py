@@ -128,6 +128,19 @@ def _collect(tokenizer, prompts, rows, row_counts, items_of, *, max_positions, *
     return Prepared(batch, keep, failed)
 
 
+def check_window(width: int, max_new_tokens: int, window: int | None) -> None:
+    """Sliding-window attention (Mistral v0.1's 4096, Qwen2/3 with ``use_sliding_window``) lets a
+    token see only the last ``window`` positions of the padded sequence. composer's layers attend
+    to the whole causal prefix, which equals the windowed attention as long as the padded
+    sequence, generated tokens included, fits the window; past it, refuse rather than differ."""
+    if window is None or width + max_new_tokens <= window:
+        return
+    raise InputError(f"the padded sequence has {width} slots; with max_new_tokens={max_new_tokens} it exceeds the LLM's "
+                     f"sliding attention window of {window} (config.sliding_window), which composer does not "
+                     "implement: shorten the input, or set `llm.config.sliding_window: null` in the spec if the "
+                     "checkpoint attends fully (Mistral v0.2 and later)")
+
+
 def check_context(attention_mask: torch.Tensor, max_new_tokens: int, max_positions: int | None) -> None:
     """Before generating: the longest prompt (real tokens) plus ``max_new_tokens`` must fit the
     LLM's context; past it, learned position tables (OPT) index out of range mid-generation and

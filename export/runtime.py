@@ -26,7 +26,7 @@ import torch
 from composer.errors import ComposerError, InputError
 from composer.export.manifest import read_manifest
 from composer.generation import Sampling, decode_loop
-from composer.prompting import check_context, prepare_batch
+from composer.prompting import check_context, check_window, prepare_batch
 
 _NP = {"fp32": np.float32, "fp16": np.float16}
 
@@ -286,6 +286,7 @@ class OnnxPipeline:
         if not bool(attention_mask[:, -1].all()):
             raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
         check_context(attention_mask, sampling.max_new_tokens, self.context_length)
+        check_window(input_ids.shape[1], sampling.max_new_tokens, self.manifest["llm"].get("sliding_window"))
         state: dict = {}
 
         def step(out: torch.Tensor) -> torch.Tensor:
