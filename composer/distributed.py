@@ -182,9 +182,16 @@ class Engine:
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Destroy the process group this engine made. After a failure it is left alone: other
+        ranks may be inside a collective, and destroying it could hang; the launcher ends them."""
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            if ok:
+                import gc
+
+                gc.collect()  # wrapped modules and pending works go before the group they use
+                dist.barrier()  # no rank tears down while another still talks to it
+                dist.destroy_process_group()
             self.owns_group = False
 
     # -- the model ----------------------------------------------------------------------------

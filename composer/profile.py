@@ -63,9 +63,11 @@ def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
     from composer.train import apply_stage
 
     eng = distributed.setup(cfg.strategy)
+    ok = False
     try:
         model = _load_any(target)
         apply_stage(model, cfg.stage)
+        insert_at = model.insert_at
         base = copy.deepcopy(model)
         for m in base.spec.modalities.values():
             m.insert_at = 0
@@ -87,11 +89,13 @@ def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
         torch.manual_seed(cfg.seed + eng.rank)
         t_0 = statistics.median(_time_steps(base, batches, steps, eng, partial, cfg.batch_size))
         per_rank = list(zip(eng.gather(t_k), eng.gather(t_0), eng.gather(f_k), eng.gather(f_0), strict=True))
+        del model, base, collate  # (FSDP-)wrapped, with works on the group: freed before it is destroyed
+        ok = True
     finally:
-        eng.close()
+        eng.close(ok)
     if not eng.main:
         return []
-    ks = ", ".join(f"{m}={k}" for m, k in model.insert_at.items())
+    ks = ", ".join(f"{m}={k}" for m, k in insert_at.items())
     if eng.world == 1:
         return [
             f"training step, batch {cfg.batch_size}, median of {steps} after 1 warm-up, same weights and batches:",

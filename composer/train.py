@@ -218,10 +218,13 @@ def train(model, cfg: TrainConfig) -> dict:
     from composer import distributed, train_checkpoint
 
     eng = distributed.setup(cfg.strategy)
+    ok = False
     try:
-        return _train(model, cfg, eng, get_scheduler, train_checkpoint)
+        out = _train(model, cfg, eng, get_scheduler, train_checkpoint)
+        ok = True
+        return out
     finally:
-        eng.close()
+        eng.close(ok)
 
 
 def _train(model, cfg: TrainConfig, eng, get_scheduler, ckpts) -> dict:
