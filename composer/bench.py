@@ -150,6 +150,21 @@ def hf_reference_unsupported(model) -> str | None:
     return None
 
 
+def llava_state_dict(model, modality: str = "image") -> dict:
+    """``model``'s weights under ``LlavaForConditionalGeneration``'s names (same tensors)."""
+    rename = {f"projectors.{modality}.0.": "model.multi_modal_projector.linear_1.",
+              f"projectors.{modality}.2.": "model.multi_modal_projector.linear_2.",
+              f"encoders.{modality}.model.": "model.vision_tower.", "llm.model.": "model.language_model.",
+              "llm.lm_head.": "lm_head."}
+    state = {}
+    for k, v in model.state_dict().items():
+        for a, b in rename.items():
+            if k.startswith(a):
+                state[b + k[len(a):]] = v
+                break
+    return state
+
+
 def hf_reference(model):
     """``LlavaForConditionalGeneration`` holding ``model``'s own tensors (no copy), in eval mode,
     set up to generate like the bench's other runtimes: no EOS stop (pass
@@ -178,16 +193,7 @@ def hf_reference(model):
     cfg.vision_config._attn_implementation = vis_cfg._attn_implementation
     with maybe_no_init(True):
         ref = LlavaForConditionalGeneration(cfg)
-    rename = {f"projectors.{m}.0.": "model.multi_modal_projector.linear_1.",
-              f"projectors.{m}.2.": "model.multi_modal_projector.linear_2.",
-              f"encoders.{m}.model.": "model.vision_tower.", "llm.model.": "model.language_model.",
-              "llm.lm_head.": "lm_head."}
-    state = {}
-    for k, v in model.state_dict().items():
-        for a, b in rename.items():
-            if k.startswith(a):
-                state[b + k[len(a):]] = v
-                break
+    state = llava_state_dict(model, m)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     ref.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)  # shares the tensors

@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from composer.errors import InputError
+from composer.errors import InputError, read_versioned_json
 from composer.spec import _load_yaml, parse_spec
 
 if TYPE_CHECKING:
@@ -204,13 +204,7 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
     meta_file = root / "composer.json"
     if not meta_file.is_file():
         raise InputError(f"{root}: not a composer checkpoint (no composer.json)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{meta_file}: invalid JSON ({e})") from None
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
-        raise InputError(f"{meta_file}: unknown format_version {version!r} (this composer reads {FORMAT_VERSION})")
+    meta = read_versioned_json(meta_file, FORMAT_VERSION, "the checkpoint metadata")
     spec_file = root / "spec.yaml"
     try:
         spec = parse_spec(_load_yaml(spec_file.read_text(), str(spec_file)), str(spec_file))

@@ -23,3 +23,22 @@ class InputError(ComposerError):
     """Bad user input: missing/corrupt files, wrong shapes, prompts without placeholders, ..."""
 
     exit_code = 2
+
+
+def read_versioned_json(path, version: int, what: str) -> dict:
+    """``path`` as a JSON object whose ``format_version`` is ``version``; one InputError naming the
+    file otherwise (``what``: what the file is, for the message)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+    found = data.get("format_version") if isinstance(data, dict) else None
+    if found != version:
+        raise InputError(f"{path}: unknown format_version {found!r} (this composer reads {version})")
+    return data

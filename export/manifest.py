@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from composer.errors import InputError
+from composer.errors import InputError, read_versioned_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -28,13 +27,7 @@ def read_manifest(bundle: str | Path, *, check_files: bool = True) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise InputError(f"{root}: not an ONNX bundle (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: invalid JSON ({e})") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise InputError(f"{path}: unknown format_version {version!r} (this composer reads {FORMAT_VERSION})")
+    manifest = read_versioned_json(path, FORMAT_VERSION, "the bundle manifest")
     for key in ("stages", "encoders", "graphs", "llm", "kv", "generation"):
         if key not in manifest:
             raise InputError(f"{path}: missing key {key!r}")

@@ -25,17 +25,9 @@ def _hf_llava(model):
     )
     cfg.text_config._attn_implementation = "eager"
     ref = LlavaForConditionalGeneration(cfg).eval()
-    rename = {"projectors.image.0.": "model.multi_modal_projector.linear_1.",
-              "projectors.image.2.": "model.multi_modal_projector.linear_2.",
-              "encoders.image.model.": "model.vision_tower.",
-              "llm.model.": "model.language_model.", "llm.lm_head.": "lm_head."}
-    state = {}
-    for k, v in model.state_dict().items():
-        for a, b in rename.items():
-            if k.startswith(a):
-                state[b + k[len(a):]] = v
-                break
-    missing, unexpected = ref.load_state_dict(state, strict=True)
+    from composer.bench import llava_state_dict
+
+    missing, unexpected = ref.load_state_dict(llava_state_dict(model), strict=True)
     assert not missing and not unexpected
     return ref
 
