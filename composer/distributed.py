@@ -167,13 +167,6 @@ class Engine:
         dist.all_reduce(t)
         return t.tolist()
 
-    def broadcast_object(self, obj):
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -307,6 +300,8 @@ def resolve_strategy(strategy: str, world: int) -> str:
             return "none"
         return "fsdp" if _flag("ACCELERATE_USE_FSDP") else "ddp"
     if world == 1 and strategy != "deepspeed":
+        log.warning("--strategy %s: this is a single process (launch with torchrun or accelerate launch for several); "
+                    "training without it", strategy)
         return "none"
     return strategy
 
