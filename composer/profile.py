@@ -60,7 +60,7 @@ def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
     and the report has a row per rank."""
     from composer import distributed
     from composer.cli import _load_any
-    from composer.train import apply_stage
+    from composer.train import _chunks, apply_stage, local_batch
 
     eng = distributed.setup(cfg.strategy)
     ok = False
@@ -74,12 +74,8 @@ def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
         placeholders = {m: model.spec.modalities[m].placeholder for m in model.encoders}
         examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
         collate = Collator(model, cfg.max_length)
-        g = cfg.batch_size * eng.world
-        chunks = [list(range(i, min(i + g, len(examples)))) for i in range(0, len(examples), g)][:steps]
-        batches = []
-        for chunk in chunks:
-            mine = distributed.rank_share(chunk, eng.rank, eng.world)
-            batches.append((collate([examples[i] for i in (mine or chunk[:1])]), bool(mine)))
+        chunks = _chunks(list(range(len(examples))), cfg.batch_size * eng.world)[:steps]
+        batches = [local_batch(examples, chunk, collate, eng) for chunk in chunks]
         mine_only = [b for b, real in batches if real] or [batches[0][0]]
         f_k = statistics.mean(_step_flops(model, b) for b in mine_only)
         f_0 = statistics.mean(_step_flops(base, b) for b in mine_only)

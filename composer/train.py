@@ -95,16 +95,6 @@ def apply_stage(model, stage: int | None) -> None:
         set_trainable(model.llm, model.spec.llm.train)
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    from composer import train_checkpoint
-
-    return train_checkpoint.latest(out / CKPT_DIR)
-
-
 # -- the loop -----------------------------------------------------------------------------------------
 def _autocast(model, precision: str):
     import os
@@ -132,45 +122,48 @@ def _micro_batches(n: int, bs: int, world: int, seed: int, epoch: int, seen: int
     share (``rank_share``). Positions count records, not batches, so a run resumes on another
     number of ranks without repeating or skipping a record."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()[seen:]
-    g = bs * world
-    return [order[i: i + g] for i in range(0, len(order), g)]
+    return _chunks(order, bs * world)
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def _label_count(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def _local_batches(examples, chunks, collate, eng) -> list[tuple[dict, bool]]:
-    """This rank's part of each global micro-batch, collated. A rank whose part is empty (the
-    epoch's last, short micro-batch) runs the micro-batch's first record with weight 0, so that
-    every rank takes part in the collectives and nothing is counted twice."""
+def local_batch(examples, chunk: list[int], collate, eng) -> tuple[dict, bool]:
+    """This rank's part of a global micro-batch, collated, and whether it is real. A rank whose
+    part is empty (the epoch's last, short micro-batch) runs the micro-batch's first record, to
+    be weighted 0, so that every rank takes part in the collectives and nothing counts twice."""
     from composer.distributed import rank_share
 
-    out = []
-    for chunk in chunks:
-        mine = rank_share(chunk, eng.rank, eng.world)
-        out.append((collate([examples[i] for i in (mine or chunk[:1])]), bool(mine)))
-    return out
+    mine = rank_share(chunk, eng.rank, eng.world)
+    return collate([examples[i] for i in (mine or chunk[:1])]), bool(mine)
 
 
 def evaluate(model, examples, collate, batch_size: int, autocast, eng=None) -> float:
     """Mean token loss over ``examples`` (sharded over the ranks when distributed)."""
-    from composer.distributed import Engine, rank_share
+    from composer.distributed import Engine
 
     eng = eng or Engine()
     was = model.training
     model.eval()
     total, count = 0.0, 0
-    idx = list(range(len(examples)))
     with torch.no_grad():
-        for i in range(0, len(idx), batch_size * eng.world):
-            chunk = idx[i: i + batch_size * eng.world]
-            mine = rank_share(chunk, eng.rank, eng.world)
-            batch = collate([examples[j] for j in (mine or chunk[:1])])
+        for chunk in _chunks(list(range(len(examples))), batch_size * eng.world):
+            batch, real = local_batch(examples, chunk, collate, eng)
             n = _label_count(batch)
             with autocast:
                 loss = model(**batch, num_items_in_batch=max(n, 1)).loss
-            if mine:
+            if real:
                 total += float(loss) * max(n, 1)
                 count += n
     model.train(was)
@@ -213,21 +206,23 @@ def train(model, cfg: TrainConfig) -> dict:
     ``batch_size`` is per rank, so an optimizer step sees ``batch_size * grad_accum * world``
     records; the loss is the mean over all label tokens of the step, whatever the split over
     micro-batches and ranks (a 2-rank run matches a 1-rank run of the same global batch)."""
-    from transformers import get_scheduler
-
-    from composer import distributed, train_checkpoint
+    from composer import distributed
 
     eng = distributed.setup(cfg.strategy)
     ok = False
     try:
-        out = _train(model, cfg, eng, get_scheduler, train_checkpoint)
+        out = _train(model, cfg, eng)
         ok = True
         return out
     finally:
         eng.close(ok)
 
 
-def _train(model, cfg: TrainConfig, eng, get_scheduler, ckpts) -> dict:
+def _train(model, cfg: TrainConfig, eng) -> dict:
+    from transformers import get_scheduler
+
+    from composer import train_checkpoint as ckpts
+
     out = Path(cfg.output)
     if eng.main:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (cfg.resume or cfg.overwrite):
@@ -236,9 +231,7 @@ def _train(model, cfg: TrainConfig, eng, get_scheduler, ckpts) -> dict:
             shutil.rmtree(out / CKPT_DIR)  # another run's: --resume must never pick them up
         (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
     eng.barrier()
-    torch.manual_seed(cfg.seed + eng.rank)  # per-rank dropout; data order uses its own generator
-    random.seed(cfg.seed + eng.rank)
-    np.random.seed(cfg.seed + eng.rank)
+    _seed_all(cfg.seed + eng.rank)  # per-rank dropout; data order uses its own generator
     apply_stage(model, cfg.stage)
     if not any(p.requires_grad for p in model.parameters()):
         raise SpecError("nothing to train: every component is frozen (set `train:` in the spec or use --stage)")
@@ -264,16 +257,14 @@ def _train(model, cfg: TrainConfig, eng, get_scheduler, ckpts) -> dict:
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
     global_batch = cfg.batch_size * cfg.grad_accum * eng.world
     state = {"step": 0, "epoch": 0, "seen": 0}
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    ckpt = ckpts.latest(out / CKPT_DIR) if cfg.resume else None
     if cfg.resume and ckpt is None and eng.main:
         log.warning("--resume: no checkpoint in %s; starting from scratch", out / CKPT_DIR)
     if ckpt is not None:
         meta = ckpts.load(ckpt, eng, net, opt, sched)
         state = meta["state"]
         if meta["world_size"] != eng.world:  # the saved RNG streams belong to other ranks: fresh ones
-            torch.manual_seed(cfg.seed + eng.rank + 7919 * state["step"])
-            random.seed(cfg.seed + eng.rank + 7919 * state["step"])
-            np.random.seed(cfg.seed + eng.rank + 7919 * state["step"])
+            _seed_all(cfg.seed + eng.rank + 7919 * state["step"])
         if eng.main:
             log.info("resumed from %s (written by %d rank(s); this run has %d)", ckpt, meta["world_size"], eng.world)
             if meta.get("global_batch", global_batch) != global_batch:
@@ -297,7 +288,7 @@ def _train(model, cfg: TrainConfig, eng, get_scheduler, ckpts) -> dict:
                 t0 = time.perf_counter()
                 group = chunks[i: i + cfg.grad_accum]
                 i += len(group)
-                micro = _local_batches(examples, group, collate, eng)
+                micro = [local_batch(examples, chunk, collate, eng) for chunk in group]
                 n_labels, n_tok = eng.sum([sum(_label_count(b) for b, real in micro if real),
                                            sum(int(b["attention_mask"].sum()) for b, real in micro if real)])
                 denom = max(int(n_labels), 1)
