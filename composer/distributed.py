@@ -24,6 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -88,7 +89,7 @@ class DeepSpeedOptions:
         zero: dict = {}
         if o.config_file:
             try:
-                zero = json.loads(open(o.config_file, encoding="utf-8").read()).get("zero_optimization", {})  # noqa: SIM115
+                zero = json.loads(Path(o.config_file).read_text(encoding="utf-8")).get("zero_optimization", {})
             except (OSError, ValueError, AttributeError) as e:
                 raise InputError(f"{o.config_file}: not a readable DeepSpeed JSON config ({e})") from None
         try:

@@ -18,7 +18,7 @@ weight and Adam moments are gathered with DeepSpeed's accessors and written, who
 DeepSpeed, FSDP, DDP and a single process.
 
 A checkpoint is written into ``.step-NNNNNN.tmp`` and renamed by rank 0 after every rank has
-finished, so ``latest_checkpoint`` never sees a partial one (the directory must be on a
+finished, so ``latest`` never sees a partial one (the directory must be on a
 filesystem that all nodes share).
 """
 
@@ -253,18 +253,18 @@ def _ds_init_optimizer_state(net, opt) -> None:
     if not todo:
         return
     lrs = [g["lr"] for g in opt.param_groups]
+    grads = {i: flat[i].grad for i in todo}  # ZeRO-3 with offload keeps persistent grad buffers
     for g in opt.param_groups:
         g["lr"] = 0.0
     for i in todo:
-        p, had = flat[i], flat[i].grad
-        p.grad = torch.zeros_like(p)
-        if zero3 is not None:
-            net.optimizer._optimizer_step(i)  # ZeRO-3 hands the optimizer one sub-group at a time
-        p.grad = had if zero3 is not None else p.grad
-    if zero3 is None:
-        opt.step()
+        flat[i].grad = torch.zeros_like(flat[i])
+    if zero3 is not None:
         for i in todo:
-            flat[i].grad = None
+            net.optimizer._optimizer_step(i)  # ZeRO-3 hands the optimizer one sub-group at a time
+    else:
+        opt.step()
+    for i in todo:
+        flat[i].grad = grads[i]
     for g, lr in zip(opt.param_groups, lrs, strict=True):
         g["lr"] = lr
 
