@@ -457,14 +457,8 @@ def load_gin_weights(encoder: GinEncoder, path: str | Path) -> None:
     builder reports with the spec field): every GIN key present with its shape, nothing
     unexpected. Allowed absent: ``ln_graph.*`` (pretrain-gnns files have none;
     MolCA creates it fresh: weight 1, bias 0, as here) and ``num_batches_tracked`` (older torch)."""
+    from composer.hf_weights import load_strict
+
     state = _map_keys(read_gin_weights(path))
-    own = encoder.state_dict()
-    optional = {k for k in own if k.startswith("ln_graph.") or k.endswith("num_batches_tracked")}
-    missing = sorted(set(own) - set(state) - optional)
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{path}: keys do not match the GIN (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the GIN needs {tuple(own[k].shape)}")
-    encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    optional = {k for k in encoder.state_dict() if k.startswith("ln_graph.") or k.endswith("num_batches_tracked")}
+    load_strict(encoder, state, str(path), "GIN", optional=optional, show=5)

@@ -190,6 +190,23 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, what: str, *,
+                optional: set[str] = frozenset(), show: int | None = None) -> None:
+    """Load ``state`` into ``module`` after checking it holds exactly the module's keys (less
+    ``optional`` ones it may lack) with the module's shapes; cast to the module's dtypes.
+    Raises ``ValueError`` naming ``source`` and ``what`` the module is (at most ``show`` keys
+    listed per kind; None: all)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state) - optional)
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: keys do not match the {what} (missing {missing[:show]}, unexpected {unexpected[:show]})")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the {what} needs {tuple(own[k].shape)}")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=not optional)
+
+
 def _first_line(e: Exception) -> str:
     s = str(e).strip()
     return s.splitlines()[0] if s else ""

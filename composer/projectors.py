@@ -154,7 +154,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_projector_weights(projector: nn.Module, path: Path, where: str) -> None:
     """Load seed-layout weights (e.g. LLaVA ``mm_projector.bin``) into ``projector``, strictly."""
-    from composer.hf_weights import read_component  # whole-model checkpoints (BLIP-2): own tensors only
+    from composer.hf_weights import load_strict, read_component  # whole-model checkpoints (BLIP-2): own tensors only
 
     raw = read_component(path, {k.split(".", 1)[0] for k in projector.state_dict()}, where)
     raw = read_weights(path) if raw is None else raw
@@ -167,12 +167,7 @@ def load_projector_weights(projector: nn.Module, path: Path, where: str) -> None
         state[k] = v
     if isinstance(projector, LinearProjector) and set(state) == {"weight", "bias"}:
         state = {f"proj.{k}": v for k, v in state.items()}
-    own = projector.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise InputError(f"{where}: {path}: keys do not match the projector (missing {missing}, unexpected {unexpected})")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise InputError(f"{where}: {path}: {k} has shape {tuple(v.shape)}, the projector needs {tuple(own[k].shape)}")
-    projector.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    try:
+        load_strict(projector, state, f"{where}: {path}", "projector")
+    except ValueError as e:
+        raise InputError(str(e)) from None
