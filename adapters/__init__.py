@@ -38,5 +38,12 @@ def encoder_type_of(encoder: EncoderAdapter) -> str:
     raise TypeError(f"{type(encoder).__name__} is not a registered encoder adapter")
 
 
-__all__ = ["ENCODER_ADAPTERS", "EncoderAdapter", "HFEncoder", "LLM_ADAPTERS", "LLMAdapter", "encoder_type_of",
-           "llm_adapter_for"]
+__all__ = [
+    "ENCODER_ADAPTERS",
+    "EncoderAdapter",
+    "HFEncoder",
+    "LLM_ADAPTERS",
+    "LLMAdapter",
+    "encoder_type_of",
+    "llm_adapter_for",
+]

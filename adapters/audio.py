@@ -65,7 +65,9 @@ def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
     if frames == 0 or not data:
         raise InputError(f"{path}: empty audio (0 samples)")
     if len(data) != frames * frame_bytes:
-        raise InputError(f"{path}: truncated WAV (the header says {frames} frames, the file holds {len(data) // frame_bytes})")
+        raise InputError(
+            f"{path}: truncated WAV (the header says {frames} frames, the file holds {len(data) // frame_bytes})"
+        )
     if rate <= 0:
         raise InputError(f"{path}: invalid sampling rate {rate} in the WAV header")
     samples = _pcm_to_float(data, width, str(path)).reshape(-1, channels)
@@ -86,8 +88,9 @@ def _pcm_to_float(data: bytes, width: int, where: str) -> np.ndarray:
     raise InputError(f"{where}: unsupported WAV sample width of {8 * width} bits (PCM 8/16/24/32-bit are read)")
 
 
-def resample(x: np.ndarray, orig_sr: int, target_sr: int, *, zeros: int = 32, rolloff: float = 0.94,
-             beta: float = 8.6) -> np.ndarray:
+def resample(
+    x: np.ndarray, orig_sr: int, target_sr: int, *, zeros: int = 32, rolloff: float = 0.94, beta: float = 8.6
+) -> np.ndarray:
     """Band-limited resampling of a 1-D waveform (windowed-sinc interpolation, polyphase).
 
     Output sample ``n`` sits at input time ``n * orig_sr / target_sr``; it is a weighted sum of
@@ -136,7 +139,10 @@ def _waveform(item: Any, index: int, rate: int, keep: int) -> np.ndarray:
     elif isinstance(item, np.ndarray):
         wav, sr = _array(item, where), rate
     else:
-        raise InputError(f"{where}: expected a WAV file path, a numpy waveform or (waveform, sampling_rate), got {type(item).__name__}")
+        raise InputError(
+            f"{where}: expected a WAV file path, a numpy waveform or (waveform, sampling_rate), "
+            f"got {type(item).__name__}"
+        )
     # The extractor keeps the first `keep` samples; resample only those (plus 100 ms for the filter).
     return resample(wav[: -(-keep * sr // rate) + sr // 10], sr, rate)[:keep]
 
@@ -248,7 +254,9 @@ class ASTAudioEncoder(HFEncoder):
         want = (config.max_length, config.num_mel_bins)
         got = (proc.max_length, proc.num_mel_bins)
         if got != want:
-            raise ValueError(f"the feature extractor makes (max_length, num_mel_bins) = {got}, the AST config expects {want}")
+            raise ValueError(
+                f"the feature extractor makes (max_length, num_mel_bins) = {got}, the AST config expects {want}"
+            )
 
     preprocess = staticmethod(load_audio)
 
@@ -256,8 +264,10 @@ class ASTAudioEncoder(HFEncoder):
     def grid(self) -> tuple[int, int]:
         """(frequency rows, time columns) of the patch grid (transformers ``ASTEmbeddings.get_shape``)."""
         c = self.model.config
-        return ((c.num_mel_bins - c.patch_size) // c.frequency_stride + 1,
-                (c.max_length - c.patch_size) // c.time_stride + 1)
+        return (
+            (c.num_mel_bins - c.patch_size) // c.frequency_stride + 1,
+            (c.max_length - c.patch_size) // c.time_stride + 1,
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -271,10 +281,12 @@ class ASTAudioEncoder(HFEncoder):
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:  # (n, frames, mel) -> (n, T, d_enc)
         c = self.model.config
         if tuple(input_values.shape[1:]) != (c.max_length, c.num_mel_bins):
-            raise InputError(f"input_values: expected (items, {c.max_length}, {c.num_mel_bins}), got {tuple(input_values.shape)}")
+            raise InputError(
+                f"input_values: expected (items, {c.max_length}, {c.num_mel_bins}), got {tuple(input_values.shape)}"
+            )
         last = self.layer == c.num_hidden_layers
         out = self.model(input_values=input_values.to(self.dtype), output_hidden_states=not last)
         feats = out.last_hidden_state if last else out.hidden_states[self.layer]
         if self.select == "patch":
-            feats = feats[:, self.num_special_tokens:]
+            feats = feats[:, self.num_special_tokens :]
         return feats

@@ -88,7 +88,7 @@ def load_tower(hf: torch.nn.Module, src: str) -> None:
     missing = [prefix + k for k in own if prefix + k not in ckpt.key_file]
     if missing:
         raise ValueError(f"{src}: no vision tower tensors {missing[:3]} ({len(missing)} of {len(own)} missing)")
-    state = {k[len(prefix):]: v for k, v in ckpt.read(prefix + k for k in own).items()}
+    state = {k[len(prefix) :]: v for k, v in ckpt.read(prefix + k for k in own).items()}
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise ValueError(f"{src}: {prefix}{k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}")

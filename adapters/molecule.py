@@ -90,8 +90,11 @@ def featurize(item) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, in
         raise InputError(f"a molecule must be a SMILES string, got {type(item).__name__}")
     if mol.GetNumAtoms() == 0:
         raise InputError(f"SMILES {name!r} has no atoms")
-    chirality = {Chem.ChiralType.CHI_UNSPECIFIED: 0, Chem.ChiralType.CHI_TETRAHEDRAL_CW: 1,
-                 Chem.ChiralType.CHI_TETRAHEDRAL_CCW: 2}
+    chirality = {
+        Chem.ChiralType.CHI_UNSPECIFIED: 0,
+        Chem.ChiralType.CHI_TETRAHEDRAL_CW: 1,
+        Chem.ChiralType.CHI_TETRAHEDRAL_CCW: 2,
+    }
     bond_types = {Chem.BondType.SINGLE: 0, Chem.BondType.DOUBLE: 1, Chem.BondType.TRIPLE: 2, Chem.BondType.AROMATIC: 3}
     bond_dirs = {Chem.BondDir.NONE: 0, Chem.BondDir.ENDUPRIGHT: 1, Chem.BondDir.ENDDOWNRIGHT: 2}
     atoms = []
@@ -106,8 +109,9 @@ def featurize(item) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, in
     for b in mol.GetBonds():
         t, d = b.GetBondType(), b.GetBondDir()
         if t not in bond_types or d not in bond_dirs:
-            raise InputError(f"SMILES {name!r}: bond {b.GetIdx()} ({t}, {d}) is not a bond type/direction "
-                             "the GIN encodes")
+            raise InputError(
+                f"SMILES {name!r}: bond {b.GetIdx()} ({t}, {d}) is not a bond type/direction the GIN encodes"
+            )
         bonds.append((b.GetBeginAtomIdx(), b.GetEndAtomIdx(), bond_types[t], bond_dirs[d]))
     return atoms, bonds
 
@@ -130,8 +134,9 @@ class MoleculeProcessor:
         n, width = len(graphs), max(len(atoms) for atoms, _ in graphs)
         if self.max_atoms is not None and width > self.max_atoms:
             i = next(i for i, (atoms, _) in enumerate(graphs) if len(atoms) == width)
-            raise InputError(f"molecule {items[i]!r} has {width} atoms; this processor allows {self.max_atoms} "
-                             "(max_atoms)")
+            raise InputError(
+                f"molecule {items[i]!r} has {width} atoms; this processor allows {self.max_atoms} (max_atoms)"
+            )
         atom_features = torch.zeros(n, width, 2, dtype=torch.long)
         bond_features = torch.zeros(n, width, width, 2, dtype=torch.long)
         adjacency = torch.zeros(n, width, width, dtype=torch.long)
@@ -144,8 +149,12 @@ class MoleculeProcessor:
                 for i, j in ((b[:, 0], b[:, 1]), (b[:, 1], b[:, 0])):
                     bond_features[k, i, j] = b[:, 2:]
                     adjacency[k, i, j] = 1
-        return {"atom_features": atom_features, "bond_features": bond_features, "adjacency": adjacency,
-                "atom_mask": atom_mask}
+        return {
+            "atom_features": atom_features,
+            "bond_features": bond_features,
+            "adjacency": adjacency,
+            "atom_mask": atom_mask,
+        }
 
     def save_pretrained(self, path: str | Path) -> None:
         p = Path(path)
@@ -193,8 +202,9 @@ class GinConfig:
         if not 0 <= self.drop_ratio < 1:
             raise ValueError(f"gin config drop_ratio must be in [0, 1), got {self.drop_ratio!r}")
         if not 0 <= self.self_loop_bond_type < self.num_bond_type:
-            raise ValueError(f"gin config self_loop_bond_type must be in [0, {self.num_bond_type}), "
-                             f"got {self.self_loop_bond_type!r}")
+            raise ValueError(
+                f"gin config self_loop_bond_type must be in [0, {self.num_bond_type}), got {self.self_loop_bond_type!r}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GinConfig:
@@ -213,8 +223,14 @@ class GinConfig:
         except KeyError as e:
             raise ValueError(f"{where}: not a pretrain-gnns GIN state dict (no {e.args[0]})") from None
         layers = {int(k.split(".")[1]) for k in state if k.startswith("gnns.")}
-        return cls(num_layers=max(layers) + 1, emb_dim=atom[1], num_atom_type=atom[0], num_chirality_tag=chir[0],
-                   num_bond_type=bond[0], num_bond_direction=bdir[0])
+        return cls(
+            num_layers=max(layers) + 1,
+            emb_dim=atom[1],
+            num_atom_type=atom[0],
+            num_chirality_tag=chir[0],
+            num_bond_type=bond[0],
+            num_bond_direction=bdir[0],
+        )
 
 
 class GINConv(nn.Module):
@@ -229,8 +245,9 @@ class GINConv(nn.Module):
         nn.init.xavier_uniform_(self.edge_embedding2.weight)
         self.self_loop_bond_type = self_loop_bond_type
 
-    def forward(self, h: torch.Tensor, adjacency: torch.Tensor, type_counts: torch.Tensor,
-                dir_counts: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, adjacency: torch.Tensor, type_counts: torch.Tensor, dir_counts: torch.Tensor
+    ) -> torch.Tensor:
         # h (n, N, d); adjacency (n, N, N); *_counts (n, N, vocab): bonds of each type/direction per atom
         w1, w2 = self.edge_embedding1.weight, self.edge_embedding2.weight
         self_loop = w1[self.self_loop_bond_type] + w2[0]  # (d,)
@@ -293,8 +310,9 @@ class GinEncoder(EncoderAdapter):
         return GinConfig.from_dict(d)
 
     @classmethod
-    def create(cls, config: GinConfig, spec, *, src: str | None, dtype: torch.dtype | None,
-               load_weights: bool) -> GinEncoder:
+    def create(
+        cls, config: GinConfig, spec, *, src: str | None, dtype: torch.dtype | None, load_weights: bool
+    ) -> GinEncoder:
         enc = cls(config, feature_layer=spec.feature_layer, select=spec.select)
         if src is not None and load_weights:
             load_gin_weights(enc, _resolve(src)[1])
@@ -342,24 +360,34 @@ class GinEncoder(EncoderAdapter):
                 t = torch.randint(0, 4, (), generator=g)
                 bond_features[k, i, i + 1, 0] = bond_features[k, i + 1, i, 0] = t
                 adjacency[k, i, i + 1] = adjacency[k, i + 1, i] = 1
-        return {"atom_features": atom_features, "bond_features": bond_features, "adjacency": adjacency,
-                "atom_mask": atom_mask}
+        return {
+            "atom_features": atom_features,
+            "bond_features": bond_features,
+            "adjacency": adjacency,
+            "atom_mask": atom_mask,
+        }
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {"atom_features": {0: "items", 1: "atoms"}, "bond_features": {0: "items", 1: "atoms", 2: "atoms"},
-                "adjacency": {0: "items", 1: "atoms", 2: "atoms"}, "atom_mask": {0: "items", 1: "atoms"}}
+        return {
+            "atom_features": {0: "items", 1: "atoms"},
+            "bond_features": {0: "items", 1: "atoms", 2: "atoms"},
+            "adjacency": {0: "items", 1: "atoms", 2: "atoms"},
+            "atom_mask": {0: "items", 1: "atoms"},
+        }
 
     # -- forward -------------------------------------------------------------------------------------------
     def _batch_norm(self, bn: nn.BatchNorm1d, h: torch.Tensor, mask: torch.Tensor, train: bool) -> torch.Tensor:
         if not train:  # running statistics: a per-channel affine map, padding cannot leak
-            return F.batch_norm(h.flatten(0, 1), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
-                                bn.eps).view(h.shape)
+            return F.batch_norm(
+                h.flatten(0, 1), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+            ).view(h.shape)
         out = torch.zeros_like(h)  # batch statistics over real atoms only, as over pretrain-gnns' node list
         out[mask] = bn(h[mask])
         return out
 
-    def forward(self, atom_features: torch.Tensor, bond_features: torch.Tensor, adjacency: torch.Tensor,
-                atom_mask: torch.Tensor) -> torch.Tensor:  # -> (n, [1 +] N, d)
+    def forward(
+        self, atom_features: torch.Tensor, bond_features: torch.Tensor, adjacency: torch.Tensor, atom_mask: torch.Tensor
+    ) -> torch.Tensor:  # -> (n, [1 +] N, d)
         dt = self.dtype
         c = self.config
         # A frozen GIN keeps its running statistics and no dropout in training (MolCA's `disabled_train`).
@@ -416,8 +444,10 @@ def _resolve(src: str) -> tuple[str | None, str]:
     try:
         return hf_hub_download(src, CONFIG_FILE), hf_hub_download(src, WEIGHTS_FILE)
     except Exception as e:  # hub errors come in many types; name the source
-        raise ValueError("not a local GIN weights file or dir, and not loadable from the Hub "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ValueError(
+            "not a local GIN weights file or dir, and not loadable from the Hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def read_gin_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -447,7 +477,7 @@ def _map_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             stripped = False
             for p in _PREFIXES:
                 if k.startswith(p):
-                    k, stripped = k[len(p):], True
+                    k, stripped = k[len(p) :], True
         out[k] = v
     return out
 

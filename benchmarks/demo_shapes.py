@@ -66,10 +66,10 @@ def make_data(root: Path, n_train: int, n_test: int, seed: int) -> tuple[Path, l
 def accuracy(model, test: list[tuple[str, str]], batch: int = 32) -> float:
     hits = 0
     for i in range(0, len(test), batch):
-        chunk = test[i: i + batch]
+        chunk = test[i : i + batch]
         b = model.prepare([model.format_prompt(QUESTION)] * len(chunk), image=[p for p, _ in chunk])
         out = model.decode(model.generate(**b, max_new_tokens=16))
-        hits += sum(o.strip() == want for o, (_, want) in zip(out, chunk))
+        hits += sum(o.strip() == want for o, (_, want) in zip(out, chunk, strict=False))
     return hits / len(test)
 
 
@@ -92,22 +92,41 @@ def main() -> None:
             spec["modalities"]["image"]["insert_at"] = k
             model = build(parse_spec(spec))
             t, c = time.perf_counter(), time.process_time()
-            summary = train(model, TrainConfig(data=str(data), output=f"{tmp}/k{k}", max_steps=args.steps,
-                                               batch_size=args.batch_size, lr=args.lr, warmup_ratio=0.05,
-                                               seed=args.seed, progress=False))
+            summary = train(
+                model,
+                TrainConfig(
+                    data=str(data),
+                    output=f"{tmp}/k{k}",
+                    max_steps=args.steps,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    warmup_ratio=0.05,
+                    seed=args.seed,
+                    progress=False,
+                ),
+            )
             wall, cpu = time.perf_counter() - t, time.process_time() - c
             model.eval()
-            results[k] = {"accuracy": accuracy(model, test), "train_s": wall, "train_cpu_s": cpu,
-                          "final_loss": sum(summary["losses"][-20:]) / 20}
-    print(f"tiny LLaVA twin ({n_layers} layers, d=64), {args.train} train / {args.test} held-out images, "
-          f"{args.steps} steps of batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
-          f"{torch.get_num_threads()} threads")
+            results[k] = {
+                "accuracy": accuracy(model, test),
+                "train_s": wall,
+                "train_cpu_s": cpu,
+                "final_loss": sum(summary["losses"][-20:]) / 20,
+            }
+    print(
+        f"tiny LLaVA twin ({n_layers} layers, d=64), {args.train} train / {args.test} held-out images, "
+        f"{args.steps} steps of batch {args.batch_size}, lr {args.lr}, seed {args.seed}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'insert_at':<10}{'held-out accuracy':>20}{'train wall':>12}{'train CPU':>12}{'final loss':>12}")
     for k, r in results.items():
         print(f"{k:<10}{r['accuracy']:>20.1%}{r['train_s']:>11.1f}s{r['train_cpu_s']:>11.1f}s{r['final_loss']:>12.3f}")
     a, b = results[0], results[n_layers // 2]
-    print(f"ratio k={n_layers // 2} / k=0: wall {b['train_s'] / a['train_s']:.2f}, CPU {b['train_cpu_s'] / a['train_cpu_s']:.2f} "
-          "(CPU time is the fairer measure when other processes share the machine)")
+    print(
+        f"ratio k={n_layers // 2} / k=0: wall {b['train_s'] / a['train_s']:.2f}, "
+        f"CPU {b['train_cpu_s'] / a['train_cpu_s']:.2f} "
+        "(CPU time is the fairer measure when other processes share the machine)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """composer: compose multimodal LMs from a YAML spec, with DeepInsert.
 
-    import composer
-    spec = composer.load_spec("specs/tiny/llava.yaml")
-    model = composer.build(spec)
+import composer
+spec = composer.load_spec("specs/tiny/llava.yaml")
+model = composer.build(spec)
 """
 
 from composer.errors import ComposerError, InputError, SpecError

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer.adapters.llm import LLM_ADAPTERS, llm_adapter_for
 from composer.adapters import ENCODER_ADAPTERS
 from composer.adapters.encoder import maybe_no_init
+from composer.adapters.llm import LLM_ADAPTERS, llm_adapter_for
 from composer.errors import InputError, SpecError
 from composer.model import ComposedModel
 from composer.projectors import build_projector, load_projector_weights
@@ -25,8 +25,9 @@ from composer.tokenizer import add_placeholders, byte_tokenizer, load_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_source(value: str, base_dir: Path | None, *, weights: bool = True, where: str | None = None,
-                   offline: bool = False) -> str:
+def resolve_source(
+    value: str, base_dir: Path | None, *, weights: bool = True, where: str | None = None, offline: bool = False
+) -> str:
     """A local dir relative to the spec file wins over a Hub id of the same spelling (as HF does
     with the working directory). A pinned Hub id ``owner/name@<commit>`` (``pin_revisions`` has
     resolved the revision) becomes its snapshot dir in the HF cache: configs and tokenizer files,
@@ -38,7 +39,7 @@ def resolve_source(value: str, base_dir: Path | None, *, weights: bool = True, w
         return os.path.abspath(base_dir / value)  # not resolve(): HF cache files are symlinks to suffix-less blobs
     repo, rev = split_revision(value)
     if rev is not None and not Path(value).exists():
-        from composer.hub import pinned_snapshot
+        from composer.hub.sources import pinned_snapshot
 
         return str(pinned_snapshot(repo, rev, where=where or value, weights=weights, offline=offline))
     return value
@@ -71,8 +72,10 @@ def check_confined(value: str, base_dir: Path, where: str | None) -> None:
         return
     target = os.path.normpath(os.path.join(os.path.abspath(base_dir), value))
     if Path(value).is_absolute() or os.path.commonpath([target, str(root)]) != str(root):
-        raise SpecError(f"{where or 'spec'}: {value!r} points outside the Hub repo the spec came from ({root}); "
-                        "a spec from the Hub may only name files inside its repo, or Hub ids")
+        raise SpecError(
+            f"{where or 'spec'}: {value!r} points outside the Hub repo the spec came from ({root}); "
+            "a spec from the Hub may only name files inside its repo, or Hub ids"
+        )
 
 
 def _config_error(where: str, e: Exception) -> SpecError:
@@ -107,7 +110,7 @@ def pin_revisions(spec: Spec, offline: bool = False) -> Spec:
 
     if not any(pinned(getattr(obj, attr)) for _, obj, attr in _hub_fields(spec)):
         return spec
-    from composer.hub import resolve_revision
+    from composer.hub.sources import resolve_revision
 
     spec = spec.model_copy(deep=True)  # keeps the source dir
     seen: dict[str, str] = {}
@@ -121,12 +124,12 @@ def pin_revisions(spec: Spec, offline: bool = False) -> Spec:
     return spec
 
 
-EMBEDDED_CONFIGS = Path(__file__).parent / "configs"
+EMBEDDED_CONFIGS = Path(__file__).parent / "hf_configs"
 
 
 def config_source(src: str, where: str, offline: bool) -> str:
     """Where to read a component's config from. Offline: a local dir, else the HF cache, else
-    the config embedded in composer for the seed specs (``composer/configs/<org>/<name>``)."""
+    the config embedded in composer for the seed specs (``composer/hf_configs/<org>/<name>``)."""
     if not offline or Path(src).is_dir():
         return src
     from huggingface_hub import try_to_load_from_cache
@@ -136,8 +139,10 @@ def config_source(src: str, where: str, offline: bool) -> str:
         return str(Path(cached).parent)
     if (EMBEDDED_CONFIGS / src / "config.json").is_file():
         return str(EMBEDDED_CONFIGS / src)
-    raise InputError(f"{where}: {src!r} is not in the local Hugging Face cache and composer embeds no config for it"
-                     " (inspect needs the network or a cached copy)")
+    raise InputError(
+        f"{where}: {src!r} is not in the local Hugging Face cache and composer embeds no config for it"
+        " (inspect needs the network or a cached copy)"
+    )
 
 
 def _hf_error(where: str, source: str, e: Exception) -> InputError:
@@ -164,8 +169,9 @@ def llm_config(spec: LLMSpec, base_dir: Path | None, offline: bool = False):
         raise _hf_error("llm.model", src, e) from None
 
 
-def build_llm(spec: LLMSpec, base_dir: Path | None, *, config=None, load_weights: bool = True,
-              offline: bool = False) -> nn.Module:
+def build_llm(
+    spec: LLMSpec, base_dir: Path | None, *, config=None, load_weights: bool = True, offline: bool = False
+) -> nn.Module:
     """The HF causal LM: pretrained (``llm.model``) or from a config (random init, or no init
     when the weights come from a composed checkpoint)."""
     from transformers import AutoModelForCausalLM
@@ -197,17 +203,32 @@ def encoder_type(spec: EncoderSpec, where: str, config=None) -> str:
         return spec.type
     mt = config.model_type if config is not None else None
     if mt not in ENCODER_MODEL_TYPES:
-        raise SpecError(f"{where}.type: cannot infer the encoder type from model_type {mt!r}; set `type` to one of {sorted(ENCODER_ADAPTERS)}")
+        raise SpecError(
+            f"{where}.type: cannot infer the encoder type from model_type {mt!r}; "
+            f"set `type` to one of {sorted(ENCODER_ADAPTERS)}"
+        )
     return ENCODER_MODEL_TYPES[mt]
 
 
-def build_encoder(spec: EncoderSpec, where: str, base_dir: Path | None, *, config=None, load_weights: bool = True,
-                  processor_dir: Path | None = None, load_processor: bool = True, etype: str | None = None,
-                  offline: bool = False):
+def build_encoder(
+    spec: EncoderSpec,
+    where: str,
+    base_dir: Path | None,
+    *,
+    config=None,
+    load_weights: bool = True,
+    processor_dir: Path | None = None,
+    load_processor: bool = True,
+    etype: str | None = None,
+    offline: bool = False,
+):
     """-> (encoder adapter module, preprocessor or None). ``config``/``etype`` given: a saved
     checkpoint's, and nothing is looked up at ``encoder.model``."""
-    src = (resolve_source(spec.model, base_dir, weights=load_weights, where=f"{where}.model", offline=offline)
-           if spec.model and config is None else None)
+    src = (
+        resolve_source(spec.model, base_dir, weights=load_weights, where=f"{where}.model", offline=offline)
+        if spec.model and config is None
+        else None
+    )
     if src is not None and not load_weights:
         src = config_source(src, f"{where}.model", offline)
     if etype is not None:
@@ -268,11 +289,15 @@ def apply_lora(module: nn.Module, lora: LoraSpec, where: str) -> nn.Module:
     """Inject peft LoRA layers in place (module names and the HF key layout are kept)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
+    cfg = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
     try:
         return inject_adapter_in_model(cfg, module)
     except ValueError as e:
-        raise SpecError(f"{where}.lora.target_modules: {str(e).splitlines()[0]}, got {list(lora.target_modules)}") from None
+        raise SpecError(
+            f"{where}.lora.target_modules: {str(e).splitlines()[0]}, got {list(lora.target_modules)}"
+        ) from None
 
 
 def set_trainable(module: nn.Module, mode: str) -> None:
@@ -281,8 +306,9 @@ def set_trainable(module: nn.Module, mode: str) -> None:
 
 
 # -- the whole model ------------------------------------------------------------------------------
-def build(spec: Spec | str | Path, *, saved: dict[str, Any] | None = None, shape_only: bool = False,
-          offline: bool = False) -> ComposedModel:
+def build(
+    spec: Spec | str | Path, *, saved: dict[str, Any] | None = None, shape_only: bool = False, offline: bool = False
+) -> ComposedModel:
     """Build a trainable ``ComposedModel`` from a spec (or a spec file path).
 
     ``saved`` (internal, from ``from_pretrained``): resolved component configs and file dirs of a
@@ -305,8 +331,9 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
     base_dir = spec.source_dir
     torch.manual_seed(spec.seed)
 
-    llm = build_llm(spec.llm, base_dir, config=saved["llm_config"] if saved else None, load_weights=load,
-                    offline=offline)
+    llm = build_llm(
+        spec.llm, base_dir, config=saved["llm_config"] if saved else None, load_weights=load, offline=offline
+    )
     adapter = llm_adapter_for(llm)
     n_layers, width = adapter.shape.num_layers, adapter.shape.hidden_size
     for name, mod in spec.modalities.items():
@@ -325,10 +352,15 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
     for name, mod in spec.modalities.items():
         where = f"modalities.{name}"
         enc, proc = build_encoder(
-            mod.encoder, f"{where}.encoder", base_dir,
-            config=saved["encoder_configs"][name] if saved else None, load_weights=load,
-            processor_dir=saved["processor_dirs"][name] if saved else None, load_processor=not shape_only,
-            etype=saved["encoder_types"][name] if saved else None, offline=offline,
+            mod.encoder,
+            f"{where}.encoder",
+            base_dir,
+            config=saved["encoder_configs"][name] if saved else None,
+            load_weights=load,
+            processor_dir=saved["processor_dirs"][name] if saved else None,
+            load_processor=not shape_only,
+            etype=saved["encoder_types"][name] if saved else None,
+            offline=offline,
         )
         proj = build_projector(mod.projector, enc.hidden_size, width)
         if mod.projector.weights and load:
@@ -353,9 +385,13 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
     model = ComposedModel(spec, llm, encoders, projectors, tokenizer, processors, placeholder_ids)
     for name in spec.modalities:
         if model.num_tokens(name) < 1:  # fail now, not at the first batch, if the shapes do not compose
-            raise SpecError(f"modalities.{name}: the encoder and projector give no tokens per item "
-                            "(e.g. encoder image_size smaller than patch_size)")
+            raise SpecError(
+                f"modalities.{name}: the encoder and projector give no tokens per item "
+                "(e.g. encoder image_size smaller than patch_size)"
+            )
     n_ids = len(tokenizer) - len(placeholders)  # placeholders may lie past the vocabulary: never embedded
     if spec.llm.tokenizer.type == "byte" and not saved and n_ids > adapter.shape.vocab_size:
-        raise SpecError(f"llm.config.vocab_size: must be >= the byte tokenizer's {n_ids} ids, got {adapter.shape.vocab_size}")
+        raise SpecError(
+            f"llm.config.vocab_size: must be >= the byte tokenizer's {n_ids} ids, got {adapter.shape.vocab_size}"
+        )
     return model

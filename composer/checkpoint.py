@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from composer.errors import InputError, read_versioned_json
-from composer.spec import _load_yaml, parse_spec
+from composer.spec import load_yaml, parse_spec
 
 if TYPE_CHECKING:
+    import torch
+
     from composer.model import ComposedModel
 
 FORMAT_VERSION = 1
@@ -97,13 +99,19 @@ def atomic_dir(out_dir: Path, overwrite: bool):
     return cm()
 
 
-def save_pretrained(model: ComposedModel, out_dir: str | Path, *, overwrite: bool = False,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+def save_pretrained(
+    model: ComposedModel,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """``state_dict``: the weights to write instead of ``model``'s own (the full tensors gathered
     from an FSDP-sharded model); tied weights are written once, as for the model itself."""
     from safetensors.torch import save_file, save_model
 
     from composer.adapters import encoder_type_of
+    from composer.analysis.summary import summary_record
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite) as tmp:
@@ -117,6 +125,7 @@ def save_pretrained(model: ComposedModel, out_dir: str | Path, *, overwrite: boo
             "placeholder_ids": model.placeholder_ids,
             "num_tokens": {m: model.num_tokens(m) for m in model.encoders},
             "insert_at": model.insert_at,
+            "summary": summary_record(model),  # what the model card shows, without building the model
         }
         (tmp / "composer.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         st_meta = {"format": "pt", "composer_format": str(FORMAT_VERSION)}
@@ -154,8 +163,10 @@ def _check_consistent(spec, meta: dict, meta_file: Path) -> None:
     if not isinstance(meta.get("encoder_configs"), dict) or not isinstance(meta.get("llm_config"), dict):
         raise InputError(f"{meta_file}: missing llm_config or encoder_configs")
     if set(meta["encoder_configs"]) != set(spec.modalities):
-        raise InputError(f"{meta_file}: modalities {sorted(meta['encoder_configs'])} differ from spec.yaml's "
-                         f"{sorted(spec.modalities)}")
+        raise InputError(
+            f"{meta_file}: modalities {sorted(meta['encoder_configs'])} differ from spec.yaml's "
+            f"{sorted(spec.modalities)}"
+        )
     n = meta["llm_config"].get("num_hidden_layers")
     if spec.llm.num_layers is not None and spec.llm.num_layers != n:
         raise InputError(f"{meta_file}: llm_config has {n} layers but spec.yaml's llm.config has {spec.llm.num_layers}")
@@ -177,12 +188,15 @@ def check_weights(model, weights: Path) -> None:
     missing = _untied(model, sorted(set(state) - set(shapes)))
     unexpected = sorted(set(shapes) - set(state))
     if missing or unexpected:
-        raise InputError(f"{weights}: does not match the spec (missing {missing[:5]}, unexpected {unexpected[:5]}; "
-                         "weights of another model?)")
+        raise InputError(
+            f"{weights}: does not match the spec (missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            "weights of another model?)"
+        )
     for k, shape in shapes.items():
         if tuple(state[k].shape) != shape:
-            raise InputError(f"{weights}: {k} has shape {shape}, the model needs {tuple(state[k].shape)} "
-                             "(weights of another model?)")
+            raise InputError(
+                f"{weights}: {k} has shape {shape}, the model needs {tuple(state[k].shape)} (weights of another model?)"
+            )
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -207,7 +221,7 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
     meta = read_versioned_json(meta_file, FORMAT_VERSION, "the checkpoint metadata")
     spec_file = root / "spec.yaml"
     try:
-        spec = parse_spec(_load_yaml(spec_file.read_text(), str(spec_file)), str(spec_file))
+        spec = parse_spec(load_yaml(spec_file.read_text(), str(spec_file)), str(spec_file))
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{spec_file}: cannot read ({type(e).__name__}: {e})") from None
     _check_consistent(spec, meta, meta_file)
@@ -239,7 +253,27 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
         raise InputError(f"{weights}: cannot load ({str(e).splitlines()[0]})") from None
     missing = _untied(model, missing)
     if missing or unexpected:
-        raise InputError(f"{weights}: does not match the spec (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise InputError(
+            f"{weights}: does not match the spec (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     if model.placeholder_ids != meta["placeholder_ids"]:
-        raise InputError(f"{root / 'tokenizer'}: placeholder ids {model.placeholder_ids} differ from composer.json {meta['placeholder_ids']}")
+        raise InputError(
+            f"{root / 'tokenizer'}: placeholder ids {model.placeholder_ids} differ from composer.json "
+            f"{meta['placeholder_ids']}"
+        )
     return model.eval()
+
+
+def load_any(target: str | Path, shape_only: bool = False, offline: bool = False) -> ComposedModel:
+    """A spec file or a composed checkpoint dir -> ``ComposedModel`` (what every command that
+    takes ``SPEC|DIR`` loads). ``shape_only``/``offline``: see ``composer.builder.build``."""
+    from composer.builder import build
+
+    p = Path(target)
+    if p.is_dir():
+        if not is_checkpoint(p):
+            raise InputError(f"{p}: not a composer checkpoint (no composer.json) nor a spec file")
+        return load_pretrained(p)
+    if not p.exists():
+        raise InputError(f"{p}: no such spec file or checkpoint directory")
+    return build(p, shape_only=shape_only, offline=offline)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from composer.checkpoint import load_any
 from composer.errors import ComposerError, InputError
 
 
@@ -23,21 +24,6 @@ def _console(stderr: bool = False):
     if not con.is_terminal:
         con.width = max(con.width, 120)  # logs and pipes: do not wrap the tables
     return con
-
-
-def _load_any(target: str, shape_only: bool = False, offline: bool = False):
-    """A spec file or a composed checkpoint dir -> ComposedModel."""
-    from composer.builder import build
-    from composer.checkpoint import is_checkpoint, load_pretrained
-
-    p = Path(target)
-    if p.is_dir():
-        if not is_checkpoint(p):
-            raise InputError(f"{p}: not a composer checkpoint (no composer.json) nor a spec file")
-        return load_pretrained(p)
-    if not p.exists():
-        raise InputError(f"{p}: no such spec file or checkpoint directory")
-    return build(p, shape_only=shape_only, offline=offline)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,7 +43,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write.")
+@click.option(
+    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write."
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 def build(spec: Path, out: Path, overwrite: bool) -> None:
     """Resolve SPEC, instantiate the model, save a composed checkpoint to OUTPUT.
@@ -66,9 +54,9 @@ def build(spec: Path, out: Path, overwrite: bool) -> None:
     Example:
       compose build specs/tiny/llava.yaml -o out/tiny-llava
     """
+    from composer.analysis.summary import render, summarize
     from composer.builder import build as build_model
     from composer.checkpoint import atomic_dir  # noqa: F401  (fail early on a non-empty OUTPUT)
-    from composer.summary import render, summarize
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: exists and is not empty (pass --overwrite)")
@@ -85,7 +73,9 @@ def build(spec: Path, out: Path, overwrite: bool) -> None:
 @click.argument("target")
 @click.option("--text-tokens", default=64, show_default=True, help="Text length assumed by the FLOPs estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
-@click.option("--offline", is_flag=True, help="No network: configs from local dirs, the HF cache or composer's embedded configs.")
+@click.option(
+    "--offline", is_flag=True, help="No network: configs from local dirs, the HF cache or composer's embedded configs."
+)
 def inspect(target: str, text_tokens: int, as_json: bool, offline: bool) -> None:
     """Components, parameters (trainable/frozen), insertion layers, FLOPs saving of TARGET
     (a spec file or a composed checkpoint). A spec is inspected on the meta device: no weights load.
@@ -95,11 +85,11 @@ def inspect(target: str, text_tokens: int, as_json: bool, offline: bool) -> None
       compose inspect specs/tiny/llava.yaml
       compose inspect specs/llava.yaml --offline
     """
-    from composer.summary import render, summarize
+    from composer.analysis.summary import render, summarize
 
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    model = _load_any(target, shape_only=True, offline=offline)
+    model = load_any(target, shape_only=True, offline=offline)
     rows, facts = summarize(model, text_tokens)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
@@ -112,11 +102,17 @@ def inspect(target: str, text_tokens: int, as_json: bool, offline: bool) -> None
 @click.option("--text-tokens", default=64, show_default=True, help="Text tokens in the prompt.")
 @click.option("--mm-tokens", type=int, default=None, help="MM tokens in the prompt (default: one item per modality).")
 @click.option("--offline", is_flag=True, help="No network: configs from local dirs, the HF cache or embedded configs.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Write a PNG of the savings (needs matplotlib; else a text sparkline is printed).")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a PNG of the savings (needs matplotlib; else a text sparkline is printed).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def plan(target: str, text_tokens: int, mm_tokens: int | None, offline: bool, plot_path: str | None,
-         as_json: bool) -> None:
+def plan(
+    target: str, text_tokens: int, mm_tokens: int | None, offline: bool, plot_path: str | None, as_json: bool
+) -> None:
     """Analytic prefill FLOPs, per-token decode FLOPs and KV-cache memory for every insertion
     layer k of TARGET (a spec or checkpoint), with the saving vs k = 0.
 
@@ -124,30 +120,48 @@ def plan(target: str, text_tokens: int, mm_tokens: int | None, offline: bool, pl
     Example:
       compose plan specs/llava.yaml --offline --text-tokens 64
     """
-    from composer.plan import DTYPE_BYTES, as_dicts, plan as make_plan, plot_png, sparkline
+    from composer.analysis.plan import DTYPE_BYTES, as_dicts, plot_png, sparkline
+    from composer.analysis.plan import plan as make_plan
 
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    model = _load_any(target, shape_only=True, offline=offline)
+    model = load_any(target, shape_only=True, offline=offline)
     shape = model.adapter.shape
     mm = mm_tokens if mm_tokens is not None else sum(model.num_tokens(m) for m in model.encoders)
     rows = make_plan(shape, text_tokens, mm, DTYPE_BYTES[model.spec.llm.dtype])
     if as_json:
-        click.echo(json.dumps({"name": model.spec.name, "text_tokens": text_tokens, "mm_tokens": mm,
-                               "num_layers": shape.num_layers, "rows": as_dicts(rows)}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "name": model.spec.name,
+                    "text_tokens": text_tokens,
+                    "mm_tokens": mm,
+                    "num_layers": shape.num_layers,
+                    "rows": as_dicts(rows),
+                },
+                indent=2,
+            )
+        )
         return
     from rich.table import Table
 
     con = _console()
-    t = Table(title=f"{model.spec.name}: {text_tokens} text + {mm} MM tokens, {shape.num_layers} layers",
-              title_justify="left")
+    t = Table(
+        title=f"{model.spec.name}: {text_tokens} text + {mm} MM tokens, {shape.num_layers} layers", title_justify="left"
+    )
     for col in ("k", "prefill GFLOPs", "saving", "decode GFLOPs/token", "saving", "KV cache MiB", "saving"):
         t.add_column(col, justify="right")
     current = set(model.insert_at.values())
     for r in rows:
-        t.add_row(f"{r.k}{' *' if r.k in current else ''}", f"{r.prefill_flops / 1e9:.2f}", f"{r.prefill_saving:.1%}",
-                  f"{r.decode_flops / 1e9:.3f}", f"{r.decode_saving:.1%}", f"{r.kv_bytes / 2**20:.1f}",
-                  f"{r.kv_saving:.1%}")
+        t.add_row(
+            f"{r.k}{' *' if r.k in current else ''}",
+            f"{r.prefill_flops / 1e9:.2f}",
+            f"{r.prefill_saving:.1%}",
+            f"{r.decode_flops / 1e9:.3f}",
+            f"{r.decode_saving:.1%}",
+            f"{r.kv_bytes / 2**20:.1f}",
+            f"{r.kv_saving:.1%}",
+        )
     con.print(t)
     con.print("* the spec's insert_at")
     if plot_path and plot_png(rows, plot_path, model.spec.name):
@@ -160,10 +174,24 @@ def plan(target: str, text_tokens: int, mm_tokens: int | None, offline: bool, pl
 
 @cli.command()
 @click.argument("target")
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training JSONL (LLaVA, LTU or generic records).")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output dir: final model, checkpoints/, metrics.jsonl.")
+@click.option(
+    "--data", required=True, type=click.Path(dir_okay=False), help="Training JSONL (LLaVA, LTU or generic records)."
+)
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Output dir: final model, checkpoints/, metrics.jsonl.",
+)
 @click.option("--eval-data", type=click.Path(dir_okay=False), default=None, help="Held-out JSONL for eval loss.")
-@click.option("--stage", type=click.IntRange(1, 2), default=None, help="1: projectors only; 2: projectors + LLM (the spec's lora/full).")
+@click.option(
+    "--stage",
+    type=click.IntRange(1, 2),
+    default=None,
+    help="1: projectors only; 2: projectors + LLM (the spec's lora/full).",
+)
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
@@ -171,26 +199,72 @@ def plan(target: str, text_tokens: int, mm_tokens: int | None, offline: bool, pl
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
-@click.option("--scheduler", default="cosine", show_default=True, help="transformers scheduler name (cosine, linear, constant, ...).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="Autocast; auto = bf16 on CUDA where supported, else fp32.")
+@click.option(
+    "--scheduler",
+    default="cosine",
+    show_default=True,
+    help="transformers scheduler name (cosine, linear, constant, ...).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="Autocast; auto = bf16 on CUDA where supported, else fp32.",
+)
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: none).")
 @click.option("--eval-every", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUTPUT/checkpoints.")
-@click.option("--overwrite", is_flag=True, help="Train from scratch into a non-empty OUTPUT (its old checkpoints/ are removed).")
+@click.option(
+    "--overwrite", is_flag=True, help="Train from scratch into a non-empty OUTPUT (its old checkpoints/ are removed)."
+)
 @click.option("--skip-bad-records", is_flag=True, help="Warn and skip bad records instead of failing.")
-@click.option("--media-root", type=click.Path(file_okay=False), default=None, help="Resolve media paths here (default: next to --data).")
+@click.option(
+    "--media-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Resolve media paths here (default: next to --data).",
+)
 @click.option("--merge-lora", is_flag=True, help="Fold LoRA into the weights of the saved model.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--profile", is_flag=True, help="Measure a training step at the spec's insert_at vs 0 and print time and FLOPs.")
-@click.option("--strategy", type=click.Choice(["auto", "ddp", "fsdp", "deepspeed"]), default="auto", show_default=True,
-              help="Under torchrun/accelerate launch: DDP, FSDP or DeepSpeed (auto: the accelerate config's, else DDP).")
-def train(target: str, data: str, out: str, eval_data: str | None, stage: int | None, epochs: int,
-          max_steps: int | None, batch_size: int, grad_accum: int, lr: float, weight_decay: float, warmup_ratio: float,
-          scheduler: str, precision: str, grad_checkpointing: bool, save_every: int, eval_every: int, resume: bool,
-          overwrite: bool, skip_bad_records: bool, media_root: str | None, merge_lora: bool, seed: int, profile: bool,
-          strategy: str) -> None:
+@click.option(
+    "--profile", is_flag=True, help="Measure a training step at the spec's insert_at vs 0 and print time and FLOPs."
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "ddp", "fsdp", "deepspeed"]),
+    default="auto",
+    show_default=True,
+    help="Under torchrun/accelerate launch: DDP, FSDP or DeepSpeed (auto: the accelerate config's, else DDP).",
+)
+def train(
+    target: str,
+    data: str,
+    out: str,
+    eval_data: str | None,
+    stage: int | None,
+    epochs: int,
+    max_steps: int | None,
+    batch_size: int,
+    grad_accum: int,
+    lr: float,
+    weight_decay: float,
+    warmup_ratio: float,
+    scheduler: str,
+    precision: str,
+    grad_checkpointing: bool,
+    save_every: int,
+    eval_every: int,
+    resume: bool,
+    overwrite: bool,
+    skip_bad_records: bool,
+    media_root: str | None,
+    merge_lora: bool,
+    seed: int,
+    profile: bool,
+    strategy: str,
+) -> None:
     """Train TARGET (a spec or a composed checkpoint) on --data; the result in OUTPUT reloads
     with `ComposedModel.from_pretrained(OUTPUT)` and exports with `compose export OUTPUT`.
 
@@ -203,36 +277,61 @@ def train(target: str, data: str, out: str, eval_data: str | None, stage: int | 
       torchrun --nproc-per-node 8 -m composer.cli train ...
       accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m composer.cli train ...
     """
-    from composer.train import TrainConfig, train as run_train
+    from composer.train.loop import TrainConfig
+    from composer.train.loop import train as run_train
 
-    cfg = TrainConfig(data=data, output=out, eval_data=eval_data, stage=stage, epochs=epochs, max_steps=max_steps,
-                      batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
-                      warmup_ratio=warmup_ratio, scheduler=scheduler, precision=precision,
-                      grad_checkpointing=grad_checkpointing, save_every=save_every, eval_every=eval_every,
-                      resume=resume, overwrite=overwrite, on_bad_record="skip" if skip_bad_records else "fail",
-                      media_root=media_root, merge_lora=merge_lora, seed=seed, strategy=strategy)
+    cfg = TrainConfig(
+        data=data,
+        output=out,
+        eval_data=eval_data,
+        stage=stage,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        scheduler=scheduler,
+        precision=precision,
+        grad_checkpointing=grad_checkpointing,
+        save_every=save_every,
+        eval_every=eval_every,
+        resume=resume,
+        overwrite=overwrite,
+        on_bad_record="skip" if skip_bad_records else "fail",
+        media_root=media_root,
+        merge_lora=merge_lora,
+        seed=seed,
+        strategy=strategy,
+    )
     con = _console()
     if profile:
-        from composer.profile import profile_training
+        from composer.train.profile import profile_training
 
         for line in profile_training(target, cfg):
             con.print(line)
         return
-    model = _load_any(target)
+    model = load_any(target)
     summary = run_train(model, cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     losses = summary["losses"]
     if losses:
         ranks = f" on {summary['world_size']} ranks" if summary["world_size"] > 1 else ""
-        con.print(f"trained {summary['steps']} steps{ranks} ({summary['precision']}): loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-                  + (f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else ""))
+        con.print(
+            f"trained {summary['steps']} steps{ranks} ({summary['precision']}): "
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+            + (f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else "")
+        )
     con.print(f"saved the trained model to {out} (metrics: {out}/metrics.jsonl)")
 
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option(
+    "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write."
+)
 @click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch; exit 1 past tolerance.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
@@ -257,8 +356,11 @@ def export(checkpoint: Path, out: Path, verify: bool, dtype: str, opset: int | N
 
     manifest = read_manifest(out)
     for st in manifest["stages"]:
-        con.print(f"  {st['graph']:<28} layers [{st['start']}, {st['end']})" + (f"  + {', '.join(st['enter'])}" if st["enter"] else ""))
-    for m, e in manifest["encoders"].items():
+        con.print(
+            f"  {st['graph']:<28} layers [{st['start']}, {st['end']})"
+            + (f"  + {', '.join(st['enter'])}" if st["enter"] else "")
+        )
+    for _m, e in manifest["encoders"].items():
         con.print(f"  {e['graph']:<28} {e['tokens_per_item']} tokens per item")
     con.print(f"wrote ONNX bundle to {out}")
     if verify:
@@ -271,7 +373,9 @@ def export(checkpoint: Path, out: Path, verify: bool, dtype: str, opset: int | N
         con.print(f"  max abs diff prefill logits (end to end)  {report['prefill_logits']:.3g}")
         con.print(f"  greedy tokens ({report['greedy_tokens']}) equal torch: {report['greedy_match']}")
         if not report["ok"]:
-            raise ComposerError(f"verification failed: tolerance {report['tolerance']:g} exceeded or greedy tokens differ")
+            raise ComposerError(
+                f"verification failed: tolerance {report['tolerance']:g} exceeded or greedy tokens differ"
+            )
         con.print(f"verified: every difference within {report['tolerance']:g}")
 
 
@@ -285,12 +389,27 @@ def export(checkpoint: Path, out: Path, verify: bool, dtype: str, opset: int | N
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="ONNX Runtime provider (bundles only).")
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime provider (bundles only).",
+)
 @click.pass_context
-def generate(ctx: click.Context, target: str, prompt: str, raw: bool, max_new_tokens: int | None,
-             do_sample: bool | None, temperature: float | None, top_k: int | None, top_p: float | None,
-             seed: int, provider: str) -> None:
+def generate(
+    ctx: click.Context,
+    target: str,
+    prompt: str,
+    raw: bool,
+    max_new_tokens: int | None,
+    do_sample: bool | None,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+    provider: str,
+) -> None:
     """Generate text from TARGET, a composed checkpoint (torch) or an ONNX bundle (ONNX Runtime);
     one `--<modality> FILE` per item (a SMILES string for a molecule encoder: `--molecule CCO`).
     Tokens are printed as they are produced.
@@ -315,12 +434,22 @@ def generate(ctx: click.Context, target: str, prompt: str, raw: bool, max_new_to
         model = load_pretrained(_checkpoint_dir(target))
     unknown = sorted(set(items) - set(model.encoders))
     if unknown:
-        raise InputError(f"unknown option(s) {['--' + u for u in unknown]}; this model takes {['--' + m for m in model.encoders]}")
+        raise InputError(
+            f"unknown option(s) {['--' + u for u in unknown]}; this model takes {['--' + m for m in model.encoders]}"
+        )
     text = prompt if raw else model.format_prompt(prompt)
     batch = model.prepare([text], **items)
     streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
-    model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                   top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(seed), streamer=streamer)
+    model.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=torch.Generator().manual_seed(seed),
+        streamer=streamer,
+    )
 
 
 def _text_modalities(target: str) -> set[str]:
@@ -371,7 +500,7 @@ def push(target: Path, repo_id: str, private: bool, revision: str | None, messag
       compose push out/tiny-llava alice/tiny-llava
       compose push out/tiny-llava.onnx alice/tiny-llava-onnx --private
     """
-    from composer.hub import push_to_hub
+    from composer.hub.publish import push_to_hub
 
     info = push_to_hub(target, repo_id, private=private, revision=revision, commit_message=message)
     click.echo(f"pushed {target} to {repo_id}" + (f"@{revision}" if revision else "") + f" (commit {info.oid})")
@@ -391,7 +520,7 @@ def pull(repo_id: str, out: Path, revision: str | None, overwrite: bool) -> None
       compose pull alice/tiny-llava -o models/tiny-llava
       compose generate models/tiny-llava --image cat.png --prompt "What is it?"
     """
-    from composer.hub import pull as hub_pull
+    from composer.hub.publish import pull as hub_pull
 
     path, sha = hub_pull(repo_id, out, revision=revision, overwrite=overwrite)
     click.echo(f"pulled {repo_id} (commit {sha}) to {path}")
@@ -399,26 +528,61 @@ def pull(repo_id: str, out: Path, revision: str | None, overwrite: bool) -> None
 
 @cli.command()
 @click.argument("target")
-@click.option("--insert-at", "insert_at", type=int, multiple=True,
-              help="Insertion layer k to compare with 0 (repeatable; default: the model's insert_at).")
-@click.option("--runtime", "runtimes", type=click.Choice(["onnx", "torch", "hf"]), multiple=True,
-              help="Runtime to measure (repeatable; default: all three).")
+@click.option(
+    "--insert-at",
+    "insert_at",
+    type=int,
+    multiple=True,
+    help="Insertion layer k to compare with 0 (repeatable; default: the model's insert_at).",
+)
+@click.option(
+    "--runtime",
+    "runtimes",
+    type=click.Choice(["onnx", "torch", "hf"]),
+    multiple=True,
+    help="Runtime to measure (repeatable; default: all three).",
+)
 @click.option("--text-tokens", default=64, show_default=True, help="Text tokens in the prompt.")
 @click.option("--batch", default=1, show_default=True, help="Rows per generate call (identical prompts).")
 @click.option("--new-tokens", default=16, show_default=True, help="Tokens generated per run (EOS ignored).")
-@click.option("--warmup", default=1, show_default=True, help="Untimed runs per configuration (peak memory is taken over them).")
+@click.option(
+    "--warmup", default=1, show_default=True, help="Untimed runs per configuration (peak memory is taken over them)."
+)
 @click.option("--repeats", default=5, show_default=True, help="Timed runs per configuration (round-robin).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="ONNX Runtime provider; torch and hf run on the same device.")
-@click.option("--ort-spinning/--no-ort-spinning", default=False, show_default=True,
-              help="Let ONNX Runtime's idle intra-op threads busy-wait (its default; off here: with one session per "
-                   "graph the spinning threads take cores from the graph that runs).")
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime provider; torch and hf run on the same device.",
+)
+@click.option(
+    "--ort-spinning/--no-ort-spinning",
+    default=False,
+    show_default=True,
+    help="Let ONNX Runtime's idle intra-op threads busy-wait (its default; off here: with one session per "
+    "graph the spinning threads take cores from the graph that runs).",
+)
 @click.option("--threads", type=int, default=None, help="Intra-op threads of torch and ONNX Runtime (default: theirs).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random modality inputs.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
-def bench(target: str, insert_at: tuple[int, ...], runtimes: tuple[str, ...], text_tokens: int, batch: int,
-          new_tokens: int, warmup: int, repeats: int, provider: str, ort_spinning: bool, threads: int | None,
-          seed: int, json_path: str | None) -> None:
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here."
+)
+def bench(
+    target: str,
+    insert_at: tuple[int, ...],
+    runtimes: tuple[str, ...],
+    text_tokens: int,
+    batch: int,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    provider: str,
+    ort_spinning: bool,
+    threads: int | None,
+    seed: int,
+    json_path: str | None,
+) -> None:
     """Prefill latency, decode tokens/s and peak memory of TARGET (a spec or a checkpoint) with
     its MM tokens inserted at k vs 0: ONNX Runtime, composer's torch path and the HF reference
     (LlavaForConditionalGeneration), same weights and inputs, in one process.
@@ -428,14 +592,24 @@ def bench(target: str, insert_at: tuple[int, ...], runtimes: tuple[str, ...], te
       compose bench specs/tiny/llava.yaml --insert-at 2 --repeats 3 --json bench.json
       compose bench benchmarks/mid_llava.yaml --insert-at 12
     """
-    from composer.bench import RUNTIMES, BenchConfig, render, run_bench
+    from composer.analysis.bench import RUNTIMES, BenchConfig, render, run_bench
 
-    cfg = BenchConfig(insert_at=list(insert_at) or None, runtimes=tuple(runtimes) or RUNTIMES, text_tokens=text_tokens,
-                      batch=batch, new_tokens=new_tokens, warmup=warmup, repeats=repeats, provider=provider,
-                      ort_spinning=ort_spinning, threads=threads, seed=seed)
+    cfg = BenchConfig(
+        insert_at=list(insert_at) or None,
+        runtimes=tuple(runtimes) or RUNTIMES,
+        text_tokens=text_tokens,
+        batch=batch,
+        new_tokens=new_tokens,
+        warmup=warmup,
+        repeats=repeats,
+        provider=provider,
+        ort_spinning=ort_spinning,
+        threads=threads,
+        seed=seed,
+    )
     con = _console()
     with con.status(f"loading {target}") as status:
-        model = _load_any(target)
+        model = load_any(target)
         result = run_bench(model, cfg, progress=status.update)
     render(result, con)
     if json_path:
@@ -461,12 +635,31 @@ def _int_list(values: tuple[str, ...], option: str) -> list[int] | None:
 @click.option("--layers", multiple=True, help="Layers to probe and candidate k, e.g. 0,4,8,12 (default: every layer).")
 @click.option("--max-records", default=64, show_default=True, help="Use the first N records.")
 @click.option("--batch-size", default=4, show_default=True)
-@click.option("--max-loss-increase", default=0.05, show_default=True,
-              help="Largest relative loss increase vs k = 0 that a recommended k may have.")
-@click.option("--media-root", type=click.Path(file_okay=False), default=None, help="Resolve media paths here (default: next to --data).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here.")
-def probe(target: str, data: str, layers: tuple[str, ...], max_records: int, batch_size: int,
-          max_loss_increase: float, media_root: str | None, json_path: str | None) -> None:
+@click.option(
+    "--max-loss-increase",
+    default=0.05,
+    show_default=True,
+    help="Largest relative loss increase vs k = 0 that a recommended k may have.",
+)
+@click.option(
+    "--media-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Resolve media paths here (default: next to --data).",
+)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here."
+)
+def probe(
+    target: str,
+    data: str,
+    layers: tuple[str, ...],
+    max_records: int,
+    batch_size: int,
+    max_loss_increase: float,
+    media_root: str | None,
+    json_path: str | None,
+) -> None:
     """Per-layer alignment of MM and text hidden states (IMA-style cosine) of a model trained at
     k = 0, and its loss on --data's responses with the MM tokens inserted at each candidate k
     without retraining; recommends k.
@@ -475,13 +668,18 @@ def probe(target: str, data: str, layers: tuple[str, ...], max_records: int, bat
     Example:
       compose probe out/trained --data data/val.jsonl --layers 0,2,4,8,12 --json probe.json
     """
-    from composer.probe import ProbeConfig, render, run_probe
+    from composer.analysis.probe import ProbeConfig, render, run_probe
 
-    cfg = ProbeConfig(layers=_int_list(layers, "--layers"), max_records=max_records, batch_size=batch_size,
-                      max_loss_increase=max_loss_increase, media_root=media_root)
+    cfg = ProbeConfig(
+        layers=_int_list(layers, "--layers"),
+        max_records=max_records,
+        batch_size=batch_size,
+        max_loss_increase=max_loss_increase,
+        media_root=media_root,
+    )
     con = _console()
     with con.status(f"loading {target}") as status:
-        model = _load_any(target)
+        model = load_any(target)
         result = run_probe(model, data, cfg, progress=status.update)
     render(result, con)
     if json_path:

@@ -41,9 +41,17 @@ class Sampling:
         return w
 
 
-def decode_loop(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor, sampling: Sampling, *,
-                eos: list[int], pad: int, banned: list[int], generator: torch.Generator | None = None,
-                streamer=None) -> torch.Tensor:
+def decode_loop(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    sampling: Sampling,
+    *,
+    eos: list[int],
+    pad: int,
+    banned: list[int],
+    generator: torch.Generator | None = None,
+    streamer=None,
+) -> torch.Tensor:
     """Run ``step`` until every row hit EOS or ``max_new_tokens``; -> new ids (B, n)."""
     B = input_ids.shape[0]
     warpers = sampling.warpers()

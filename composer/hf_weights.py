@@ -92,7 +92,9 @@ class CheckpointFiles:
             if single is not None:
                 return dict.fromkeys(_file_keys(single), name)
         where = "(not a local path) in that Hub repo or the local cache" if self._repo else "in the directory"
-        raise ValueError(f"{self.source}: no weights found {where} (looked for {', '.join(INDEX_FILES + SINGLE_FILES)})")
+        raise ValueError(
+            f"{self.source}: no weights found {where} (looked for {', '.join(INDEX_FILES + SINGLE_FILES)})"
+        )
 
     def _find(self, name: str) -> Path | None:
         """Local path of ``name`` in the directory / repo, or None when it has no such file."""
@@ -190,8 +192,15 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, what: str, *,
-                optional: set[str] = frozenset(), show: int | None = None) -> None:
+def load_strict(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    what: str,
+    *,
+    optional: set[str] = frozenset(),
+    show: int | None = None,
+) -> None:
     """Load ``state`` into ``module`` after checking it holds exactly the module's keys (less
     ``optional`` ones it may lack) with the module's shapes; cast to the module's dtypes.
     Raises ``ValueError`` naming ``source`` and ``what`` the module is (at most ``show`` keys
@@ -200,7 +209,9 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
     missing = sorted(set(own) - set(state) - optional)
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source}: keys do not match the {what} (missing {missing[:show]}, unexpected {unexpected[:show]})")
+        raise ValueError(
+            f"{source}: keys do not match the {what} (missing {missing[:show]}, unexpected {unexpected[:show]})"
+        )
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the {what} needs {tuple(own[k].shape)}")

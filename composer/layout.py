@@ -14,12 +14,17 @@ tokens cost nothing in the early layers. Rows with fewer active slots than the l
 are filled with a *dummy* slot (index L) that is masked out as a key. Causality uses the slot
 order; RoPE/learned positions use the baseline position ids (``cumsum(mask) - 1``), so
 text tokens in early stages simply have gaps where the MM tokens will go.
+
+This module is the only definition of stages and compaction: ``ComposedModel`` runs them in
+torch, the exporter derives its graph plan from ``graph_stages``, and the ONNX Runtime host
+side uses the numpy twins at the bottom (tested equal). See docs/architecture.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -50,6 +55,15 @@ def stage_bounds(insert_at: dict[str, int], num_layers: int) -> list[tuple[int, 
     return bounds
 
 
+def graph_stages(insert_at: dict[str, int], num_layers: int) -> list[tuple[int, int, list[str]]]:
+    """The split export's graphs, derived from ``stage_bounds``: the early text graph over
+    [0, k1) (k1 the lowest insertion layer; an embedding-only graph when k1 = 0), then one late
+    graph per distinct insertion layer K over [K, next K) with the modalities entering at K."""
+    stages = stage_bounds(insert_at, num_layers)
+    k1 = min(insert_at.values())
+    return [(0, k1, []), *[st for st in stages if st[0] >= k1 and st[2]]]
+
+
 def compact(active: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor):
     """Gather the active slots of each row, in order; pad rows with the dummy slot L.
 
@@ -78,8 +92,13 @@ class Layout:
     length: int  # L
 
     @classmethod
-    def build(cls, attention_mask: torch.Tensor, slot_masks: dict[str, torch.Tensor],
-              insert_at: dict[str, int], num_layers: int) -> Layout:
+    def build(
+        cls,
+        attention_mask: torch.Tensor,
+        slot_masks: dict[str, torch.Tensor],
+        insert_at: dict[str, int],
+        num_layers: int,
+    ) -> Layout:
         positions = baseline_positions(attention_mask)
         is_mm = torch.zeros_like(attention_mask, dtype=torch.bool)
         for m in slot_masks.values():
@@ -117,3 +136,24 @@ class KVState:
     def append(self, stage: int, slots: torch.Tensor, ok: torch.Tensor) -> None:
         self.key_slot[stage] = torch.cat([self.key_slot[stage], slots], 1)
         self.key_ok[stage] = torch.cat([self.key_ok[stage], ok], 1)
+
+
+# -- numpy twins for the ONNX Runtime host side (tests/test_layout.py holds them equal) --------------------
+def baseline_positions_np(attention_mask: np.ndarray) -> np.ndarray:
+    """``baseline_positions`` in numpy. (B, L) int64"""
+    return np.clip(np.cumsum(attention_mask.astype(np.int64), 1) - 1, 0, None)
+
+
+def compact_np(active: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray):
+    """``compact`` in numpy: the active slots of each row in order, padded with the dummy slot L.
+    Returns (index, key_ok, positions), each (B, T) with T = max active count."""
+    B, L = active.shape
+    counts = active.sum(1)
+    T = int(counts.max()) if B else 0
+    order = np.argsort(~active, axis=1, kind="stable")[:, :T]  # active slots first, in order
+    filled = np.arange(T)[None, :] < counts[:, None]
+    index = np.where(filled, order, L).astype(np.int64)
+    safe = np.minimum(order, L - 1)
+    key_ok = filled & np.take_along_axis(attention_mask.astype(bool), safe, 1)
+    pos = np.where(filled, np.take_along_axis(positions, safe, 1), 0).astype(np.int64)
+    return index, key_ok, pos

@@ -2,7 +2,8 @@
 
 Text tokens run through layers [0, k); each modality's projected tokens are spliced into the
 hidden states at their placeholder slots at layer k (its ``insert_at``); layers [k, N) see the
-full sequence. ``insert_at: 0`` is the classic LLaVA-style model. See ``composer.layout``.
+full sequence. ``insert_at: 0`` is the classic LLaVA-style model. See ``composer.layout`` and
+docs/architecture.md ("DeepInsert semantics", "Structure is fixed at build time").
 
 Example::
 
@@ -26,8 +27,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from composer.adapters.llm import LLMAdapter, llm_adapter_for
 from composer.errors import InputError
 from composer.generation import Sampling, decode_loop, eos_ids
-from composer.prompting import check_context, check_window, prepare_batch
 from composer.layout import KVState, Layout, additive_mask
+from composer.prompting import check_context, check_window, prepare_batch
 
 IGNORE_INDEX = -100
 
@@ -39,8 +40,16 @@ class ComposedModel(nn.Module):
     ``encoders.<modality>``, ``projectors.<modality>``.
     """
 
-    def __init__(self, spec, llm: nn.Module, encoders: dict[str, nn.Module], projectors: dict[str, nn.Module],
-                 tokenizer, processors: dict[str, Any], placeholder_ids: dict[str, int]):
+    def __init__(
+        self,
+        spec,
+        llm: nn.Module,
+        encoders: dict[str, nn.Module],
+        projectors: dict[str, nn.Module],
+        tokenizer,
+        processors: dict[str, Any],
+        placeholder_ids: dict[str, int],
+    ):
         super().__init__()
         self.spec = spec
         self.llm = llm
@@ -50,11 +59,49 @@ class ComposedModel(nn.Module):
         self.processors = processors
         self.placeholder_ids = placeholder_ids  # modality -> token id
         self.adapter: LLMAdapter = llm_adapter_for(llm)
+        # The insertion layers are fixed here, at build time; `with_insert_at` is the one way to
+        # get other ones (a new model over the same modules). Writing into `spec` changes nothing.
+        self._insert_at = dict(spec.insert_layers())
 
     # -- facts -----------------------------------------------------------------------------
     @property
     def insert_at(self) -> dict[str, int]:
-        return self.spec.insert_layers()
+        """Modality -> the LLM layer where its tokens enter (a copy; see ``with_insert_at``)."""
+        return dict(self._insert_at)
+
+    def with_insert_at(self, insert_at: dict[str, int] | int) -> ComposedModel:
+        """This model with other insertion layers: a new ``ComposedModel`` over the *same*
+        modules (weights shared, nothing copied), whose spec records the new ``insert_at``.
+
+        ``insert_at``: one layer for every modality, or {modality: layer} for some of them (the
+        others keep theirs). Each layer must be in [0, num_layers). Example::
+
+            at0 = model.with_insert_at(0)             # the classic layer-0 model, same weights
+            mixed = model.with_insert_at({"image": 12})
+        """
+        new = {m: insert_at for m in self.encoders} if isinstance(insert_at, int) else dict(insert_at)
+        unknown = sorted(set(new) - set(self.encoders))
+        if unknown:
+            raise InputError(f"insert_at: unknown modalities {unknown}; this model has {sorted(self.encoders)}")
+        for m, k in new.items():
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_layers:
+                raise InputError(
+                    f"modalities.{m}.insert_at: must be an integer in [0, {self.num_layers}) "
+                    f"for this {self.num_layers}-layer LLM, got {k!r}"
+                )
+        spec = self.spec.model_copy(deep=True)  # keeps the spec's source dir (relative paths)
+        for m, k in new.items():
+            spec.modalities[m] = spec.modalities[m].model_copy(update={"insert_at": k})
+        out = ComposedModel(
+            spec,
+            self.llm,
+            dict(self.encoders),
+            dict(self.projectors),
+            self.tokenizer,
+            self.processors,
+            self.placeholder_ids,
+        )
+        return out.train(self.training)
 
     @property
     def context_length(self) -> int | None:
@@ -89,7 +136,9 @@ class ComposedModel(nn.Module):
     def _slot_masks(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {m: input_ids == pid for m, pid in self.placeholder_ids.items()}
 
-    def _mm_tokens(self, slot_masks: dict[str, torch.Tensor], modality_inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _mm_tokens(
+        self, slot_masks: dict[str, torch.Tensor], modality_inputs: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
         unknown = sorted(set(modality_inputs) - set(self.encoders))
         if unknown:
             raise InputError(f"unknown modality input(s) {unknown}; this model has {sorted(self.encoders)}")
@@ -130,7 +179,7 @@ class ComposedModel(nn.Module):
         canvas = F.pad(canvas, (0, 0, 0, 1))  # (B, L+1, d): slot L is the dummy
         pos_emb = self.adapter.position_embedding(layout.positions)
         d = canvas.shape[-1]
-        for i, st in enumerate(layout.stages):
+        for _i, st in enumerate(layout.stages):
             for m in st.enter:
                 if m not in mm:
                     continue
@@ -150,9 +199,14 @@ class ComposedModel(nn.Module):
             state.next_pos = layout.positions[:, -1] + 1
         return canvas[:, :L]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, num_items_in_batch: int | torch.Tensor | None = None,
-                **modality_inputs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **modality_inputs,
+    ) -> CausalLMOutputWithPast:
         """Logits (B, L, V) over every slot (as the classic model), and the LM loss when ``labels``
         are given (labels at MM slots and padding are ignored; shifted inside): the mean over this
         batch's label tokens, or their sum divided by ``num_items_in_batch`` (the label tokens of a
@@ -169,7 +223,9 @@ class ComposedModel(nn.Module):
                 is_mm |= m
             labels = labels.masked_fill(is_mm | ~attention_mask.bool(), IGNORE_INDEX)
             loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=IGNORE_INDEX,
                 reduction="mean" if num_items_in_batch is None else "sum",
             )
             if num_items_in_batch is not None:
@@ -193,19 +249,36 @@ class ComposedModel(nn.Module):
         return self.adapter.head(h[:, -1])
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 max_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True, streamer=None,
-                 **modality_inputs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        streamer=None,
+        **modality_inputs,
+    ) -> torch.Tensor:
         """Greedy or sampled generation; returns the new token ids (B, n), padded after EOS.
 
         ``use_cache=False`` recomputes the whole sequence every step (the reference the cached
         path is tested against). Inputs must be left-padded. ``streamer`` follows HF's
         ``BaseStreamer`` (``put``/``end``). Sampling uses ``generator`` (CPU) for repeatability.
         """
-        sampling = Sampling.from_spec(self.spec.generation, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                      temperature=temperature, top_k=top_k, top_p=top_p)
+        sampling = Sampling.from_spec(
+            self.spec.generation,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         if not bool(attention_mask[:, -1].all()):
@@ -224,9 +297,16 @@ class ComposedModel(nn.Module):
                 return self.adapter.head(self._prefill(input_ids, attention_mask, modality_inputs, state)[:, -1])
             return self._decode_step(out[:, -1:], state)
 
-        return decode_loop(step, input_ids, sampling, eos=eos_ids(eos_token_id, self.llm.generation_config, self.tokenizer),
-                           pad=self.pad_token_id, banned=self.banned_token_ids, generator=generator,
-                           streamer=streamer).to(self.device)
+        return decode_loop(
+            step,
+            input_ids,
+            sampling,
+            eos=eos_ids(eos_token_id, self.llm.generation_config, self.tokenizer),
+            pad=self.pad_token_id,
+            banned=self.banned_token_ids,
+            generator=generator,
+            streamer=streamer,
+        ).to(self.device)
 
     @property
     def pad_token_id(self) -> int:
@@ -242,8 +322,9 @@ class ComposedModel(nn.Module):
         """Fill the spec's prompt template, e.g. ``"USER: <image>\\n{instruction} ASSISTANT:"``."""
         return self.spec.prompt.template.replace("{instruction}", instruction)
 
-    def prepare(self, prompts: str | list[str], *, padding_side: str = "left", errors: str = "raise",
-                **modality_items) -> dict[str, Any]:
+    def prepare(
+        self, prompts: str | list[str], *, padding_side: str = "left", errors: str = "raise", **modality_items
+    ) -> dict[str, Any]:
         """Tokenise prompts (each placeholder once per item, as a user writes it), expand each
         placeholder to its modality's token count, pad, and preprocess the media.
 
@@ -259,19 +340,27 @@ class ComposedModel(nn.Module):
             batch, rows, errors = model.prepare(prompts, image=paths, errors="collect")
         """
         return prepare_batch(
-            self.tokenizer, prompts, placeholder_ids=self.placeholder_ids,
+            self.tokenizer,
+            prompts,
+            placeholder_ids=self.placeholder_ids,
             num_tokens={m: self.num_tokens(m) for m in self.encoders},
             placeholders={m: self.spec.modalities[m].placeholder for m in self.encoders},
-            preprocess={m: functools.partial(type(self.encoders[m]).preprocess, self.processors[m]) for m in self.encoders},
-            padding_side=padding_side, max_positions=self.context_length, errors=errors, **modality_items,
+            preprocess={
+                m: functools.partial(type(self.encoders[m]).preprocess, self.processors[m]) for m in self.encoders
+            },
+            padding_side=padding_side,
+            max_positions=self.context_length,
+            errors=errors,
+            **modality_items,
         )
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
     # -- persistence -----------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path, *, overwrite: bool = False,
-                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    def save_pretrained(
+        self, out_dir: str | Path, *, overwrite: bool = False, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> Path:
         """Write a composer checkpoint. ``state_dict``: full weights to write instead of this
         module's own (gathered from FSDP shards)."""
         from composer.checkpoint import save_pretrained
@@ -284,7 +373,8 @@ class ComposedModel(nn.Module):
         or ``revision=``) that is not a local path: downloaded to the HF cache (safetensors only;
         ``HF_HUB_OFFLINE=1``: from the cache), then loaded."""
         from composer.checkpoint import load_pretrained
-        from composer.hub import is_hub_ref, load_from_hub
+        from composer.hub.publish import load_from_hub
+        from composer.hub.sources import is_hub_ref
 
         if not is_hub_ref(str(path)):
             if revision is not None:
@@ -295,14 +385,22 @@ class ComposedModel(nn.Module):
         except InputError as e:
             raise InputError(f"{path}: no such local directory; {e}") from None
 
-    def push_to_hub(self, repo_id: str, *, private: bool = False, revision: str | None = None,
-                    token: str | None = None, commit_message: str | None = None):
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        revision: str | None = None,
+        token: str | None = None,
+        commit_message: str | None = None,
+    ):
         """Save this model with a generated model card and push it to ``repo_id`` (one commit);
-        returns huggingface_hub's ``CommitInfo``. See ``composer.hub.push_to_hub``."""
-        from composer.hub import push_to_hub
+        returns huggingface_hub's ``CommitInfo``. See ``composer.hub.publish.push_to_hub``."""
+        from composer.hub.publish import push_to_hub
 
-        return push_to_hub(self, repo_id, private=private, revision=revision, token=token,
-                           commit_message=commit_message)
+        return push_to_hub(
+            self, repo_id, private=private, revision=revision, token=token, commit_message=commit_message
+        )
 
 
 def _new_cache():

@@ -54,8 +54,18 @@ class MLPProjector(nn.Sequential):
 class QFormerProjector(nn.Module):
     """BLIP-2 Q-Former: ``num_queries`` learned queries cross-attend to the encoder features."""
 
-    def __init__(self, in_dim: int, out_dim: int, *, num_queries: int, num_layers: int, hidden_size: int,
-                 num_heads: int, intermediate_size: int, cross_attention_frequency: int):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        num_queries: int,
+        num_layers: int,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        cross_attention_frequency: int,
+    ):
         super().__init__()
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
@@ -105,8 +115,10 @@ class PoolProjector(nn.Sequential):
 
         rows = self.rows or 1
         if encoder_tokens % rows or encoder_tokens // rows < self.tokens:
-            raise SpecError(f"projector: pool needs the encoder's {encoder_tokens} tokens to form {rows} row(s) of at least "
-                            f"num_tokens ({self.tokens}) columns; check projector.rows/num_tokens and encoder.select")
+            raise SpecError(
+                f"projector: pool needs the encoder's {encoder_tokens} tokens to form {rows} row(s) of at least "
+                f"num_tokens ({self.tokens}) columns; check projector.rows/num_tokens and encoder.select"
+            )
         return self.tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, T_enc, d_enc) -> (n, tokens, d_llm)
@@ -129,8 +141,13 @@ def build_projector(spec, in_dim: int, out_dim: int) -> nn.Module:
         return MLPProjector(in_dim, out_dim, depth=spec.depth, activation=spec.activation)
     if spec.type == "qformer":
         return QFormerProjector(
-            in_dim, out_dim, num_queries=spec.num_queries, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
-            num_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
+            in_dim,
+            out_dim,
+            num_queries=spec.num_queries,
+            num_layers=spec.num_layers,
+            hidden_size=spec.hidden_size,
+            num_heads=spec.num_heads,
+            intermediate_size=spec.intermediate_size,
             cross_attention_frequency=spec.cross_attention_frequency,
         )
     if spec.type == "pool":
@@ -149,7 +166,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt/truncated files raise many types; name the file
-        raise InputError(f"{path}: cannot read projector weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise InputError(
+            f"{path}: cannot read projector weights ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
 
 
 def load_projector_weights(projector: nn.Module, path: Path, where: str) -> None:
@@ -162,7 +181,7 @@ def load_projector_weights(projector: nn.Module, path: Path, where: str) -> None
     for k, v in raw.items():
         for p in _KNOWN_PREFIXES:
             if k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
                 break
         state[k] = v
     if isinstance(projector, LinearProjector) and set(state) == {"weight", "bias"}:

@@ -19,10 +19,19 @@ class Prepared(NamedTuple):
     errors: dict[int, str]
 
 
-def prepare_batch(tokenizer, prompts: str | list[str], *, placeholder_ids: dict[str, int], num_tokens: dict[str, int],
-                  placeholders: dict[str, str], preprocess: dict[str, Callable[[list], torch.Tensor]],
-                  padding_side: str = "left", max_positions: int | None = None, errors: str = "raise",
-                  **modality_items) -> dict[str, Any] | Prepared:
+def prepare_batch(
+    tokenizer,
+    prompts: str | list[str],
+    *,
+    placeholder_ids: dict[str, int],
+    num_tokens: dict[str, int],
+    placeholders: dict[str, str],
+    preprocess: dict[str, Callable[[list], torch.Tensor]],
+    padding_side: str = "left",
+    max_positions: int | None = None,
+    errors: str = "raise",
+    **modality_items,
+) -> dict[str, Any] | Prepared:
     """Tokenise, expand each placeholder to ``num_tokens[m]`` slots, pad, preprocess media.
 
     Items of a modality are given in prompt order, row after row. Raises ``InputError`` when
@@ -70,11 +79,24 @@ def prepare_batch(tokenizer, prompts: str | list[str], *, placeholder_ids: dict[
         items = modality_items.get(m)
         items_of[m] = [] if items is None else list(items) if isinstance(items, (list, tuple)) else [items]
         if len(items_of[m]) != n:
-            raise InputError(f"{m}: the prompts contain {n} {placeholders[m]!r} placeholder(s) but {len(items_of[m])} {m} item(s) were given")
+            raise InputError(
+                f"{m}: the prompts contain {n} {placeholders[m]!r} placeholder(s) but {len(items_of[m])} {m} item(s) "
+                "were given"
+            )
     if errors == "collect":
-        return _collect(tokenizer, prompts, rows, row_counts, items_of, placeholder_ids=placeholder_ids,
-                        num_tokens=num_tokens, placeholders=placeholders, preprocess=preprocess,
-                        padding_side=padding_side, max_positions=max_positions)
+        return _collect(
+            tokenizer,
+            prompts,
+            rows,
+            row_counts,
+            items_of,
+            placeholder_ids=placeholder_ids,
+            num_tokens=num_tokens,
+            placeholders=placeholders,
+            preprocess=preprocess,
+            padding_side=padding_side,
+            max_positions=max_positions,
+        )
     for i, r in enumerate(rows):
         _check_length(i, r, row_counts[i], num_tokens, placeholders, max_positions)
     batch: dict[str, Any] = {}
@@ -92,13 +114,22 @@ def prepare_batch(tokenizer, prompts: str | list[str], *, placeholder_ids: dict[
     return {"input_ids": ids, "attention_mask": mask, **batch}
 
 
-def _check_length(i: int, row: list[int], counts: dict[str, int], num_tokens: dict[str, int],
-                  placeholders: dict[str, str], max_positions: int | None) -> None:
+def _check_length(
+    i: int,
+    row: list[int],
+    counts: dict[str, int],
+    num_tokens: dict[str, int],
+    placeholders: dict[str, str],
+    max_positions: int | None,
+) -> None:
     if max_positions is None or len(row) <= max_positions:
         return
     mm = ", ".join(f"{n} x {num_tokens[m]} for {placeholders[m]!r}" for m, n in counts.items() if n)
-    raise InputError(f"prompt {i}: {len(row)} tokens" + (f" ({mm})" if mm else "")
-                     + f" exceed the LLM's context of {max_positions} positions (max_position_embeddings)")
+    raise InputError(
+        f"prompt {i}: {len(row)} tokens"
+        + (f" ({mm})" if mm else "")
+        + f" exceed the LLM's context of {max_positions} positions (max_position_embeddings)"
+    )
 
 
 def _collect(tokenizer, prompts, rows, row_counts, items_of, *, max_positions, **kw) -> Prepared:
@@ -107,7 +138,7 @@ def _collect(tokenizer, prompts, rows, row_counts, items_of, *, max_positions, *
     failed: dict[int, str] = {}
     mine_of: list[dict[str, list]] = []
     for i, (row, counts) in enumerate(zip(rows, row_counts, strict=True)):
-        mine = {m: items_of[m][start[m]: start[m] + n] for m, n in counts.items()}
+        mine = {m: items_of[m][start[m] : start[m] + n] for m, n in counts.items()}
         for m, n in counts.items():
             start[m] += n
         mine_of.append(mine)
@@ -123,8 +154,13 @@ def _collect(tokenizer, prompts, rows, row_counts, items_of, *, max_positions, *
     if not keep:
         return Prepared(None, [], failed)
     items = {m: [x for i in keep for x in mine_of[i][m]] for m in items_of}
-    batch = prepare_batch(tokenizer, [prompts[i] for i in keep], max_positions=max_positions, **kw,
-                          **{m: v for m, v in items.items() if v})
+    batch = prepare_batch(
+        tokenizer,
+        [prompts[i] for i in keep],
+        max_positions=max_positions,
+        **kw,
+        **{m: v for m, v in items.items() if v},
+    )
     return Prepared(batch, keep, failed)
 
 
@@ -135,10 +171,12 @@ def check_window(width: int, max_new_tokens: int, window: int | None) -> None:
     sequence, generated tokens included, fits the window; past it, refuse rather than differ."""
     if window is None or width + max_new_tokens <= window:
         return
-    raise InputError(f"the padded sequence has {width} slots; with max_new_tokens={max_new_tokens} it exceeds the LLM's "
-                     f"sliding attention window of {window} (config.sliding_window), which composer does not "
-                     "implement: shorten the input, or set `llm.config.sliding_window: null` in the spec if the "
-                     "checkpoint attends fully (Mistral v0.2 and later)")
+    raise InputError(
+        f"the padded sequence has {width} slots; with max_new_tokens={max_new_tokens} it exceeds the LLM's "
+        f"sliding attention window of {window} (config.sliding_window), which composer does not "
+        "implement: shorten the input, or set `llm.config.sliding_window: null` in the spec if the "
+        "checkpoint attends fully (Mistral v0.2 and later)"
+    )
 
 
 def check_context(attention_mask: torch.Tensor, max_new_tokens: int, max_positions: int | None) -> None:
@@ -149,6 +187,8 @@ def check_context(attention_mask: torch.Tensor, max_new_tokens: int, max_positio
         return
     longest = int(attention_mask.sum(1).max()) if attention_mask.numel() else 0
     if longest + max_new_tokens > max_positions:
-        raise InputError(f"the longest prompt has {longest} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
-                         f"LLM's context of {max_positions} positions (max_position_embeddings): shorten the prompt or "
-                         "lower max_new_tokens")
+        raise InputError(
+            f"the longest prompt has {longest} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+            f"LLM's context of {max_positions} positions (max_position_embeddings): shorten the prompt or "
+            "lower max_new_tokens"
+        )

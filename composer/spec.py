@@ -20,8 +20,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from composer.errors import SpecError
 
@@ -161,15 +169,21 @@ class EncoderSpec(_Strict):
             mt = self.config.get("model_type")
             inferred = ENCODER_MODEL_TYPES.get(mt) if isinstance(mt, str) else None
             if inferred is None:
-                raise _FieldError("config.model_type", f"not a supported encoder; known: {sorted(ENCODER_MODEL_TYPES)} "
-                                  f"(or set `type` to one of {list(OWN_CONFIG_ENCODERS)})", mt)
+                raise _FieldError(
+                    "config.model_type",
+                    f"not a supported encoder; known: {sorted(ENCODER_MODEL_TYPES)} "
+                    f"(or set `type` to one of {list(OWN_CONFIG_ENCODERS)})",
+                    mt,
+                )
             if self.type is None:
                 self.type = inferred
             _check_heads(self.config)
         if self.config is not None:
             n = self.config.get("num_layers" if self.type in OWN_CONFIG_ENCODERS else "num_hidden_layers")
             if _pos_int(n) and not -(n + 1) <= self.feature_layer <= n:
-                raise _FieldError("feature_layer", f"must be in [-{n + 1}, {n}] for a {n}-layer encoder", self.feature_layer)
+                raise _FieldError(
+                    "feature_layer", f"must be in [-{n + 1}, {n}] for a {n}-layer encoder", self.feature_layer
+                )
         if self.type is not None and self.type not in ENCODER_TYPES:
             raise _FieldError("type", f"not a known encoder type; known: {list(ENCODER_TYPES)}", self.type)
         if self.train == "lora" and self.lora is None:
@@ -248,8 +262,11 @@ class ModalitySpec(_Strict):
     @model_validator(mode="after")
     def _check(self) -> ModalitySpec:
         if self.encoder.type in OWN_CONFIG_ENCODERS and self.projector.type != "qformer":
-            raise _FieldError("projector.type", f"the {self.encoder.type} encoder gives a variable number of tokens "
-                              "per item; use `qformer`", self.projector.type)
+            raise _FieldError(
+                "projector.type",
+                f"the {self.encoder.type} encoder gives a variable number of tokens per item; use `qformer`",
+                self.projector.type,
+            )
         return self
 
 
@@ -287,11 +304,17 @@ class Spec(_Strict):
         for name, mod in self.modalities.items():
             where = f"modalities.{name}"
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in RESERVED_MODALITY_NAMES:
-                raise _FieldError(where, f"modality name must be an identifier and not one of {sorted(RESERVED_MODALITY_NAMES)}", name)
+                raise _FieldError(
+                    where, f"modality name must be an identifier and not one of {sorted(RESERVED_MODALITY_NAMES)}", name
+                )
             if mod.placeholder is None:
                 mod.placeholder = f"<{name}>"
             if mod.placeholder in placeholders:
-                raise _FieldError(f"{where}.placeholder", f"already used by modality {placeholders[mod.placeholder]!r}", mod.placeholder)
+                raise _FieldError(
+                    f"{where}.placeholder",
+                    f"already used by modality {placeholders[mod.placeholder]!r}",
+                    mod.placeholder,
+                )
             placeholders[mod.placeholder] = name
             n = self.llm.num_layers
             if n is not None and mod.insert_at >= n:
@@ -299,7 +322,7 @@ class Spec(_Strict):
         tpl = self.prompt.template
         if "{instruction}" not in tpl:
             raise _FieldError("prompt.template", "must contain '{instruction}'", tpl)
-        for ph, name in placeholders.items():
+        for ph in placeholders:
             if tpl.count(ph) > 1:
                 raise _FieldError("prompt.template", f"placeholder {ph!r} appears more than once", tpl)
         if not any(ph in tpl for ph in placeholders):
@@ -340,9 +363,23 @@ def _check_heads(config: dict[str, Any]) -> None:
     """Sizes and attention arithmetic of an inline HF config, checked here rather than deep inside
     torch: sizes are positive, heads divide the width (unless ``head_dim`` is set) and KV heads
     divide the heads (GQA)."""
-    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-                "ffn_dim", "max_position_embeddings", "num_hidden_layers", "image_size", "patch_size",
-                "num_channels", "num_mel_bins", "max_length", "frequency_stride", "time_stride"):
+    for key in (
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "ffn_dim",
+        "max_position_embeddings",
+        "num_hidden_layers",
+        "image_size",
+        "patch_size",
+        "num_channels",
+        "num_mel_bins",
+        "max_length",
+        "frequency_stride",
+        "time_stride",
+    ):
         v = config.get(key)
         if v is not None and not _pos_int(v):
             raise _FieldError(f"config.{key}", "must be a positive integer", v)
@@ -368,8 +405,11 @@ def _short(value: Any, limit: int = 80) -> str:
 def _loc(loc: tuple[Any, ...]) -> str:
     # pydantic puts the tag of a discriminated union into the location: drop it. Keys that are
     # not plain words (spaces, newlines, ...) are quoted so the message stays one readable line.
-    parts = [p if isinstance(p, str) and re.fullmatch(r"[\w\-<>\[\]]+", p) else _short(p, 40)
-             for i, p in enumerate(loc) if not (i and loc[i - 1] == "projector" and p in PROJECTOR_TYPES)]
+    parts = [
+        p if isinstance(p, str) and re.fullmatch(r"[\w\-<>\[\]]+", p) else _short(p, 40)
+        for i, p in enumerate(loc)
+        if not (i and loc[i - 1] == "projector" and p in PROJECTOR_TYPES)
+    ]
     return ".".join(parts) or "<root>"
 
 
@@ -443,7 +483,9 @@ def _scan_events(events, source: str) -> None:
     for ev in events:
         if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             if len(stack) >= MAX_YAML_DEPTH:
-                raise SpecError(f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels at line {ev.start_mark.line + 1}")
+                raise SpecError(
+                    f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels at line {ev.start_mark.line + 1}"
+                )
             stack.append([ev.anchor, 1])
             total += 1
             continue
@@ -458,7 +500,9 @@ def _scan_events(events, source: str) -> None:
                 sizes[ev.anchor] = 1
         elif isinstance(ev, yaml.AliasEvent):
             if any(a == ev.anchor for a, _ in stack):
-                raise SpecError(f"{source}: recursive YAML alias *{_one_line(ev.anchor)} at line {ev.start_mark.line + 1}")
+                raise SpecError(
+                    f"{source}: recursive YAML alias *{_one_line(ev.anchor)} at line {ev.start_mark.line + 1}"
+                )
             n = sizes.get(ev.anchor, 1)  # an undefined alias: composing reports it
             total += n
         else:
@@ -466,10 +510,12 @@ def _scan_events(events, source: str) -> None:
         if stack:
             stack[-1][1] += n
         if total > MAX_YAML_NODES:
-            raise SpecError(f"{source}: YAML expands to more than {MAX_YAML_NODES} nodes (alias bomb?); a spec is a short file")
+            raise SpecError(
+                f"{source}: YAML expands to more than {MAX_YAML_NODES} nodes (alias bomb?); a spec is a short file"
+            )
 
 
-def _load_yaml(text: str, source: str) -> Any:
+def load_yaml(text: str, source: str) -> Any:
     """``yaml.safe_load`` (plain data: tags that construct Python objects are refused) behind
     ``_check_yaml_shape``; every failure is a one-line ``SpecError`` naming ``source``."""
     try:
@@ -480,7 +526,8 @@ def _load_yaml(text: str, source: str) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         if isinstance(e, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
-            problem = f"{problem.split('tag', 1)[1].strip()} is not allowed: a spec is plain data (no YAML tags that build objects)"
+            tag = problem.split("tag", 1)[1].strip()
+            problem = f"{tag} is not allowed: a spec is plain data (no YAML tags that build objects)"
             problem = f"YAML tag {problem}"
         raise SpecError(_one_line(f"{source}: invalid YAML{where}: {problem}")) from None
     except (ValueError, OverflowError, RecursionError) as e:  # e.g. a 5000-digit int, a 13th month
@@ -498,7 +545,7 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise SpecError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    data = _load_yaml(text, str(p))
+    data = load_yaml(text, str(p))
     spec = parse_spec(data, str(p))
     spec._source_dir = Path(os.path.abspath(p)).parent  # not resolve(): HF cache files are symlinks into blobs/
     return spec

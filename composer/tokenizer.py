@@ -47,4 +47,3 @@ def add_placeholders(tokenizer, placeholders: list[str]) -> dict[str, int]:
         # LLaMA-style tokenizers ship without a pad token; padding is masked anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return {p: tokenizer.convert_tokens_to_ids(p) for p in placeholders}
-

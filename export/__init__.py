@@ -1,13 +1,17 @@
 """composer.export: split ONNX export (early text graph, late multimodal graph) and the ONNX
-Runtime pipeline. See DESIGN.md "Export bundle".
+Runtime pipeline. See docs/architecture.md and the README "ONNX bundle".
 
 ``from composer.export import export_onnx, OnnxPipeline, verify_bundle`` (imported on first use:
 ``import composer.export`` alone loads neither onnx nor onnxruntime)."""
 
 from __future__ import annotations
 
-_LAZY = {"export_onnx": "composer.export.exporter", "OnnxPipeline": "composer.export.runtime",
-         "verify_bundle": "composer.export.verify", "read_manifest": "composer.export.manifest"}
+_LAZY = {
+    "export_onnx": "composer.export.exporter",
+    "OnnxPipeline": "composer.export.runtime",
+    "verify_bundle": "composer.export.verify",
+    "read_manifest": "composer.export.manifest",
+}
 
 __all__ = sorted(_LAZY)
 

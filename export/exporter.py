@@ -10,9 +10,11 @@
       *.onnx.data                   weights as ONNX external data
       tokenizer/, processors/<m>/, spec.yaml
 
-Every graph is traced with an example whose dynamic sizes all differ (batch 2, text 5, MM 3,
-past 7, logit rows 4), checked with ``onnx.checker``, and has dynamic batch, sequence, MM
-count (0 for decode) and past length (0 for prefill).
+Each graph's inputs and outputs are declared once (``composer.export.graphs``: ``early_io``,
+``late_io``; encoders declare theirs on the adapter). Every graph is traced from that
+declaration with an example whose dynamic sizes all differ (``EXAMPLE_SIZES``), checked with
+``onnx.checker``, and has dynamic batch, sequence, MM count (0 for decode) and past length (0
+for prefill).
 """
 
 from __future__ import annotations
@@ -27,30 +29,21 @@ from pathlib import Path
 import torch
 
 from composer.adapters import encoder_type_of
+from composer.analysis.summary import summary_record
 from composer.checkpoint import atomic_dir
-from composer.errors import InputError
-from composer.export.graphs import EarlyText, EncoderGraph, LateStage
+from composer.errors import ComposerError, InputError
+from composer.export.graphs import EXAMPLE_SIZES, EarlyText, EncoderGraph, LateStage
 from composer.export.manifest import FORMAT_VERSION, MANIFEST, late_graph_name
+from composer.layout import graph_stages
 
 # torch.onnx logs a warning per missing torchvision op at its first use: not our concern.
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
-# Example sizes for tracing: all different, so no two dynamic sizes get merged into one symbol.
-EX_B, EX_T, EX_M, EX_P, EX_R, EX_ITEMS = 2, 5, 3, 7, 4, 3
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+ONNX_DTYPES = {"fp32": "float", "fp16": "float16"}  # as onnx.TensorProto names them (lower case)
 
 
-def stage_plan(insert_at: dict[str, int], num_layers: int) -> tuple[int, list[dict]]:
-    """-> (k1, late stages [{start, end, enter}]) for distinct insertion layers k1 < k2 < ..."""
-    ks = sorted(set(insert_at.values()))
-    late = []
-    for j, k in enumerate(ks):
-        end = ks[j + 1] if j + 1 < len(ks) else num_layers
-        late.append({"start": k, "end": end, "enter": sorted(m for m, v in insert_at.items() if v == k)})
-    return ks[0], late
-
-
-def _merged_for_export(model, dtype: torch.dtype):
+def merged_for_export(model, dtype: torch.dtype):
     """A copy with LoRA merged into the base weights and cast to the export dtype."""
     m = copy.deepcopy(model).eval()
     try:
@@ -63,14 +56,6 @@ def _merged_for_export(model, dtype: torch.dtype):
     return m.to(dtype)
 
 
-def _kv(n_layers: int, shape, B: int, P: int, dtype) -> list[torch.Tensor]:
-    return [torch.zeros(B, shape.num_kv_heads, P, shape.head_dim, dtype=dtype) for _ in range(2 * n_layers)]
-
-
-def _kv_names(prefix: str, start: int, end: int) -> list[str]:
-    return [f"{prefix}_{w}.{i}" for i in range(start, end) for w in ("key", "value")]
-
-
 def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, opset: int | None) -> None:
     import onnx
 
@@ -78,8 +63,15 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes,
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         prog = torch.onnx.export(
-            module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
-            output_names=output_names, opset_version=opset, optimize=True, verbose=False,
+            module,
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
         )
     prog.save(str(path), external_data=True)
     onnx.checker.check_model(str(path), full_check=False)
@@ -103,8 +95,25 @@ def _graph_io(path: Path) -> dict:
     return {"inputs": io(m.graph.input), "outputs": io(m.graph.output), "opset": m.opset_import[0].version}
 
 
-def export_onnx(model, out_dir: str | Path, *, dtype: str = "fp32", opset: int | None = None, overwrite: bool = False,
-                progress: Callable[[str], None] | None = None) -> Path:
+def _check_declared(fname: str, io, saved: dict) -> None:
+    """The traced graph has the declared outputs and a subset of the declared inputs, in order."""
+    got_in = [t["name"] for t in saved["inputs"]]
+    if got_in != [n for n in io.input_names if n in got_in] or [t["name"] for t in saved["outputs"]] != io.output_names:
+        raise ComposerError(
+            f"{fname}: the exported graph's inputs/outputs differ from its declaration "
+            f"(graphs.py): {got_in} -> {[t['name'] for t in saved['outputs']]}"
+        )
+
+
+def export_onnx(
+    model,
+    out_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
     """Export ``model`` (a ``ComposedModel``) as a split ONNX bundle; returns the bundle path.
 
     Example::
@@ -118,12 +127,11 @@ def export_onnx(model, out_dir: str | Path, *, dtype: str = "fp32", opset: int |
         raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     say = progress or (lambda s: None)
     tdt = DTYPES[dtype]
-    m = _merged_for_export(model, tdt)
+    m = merged_for_export(model, tdt)
     shape = m.adapter.shape
     N = shape.num_layers
-    k1, late = stage_plan(m.insert_at, N)
     out_dir = Path(out_dir)
-    b, t, mm, p, r = Dim("batch"), Dim("seq"), Dim("mm"), Dim("past"), Dim("rows")
+    dims = {name: Dim(name) for name in EXAMPLE_SIZES}
     graphs: dict[str, dict] = {}
     with atomic_dir(out_dir, overwrite) as tmp, torch.no_grad():
         # encoders: raw input -> tokens
@@ -131,55 +139,70 @@ def export_onnx(model, out_dir: str | Path, *, dtype: str = "fp32", opset: int |
         for name, enc in m.encoders.items():
             fname = f"encoder.{name}.onnx"
             say(f"exporting {fname}")
-            example = {k: (v.to(enc.dtype) if v.is_floating_point() else v) for k, v in enc.example_inputs(EX_ITEMS).items()}
+            example = {
+                k: (v.to(enc.dtype) if v.is_floating_point() else v)
+                for k, v in enc.example_inputs(EXAMPLE_SIZES["items"]).items()
+            }
             names = list(enc.input_names)
-            dims = {}  # one torch Dim per axis name, shared across inputs
-            dyn = tuple({ax: dims.setdefault(label, Dim(label)) for ax, label in enc.dynamic_axes()[k].items()} for k in names)
-            _export(EncoderGraph(enc, m.projectors[name], tdt), tuple(example[k] for k in names), tmp / fname, names,
-                    ["tokens"], (dyn,), opset)  # forward(*inputs): one varargs entry
+            enc_dims: dict = {}  # one torch Dim per axis name, shared across inputs
+            dyn = tuple(
+                {ax: enc_dims.setdefault(label, Dim(label)) for ax, label in enc.dynamic_axes()[k].items()}
+                for k in names
+            )
+            _export(
+                EncoderGraph(enc, m.projectors[name], tdt),
+                tuple(example[k] for k in names),
+                tmp / fname,
+                names,
+                ["tokens"],
+                (dyn,),
+                opset,
+            )  # forward(*inputs): one varargs entry
             graphs[fname] = _graph_io(tmp / fname)
             encoders[name] = {
-                "graph": fname, "type": encoder_type_of(enc), "inputs": list(enc.input_names),
-                "tokens_per_item": m.num_tokens(name), "placeholder": m.spec.modalities[name].placeholder,
-                "placeholder_id": m.placeholder_ids[name], "insert_at": m.insert_at[name],
+                "graph": fname,
+                "type": encoder_type_of(enc),
+                "inputs": list(enc.input_names),
+                "tokens_per_item": m.num_tokens(name),
+                "placeholder": m.spec.modalities[name].placeholder,
+                "placeholder_id": m.placeholder_ids[name],
+                "insert_at": m.insert_at[name],
                 "processor": f"processors/{name}",
             }
-        # early text graph: layers [0, k1)
-        say("exporting early_text.onnx")
-        ids = torch.randint(3, shape.vocab_size, (EX_B, EX_T))
-        slots = torch.arange(EX_P, EX_P + EX_T).repeat(EX_B, 1)
-        args = (ids, slots.clone(), slots, torch.ones(EX_B, EX_T, dtype=torch.bool),
-                torch.arange(EX_P).repeat(EX_B, 1), torch.ones(EX_B, EX_P, dtype=torch.bool), _kv(k1, shape, EX_B, EX_P, tdt))
-        seq2, past2, kv = {0: b, 1: t}, {0: b, 1: p}, {0: b, 2: p}
-        _export(EarlyText(m, k1), args, tmp / "early_text.onnx",
-                ["input_ids", "position_ids", "slots", "valid", "past_slots", "past_valid", *_kv_names("past", 0, k1)],
-                ["hidden", *_kv_names("present", 0, k1)],
-                (seq2, seq2, seq2, seq2, past2, past2, [kv] * (2 * k1)), opset)
-        graphs["early_text.onnx"] = _graph_io(tmp / "early_text.onnx")
-        # late graphs: one per distinct insertion layer
-        stages = [{"graph": "early_text.onnx", "start": 0, "end": k1, "enter": [], "last": False}]
-        for j, st in enumerate(late):
-            fname = late_graph_name(st["start"], len(late))
+        # early text graph: layers [0, k1); late graphs: one per distinct insertion layer
+        sizes = {
+            **EXAMPLE_SIZES,
+            "hidden": shape.hidden_size,
+            "kv_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim,
+        }
+        (_, k1, _), *late = graph_stages(m.insert_at, N)
+        plan = [("early_text.onnx", EarlyText(m, k1), (0, k1, [], False))]
+        for j, (start, end, enter) in enumerate(late):
             last = j == len(late) - 1
-            say(f"exporting {fname} (layers {st['start']}..{st['end'] - 1})")
-            d = shape.hidden_size
-            args = (
-                torch.randn(EX_B, EX_T, d, dtype=tdt), slots, torch.ones(EX_B, EX_T, dtype=torch.bool), slots.clone(),
-                torch.randn(EX_B, EX_M, d, dtype=tdt), torch.arange(EX_M).repeat(EX_B, 1),
-                torch.ones(EX_B, EX_M, dtype=torch.bool), torch.arange(EX_M).repeat(EX_B, 1),
-                torch.arange(EX_P).repeat(EX_B, 1), torch.ones(EX_B, EX_P, dtype=torch.bool),
-                torch.zeros(EX_B, EX_R, dtype=torch.long), _kv(st["end"] - st["start"], shape, EX_B, EX_P, tdt),
-            )
-            mm2 = {0: b, 1: mm}
+            plan.append((late_graph_name(start, len(late)), LateStage(m, start, end, last), (start, end, enter, last)))
+        stages = []
+        for fname, module, (start, end, enter, last) in plan:
+            say(f"exporting {fname}" + ("" if fname == "early_text.onnx" else f" (layers {start}..{end - 1})"))
+            io = module.io  # the graph's declared inputs and outputs
             _export(
-                LateStage(m, st["start"], st["end"], last), args, tmp / fname,
-                ["hidden", "hidden_slots", "hidden_valid", "hidden_positions", "mm_tokens", "mm_slots", "mm_valid",
-                 "mm_positions", "past_slots", "past_valid", "logit_rows", *_kv_names("past", st["start"], st["end"])],
-                ["logits" if last else "hidden_out", *_kv_names("present", st["start"], st["end"])],
-                ({0: b, 1: t}, seq2, seq2, seq2, {0: b, 1: mm}, mm2, mm2, mm2, past2, past2, {0: b, 1: r},
-                 [kv] * (2 * (st["end"] - st["start"]))), opset)
-            graphs[fname] = _graph_io(tmp / fname)
-            stages.append({"graph": fname, **st, "last": last})
+                module,
+                io.examples(sizes, tdt, shape.vocab_size),
+                tmp / fname,
+                io.input_names,
+                io.output_names,
+                io.dynamic_shapes(dims),
+                opset,
+            )
+            saved = _graph_io(tmp / fname)
+            _check_declared(fname, io, saved)
+            graphs[fname] = {
+                **io.manifest_entry(
+                    {**sizes, "vocab": shape.vocab_size}, ONNX_DTYPES[dtype], {t["name"] for t in saved["inputs"]}
+                ),
+                "opset": saved["opset"],
+            }
+            stages.append({"graph": fname, "start": start, "end": end, "enter": enter, "last": last})
         # tokenizer, processors, spec, manifest
         m.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         for name, proc in m.processors.items():
@@ -191,19 +214,34 @@ def export_onnx(model, out_dir: str | Path, *, dtype: str = "fp32", opset: int |
             "format_version": FORMAT_VERSION,
             "name": m.spec.name,
             "dtype": dtype,
-            "llm": {"family": m.llm.config.model_type, "num_layers": N, "hidden_size": shape.hidden_size,
-                    "vocab_size": shape.vocab_size, "max_position_embeddings": m.context_length,
-                    "sliding_window": m.adapter.sliding_window},
-            "kv": {"layout": "past_key.{i}/past_value.{i}: (batch, kv_heads, past, head_dim); layer index i absolute",
-                   "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim, "dtype": dtype},
+            "llm": {
+                "family": m.llm.config.model_type,
+                "num_layers": N,
+                "hidden_size": shape.hidden_size,
+                "vocab_size": shape.vocab_size,
+                "max_position_embeddings": m.context_length,
+                "sliding_window": m.adapter.sliding_window,
+            },
+            "kv": {
+                "layout": "past_key.{i}/past_value.{i}: (batch, kv_heads, past, head_dim); layer index i absolute",
+                "num_kv_heads": shape.num_kv_heads,
+                "head_dim": shape.head_dim,
+                "dtype": dtype,
+            },
             "insert_at": m.insert_at,
             "stages": stages,
             "encoders": encoders,
             "graphs": graphs,
             "tokenizer": "tokenizer",
             "prompt_template": m.spec.prompt.template,
-            "generation": {**g.model_dump(), "eos_token_id": _eos(m), "pad_token_id": m.pad_token_id,
-                           "bos_token_id": tok.bos_token_id, "banned_token_ids": m.banned_token_ids},
+            "summary": summary_record(m),
+            "generation": {
+                **g.model_dump(),
+                "eos_token_id": _eos(m),
+                "pad_token_id": m.pad_token_id,
+                "bos_token_id": tok.bos_token_id,
+                "banned_token_ids": m.banned_token_ids,
+            },
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     say(f"wrote {out_dir}")
@@ -220,4 +258,4 @@ def bundle_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-__all__ = ["bundle_size", "export_onnx", "stage_plan"]
+__all__ = ["bundle_size", "export_onnx", "merged_for_export"]

@@ -19,10 +19,163 @@ Graphs:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from composer.errors import ComposerError
 from composer.layout import additive_mask
+
+# Dynamic axes, one symbol each. Example sizes for tracing all differ, so that no two dynamic
+# sizes get merged into one symbol (the traced graph would then fail at run time).
+EXAMPLE_SIZES = {"batch": 2, "seq": 5, "mm": 3, "past": 7, "rows": 4, "items": 3}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One graph input or output: ``shape`` names dynamic axes (keys of ``EXAMPLE_SIZES``) or
+    fixed ones (``hidden``, ``kv_heads``, ``head_dim``, ``vocab``, from the LLM's shape);
+    ``dtype`` is ``int64``, ``bool``, ``float32`` or ``model`` (the bundle's float dtype); ``example`` says
+    how a tracing example is made (``ids``, ``ones``, ``zeros``, ``randn``, ``slots``: the
+    positions after the past, ``arange``: 0.. along the last axis)."""
+
+    name: str
+    dtype: str
+    shape: tuple[str, ...]
+    example: str = "zeros"
+
+
+def kv_tensors(prefix: str, start: int, end: int, past_axis: str = "past") -> list[Tensor]:
+    """``{prefix}_key.{i}`` / ``{prefix}_value.{i}`` (batch, kv_heads, past, head_dim), absolute ``i``."""
+    return [
+        Tensor(name, "model", ("batch", "kv_heads", past_axis, "head_dim")) for name in kv_names(prefix, start, end)
+    ]
+
+
+def kv_names(prefix: str, start: int, end: int) -> list[str]:
+    return [f"{prefix}_{w}.{i}" for i in range(start, end) for w in ("key", "value")]
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """The inputs and outputs of one bundle graph, declared once: the exporter traces from it
+    (names, dynamic shapes, examples), the manifest records it, the runtime builds its feeds
+    through ``feeds``. The ``kv_inputs`` trailing inputs are the past KV, passed to the forward
+    as one list (empty for a graph of no layers)."""
+
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    kv_inputs: int = 0
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def feeds(self, **values) -> dict:
+        """The runtime's feeds, checked against the declaration (every input, nothing else)."""
+        missing = [n for n in self.input_names if n not in values]
+        extra = sorted(set(values) - set(self.input_names))
+        if missing or extra:
+            raise ComposerError(f"graph feeds do not match the declared inputs: missing {missing}, unexpected {extra}")
+        return values
+
+    def manifest_entry(self, sizes: dict[str, int], float_dtype: str, in_graph: set[str]) -> dict:
+        """What the manifest records for this graph: every declared input and output with its
+        dtype and shape (dynamic axes by name, fixed ones as numbers); ``used: false`` marks an
+        input the exported graph does not read (the exporter prunes it; the runtime skips it)."""
+
+        def entry(t: Tensor) -> dict:
+            shape = [a if a in EXAMPLE_SIZES or a == "total" else sizes[a] for a in t.shape]
+            dtype = {"model": float_dtype, "float32": "float"}.get(t.dtype, t.dtype)  # ONNX's names
+            return {"name": t.name, "dtype": dtype, "shape": shape}
+
+        return {
+            "inputs": [{**entry(t), "used": t.name in in_graph} for t in self.inputs],
+            "outputs": [entry(t) for t in self.outputs],
+        }
+
+    def args(self, values: dict) -> tuple:
+        """Named values -> the forward's argument layout (the KV inputs as one list)."""
+        out = [values[n] for n in self.input_names]
+        n = len(out) - self.kv_inputs
+        return (*out[:n], out[n:])
+
+    def dynamic_shapes(self, dims: dict) -> tuple:
+        """torch.export dynamic shapes: {axis: Dim} per input, the KV inputs as one list."""
+        return self.args(
+            {t.name: {i: dims[a] for i, a in enumerate(t.shape) if a in EXAMPLE_SIZES} for t in self.inputs}
+        )
+
+    def examples(self, sizes: dict[str, int], dtype: torch.dtype, vocab: int) -> tuple:
+        """Tracing examples in the forward's argument layout (the KV inputs as one list)."""
+        out = {}
+        for t in self.inputs:
+            shape = tuple(sizes[a] for a in t.shape)
+            if t.example == "ids":
+                x = torch.randint(3, vocab, shape)
+            elif t.example == "slots":  # slot ids / positions after the past
+                x = torch.arange(sizes["past"], sizes["past"] + shape[-1]).expand(shape).clone()
+            elif t.example == "arange":
+                x = torch.arange(shape[-1]).expand(shape).clone()
+            elif t.example == "randn":
+                x = torch.randn(shape)
+            else:
+                x = torch.ones(shape) if t.example == "ones" else torch.zeros(shape)
+            out[t.name] = x.to(
+                {"int64": torch.long, "bool": torch.bool, "float32": torch.float32, "model": dtype}[t.dtype]
+            )
+        return self.args(out)
+
+
+def early_io(end: int) -> GraphIO:
+    """``early_text``: layers [0, end) over text tokens."""
+    seq = ("batch", "seq")
+    return GraphIO(
+        inputs=(
+            Tensor("input_ids", "int64", seq, "ids"),
+            Tensor("position_ids", "int64", seq, "slots"),
+            Tensor("slots", "int64", seq, "slots"),
+            Tensor("valid", "bool", seq, "ones"),
+            Tensor("past_slots", "int64", ("batch", "past"), "arange"),
+            Tensor("past_valid", "bool", ("batch", "past"), "ones"),
+            *kv_tensors("past", 0, end),
+        ),
+        outputs=(Tensor("hidden", "model", ("batch", "seq", "hidden")), *kv_tensors("present", 0, end, "total")),
+        kv_inputs=2 * end,
+    )
+
+
+def late_io(start: int, end: int, last: bool) -> GraphIO:
+    """``late_multimodal``: layers [start, end) over the previous hidden states + entering MM tokens."""
+    seq, mm, past = ("batch", "seq"), ("batch", "mm"), ("batch", "past")
+    head = (
+        Tensor("logits", "float32", ("batch", "rows", "vocab"))
+        if last
+        else Tensor("hidden_out", "model", ("batch", "total", "hidden"))
+    )
+    return GraphIO(
+        inputs=(
+            Tensor("hidden", "model", ("batch", "seq", "hidden"), "randn"),
+            Tensor("hidden_slots", "int64", seq, "slots"),
+            Tensor("hidden_valid", "bool", seq, "ones"),
+            Tensor("hidden_positions", "int64", seq, "slots"),
+            Tensor("mm_tokens", "model", ("batch", "mm", "hidden"), "randn"),
+            Tensor("mm_slots", "int64", mm, "arange"),
+            Tensor("mm_valid", "bool", mm, "ones"),
+            Tensor("mm_positions", "int64", mm, "arange"),
+            Tensor("past_slots", "int64", past, "arange"),
+            Tensor("past_valid", "bool", past, "ones"),
+            Tensor("logit_rows", "int64", ("batch", "rows"), "zeros"),
+            *kv_tensors("past", start, end),
+        ),
+        outputs=(head, *kv_tensors("present", start, end, "total")),
+        kv_inputs=2 * (end - start),
+    )
 
 
 def _cache_from(past: list[torch.Tensor], start: int):
@@ -59,6 +212,7 @@ class EarlyText(nn.Module):
         super().__init__()
         self.llm = model.llm  # registers the weights
         self.adapter, self.end = model.adapter, end
+        self.io = early_io(end)
 
     def forward(self, input_ids, position_ids, slots, valid, past_slots, past_valid, past: list[torch.Tensor]):
         h = self.adapter.embed(input_ids, position_ids)
@@ -81,9 +235,23 @@ class LateStage(nn.Module):
         super().__init__()
         self.llm = model.llm
         self.adapter, self.start, self.end, self.last = model.adapter, start, end, last
+        self.io = late_io(start, end, last)
 
-    def forward(self, hidden, hidden_slots, hidden_valid, hidden_positions, mm_tokens, mm_slots, mm_valid,
-                mm_positions, past_slots, past_valid, logit_rows, past: list[torch.Tensor]):
+    def forward(
+        self,
+        hidden,
+        hidden_slots,
+        hidden_valid,
+        hidden_positions,
+        mm_tokens,
+        mm_slots,
+        mm_valid,
+        mm_positions,
+        past_slots,
+        past_valid,
+        logit_rows,
+        past: list[torch.Tensor],
+    ):
         pe = self.adapter.position_embedding(mm_positions)
         mm = mm_tokens if pe is None else mm_tokens + pe
         h = torch.cat([hidden, mm.to(hidden.dtype)], dim=1)

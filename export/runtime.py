@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from composer.errors import ComposerError, InputError
+from composer.export.graphs import early_io, kv_names, late_io
 from composer.export.manifest import read_manifest
 from composer.generation import Sampling, decode_loop
+from composer.layout import baseline_positions_np, compact_np
 from composer.prompting import check_context, check_window, prepare_batch
 
 _NP = {"fp32": np.float32, "fp16": np.float16}
@@ -59,23 +61,33 @@ class OnnxPipeline:
         if provider not in ("cpu", "cuda"):
             raise InputError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
         if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ComposerError("provider 'cuda' needs onnxruntime-gpu (pip install 'mm-composer[gpu]') and a CUDA device")
+            raise ComposerError(
+                "provider 'cuda' needs onnxruntime-gpu (pip install 'mm-composer[gpu]') and a CUDA device"
+            )
         self.provider = provider
         # IO binding keeps hidden states and KV as OrtValues on the device between graphs and
         # steps; on by default with CUDA, and can be switched on for CPU (tested there).
         self.io_binding = provider == "cuda" if io_binding is None else io_binding
         self.device = "cuda" if provider == "cuda" else "cpu"
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+        )
         self.sessions = {}
         if session_options is None:
             session_options = default_session_options()
         for name in self.manifest["graphs"]:
             try:
-                self.sessions[name] = ort.InferenceSession(str(self.root / name), sess_options=session_options,
-                                                           providers=providers)
+                self.sessions[name] = ort.InferenceSession(
+                    str(self.root / name), sess_options=session_options, providers=providers
+                )
             except Exception as e:  # ORT raises its own exception types for corrupt graphs/data
                 raise InputError(f"{self.root / name}: cannot load ({str(e).strip().splitlines()[0][:200]})") from None
         self.inputs = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
+        # each LLM graph's declared inputs: every feed is built through them (graphs.GraphIO.feeds)
+        self.io = {
+            st["graph"]: early_io(st["end"]) if i == 0 else late_io(st["start"], st["end"], st["last"])
+            for i, st in enumerate(self.manifest["stages"])
+        }
         self.dtype = _NP[self.manifest["dtype"]]
         self.d = self.manifest["llm"]["hidden_size"]
         self.kv = self.manifest["kv"]
@@ -110,17 +122,26 @@ class OnnxPipeline:
         """The LLM's ``max_position_embeddings`` (None for bundles written before it was recorded)."""
         return self.manifest["llm"].get("max_position_embeddings")
 
-    def prepare(self, prompts, *, padding_side: str = "left", errors: str = "raise", **modality_items) -> dict[str, Any]:
+    def prepare(
+        self, prompts, *, padding_side: str = "left", errors: str = "raise", **modality_items
+    ) -> dict[str, Any]:
         """As ``ComposedModel.prepare`` (``errors="collect"``: per-prompt errors, see there)."""
         from composer.adapters import ENCODER_ADAPTERS
 
         return prepare_batch(
-            self.tokenizer, prompts, placeholder_ids=self.placeholder_ids,
+            self.tokenizer,
+            prompts,
+            placeholder_ids=self.placeholder_ids,
             num_tokens={m: e["tokens_per_item"] for m, e in self.encoders.items()},
             placeholders={m: e["placeholder"] for m, e in self.encoders.items()},
-            preprocess={m: functools.partial(ENCODER_ADAPTERS[e["type"]].preprocess, self.processor(m))
-                        for m, e in self.encoders.items()},
-            padding_side=padding_side, max_positions=self.context_length, errors=errors, **modality_items,
+            preprocess={
+                m: functools.partial(ENCODER_ADAPTERS[e["type"]].preprocess, self.processor(m))
+                for m, e in self.encoders.items()
+            },
+            padding_side=padding_side,
+            max_positions=self.context_length,
+            errors=errors,
+            **modality_items,
         )
 
     def decode(self, ids) -> list[str]:
@@ -171,16 +192,18 @@ class OnnxPipeline:
     def _empty_kv(self, B: int, start: int, end: int) -> dict[str, np.ndarray]:
         shape = (B, self.kv["num_kv_heads"], 0, self.kv["head_dim"])
         z = np.zeros(shape, dtype=self.dtype)
-        return {f"past_{w}.{i}": z for i in range(start, end) for w in ("key", "value")}
+        return dict.fromkeys(kv_names("past", start, end), z)
 
     # -- the split forward pass ------------------------------------------------------------------------------
     def prefill(self, input_ids, attention_mask, modality_inputs: dict[str, Any], *, all_logits: bool = False):
         """-> (logits, state). ``logits`` (B, V) at the last slot, or (B, L, V) in slot order
         when ``all_logits`` (used by ``--verify``)."""
         ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
-        mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask).astype(bool)
+        mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask).astype(
+            bool
+        )
         B, L = ids.shape
-        pos = np.clip(np.cumsum(mask, 1) - 1, 0, None).astype(np.int64)
+        pos = baseline_positions_np(mask)
         slot_masks = {m: ids == pid for m, pid in self.placeholder_ids.items()}
         is_mm = np.zeros_like(mask)
         for sm in slot_masks.values():
@@ -189,16 +212,21 @@ class OnnxPipeline:
         stages = self.manifest["stages"]
         state = {"slots": [], "valid": [], "kv": [], "next_slot": L, "next_pos": pos[:, -1] + 1}
 
-        # early text: text slots only
-        idx, ok = _rows_of(~is_mm, L)
-        cur_slots, cur_valid = idx, ok & _take(mask, idx, False)
-        cur_pos = _take(pos, idx, 0)
+        # early text: text slots only (composer.layout's compaction, in its numpy twin)
+        cur_slots, cur_valid, cur_pos = compact_np(~is_mm, mask, pos)
         early = stages[0]
-        out = self._run(early["graph"], {
-            "input_ids": _take(np.where(is_mm, 0, ids), idx, 0), "position_ids": cur_pos, "slots": cur_slots,
-            "valid": cur_valid, "past_slots": np.zeros((B, 0), np.int64), "past_valid": np.zeros((B, 0), bool),
-            **self._empty_kv(B, 0, early["end"]),
-        })
+        out = self._run(
+            early["graph"],
+            self.io[early["graph"]].feeds(
+                input_ids=_take(np.where(is_mm, 0, ids), cur_slots, 0),
+                position_ids=cur_pos,
+                slots=cur_slots,
+                valid=cur_valid,
+                past_slots=np.zeros((B, 0), np.int64),
+                past_valid=np.zeros((B, 0), bool),
+                **self._empty_kv(B, 0, early["end"]),
+            ),
+        )
         hidden = out.pop("hidden")
         state["slots"].append(cur_slots)
         state["valid"].append(cur_valid)
@@ -208,26 +236,37 @@ class OnnxPipeline:
             enter = np.zeros_like(mask)
             for m in st["enter"]:
                 enter |= slot_masks[m]
-            midx, mok = _rows_of(enter, L)
+            midx, mm_valid, mm_pos = compact_np(enter, mask, pos)
+            filled, safe = midx < L, np.minimum(midx, L - 1)
             mm = np.zeros((B, midx.shape[1], self.d), dtype=self.dtype)
             for m in st["enter"]:
                 if m in tokens:
-                    rows, cols = np.nonzero(slot_masks[m][np.arange(B)[:, None], np.minimum(midx, L - 1)] & mok)
-                    mm[rows, cols] = tokens[m][_flat_rank(slot_masks[m])[rows, np.minimum(midx, L - 1)[rows, cols]]]
-            mm_valid = mok & _take(mask, midx, False)
+                    rows, cols = np.nonzero(slot_masks[m][np.arange(B)[:, None], safe] & filled)
+                    mm[rows, cols] = tokens[m][_flat_rank(slot_masks[m])[rows, safe[rows, cols]]]
             all_slots = np.concatenate([cur_slots, midx], 1)
             if all_logits:
                 logit_rows = np.argsort(all_slots, axis=1, kind="stable")[:, :L]
             else:
                 logit_rows = np.argmax(all_slots == L - 1, axis=1)[:, None]
-            out = self._run(st["graph"], {
-                "hidden": hidden, "hidden_slots": cur_slots, "hidden_valid": cur_valid, "hidden_positions": cur_pos,
-                "mm_tokens": mm, "mm_slots": midx, "mm_valid": mm_valid, "mm_positions": _take(pos, midx, 0),
-                "past_slots": np.zeros((B, 0), np.int64), "past_valid": np.zeros((B, 0), bool),
-                "logit_rows": logit_rows.astype(np.int64), **self._empty_kv(B, st["start"], st["end"]),
-            })
+            out = self._run(
+                st["graph"],
+                self.io[st["graph"]].feeds(
+                    hidden=hidden,
+                    hidden_slots=cur_slots,
+                    hidden_valid=cur_valid,
+                    hidden_positions=cur_pos,
+                    mm_tokens=mm,
+                    mm_slots=midx,
+                    mm_valid=mm_valid,
+                    mm_positions=mm_pos,
+                    past_slots=np.zeros((B, 0), np.int64),
+                    past_valid=np.zeros((B, 0), bool),
+                    logit_rows=logit_rows.astype(np.int64),
+                    **self._empty_kv(B, st["start"], st["end"]),
+                ),
+            )
             cur_slots, cur_valid = all_slots, np.concatenate([cur_valid, mm_valid], 1)
-            cur_pos = np.concatenate([cur_pos, _take(pos, midx, 0)], 1)
+            cur_pos = np.concatenate([cur_pos, mm_pos], 1)
             if st["last"]:
                 logits = out.pop("logits")
             else:
@@ -248,17 +287,29 @@ class OnnxPipeline:
         logits = None
         for s, st in enumerate(self.manifest["stages"]):
             common = {"past_slots": state["slots"][s], "past_valid": state["valid"][s], **state["kv"][s]}
+            io = self.io[st["graph"]]
             if s == 0:
-                out = self._run(st["graph"], {"input_ids": tokens.astype(np.int64), "position_ids": pos, "slots": slot,
-                                              "valid": one, **common})
+                out = self._run(
+                    st["graph"],
+                    io.feeds(input_ids=tokens.astype(np.int64), position_ids=pos, slots=slot, valid=one, **common),
+                )
                 hidden = out.pop("hidden")
             else:
-                out = self._run(st["graph"], {
-                    "hidden": hidden, "hidden_slots": slot, "hidden_valid": one, "hidden_positions": pos,
-                    "mm_tokens": np.zeros((B, 0, self.d), self.dtype), "mm_slots": np.zeros((B, 0), np.int64),
-                    "mm_valid": np.zeros((B, 0), bool), "mm_positions": np.zeros((B, 0), np.int64),
-                    "logit_rows": np.zeros((B, 1), np.int64), **common,
-                })
+                out = self._run(
+                    st["graph"],
+                    io.feeds(
+                        hidden=hidden,
+                        hidden_slots=slot,
+                        hidden_valid=one,
+                        hidden_positions=pos,
+                        mm_tokens=np.zeros((B, 0, self.d), self.dtype),
+                        mm_slots=np.zeros((B, 0), np.int64),
+                        mm_valid=np.zeros((B, 0), bool),
+                        mm_positions=np.zeros((B, 0), np.int64),
+                        logit_rows=np.zeros((B, 1), np.int64),
+                        **common,
+                    ),
+                )
                 if st["last"]:
                     logits = out.pop("logits")[:, 0]
                 else:
@@ -270,17 +321,34 @@ class OnnxPipeline:
         state["next_pos"] = state["next_pos"] + 1
         return logits
 
-    def generate(self, input_ids, attention_mask=None, *, max_new_tokens: int | None = None,
-                 do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, eos_token_id=None, generator: torch.Generator | None = None,
-                 streamer=None, **modality_inputs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id=None,
+        generator: torch.Generator | None = None,
+        streamer=None,
+        **modality_inputs,
+    ) -> torch.Tensor:
         """Same contract as ``ComposedModel.generate``: new token ids (B, n), left padding."""
         from composer.spec import GenerationSpec
 
         g = self.manifest["generation"]
         spec_g = GenerationSpec(**{k: g[k] for k in GenerationSpec.model_fields})
-        sampling = Sampling.from_spec(spec_g, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                      temperature=temperature, top_k=top_k, top_p=top_p)
+        sampling = Sampling.from_spec(
+            spec_g,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
         input_ids = torch.as_tensor(input_ids)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
         if not bool(attention_mask[:, -1].all()):
@@ -296,9 +364,21 @@ class OnnxPipeline:
                 return torch.from_numpy(np.asarray(logits))
             return torch.from_numpy(np.asarray(self.decode_step(out[:, -1:].numpy(), state)))
 
-        eos = g["eos_token_id"] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        return decode_loop(step, input_ids, sampling, eos=eos, pad=g["pad_token_id"], banned=g["banned_token_ids"],
-                           generator=generator, streamer=streamer)
+        eos = (
+            g["eos_token_id"]
+            if eos_token_id is None
+            else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        )
+        return decode_loop(
+            step,
+            input_ids,
+            sampling,
+            eos=eos,
+            pad=g["pad_token_id"],
+            banned=g["banned_token_ids"],
+            generator=generator,
+            streamer=streamer,
+        )
 
     def _mm_tokens(self, slot_masks, modality_inputs) -> dict[str, np.ndarray]:
         unknown = sorted(set(modality_inputs) - set(self.encoders))
@@ -314,19 +394,12 @@ class OnnxPipeline:
                 raise InputError(f"the prompts have {m} placeholder slots but no `{m}` input was given")
             tok = self.encode(m, x)
             if tok.shape[0] * tok.shape[1] != slots:
-                raise InputError(f"{m}: the prompts have {slots} placeholder slots but {tok.shape[0]} {m} input(s) "
-                                 f"of {tok.shape[1]} tokens were given")
+                raise InputError(
+                    f"{m}: the prompts have {slots} placeholder slots but {tok.shape[0]} {m} input(s) "
+                    f"of {tok.shape[1]} tokens were given"
+                )
             out[m] = tok.reshape(-1, tok.shape[-1]).astype(self.dtype)
         return out
-
-
-def _rows_of(active: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the active slot ids in order, padded with the dummy slot L. -> (idx, filled)."""
-    counts = active.sum(1)
-    T = int(counts.max()) if active.size else 0
-    order = np.argsort(~active, axis=1, kind="stable")[:, :T]
-    filled = np.arange(T)[None, :] < counts[:, None]
-    return np.where(filled, order, L).astype(np.int64), filled
 
 
 def _take(a: np.ndarray, idx: np.ndarray, fill) -> np.ndarray:

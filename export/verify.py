@@ -8,20 +8,16 @@ end-to-end prefill logits vs ``ComposedModel.forward`` and the greedy tokens vs 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from composer.export.exporter import DTYPES, _merged_for_export
+from composer.export.exporter import DTYPES, merged_for_export
 from composer.export.graphs import EarlyText, EncoderGraph, LateStage
 from composer.export.runtime import OnnxPipeline
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
-_LATE_ARGS = ["hidden", "hidden_slots", "hidden_valid", "hidden_positions", "mm_tokens", "mm_slots", "mm_valid",
-              "mm_positions", "past_slots", "past_valid", "logit_rows"]
-_EARLY_ARGS = ["input_ids", "position_ids", "slots", "valid", "past_slots", "past_valid"]
 
 
 def sample_batch(model, pipe: OnnxPipeline):
@@ -32,11 +28,15 @@ def sample_batch(model, pipe: OnnxPipeline):
     prompts = [pipe.format_prompt("Describe this in detail, please."), pipe.format_prompt("Hi")]
     counts = {m: sum(p.count(e["placeholder"]) for p in prompts) for m, e in pipe.encoders.items()}
     return prepare_batch(
-        model.tokenizer, prompts, placeholder_ids=model.placeholder_ids,
+        model.tokenizer,
+        prompts,
+        placeholder_ids=model.placeholder_ids,
         num_tokens={m: model.num_tokens(m) for m in model.encoders},
         placeholders={m: e["placeholder"] for m, e in pipe.encoders.items()},
-        preprocess={m: (lambda items, enc=enc: _single(enc, enc.example_inputs(len(items))))
-                    for m, enc in model.encoders.items()},
+        preprocess={
+            m: (lambda items, enc=enc: _single(enc, enc.example_inputs(len(items))))
+            for m, enc in model.encoders.items()
+        },
         **{m: [None] * n for m, n in counts.items()},
     )
 
@@ -59,13 +59,10 @@ def _torch_graphs(model, manifest) -> dict[str, torch.nn.Module]:
 
 def _replay(module, graph: str, feeds: dict, manifest) -> list[np.ndarray]:
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
-    kv = [k for k in t if re.fullmatch(r"past_(key|value)\.\d+", k)]
-    past = [t[k] for k in sorted(kv, key=lambda k: (int(k.rsplit(".", 1)[1]), "value" in k))]
     with torch.no_grad():
         if isinstance(module, EncoderGraph):
             return [module(*[t[k] for k in module.encoder.input_names]).numpy()]
-        names = _EARLY_ARGS if isinstance(module, EarlyText) else _LATE_ARGS
-        outs = module(*[t[n] for n in names], past)
+        outs = module(*module.io.args(t))
     return [o.float().numpy() for o in outs[:1]]  # the main output; KV agrees when it does
 
 
@@ -74,7 +71,7 @@ def verify_bundle(model, bundle: str | Path, *, steps: int = 4) -> dict:
     "tolerance": tol, "ok": bool}."""
     pipe = OnnxPipeline(bundle)
     manifest = pipe.manifest
-    ref = _merged_for_export(model, DTYPES[manifest["dtype"]])
+    ref = merged_for_export(model, DTYPES[manifest["dtype"]])
     batch = sample_batch(ref, pipe)
     mm = {m: batch[m] for m in model.encoders if m in batch}
     pipe.recorder = []
@@ -96,5 +93,11 @@ def verify_bundle(model, bundle: str | Path, *, steps: int = 4) -> dict:
     tol = TOLERANCE[manifest["dtype"]]
     greedy = bool(torch.equal(torch_ids.cpu(), ort_ids))
     ok = greedy and prefill <= tol and all(v <= tol for v in per_graph.values())
-    return {"graphs": per_graph, "prefill_logits": prefill, "greedy_match": greedy, "greedy_tokens": steps,
-            "tolerance": tol, "ok": ok}
+    return {
+        "graphs": per_graph,
+        "prefill_logits": prefill,
+        "greedy_match": greedy,
+        "greedy_tokens": steps,
+        "tolerance": tol,
+        "ok": ok,
+    }

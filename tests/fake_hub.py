@@ -100,8 +100,13 @@ def _handler(hub: FakeHub):
             pass
 
         # -- plumbing ------------------------------------------------------------------------------
-        def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-                  content_type: str = "application/json") -> None:
+        def _send(
+            self,
+            status: int,
+            body: bytes = b"",
+            headers: dict[str, str] | None = None,
+            content_type: str = "application/json",
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -189,16 +194,25 @@ def _handler(hub: FakeHub):
             if self._denied("create", repo_id):
                 return
             if repo_id in hub.repos:  # the Hub's 409 names the existing repo's url
-                return self._json(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
-                                  {"X-Error-Message": "You already created this model repo"})
+                return self._json(
+                    409,
+                    {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
+                    {"X-Error-Message": "You already created this model repo"},
+                )
             repo = Repo(private=payload.get("visibility") == "private" or bool(payload.get("private")))
-            sha = hub.new_commit(repo, None, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, set())
+            sha = hub.new_commit(
+                repo, None, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, set()
+            )
             repo.refs["main"] = sha
             hub.repos[repo_id] = repo
             self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
 
         def _api_repo(self, m: str, repo_id: str, rest: list[str], query: dict) -> None:
-            if m == "POST" and rest[:1] in (["preupload"], ["commit"], ["branch"], ["tag"]) and self._denied(rest[0], repo_id):
+            if (
+                m == "POST"
+                and rest[:1] in (["preupload"], ["commit"], ["branch"], ["tag"])
+                and self._denied(rest[0], repo_id)
+            ):
                 return
             repo = self._repo(repo_id)
             if repo is None:
@@ -207,17 +221,28 @@ def _handler(hub: FakeHub):
                 sha = self._rev(repo, "/".join(rest[1:]) if rest else "main")
                 if sha:
                     files = repo.commits[sha]
-                    self._json(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
-                                     "siblings": [{"rfilename": f} for f in sorted(files)]})
+                    self._json(
+                        200,
+                        {
+                            "id": repo_id,
+                            "modelId": repo_id,
+                            "sha": sha,
+                            "private": repo.private,
+                            "siblings": [{"rfilename": f} for f in sorted(files)],
+                        },
+                    )
                 return
             if m == "GET" and rest[:1] == ["tree"] and len(rest) >= 2:
                 sha = self._rev(repo, rest[1])
                 if sha:
                     prefix = "/".join(rest[2:])
-                    entries = [self._tree_entry(repo, sha, path, data) for path, data in sorted(repo.commits[sha].items())
-                               if not prefix or path.startswith(prefix + "/")]
+                    entries = [
+                        self._tree_entry(repo, sha, path, data)
+                        for path, data in sorted(repo.commits[sha].items())
+                        if not prefix or path.startswith(prefix + "/")
+                    ]
                     if query.get("recursive", ["false"])[0].lower() != "true":
-                        entries = [e for e in entries if "/" not in e["path"][len(prefix) + 1 if prefix else 0:]]
+                        entries = [e for e in entries if "/" not in e["path"][len(prefix) + 1 if prefix else 0 :]]
                     self._json(200, entries)
                 return
             if m == "POST" and rest[:1] in (["branch"], ["tag"]) and len(rest) >= 2:
@@ -235,8 +260,14 @@ def _handler(hub: FakeHub):
                 return
             if m == "POST" and rest[:1] == ["preupload"]:
                 files = json.loads(self._body())["files"]
-                out = [{"path": f["path"], "uploadMode": "lfs" if f["size"] >= LFS_THRESHOLD else "regular",
-                        "shouldIgnore": False} for f in files]
+                out = [
+                    {
+                        "path": f["path"],
+                        "uploadMode": "lfs" if f["size"] >= LFS_THRESHOLD else "regular",
+                        "shouldIgnore": False,
+                    }
+                    for f in files
+                ]
                 return self._json(200, {"files": out})
             if m == "POST" and rest[:1] == ["commit"] and len(rest) >= 2:
                 return self._commit(repo_id, repo, "/".join(rest[1:]), self._body())
@@ -255,8 +286,10 @@ def _handler(hub: FakeHub):
             for o in payload["objects"]:
                 obj = {"oid": o["oid"], "size": o["size"], "authenticated": True}
                 if o["oid"] not in hub.lfs:
-                    obj["actions"] = {"upload": {"href": f"{hub.url}/lfs/upload/{o['oid']}"},
-                                      "verify": {"href": f"{hub.url}/lfs/verify"}}
+                    obj["actions"] = {
+                        "upload": {"href": f"{hub.url}/lfs/upload/{o['oid']}"},
+                        "verify": {"href": f"{hub.url}/lfs/verify"},
+                    }
                 objects.append(obj)
             self._json(200, {"transfer": "basic", "objects": objects})
 
@@ -283,8 +316,9 @@ def _handler(hub: FakeHub):
                     files = {k: v for k, v in files.items() if not k.startswith(value["path"].rstrip("/") + "/")}
             sha = hub.new_commit(repo, parent, files, lfs & set(files))
             repo.refs[rev] = sha
-            self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha,
-                             "pullRequestUrl": None})
+            self._json(
+                200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+            )
 
         def _resolve(self, repo_id: str, rev: str, path: str) -> None:
             repo = self._repo(repo_id)
@@ -299,16 +333,27 @@ def _handler(hub: FakeHub):
             data = files[path]
             if path in repo.lfs_paths[sha]:  # LFS files: the etag is the content's sha256
                 oid = hashlib.sha256(data).hexdigest()
-                return self._send_file(data, {"ETag": f'"{oid}"', "X-Linked-Etag": f'"{oid}"',
-                                              "X-Linked-Size": str(len(data)), "X-Repo-Commit": sha})
+                return self._send_file(
+                    data,
+                    {
+                        "ETag": f'"{oid}"',
+                        "X-Linked-Etag": f'"{oid}"',
+                        "X-Linked-Size": str(len(data)),
+                        "X-Repo-Commit": sha,
+                    },
+                )
             self._send_file(data, {"ETag": f'"{git_blob_sha1(data)}"', "X-Repo-Commit": sha})
 
         def _send_file(self, data: bytes, headers: dict[str, str]) -> None:
             rng = self.headers.get("Range")
             if rng and rng.startswith("bytes=") and self.command == "GET":
                 start = int(rng[6:].split("-")[0] or 0)
-                return self._send(206, data[start:], {**headers, "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"},
-                                  content_type="application/octet-stream")
+                return self._send(
+                    206,
+                    data[start:],
+                    {**headers, "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"},
+                    content_type="application/octet-stream",
+                )
             self._send(200, data, headers, content_type="application/octet-stream")
 
     return Handler

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import images, make_model
+from helpers import images, make_model
 
-from composer.bench import hf_reference, hf_reference_unsupported
+from composer.analysis.bench import hf_reference, hf_reference_unsupported
+from composer.analysis.flops import saving
 from composer.cli import main
-from composer.data import Collator, read_jsonl
-from composer.flops import saving
+from composer.train.data import Collator, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "specs/tiny/llava.yaml"
@@ -53,13 +53,30 @@ def _check_numbers(result: dict) -> None:
         assert r["decode_ratio_vs_torch"] == pytest.approx(d / ref["decode_tokens_per_s"]["median"], rel=1e-12)
         assert r["measured_prefill_saving"] == pytest.approx(1 - r["prefill_ratio_vs_k0"], rel=1e-12)
         if k != "0":
-            assert r["measured_over_analytic"] == pytest.approx(r["measured_prefill_saving"] / r["analytic_prefill_saving"])
+            assert r["measured_over_analytic"] == pytest.approx(
+                r["measured_prefill_saving"] / r["analytic_prefill_saving"]
+            )
 
 
 def test_bench_torch_and_hf_on_the_tiny_twin(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code, stdout, err = compose(capsys, "bench", TINY, "--runtime", "torch", "--runtime", "hf", "--new-tokens", 5,
-                                "--warmup", 1, "--repeats", 2, "--json", out)
+    code, stdout, err = compose(
+        capsys,
+        "bench",
+        TINY,
+        "--runtime",
+        "torch",
+        "--runtime",
+        "hf",
+        "--new-tokens",
+        5,
+        "--warmup",
+        1,
+        "--repeats",
+        2,
+        "--json",
+        out,
+    )
     assert code == 0, err
     assert "k/0" in stdout and "measured vs" in stdout
     result = json.loads(out.read_text())
@@ -67,8 +84,10 @@ def test_bench_torch_and_hf_on_the_tiny_twin(tmp_path, capsys):
     assert {(r["runtime"], r["k"]) for r in result["results"]} == {("torch", "0"), ("torch", "2"), ("hf", "0")}
     assert result["skipped"] == {}
     assert result["settings"]["text_tokens"] == 64 and result["settings"]["mm_tokens"] == {"image": 16}
-    # the analytic saving is DESIGN.md's model for 64 text + 16 MM tokens, 4 layers, k = 2
-    assert result["analytic_prefill_saving"]["2"] == pytest.approx(saving(4, 64, 128, True, 64, {"image": 16}, {"image": 2}))
+    # the analytic saving is the FLOPs model of docs/architecture.md for 64 text + 16 MM tokens, 4 layers, k = 2
+    assert result["analytic_prefill_saving"]["2"] == pytest.approx(
+        saving(4, 64, 128, True, 64, {"image": 16}, {"image": 2})
+    )
     _check_numbers(result)
     # the HF baseline is like-for-like: the same greedy tokens as composer's torch path at k = 0
     hf, torch0 = _row(result, "hf", "0"), _row(result, "torch", "0")
@@ -79,8 +98,27 @@ def test_bench_torch_and_hf_on_the_tiny_twin(tmp_path, capsys):
 def test_bench_onnx_runtime(tmp_path, capsys):
     """One export: ONNX Runtime next to torch at k = 0."""
     out = tmp_path / "bench.json"
-    code, _, err = compose(capsys, "bench", TINY, "--insert-at", 0, "--runtime", "onnx", "--runtime", "torch",
-                           "--new-tokens", 4, "--warmup", 1, "--repeats", 2, "--text-tokens", 40, "--json", out)
+    code, _, err = compose(
+        capsys,
+        "bench",
+        TINY,
+        "--insert-at",
+        0,
+        "--runtime",
+        "onnx",
+        "--runtime",
+        "torch",
+        "--new-tokens",
+        4,
+        "--warmup",
+        1,
+        "--repeats",
+        2,
+        "--text-tokens",
+        40,
+        "--json",
+        out,
+    )
     assert code == 0, err
     result = json.loads(out.read_text())
     assert {(r["runtime"], r["k"]) for r in result["results"]} == {("onnx", "0"), ("torch", "0")}
@@ -95,20 +133,28 @@ def test_hf_reference_generates_like_torch_at_k0():
     model = make_model("llama", insert_at=0)
     ref = hf_reference(model)
     assert ref.lm_head.weight.data_ptr() == model.llm.lm_head.weight.data_ptr()  # shared, not copied
-    batch = model.prepare([model.format_prompt("What is in the picture?"), model.format_prompt("Hi")],
-                          image=list(images(2, seed=1)))
+    batch = model.prepare(
+        [model.format_prompt("What is in the picture?"), model.format_prompt("Hi")], image=list(images(2, seed=1))
+    )
     assert (batch["attention_mask"] == 0).any()
     with torch.no_grad():
         ours = model.generate(**batch, max_new_tokens=8, eos_token_id=[])
-        theirs = ref.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              pixel_values=batch["image"], max_new_tokens=8, do_sample=False,
-                              suppress_tokens=model.banned_token_ids)[:, batch["input_ids"].shape[1]:]
+        theirs = ref.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["image"],
+            max_new_tokens=8,
+            do_sample=False,
+            suppress_tokens=model.banned_token_ids,
+        )[:, batch["input_ids"].shape[1] :]
     assert torch.equal(ours, theirs)
 
 
 def test_hf_reference_unsupported_names_the_reason():
     assert "opt" in hf_reference_unsupported(make_model("opt", insert_at=0))
-    assert "one image modality" in hf_reference_unsupported(make_model("llama", insert_at=0, modalities=("image", "photo")))
+    assert "one image modality" in hf_reference_unsupported(
+        make_model("llama", insert_at=0, modalities=("image", "photo"))
+    )
     assert hf_reference_unsupported(make_model("qwen2", insert_at=0)) is None
 
 
@@ -123,8 +169,15 @@ def _probe_data(tmp_path: Path) -> Path:
         img[8:24, 8:24] = 255 - np.array(rgb, np.uint8)
         Image.fromarray(img).save(tmp_path / f"img{i}.png")
         recs.append({"image": f"img{i}.png", "prompt": "What colour is it?", "response": f"It is {name}."})
-    recs.append({"image": "img0.png", "conversations": [{"from": "human", "value": "<image>\nDescribe it."},
-                                                        {"from": "gpt", "value": "A square on red."}]})
+    recs.append(
+        {
+            "image": "img0.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe it."},
+                {"from": "gpt", "value": "A square on red."},
+            ],
+        }
+    )
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
@@ -181,8 +234,9 @@ def test_probe_on_a_tiny_k0_model(tmp_path, capsys):
         loss0 = model(**Collator(model)(examples)).loss.item()  # one batch of 4 = the probe's batch
     assert result["loss_k0"] == pytest.approx(loss0, rel=1e-5)
     # --layers restricts the probed layers; k = 0 stays as the baseline
-    code, _, err = compose(capsys, "probe", ckpt, "--data", data, "--layers", "3", "--max-loss-increase", "10",
-                           "--json", out)
+    code, _, err = compose(
+        capsys, "probe", ckpt, "--data", data, "--layers", "3", "--max-loss-increase", "10", "--json", out
+    )
     assert code == 0, err
     result = json.loads(out.read_text())
     assert [r["layer"] for r in result["rows"]] == [0, 3] and result["recommended_k"] == 3

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import images
+from helpers import images
 
 from composer.builder import build
 from composer.errors import InputError
@@ -42,11 +42,21 @@ def _hf_config(image_token_id: int):
 
     mod = TINY["modalities"]["image"]
     q = mod["projector"]
-    qformer = {"hidden_size": q["hidden_size"], "num_hidden_layers": q["num_layers"], "num_attention_heads": q["num_heads"],
-               "intermediate_size": q["intermediate_size"], "cross_attention_frequency": q["cross_attention_frequency"],
-               "encoder_hidden_size": mod["encoder"]["config"]["hidden_size"]}
-    cfg = Blip2Config(vision_config=mod["encoder"]["config"], qformer_config=qformer, text_config=TINY["llm"]["config"],
-                      num_query_tokens=q["num_queries"], image_token_index=image_token_id)
+    qformer = {
+        "hidden_size": q["hidden_size"],
+        "num_hidden_layers": q["num_layers"],
+        "num_attention_heads": q["num_heads"],
+        "intermediate_size": q["intermediate_size"],
+        "cross_attention_frequency": q["cross_attention_frequency"],
+        "encoder_hidden_size": mod["encoder"]["config"]["hidden_size"],
+    }
+    cfg = Blip2Config(
+        vision_config=mod["encoder"]["config"],
+        qformer_config=qformer,
+        text_config=TINY["llm"]["config"],
+        num_query_tokens=q["num_queries"],
+        image_token_index=image_token_id,
+    )
     cfg.text_config._attn_implementation = "eager"
     return cfg
 
@@ -60,7 +70,7 @@ def _hf_blip2(model):
     state = {}
     for k, v in model.state_dict().items():
         a = next(a for a in rename if k.startswith(a))
-        state[rename[a] + k[len(a):]] = v
+        state[rename[a] + k[len(a) :]] = v
     missing, unexpected = ref.load_state_dict(state, strict=True)
     assert not missing and not unexpected
     return ref
@@ -76,8 +86,12 @@ def _batch(model, padding_side: str = "left"):
 def _hf_logits(ref, batch) -> torch.Tensor:
     mask = batch["attention_mask"]
     with torch.no_grad():
-        return ref(input_ids=batch["input_ids"], attention_mask=mask, pixel_values=batch["image"],
-                   position_ids=baseline_positions(mask)).logits
+        return ref(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            pixel_values=batch["image"],
+            position_ids=baseline_positions(mask),
+        ).logits
 
 
 def _max_diff(ours, theirs, mask) -> float:
@@ -110,7 +124,9 @@ def test_insert_at_0_matches_hf_blip2(padding_side):
     batch = _batch(model, padding_side)
     with torch.no_grad():
         feats = model.encoders["image"](batch["image"])
-        assert torch.equal(feats, ref.vision_model(pixel_values=batch["image"]).last_hidden_state)  # the Q-Former's input
+        assert torch.equal(
+            feats, ref.vision_model(pixel_values=batch["image"]).last_hidden_state
+        )  # the Q-Former's input
         ours = model(**batch).logits
     diff = _max_diff(ours, _hf_logits(ref, batch), batch["attention_mask"])
     assert diff < TOL, diff
@@ -140,15 +156,23 @@ def blip2_checkpoint(tmp_path_factory):
 
 def _from_checkpoint(root: Path, encoder: str, weights: str, **projector) -> dict:
     """Encoder from ``root/encoder``, projector weights from ``root/weights`` (or a Hub id)."""
-    d = _spec(insert_at=0, projector={"weights": str(root / weights) if (root / weights).exists() else weights, **projector})
+    d = _spec(
+        insert_at=0, projector={"weights": str(root / weights) if (root / weights).exists() else weights, **projector}
+    )
     enc = d["modalities"]["image"]["encoder"]
-    d["modalities"]["image"]["encoder"] = {"model": str(root / encoder), "feature_layer": enc["feature_layer"], "train": "frozen"}
+    d["modalities"]["image"]["encoder"] = {
+        "model": str(root / encoder),
+        "feature_layer": enc["feature_layer"],
+        "train": "frozen",
+    }
     d["llm"] = {"model": str(root / "opt"), "tokenizer": {"type": "byte"}, "attn_implementation": "eager"}
     return d
 
 
-@pytest.mark.parametrize(("encoder", "weights"), [("blip2", "blip2"), ("blip2", "blip2/model.safetensors"),
-                                                   ("sharded", "sharded"), ("sharded", "whole.bin")])
+@pytest.mark.parametrize(
+    ("encoder", "weights"),
+    [("blip2", "blip2"), ("blip2", "blip2/model.safetensors"), ("sharded", "sharded"), ("sharded", "whole.bin")],
+)
 def test_whole_blip2_checkpoint_loads(blip2_checkpoint, encoder, weights):
     root, ref = blip2_checkpoint
     model = build(parse_spec(_from_checkpoint(root, encoder, weights))).eval()
@@ -156,7 +180,9 @@ def test_whole_blip2_checkpoint_loads(blip2_checkpoint, encoder, weights):
     tower, proj = model.encoders["image"].model.state_dict(), model.projectors["image"].state_dict()
     assert tower.keys() == ref.vision_model.state_dict().keys()
     assert all(torch.equal(v, ref.vision_model.state_dict()[k]) for k, v in tower.items())
-    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in proj.items())  # query_tokens, qformer.*, language_projection.*
+    assert all(
+        torch.equal(v, ref.state_dict()[k]) for k, v in proj.items()
+    )  # query_tokens, qformer.*, language_projection.*
     batch = _batch(model)
     with torch.no_grad():
         ours = model(**batch).logits
@@ -189,19 +215,28 @@ def test_projector_weights_from_a_hub_repo_take_only_the_needed_shards(blip2_che
 
 def test_checkpoint_errors_name_the_file(blip2_checkpoint, tmp_path):
     root, _ = blip2_checkpoint
-    with pytest.raises(InputError, match=r"modalities.image.projector.weights: .*opt.*missing \['language_projection.bias'"):
+    with pytest.raises(
+        InputError, match=r"modalities.image.projector.weights: .*opt.*missing \['language_projection.bias'"
+    ):
         build(parse_spec(_from_checkpoint(root, "blip2", "opt")))  # an OPT checkpoint holds no Q-Former
-    with pytest.raises(InputError, match=r"projector.weights: .*blip2.*query_tokens has shape \(1, 8, 32\), the projector needs \(1, 4, 32\)"):
+    with pytest.raises(
+        InputError,
+        match=r"projector.weights: .*blip2.*query_tokens has shape \(1, 8, 32\), the projector needs \(1, 4, 32\)",
+    ):
         build(parse_spec(_from_checkpoint(root, "blip2", "blip2", num_queries=4)))
     # a whole-model checkpoint without its vision tower
     from safetensors.torch import load_file, save_file
 
     (tmp_path / "config.json").write_text((root / "blip2/config.json").read_text())
     state = load_file(str(root / "blip2/model.safetensors"))
-    save_file({k: v for k, v in state.items() if not k.startswith("vision_model.")}, str(tmp_path / "model.safetensors"))
+    save_file(
+        {k: v for k, v in state.items() if not k.startswith("vision_model.")}, str(tmp_path / "model.safetensors")
+    )
     d = _from_checkpoint(root, "blip2", "blip2")
     d["modalities"]["image"]["encoder"]["model"] = str(tmp_path)
-    with pytest.raises(InputError, match=r"modalities.image.encoder.model: .*no vision tower tensors \['vision_model\."):
+    with pytest.raises(
+        InputError, match=r"modalities.image.encoder.model: .*no vision tower tensors \['vision_model\."
+    ):
         build(parse_spec(d))
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "blip-2"
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import CLIP, LLAMA, images, make_model, spec_dict
+from helpers import CLIP, LLAMA, images, make_model, spec_dict
 
 from composer.builder import build
 from composer.errors import InputError
@@ -16,8 +16,9 @@ from composer.spec import parse_spec
 
 
 def _logits(model, seed=0):
-    batch = model.prepare([model.format_prompt("what is it"), model.format_prompt("and this?")],
-                          image=list(images(2, seed=seed)))
+    batch = model.prepare(
+        [model.format_prompt("what is it"), model.format_prompt("and this?")], image=list(images(2, seed=seed))
+    )
     with torch.no_grad():
         return model(**batch).logits, model.generate(**batch, max_new_tokens=6, eos_token_id=[])
 
@@ -96,15 +97,20 @@ def test_builds_from_locally_saved_hf_checkpoints(tmp_path):
     hf_vit.save_pretrained(tmp_path / "vit")
     from transformers import CLIPImageProcessorPil
 
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "vit"
+    )
     d = spec_dict("llama", 2)
     d["llm"] = {"model": "llm", "attn_implementation": "eager"}
     d["modalities"]["image"]["encoder"] = {"model": "vit", "feature_layer": -2}
     (tmp_path / "spec.yaml").write_text(__import__("yaml").safe_dump(d))
     model = build(tmp_path / "spec.yaml")  # relative dirs resolve against the spec file
-    assert torch.equal(model.llm.model.layers[0].self_attn.q_proj.weight, hf_llm.model.layers[0].self_attn.q_proj.weight)
-    assert torch.equal(model.encoders["image"].model.embeddings.patch_embedding.weight,
-                       hf_vit.embeddings.patch_embedding.weight)
+    assert torch.equal(
+        model.llm.model.layers[0].self_attn.q_proj.weight, hf_llm.model.layers[0].self_attn.q_proj.weight
+    )
+    assert torch.equal(
+        model.encoders["image"].model.embeddings.patch_embedding.weight, hf_vit.embeddings.patch_embedding.weight
+    )
     model.save_pretrained(tmp_path / "out")
     again = ComposedModel.from_pretrained(tmp_path / "out")
     assert torch.equal(_logits(model.eval())[0], _logits(again)[0])

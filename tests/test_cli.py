@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import images, spec_dict
+from helpers import images, spec_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "specs/tiny/llava.yaml"
 
 
 def compose(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "composer.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "composer.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_build_and_inspect_tiny_spec(tmp_path):
@@ -31,7 +33,7 @@ def test_build_and_inspect_tiny_spec(tmp_path):
     assert r.returncode == 0, r.stderr
     facts = json.loads(r.stdout)
     assert facts["insert_at"] == {"image": 2} and facts["mm_tokens_per_item"] == {"image": 16}
-    # the FLOPs line follows DESIGN.md's formula (checked by hand for this spec)
+    # the FLOPs line follows the FLOPs formula of docs/architecture.md (checked by hand for this spec)
     d, f, L_text, M, N, k = 64, 128, 64, 16, 4, 2
     layer = lambda L: 6 * L * d * d + 4 * L * L * d + 2 * L * d * d + 6 * L * d * f  # noqa: E731
     expected = 1 - (k * layer(L_text) + (N - k) * layer(L_text + M)) / (N * layer(L_text + M))
@@ -47,10 +49,13 @@ def test_build_and_inspect_tiny_spec(tmp_path):
     assert model.generate(**batch, max_new_tokens=3, eos_token_id=[]).shape == (1, 3)
 
 
-@pytest.mark.parametrize("content,expected", [
-    ("name: [oops", "invalid YAML at line 1"),
-    (None, "modalities.image.insert_at: must be < the LLM's 4 layers, got 9"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("name: [oops", "invalid YAML at line 1"),
+        (None, "modalities.image.insert_at: must be < the LLM's 4 layers, got 9"),
+    ],
+)
 def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, content, expected):
     spec = tmp_path / "bad.yaml"
     if content is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import images, make_model
+from helpers import images, make_model
 
 from composer.layout import baseline_positions
 
@@ -63,7 +63,11 @@ def reference_logits(model, family, ids, mm_rows):
 def _rows(model, batch):
     """Split the flat per-modality tokens back into prompts."""
     out = []
-    mm = {m: model.encode(m, batch[m]).reshape(-1, model.llm.config.hidden_size) for m in model.placeholder_ids if m in batch}
+    mm = {
+        m: model.encode(m, batch[m]).reshape(-1, model.llm.config.hidden_size)
+        for m in model.placeholder_ids
+        if m in batch
+    }
     used = {m: 0 for m in mm}
     for b in range(batch["input_ids"].shape[0]):
         real = batch["attention_mask"][b].bool()
@@ -72,7 +76,7 @@ def _rows(model, batch):
         for m, pid in model.placeholder_ids.items():
             n = int((ids == pid).sum())
             if n:
-                rows[m] = mm[m][used[m]: used[m] + n]
+                rows[m] = mm[m][used[m] : used[m] + n]
                 used[m] += n
         out.append((real, ids, rows))
     return out
@@ -115,6 +119,7 @@ def test_mm_tokens_do_not_touch_early_layers_and_positions_are_baseline():
     def hook(i):
         def f(mod, args, kwargs, out):
             seen.setdefault(i, []).append((args[0].shape[1], kwargs["position_ids"].clone(), out.clone()))
+
         return f
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(model.llm.model.layers)]
@@ -150,8 +155,9 @@ def test_no_autograd_path_from_image_to_early_layers():
     batch = model.prepare([model.format_prompt("x")], image=[images(1)[0]])
     pix = batch["image"].clone().requires_grad_(True)
     captured = {}
-    hooks = [model.llm.model.layers[i].register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, o))
-             for i in (1, 2)]
+    hooks = [
+        model.llm.model.layers[i].register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, o)) for i in (1, 2)
+    ]
     logits = model(**{**batch, "image": pix}).logits
     for h in hooks:
         h.remove()

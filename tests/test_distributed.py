@@ -20,16 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import spec_dict
+from helpers import spec_dict
 from PIL import Image
 from safetensors.torch import load_file
 
 from composer.builder import build
 from composer.checkpoint import load_pretrained
-from composer.distributed import DeepSpeedOptions, FsdpOptions, rank_share, resolve_strategy, wrap_class_names
 from composer.errors import InputError
 from composer.spec import parse_spec
-from composer.train import TrainConfig, _micro_batches, train
+from composer.train.distributed import DeepSpeedOptions, FsdpOptions, rank_share, resolve_strategy, wrap_class_names
+from composer.train.loop import TrainConfig, micro_batches, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 TOL = 2e-5
@@ -55,21 +55,38 @@ def setup(tmp_path_factory):
         img = np.zeros((32, 32, 3), np.uint8)
         img[..., i % 3] = 150 + rng.integers(0, 100)
         Image.fromarray(img).save(root / f"img{i}.png")
-        recs.append({"image": f"img{i}.png", "prompt": "What colour is it?",
-                     "response": ["red", "green", "blue"][i % 3] + " and" * (i % 4)})  # unequal label counts
+        recs.append(
+            {
+                "image": f"img{i}.png",
+                "prompt": "What colour is it?",
+                "response": ["red", "green", "blue"][i % 3] + " and" * (i % 4),
+            }
+        )  # unequal label counts
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return root
 
 
 def _cfg(root: Path, out: str, **kw) -> TrainConfig:
-    base = dict(data=str(root / "train.jsonl"), output=str(root / out), batch_size=4, max_steps=4, lr=1e-2,
-                warmup_ratio=0.0, scheduler="constant", progress=False, seed=0, eval_data=str(root / "train.jsonl"),
-                eval_every=2)
+    base = dict(
+        data=str(root / "train.jsonl"),
+        output=str(root / out),
+        batch_size=4,
+        max_steps=4,
+        lr=1e-2,
+        warmup_ratio=0.0,
+        scheduler="constant",
+        progress=False,
+        seed=0,
+        eval_data=str(root / "train.jsonl"),
+        eval_every=2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def _eval_losses(out: Path) -> list[float]:
-    return [r["eval_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    return [
+        r["eval_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r
+    ]
 
 
 def _reference(root: Path) -> tuple[list[float], dict]:
@@ -84,16 +101,57 @@ def _launch(root: Path, out: str, *args: str, config: str | None = None) -> list
     """2 ranks on this machine: torchrun, or accelerate launch with one of the shipped configs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if config is None:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                    "--master-port", str(_free_port())]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+        ]
     else:  # the config's 8 GPUs and bf16 become 2 CPU processes in fp32; everything else is the config's
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-                    "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
-                    "--main_process_port", str(_free_port())]
-    cmd = [*launcher, "-m", "composer.cli", "train", str(root / "init"),
-           "--data", str(root / "train.jsonl"), "-o", str(root / out), "--max-steps", "4", "--lr", "1e-2",
-           "--warmup-ratio", "0", "--scheduler", "constant", "--eval-data", str(root / "train.jsonl"), "--eval-every", "2",
-           *args]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / config),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(_free_port()),
+        ]
+    cmd = [
+        *launcher,
+        "-m",
+        "composer.cli",
+        "train",
+        str(root / "init"),
+        "--data",
+        str(root / "train.jsonl"),
+        "-o",
+        str(root / out),
+        "--max-steps",
+        "4",
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--scheduler",
+        "constant",
+        "--eval-data",
+        str(root / "train.jsonl"),
+        "--eval-every",
+        "2",
+        *args,
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     if "--profile" in args:
@@ -154,8 +212,17 @@ def test_deepspeed_zero2_two_ranks_match_and_resume_in_one_process(setup):
     one rank) resumes in 1 process through the DCP reader."""
     pytest.importorskip("deepspeed")
     ref, ref_w = _reference(setup)
-    losses = _launch(setup, "zero2", "--batch-size", "1", "--grad-accum", "2", "--save-every", "2",
-                     config="deepspeed_zero2_8gpu.yaml")
+    losses = _launch(
+        setup,
+        "zero2",
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "2",
+        "--save-every",
+        "2",
+        config="deepspeed_zero2_8gpu.yaml",
+    )
     np.testing.assert_allclose(losses, ref, atol=TOL, rtol=0)
     np.testing.assert_allclose(_eval_losses(setup / "zero2"), _eval_losses(setup / "ref"), atol=TOL, rtol=0)
     assert _max_diff(load_file(str(setup / "zero2" / "model.safetensors")), ref_w) < TOL
@@ -176,8 +243,9 @@ def test_deepspeed_zero3_with_offload_resumes_an_fsdp_checkpoint(setup):
     if not (setup / "fsdp" / "checkpoints" / "step-000002").is_dir():
         _launch(setup, "fsdp", "--batch-size", "2", "--save-every", "2", config="fsdp_8gpu.yaml")
     out = _from_step_2(setup, "fsdp", "zero3")
-    losses = _launch(setup, "zero3", "--batch-size", "2", "--resume", "--grad-checkpointing",
-                     config="deepspeed_zero3_8gpu.yaml")  # recomputed activations: the same numbers
+    losses = _launch(
+        setup, "zero3", "--batch-size", "2", "--resume", "--grad-checkpointing", config="deepspeed_zero3_8gpu.yaml"
+    )  # recomputed activations: the same numbers
     np.testing.assert_allclose(losses[2:], ref[2:], atol=TOL, rtol=0)
     assert _max_diff(load_file(str(out / "model.safetensors")), ref_w) < TOL
 
@@ -194,17 +262,25 @@ def test_profile_reports_each_rank_under_fsdp(setup):
 def test_data_sharding_covers_every_record_once():
     for n, bs, world in [(7, 1, 2), (7, 2, 2), (10, 3, 4), (5, 4, 3), (1, 2, 2)]:
         for seen in (0, bs * world):
-            chunks = _micro_batches(n, bs, world, seed=3, epoch=1, seen=min(seen, n))
+            chunks = micro_batches(n, bs, world, seed=3, epoch=1, seen=min(seen, n))
             got = [i for c in chunks for r in range(world) for i in rank_share(c, r, world)]
-            order = _micro_batches(n, 1, 1, seed=3, epoch=1)
-            assert got == [i for c in order for i in c][min(seen, n):]
+            order = micro_batches(n, 1, 1, seed=3, epoch=1)
+            assert got == [i for c in order for i in c][min(seen, n) :]
             assert all(len(rank_share(c, r, world)) <= bs for c in chunks for r in range(world))
 
 
 def test_strategy_from_accelerate_config(monkeypatch):
-    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_SHARDING_STRATEGY", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
-                "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "ACCELERATE_DEEPSPEED_CONFIG_FILE",
-                "FSDP_RESHARD_AFTER_FORWARD", "FSDP_OFFLOAD_PARAMS", "FSDP_TRANSFORMER_CLS_TO_WRAP"):
+    for var in (
+        "ACCELERATE_USE_FSDP",
+        "ACCELERATE_USE_DEEPSPEED",
+        "FSDP_SHARDING_STRATEGY",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+        "FSDP_RESHARD_AFTER_FORWARD",
+        "FSDP_OFFLOAD_PARAMS",
+        "FSDP_TRANSFORMER_CLS_TO_WRAP",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert resolve_strategy("auto", 1) == "none"
     assert resolve_strategy("auto", 2) == "ddp"
@@ -215,7 +291,11 @@ def test_strategy_from_accelerate_config(monkeypatch):
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer, CLIPEncoderLayer")
     o = FsdpOptions.from_env()
-    assert (o.reshard_after_forward, o.offload_params, o.wrap_classes) == (False, True, ["LlamaDecoderLayer", "CLIPEncoderLayer"])
+    assert (o.reshard_after_forward, o.offload_params, o.wrap_classes) == (
+        False,
+        True,
+        ["LlamaDecoderLayer", "CLIPEncoderLayer"],
+    )
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "1")  # old configs write numbers
     assert FsdpOptions.from_env().reshard_after_forward is True
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")
@@ -240,7 +320,7 @@ def test_fsdp_units_know_the_decoder_and_encoder_layers(tiny_llava):
 
 
 def test_world_size_without_rendezvous_is_one_clear_error(monkeypatch, tmp_path):
-    from composer.distributed import setup
+    from composer.train.distributed import setup
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -257,8 +337,11 @@ def test_shipped_accelerate_configs_map_to_strategies(config, monkeypatch):
     """Each config under configs/accelerate, read by accelerate's own launcher code, exports the
     environment that composer turns into the strategy the config's comment promises."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import (prepare_deepspeed_cmd_env, prepare_multi_gpu_env,
-                                         prepare_simple_launcher_cmd_env)
+    from accelerate.utils.launch import (
+        prepare_deepspeed_cmd_env,
+        prepare_multi_gpu_env,
+        prepare_simple_launcher_cmd_env,
+    )
 
     args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / config), "-m", "composer.cli", "train"])
     args, defaults, _ = _validate_launch_command(args)
@@ -275,10 +358,15 @@ def test_shipped_accelerate_configs_map_to_strategies(config, monkeypatch):
         if k.startswith(("FSDP_", "ACCELERATE_")):
             monkeypatch.setenv(k, v)
     world = args.num_processes
-    expected = {"single_gpu.yaml": ("none", None), "ddp_8gpu.yaml": ("ddp", None),
-                "deepspeed_zero2_8gpu.yaml": ("deepspeed", None), "deepspeed_zero3_8gpu.yaml": ("deepspeed", None),
-                "fsdp_8gpu.yaml": ("fsdp", True), "fsdp_zero2_8gpu.yaml": ("fsdp", False),
-                "fsdp_2node_16gpu.yaml": ("fsdp", True)}[config]
+    expected = {
+        "single_gpu.yaml": ("none", None),
+        "ddp_8gpu.yaml": ("ddp", None),
+        "deepspeed_zero2_8gpu.yaml": ("deepspeed", None),
+        "deepspeed_zero3_8gpu.yaml": ("deepspeed", None),
+        "fsdp_8gpu.yaml": ("fsdp", True),
+        "fsdp_zero2_8gpu.yaml": ("fsdp", False),
+        "fsdp_2node_16gpu.yaml": ("fsdp", True),
+    }[config]
     assert resolve_strategy("auto", world) == expected[0]
     if expected[0] == "fsdp":
         o = FsdpOptions.from_env()

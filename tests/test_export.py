@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import images, make_model
+from helpers import images, make_model
 
 from composer.errors import InputError
 from composer.export.exporter import export_onnx
@@ -59,6 +59,29 @@ def test_bundle_files_and_manifest(exported):
         assert {f"late_multimodal.k{k}.onnx" for k in ks} <= names
     for g, io in man["graphs"].items():
         assert io["inputs"] and io["outputs"], g
+
+
+def test_graph_io_is_declared_once(exported):
+    """Each LLM graph in the file has the declared outputs and the declared inputs it uses, in the
+    declared order, with the declared dtypes; the manifest records the declaration."""
+    import onnx
+
+    from composer.export.graphs import early_io, late_io
+
+    _, bundle, pipe = exported
+    type_name = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
+    for i, st in enumerate(pipe.manifest["stages"]):
+        io = early_io(st["end"]) if i == 0 else late_io(st["start"], st["end"], st["last"])
+        g = onnx.load(str(bundle / st["graph"]), load_external_data=False).graph
+        file_in = [(v.name, type_name[v.type.tensor_type.elem_type]) for v in g.input]
+        file_out = [(v.name, type_name[v.type.tensor_type.elem_type]) for v in g.output]
+        recorded = pipe.manifest["graphs"][st["graph"]]
+        assert [t["name"] for t in recorded["inputs"]] == io.input_names
+        assert [(t["name"], t["dtype"]) for t in recorded["inputs"] if t["used"]] == file_in
+        assert [(t["name"], t["dtype"]) for t in recorded["outputs"]] == file_out
+        assert io.output_names == [n for n, _ in file_out]
+        with pytest.raises(Exception, match="missing"):
+            io.feeds(**{n: None for n in io.input_names[1:]})  # the runtime cannot drop an input
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -151,7 +174,9 @@ def test_missing_and_truncated_external_data(small_bundle, tmp_path):
     b = _copy(small_bundle, tmp_path)
     data = b / "late_multimodal.onnx.data"
     data.write_bytes(data.read_bytes()[:100])
-    with pytest.raises(InputError, match=r"late_multimodal.onnx.data: external data of late_multimodal.onnx is truncated"):
+    with pytest.raises(
+        InputError, match=r"late_multimodal.onnx.data: external data of late_multimodal.onnx is truncated"
+    ):
         OnnxPipeline(b)
     data.unlink()
     with pytest.raises(InputError, match=r"late_multimodal.onnx.data: external data of late_multimodal.onnx missing"):
@@ -184,8 +209,10 @@ def test_io_binding_path_equals_torch(exported):
     model, bundle, _ = exported
     pipe = OnnxPipeline(bundle, io_binding=True)
     batch = _batch(model, 2)
-    assert torch.equal(pipe.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[]),
-                       model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[]))
+    assert torch.equal(
+        pipe.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[]),
+        model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[]),
+    )
 
 
 def test_cuda_provider_without_gpu_is_a_clear_error(small_bundle):
@@ -205,10 +232,14 @@ def test_sessions_do_not_spin_between_graphs(small_bundle):
     import onnxruntime as ort
 
     pipe = OnnxPipeline(small_bundle)
-    assert {s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
-            for s in pipe.sessions.values()} == {"0"}
+    assert {
+        s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        for s in pipe.sessions.values()
+    } == {"0"}
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     spinning = OnnxPipeline(small_bundle, session_options=so)
-    assert {s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
-            for s in spinning.sessions.values()} == {"1"}
+    assert {
+        s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        for s in spinning.sessions.values()
+    } == {"1"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import images, make_model
+from helpers import images, make_model
 
 N_NEW = 12
 
@@ -43,8 +43,10 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     batch = _batch(model)
     both = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[])
     for i in range(2):
-        one = model.prepare([[model.format_prompt("tell me a long story about it"), model.format_prompt("hi")][i]],
-                            image=[batch["image"][i]])
+        one = model.prepare(
+            [[model.format_prompt("tell me a long story about it"), model.format_prompt("hi")][i]],
+            image=[batch["image"][i]],
+        )
         assert torch.equal(model.generate(**one, max_new_tokens=N_NEW, eos_token_id=[])[0], both[i])
 
 
@@ -80,8 +82,14 @@ def test_top_k_1_sampling_is_greedy():
     model = make_model("llama", insert_at=2)
     batch = _batch(model)
     greedy = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[])
-    sampled = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[], do_sample=True, top_k=1,
-                             generator=torch.Generator().manual_seed(0))
+    sampled = model.generate(
+        **batch,
+        max_new_tokens=N_NEW,
+        eos_token_id=[],
+        do_sample=True,
+        top_k=1,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(greedy, sampled)
 
 
@@ -93,7 +101,7 @@ def test_stops_at_eos_and_pads_finished_rows():
     out = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=eos)
     first = (free[0] == eos).nonzero()[0].item()
     assert torch.equal(out[0, : first + 1], free[0, : first + 1])
-    assert (out[0, first + 1:] == model.tokenizer.pad_token_id).all()
+    assert (out[0, first + 1 :] == model.tokenizer.pad_token_id).all()
 
 
 def test_right_padding_is_refused():

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CLIP, LLAMA, images, make_model, spec_dict
 from fake_hub import FakeHub
+from helpers import CLIP, LLAMA, images, make_model, spec_dict
 
 from composer.cli import main
 from composer.errors import InputError, SpecError
@@ -26,7 +26,9 @@ from composer.model import ComposedModel
 from composer.spec import parse_spec
 
 TOKEN = "hf_composer_test_token"
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=:DeprecationWarning")  # inside huggingface_hub's LFS upload
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Use 'content=:DeprecationWarning"
+)  # inside huggingface_hub's LFS upload
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,6 @@ def hub(tmp_path_factory):
     """huggingface_hub pointed at a fake Hub for this module: online, a token in HF_TOKEN, LFS
     uploads (``HF_HUB_DISABLE_XET``: with hf_xet installed every large file would go through xet)."""
     from huggingface_hub import constants
-
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     bars_were_off = are_progress_bars_disabled()
@@ -59,7 +60,7 @@ def cache(hub, tmp_path, monkeypatch):
     return tmp_path / "hf-cache"
 
 
-def _tree(root: Path) -> dict[str, bytes]:
+def tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
@@ -85,29 +86,33 @@ def pushed(hub, tmp_path_factory):
     """A tiny checkpoint (llama, image at layer 2), pushed to alice/tiny-llava."""
     model = make_model("llama", insert_at=2)
     ckpt = model.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny-llava")
-    before = _tree(ckpt)
+    before = tree(ckpt)
     info = push_to_hub(ckpt, "alice/tiny-llava")
     return model, ckpt, before, info
 
 
 def test_checkpoint_push_card_and_pull_round_trip(pushed, hub, cache, tmp_path, capsys):
     model, ckpt, before, info = pushed
-    assert _tree(ckpt) == before  # the local model is not touched (the card is written remotely only)
+    assert tree(ckpt) == before  # the local model is not touched (the card is written remotely only)
     repo = hub.repos["alice/tiny-llava"]
     assert repo.refs["main"] == info.oid
     files = hub.files("alice/tiny-llava")
     assert set(files) == set(before) | {"README.md", ".gitattributes"}
     assert all(files[p] == before[p] for p in before)
     assert "model.safetensors" in repo.lfs_paths[info.oid]  # the large-file path (LFS batch + PUT + verify)
-    writes = [(m, p, auth) for m, p, auth in hub.requests if "/commit/" in p or "/preupload/" in p or p.endswith("/create")]
+    writes = [
+        (m, p, auth) for m, p, auth in hub.requests if "/commit/" in p or "/preupload/" in p or p.endswith("/create")
+    ]
     assert writes and all(auth == f"Bearer {TOKEN}" for _, _, auth in writes)  # HF_TOKEN, as huggingface_hub reads it
 
     card = _card(files["README.md"].decode())
     assert card.data.library_name == "mm-composer" and card.data.pipeline_tag == "image-text-to-text"
     assert {"composer", "deepinsert", "multimodal", "image"} <= set(card.data.tags)
     assert card.data.base_model is None  # inline configs: no Hub base models
-    assert "| image.projector | mlp |" in card.text and "`image` enters at layer 2 of 4 (16 tokens per item)" in card.text
-    assert "prefill FLOPs saving" in card.text and "ComposedModel.from_pretrained(\"alice/tiny-llava\")" in card.text
+    assert (
+        "| image.projector | mlp |" in card.text and "`image` enters at layer 2 of 4 (16 tokens per item)" in card.text
+    )
+    assert "prefill FLOPs saving" in card.text and 'ComposedModel.from_pretrained("alice/tiny-llava")' in card.text
 
     again = ComposedModel.from_pretrained("alice/tiny-llava")  # an empty cache: downloaded, then loaded
     (l1, g1), (l2, g2) = _outputs(model), _outputs(again)
@@ -119,7 +124,7 @@ def test_checkpoint_push_card_and_pull_round_trip(pushed, hub, cache, tmp_path, 
         main(["pull", "alice/tiny-llava", "-o", str(out)])
     assert e.value.code == 0, capsys.readouterr().err
     assert info.oid in capsys.readouterr().out
-    assert _tree(out) == {**before, "README.md": files["README.md"]}
+    assert tree(out) == {**before, "README.md": files["README.md"]}
     assert [p.name for p in tmp_path.iterdir()] == ["hf-cache", "pulled"]  # no temp dirs left
     with pytest.raises(InputError, match="exists and is not empty"):
         pull("alice/tiny-llava", out)
@@ -173,11 +178,11 @@ def test_bundle_push_pull_same_greedy_tokens(hub, cache, bundle, tmp_path, capsy
     from composer.export.runtime import OnnxPipeline
 
     model, path = bundle
-    before = _tree(path)
+    before = tree(path)
     with pytest.raises(SystemExit) as e:
         main(["push", str(path), "alice/tiny-llava-onnx"])
     assert e.value.code == 0, capsys.readouterr().err
-    assert _tree(path) == before
+    assert tree(path) == before
     repo = hub.repos["alice/tiny-llava-onnx"]
     assert {"late_multimodal.onnx.data", "early_text.onnx.data"} <= repo.lfs_paths[repo.refs["main"]]
     card = _card(hub.files("alice/tiny-llava-onnx")["README.md"].decode())
@@ -185,11 +190,13 @@ def test_bundle_push_pull_same_greedy_tokens(hub, cache, bundle, tmp_path, capsy
 
     out, sha = pull("alice/tiny-llava-onnx", tmp_path / "pulled")
     assert sha == repo.refs["main"]
-    assert {k: v for k, v in _tree(out).items() if k != "README.md"} == before
+    assert {k: v for k, v in tree(out).items() if k != "README.md"} == before
     batch = model.prepare([model.format_prompt("tell me about it"), model.format_prompt("hi")], image=list(images(2)))
     want = model.generate(**batch, max_new_tokens=8, eos_token_id=[])
     got = OnnxPipeline(out).generate(**batch, max_new_tokens=8, eos_token_id=[])
-    assert torch.equal(got, want) and torch.equal(got, OnnxPipeline(path).generate(**batch, max_new_tokens=8, eos_token_id=[]))
+    assert torch.equal(got, want) and torch.equal(
+        got, OnnxPipeline(path).generate(**batch, max_new_tokens=8, eos_token_id=[])
+    )
     with pytest.raises(InputError, match="holds an ONNX bundle"):
         ComposedModel.from_pretrained("alice/tiny-llava-onnx")
 
@@ -198,7 +205,7 @@ def test_bundle_push_pull_same_greedy_tokens(hub, cache, bundle, tmp_path, capsy
 def test_push_without_write_permission(hub, cache, tmp_path, capsys, status):
     model = make_model("llama", insert_at=1)
     ckpt = model.save_pretrained(tmp_path / "ckpt")
-    before = _tree(ckpt)
+    before = tree(ckpt)
     push_to_hub(ckpt, f"alice/locked-{status}")  # exists now; then the token loses write access
     hub.deny.update(create=status, preupload=status, commit=status, lfs=status, branch=status)
     for repo_id in (f"alice/locked-{status}", f"bob/new-{status}"):  # an existing repo; a repo to create
@@ -211,7 +218,7 @@ def test_push_without_write_permission(hub, cache, tmp_path, capsys, status):
         main(["push", str(ckpt), f"alice/locked-{status}", "--revision", "dev"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: push to alice/locked-{status}@dev")
-    assert _tree(ckpt) == before and [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # untouched, nothing left over
+    assert tree(ckpt) == before and [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # untouched, nothing left over
 
 
 def test_pickle_only_repo_is_refused(hub, cache):
@@ -220,37 +227,54 @@ def test_pickle_only_repo_is_refused(hub, cache):
     model = make_model("llama", insert_at=1)
     api = HfApi(endpoint=hub.url)
     api.create_repo("mallory/pickled")
-    api.upload_file(path_or_fileobj=json.dumps({"format_version": 1}).encode(), path_in_repo="composer.json",
-                    repo_id="mallory/pickled")
+    api.upload_file(
+        path_or_fileobj=json.dumps({"format_version": 1}).encode(),
+        path_in_repo="composer.json",
+        repo_id="mallory/pickled",
+    )
     api.upload_file(path_or_fileobj=model.spec.to_yaml().encode(), path_in_repo="spec.yaml", repo_id="mallory/pickled")
-    api.upload_file(path_or_fileobj=b"\x80\x04 pickled weights" * 400, path_in_repo="pytorch_model.bin",
-                    repo_id="mallory/pickled")
+    api.upload_file(
+        path_or_fileobj=b"\x80\x04 pickled weights" * 400, path_in_repo="pytorch_model.bin", repo_id="mallory/pickled"
+    )
     with pytest.raises(InputError, match="has no model.safetensors; composer loads safetensors only"):
         ComposedModel.from_pretrained("mallory/pickled")
     assert not list(cache.rglob("pytorch_model.bin"))  # never downloaded
 
 
 def _compose(*args, env):
-    return subprocess.run([sys.executable, "-m", "composer.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "composer.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_cli_pull_with_env_and_offline_from_cache(pushed, hub, tmp_path):
     """A fresh process: HF_ENDPOINT is read by huggingface_hub at import; then HF_HUB_OFFLINE=1 pulls
     from the cache alone (no request reaches the server)."""
     _, _, before, info = pushed
-    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "home"),
-           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_CACHE": str(tmp_path / "cache"),
+        "HF_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": TOKEN,
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     r = _compose("pull", f"alice/tiny-llava@{info.oid}", "-o", tmp_path / "a", env=env)
     assert r.returncode == 0, r.stderr
     n = len(hub.requests)
-    r = _compose("pull", "alice/tiny-llava", "--revision", info.oid, "-o", tmp_path / "b", env={**env, "HF_HUB_OFFLINE": "1"})
+    r = _compose(
+        "pull", "alice/tiny-llava", "--revision", info.oid, "-o", tmp_path / "b", env={**env, "HF_HUB_OFFLINE": "1"}
+    )
     assert r.returncode == 0, r.stderr
     assert len(hub.requests) == n
-    assert _tree(tmp_path / "a") == _tree(tmp_path / "b") and before.items() <= _tree(tmp_path / "b").items()
+    assert tree(tmp_path / "a") == tree(tmp_path / "b") and before.items() <= tree(tmp_path / "b").items()
     r = _compose("pull", "alice/never-pulled", "-o", tmp_path / "c", env={**env, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert r.stderr.startswith("error: pull alice/never-pulled: not in the Hugging Face cache") and "offline" in r.stderr
+    assert (
+        r.stderr.startswith("error: pull alice/never-pulled: not in the Hugging Face cache") and "offline" in r.stderr
+    )
 
 
 def _hf_components(seed: int, tmp: Path) -> tuple[Path, Path]:
@@ -266,7 +290,9 @@ def _hf_components(seed: int, tmp: Path) -> tuple[Path, Path]:
     byte_tokenizer().save_pretrained(tmp / f"llm{seed}")
     vit = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in CLIP.items() if k != "model_type"}))
     vit.save_pretrained(tmp / "vit")
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp / "vit")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp / "vit"
+    )
     return tmp / f"llm{seed}", tmp / "vit"
 
 
@@ -319,13 +345,16 @@ def test_pinned_revisions_resolve_and_are_saved(hub, cache, tmp_path, monkeypatc
         build(parse_spec(d))
 
 
-@pytest.mark.parametrize("field,value,path", [
-    ("llm", "org/x@", "llm.model"),
-    ("llm", "org/x@two words", "llm.model"),
-    ("encoder", "org/v@a..b", "modalities.image.encoder.model"),
-    ("weights", "org/w@", "modalities.image.projector.weights"),
-    ("tokenizer", "org/t@x@y", "llm.tokenizer.model"),
-])
+@pytest.mark.parametrize(
+    "field,value,path",
+    [
+        ("llm", "org/x@", "llm.model"),
+        ("llm", "org/x@two words", "llm.model"),
+        ("encoder", "org/v@a..b", "modalities.image.encoder.model"),
+        ("weights", "org/w@", "modalities.image.projector.weights"),
+        ("tokenizer", "org/t@x@y", "llm.tokenizer.model"),
+    ],
+)
 def test_revision_syntax_errors_name_the_field(field, value, path):
     d = spec_dict("llama", 1)
     if field == "llm":

@@ -70,7 +70,10 @@ def test_tiny_twin_builds_with_ltu_components(model):
     assert llm and all("lora_" in n for n in llm)
     assert len(llm) == 4 * 2 * 2  # 4 layers x (q_proj, v_proj) x (A, B)
     assert not any(n.startswith("encoders.") for n in trainable)
-    assert {n for n in trainable if n.startswith("projectors.")} == {"projectors.audio.1.weight", "projectors.audio.1.bias"}
+    assert {n for n in trainable if n.startswith("projectors.")} == {
+        "projectors.audio.1.weight",
+        "projectors.audio.1.bias",
+    }
     lora = model.llm.model.layers[0].self_attn.q_proj
     assert lora.r["default"] == 8 and lora.scaling["default"] == 16 / 8
 
@@ -133,8 +136,15 @@ def test_bad_audio_is_a_one_line_input_error(model, tmp_path):
     empty = write_wav(tmp_path / "empty.wav", np.zeros(0), 16000)
     float_wav = tmp_path / "float.wav"  # IEEE-float WAV (format 3): not PCM
     data = np.zeros(100, "<f4").tobytes()
-    float_wav.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 3, 1, 16000, 64000, 4, 32)
-                          + b"data" + struct.pack("<I", len(data)) + data)
+    float_wav.write_bytes(
+        b"RIFF"
+        + struct.pack("<I", 36 + len(data))
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 3, 1, 16000, 64000, 4, 32)
+        + b"data"
+        + struct.pack("<I", len(data))
+        + data
+    )
     cases = {
         truncated: r"truncated\.wav: truncated WAV \(the header says 16000 frames, the file holds 4978\)",
         not_wav: r"image\.wav: cannot read audio: not a PCM WAV file",
@@ -168,7 +178,7 @@ def test_forward_loss_and_lora_training_steps(model, tmp_path):
             out.loss.backward()
             opt.step()
             losses.append(out.loss.item())
-        assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.05, losses
+        assert all(b < a for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] < losses[0] - 0.05, losses
         assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     finally:
         model.load_state_dict(state)  # the module-scoped model stays as built
@@ -182,10 +192,10 @@ def test_cached_generation_equals_recomputation_batch_of_two(model, tmp_path):
     assert cached.shape == (2, 6) and torch.equal(cached, full)
     # each row equals its own unpadded run
     for i in range(2):
-        row = {k: v[i: i + 1] for k, v in batch.items()}
+        row = {k: v[i : i + 1] for k, v in batch.items()}
         keep = row["attention_mask"][0].bool()
         row["input_ids"], row["attention_mask"] = row["input_ids"][:, keep], row["attention_mask"][:, keep]
-        assert torch.equal(model.generate(**row, max_new_tokens=6, eos_token_id=[]), cached[i: i + 1])
+        assert torch.equal(model.generate(**row, max_new_tokens=6, eos_token_id=[]), cached[i : i + 1])
 
 
 def test_checkpoint_round_trip_keeps_the_audio_processor(model, tmp_path):
@@ -201,8 +211,17 @@ def test_checkpoint_round_trip_keeps_the_audio_processor(model, tmp_path):
 
 
 # -- the AST adapter -----------------------------------------------------------------------------------------
-TINY_AST = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8,
-                frequency_stride=4, time_stride=4, num_mel_bins=16, max_length=104)
+TINY_AST = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    patch_size=8,
+    frequency_stride=4,
+    time_stride=4,
+    num_mel_bins=16,
+    max_length=104,
+)
 
 
 @pytest.mark.parametrize("feature_layer,select", [(-1, "patch"), (-2, "patch"), (0, "all"), (2, "all")])
@@ -222,10 +241,15 @@ def test_ast_features_equal_transformers_hidden_states(model, feature_layer, sel
 
 def _old_ast_key(k: str) -> str:
     """transformers 5 AST key -> the layout of the published checkpoints (ViT-style names)."""
-    for new, old in [("layers.", "encoder.layer."), ("attention.q_proj", "attention.attention.query"),
-                     ("attention.k_proj", "attention.attention.key"), ("attention.v_proj", "attention.attention.value"),
-                     ("attention.o_proj", "attention.output.dense"), ("mlp.fc1", "intermediate.dense"),
-                     ("mlp.fc2", "output.dense")]:
+    for new, old in [
+        ("layers.", "encoder.layer."),
+        ("attention.q_proj", "attention.attention.query"),
+        ("attention.k_proj", "attention.attention.key"),
+        ("attention.v_proj", "attention.attention.value"),
+        ("attention.o_proj", "attention.output.dense"),
+        ("mlp.fc1", "intermediate.dense"),
+        ("mlp.fc2", "output.dense"),
+    ]:
         k = k.replace(new, old)
     return k
 
@@ -248,8 +272,11 @@ def test_encoder_loads_from_a_local_checkpoint_dir(tmp_path, layout):
         full = ASTForAudioClassification(cfg)
         hf = full.audio_spectrogram_transformer
         src.mkdir()
-        save_file({_old_ast_key(k): v.contiguous() for k, v in full.state_dict().items()}, src / "model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(
+            {_old_ast_key(k): v.contiguous() for k, v in full.state_dict().items()},
+            src / "model.safetensors",
+            metadata={"format": "pt"},
+        )
         (src / "config.json").write_text(json.dumps({**cfg.to_dict(), "architectures": ["ASTForAudioClassification"]}))
     ASTFeatureExtractor(num_mel_bins=16, max_length=104).save_pretrained(src)
     d = load_spec(TINY).model_dump(exclude_none=True)
@@ -260,7 +287,9 @@ def test_encoder_loads_from_a_local_checkpoint_dir(tmp_path, layout):
     assert m.num_tokens("audio") == 8
     # a feature extractor that does not fit the config is refused at build time
     ASTFeatureExtractor(num_mel_bins=128, max_length=1024).save_pretrained(src)
-    with pytest.raises(InputError, match=r"modalities.audio.encoder.processor: .*\(1024, 128\), the AST config expects \(104, 16\)"):
+    with pytest.raises(
+        InputError, match=r"modalities.audio.encoder.processor: .*\(1024, 128\), the AST config expects \(104, 16\)"
+    ):
         build(parse_spec(d))
 
 
@@ -295,7 +324,7 @@ def test_pool_projector_spec_fields():
 
 # -- the real spec -------------------------------------------------------------------------------------------
 def test_real_ltu_spec_inspects_offline(monkeypatch, tmp_path):
-    from composer.summary import summarize
+    from composer.analysis.summary import summarize
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: only embedded configs can answer
     spec = load_spec(ROOT / "specs/ltu_audio.yaml")
@@ -331,8 +360,10 @@ def test_onnx_bundle_verifies_and_generates_from_a_wav(bundle, tmp_path):
     pipe = OnnxPipeline(path)
     assert pipe.encoders["audio"]["tokens_per_item"] == 8 and pipe.encoders["audio"]["inputs"] == ["input_values"]
     batch = _batch(m, tmp_path)
-    assert torch.equal(pipe.prepare([pipe.format_prompt("Hi")], audio=[TONE])["audio"],
-                       m.prepare([m.format_prompt("Hi")], audio=[TONE])["audio"])
+    assert torch.equal(
+        pipe.prepare([pipe.format_prompt("Hi")], audio=[TONE])["audio"],
+        m.prepare([m.format_prompt("Hi")], audio=[TONE])["audio"],
+    )
     want = m.generate(**batch, max_new_tokens=6, eos_token_id=[])
     assert torch.equal(pipe.generate(**batch, max_new_tokens=6, eos_token_id=[]), want)
 

@@ -50,13 +50,16 @@ def test_featurize_known_molecules():
     assert batch["atom_features"][0, 3:].abs().sum() == 0 and batch["bond_features"][0, 3:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("item,match", [
-    ("C1CC", r"^invalid SMILES 'C1CC': RDKit cannot parse it$"),
-    ("not a molecule", r"^invalid SMILES 'not a molecule'"),
-    ("*CC", r"^SMILES '\*CC': atom 0 has atomic number 0"),
-    ("", r"^SMILES '' has no atoms$"),
-    (42, r"^a molecule must be a SMILES string, got int$"),
-])
+@pytest.mark.parametrize(
+    "item,match",
+    [
+        ("C1CC", r"^invalid SMILES 'C1CC': RDKit cannot parse it$"),
+        ("not a molecule", r"^invalid SMILES 'not a molecule'"),
+        ("*CC", r"^SMILES '\*CC': atom 0 has atomic number 0"),
+        ("", r"^SMILES '' has no atoms$"),
+        (42, r"^a molecule must be a SMILES string, got int$"),
+    ],
+)
 def test_bad_molecules_are_one_line_input_errors(item, match):
     with pytest.raises(InputError, match=match) as e:
         MoleculeProcessor()(["CCO", item])
@@ -177,7 +180,8 @@ def pretrain_gnns_state(num_layers: int = 3, d: int = 32, prefix: str = "") -> d
             f"gnns.{i}.mlp.2.bias": torch.randn(d, generator=g),
             f"gnns.{i}.edge_embedding1.weight": torch.randn(6, d, generator=g),
             f"gnns.{i}.edge_embedding2.weight": torch.randn(3, d, generator=g),
-            f"batch_norms.{i}.weight": torch.rand(d, generator=g), f"batch_norms.{i}.bias": torch.randn(d, generator=g),
+            f"batch_norms.{i}.weight": torch.rand(d, generator=g),
+            f"batch_norms.{i}.bias": torch.randn(d, generator=g),
             f"batch_norms.{i}.running_mean": torch.randn(d, generator=g),
             f"batch_norms.{i}.running_var": torch.rand(d, generator=g) + 0.5,
             f"batch_norms.{i}.num_batches_tracked": torch.tensor(1000),
@@ -215,8 +219,11 @@ def test_bad_gin_weights(tmp_path):
     spec = EncoderSpec(type="gin", model=str(tmp_path / "w.pth"))
     state = pretrain_gnns_state()
     torch.save({k: v for k, v in state.items() if k != "gnns.1.mlp.2.bias"}, tmp_path / "w.pth")
-    with pytest.raises(InputError, match=r"^modalities.molecule.encoder.model: cannot load '.*w.pth': .*w.pth: "
-                       r"keys do not match the GIN \(missing \['gnns.1.mlp.2.bias'\], unexpected \[\]\)$"):
+    with pytest.raises(
+        InputError,
+        match=r"^modalities.molecule.encoder.model: cannot load '.*w.pth': .*w.pth: "
+        r"keys do not match the GIN \(missing \['gnns.1.mlp.2.bias'\], unexpected \[\]\)$",
+    ):
         build_encoder(spec, "modalities.molecule.encoder", None)
     torch.save(state | {"gnns.0.mlp.0.bias": torch.zeros(3)}, tmp_path / "w.pth")
     with pytest.raises(InputError, match=r"gnns.0.mlp.0.bias has shape \(3,\), the GIN needs \(64,\)"):
@@ -328,5 +335,7 @@ def test_onnx_encoder_and_generation_on_other_sizes(twin, exported):
             want = model.encode("molecule", feats).numpy()
         assert np.abs(pipe.encode("molecule", feats) - want).max() < 1e-4
     batch = _batch(model)
-    assert torch.equal(pipe.generate(**batch, max_new_tokens=6, eos_token_id=[]),
-                       model.generate(**batch, max_new_tokens=6, eos_token_id=[]))
+    assert torch.equal(
+        pipe.generate(**batch, max_new_tokens=6, eos_token_id=[]),
+        model.generate(**batch, max_new_tokens=6, eos_token_id=[]),
+    )

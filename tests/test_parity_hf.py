@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CLIP, LLAMA, OPT, images, make_model
+from helpers import CLIP, LLAMA, OPT, images, make_model
 
 from composer.layout import baseline_positions
 
@@ -25,7 +25,7 @@ def _hf_llava(model):
     )
     cfg.text_config._attn_implementation = "eager"
     ref = LlavaForConditionalGeneration(cfg).eval()
-    from composer.bench import llava_state_dict
+    from composer.analysis.bench import llava_state_dict
 
     missing, unexpected = ref.load_state_dict(llava_state_dict(model), strict=True)
     assert not missing and not unexpected
@@ -42,8 +42,12 @@ def test_insert_at_0_matches_hf_llava(padding_side):
     assert (mask == 0).any(), "the batch must contain padding"
     with torch.no_grad():
         ours = model(**batch).logits
-        theirs = ref(input_ids=batch["input_ids"], attention_mask=mask, pixel_values=batch["image"],
-                     position_ids=baseline_positions(mask)).logits
+        theirs = ref(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            pixel_values=batch["image"],
+            position_ids=baseline_positions(mask),
+        ).logits
     real = mask.bool()
     diff = (ours - theirs).abs()[real].max().item()
     assert diff < TOL, diff
@@ -56,9 +60,10 @@ def test_insert_at_0_opt_matches_hf_opt_with_spliced_embeddings():
     model = make_model("opt", insert_at=0)
     ref = OPTForCausalLM(OPTConfig(**{k: v for k, v in OPT.items() if k != "model_type"})).eval()
     ref.config._attn_implementation = "eager"
-    ref.load_state_dict({k[len("llm."):]: v for k, v in model.state_dict().items() if k.startswith("llm.")})
-    batch = model.prepare([model.format_prompt("a longer question here"), model.format_prompt("q")],
-                          image=list(images(2, seed=3)))
+    ref.load_state_dict({k[len("llm.") :]: v for k, v in model.state_dict().items() if k.startswith("llm.")})
+    batch = model.prepare(
+        [model.format_prompt("a longer question here"), model.format_prompt("q")], image=list(images(2, seed=3))
+    )
     ids, mask = batch["input_ids"], batch["attention_mask"]
     slots = ids == model.placeholder_ids["image"]
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""`compose plan`: numbers follow DESIGN.md's formula, computed independently here."""
+"""`compose plan`: numbers follow the FLOPs formula of docs/architecture.md, computed independently here."""
 
 from __future__ import annotations
 
@@ -10,15 +10,23 @@ from pathlib import Path
 import pytest
 
 from composer.adapters.llm import LLMShape
-from composer.flops import saving
-from composer.plan import plan, sparkline
+from composer.analysis.flops import saving
+from composer.analysis.plan import plan, sparkline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_rows_follow_the_formula():
-    shape = LLMShape(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
-                     vocab_size=272, gated_mlp=True)
+    shape = LLMShape(
+        num_layers=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=272,
+        gated_mlp=True,
+    )
     T, M, d, f = 10, 16, 64, 128
     rows = plan(shape, T, M, dtype_bytes=4)
     assert [r.k for r in rows] == [0, 1, 2, 3]
@@ -32,9 +40,11 @@ def test_rows_follow_the_formula():
         assert r.decode_flops == k * lf(1, T + 1) + (4 - k) * lf(1, T + M + 1)
         assert r.kv_bytes == 2 * 2 * 16 * 4 * (k * T + (4 - k) * (T + M))
         assert r.prefill_saving == pytest.approx(1 - r.prefill_flops / rows[0].prefill_flops)
-    # the same model as composer.flops, which `compose build` reports
+    # the same model as composer.analysis.flops, which `compose build` reports
     assert rows[2].prefill_saving == pytest.approx(saving(4, d, f, True, T, {"image": M}, {"image": 2}))
-    assert rows[0].prefill_saving == 0 and all(a.prefill_saving < b.prefill_saving for a, b in zip(rows, rows[1:]))
+    assert rows[0].prefill_saving == 0 and all(
+        a.prefill_saving < b.prefill_saving for a, b in zip(rows, rows[1:], strict=False)
+    )
 
 
 def test_sparkline():
@@ -42,8 +52,13 @@ def test_sparkline():
 
 
 def test_cli_plan_json_and_table(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "composer.cli", "plan", *map(str, a)],  # noqa: E731
-                                    capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "composer.cli", "plan", *map(str, a)],
+            capture_output=True,
+            text=True,
+        )
+
     r = run(ROOT / "specs/tiny/llava.yaml", "--json", "--text-tokens", "10")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

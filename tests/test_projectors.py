@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import images, spec_dict
+from helpers import images, spec_dict
 
 from composer.builder import build
 from composer.errors import InputError
@@ -77,8 +77,14 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def test_qformer_projector_generates_with_deepinsert():
     d = spec_dict("opt", 2)
-    d["modalities"]["image"]["projector"] = {"type": "qformer", "num_queries": 8, "num_layers": 2, "hidden_size": 32,
-                                             "num_heads": 4, "intermediate_size": 64}
+    d["modalities"]["image"]["projector"] = {
+        "type": "qformer",
+        "num_queries": 8,
+        "num_layers": 2,
+        "hidden_size": 32,
+        "num_heads": 4,
+        "intermediate_size": 64,
+    }
     model = build(parse_spec(d)).eval()
     assert isinstance(model.projectors["image"], QFormerProjector)
     assert model.num_tokens("image") == 8

@@ -13,9 +13,8 @@ import struct
 
 import pytest
 import torch
-from conftest import make_model, spec_dict
+from helpers import interrupt, make_model, siblings, spec_dict, tree
 from safetensors.torch import load_file, save_file
-from test_reliability_io import _interrupt, _siblings, _tree
 
 from composer.builder import build
 from composer.errors import InputError, SpecError
@@ -74,8 +73,10 @@ def test_wrong_shapes_and_missing_keys_name_the_tensor(saved, tmp_path, no_load)
     key = "projectors.image.0.weight"
     state[key] = torch.zeros(8, 8)
     save_file(state, w)
-    assert _error(c) == (f"{w}: {key} has shape (8, 8), the model needs {tuple(load_file(saved[0] / 'model.safetensors')[key].shape)} "
-                         "(weights of another model?)")
+    assert _error(c) == (
+        f"{w}: {key} has shape (8, 8), the model needs {tuple(load_file(saved[0] / 'model.safetensors')[key].shape)} "
+        "(weights of another model?)"
+    )
     del state[key]
     save_file(state, w)
     assert _error(c) == f"{w}: does not match the spec (missing ['{key}'], unexpected []; weights of another model?)"
@@ -86,7 +87,9 @@ def test_weights_of_a_four_layer_model_under_a_three_layer_spec(saved, tmp_path,
     c = _copy(three, tmp_path)
     shutil.copyfile(four / "model.safetensors", c / "model.safetensors")
     msg = _error(c)
-    assert msg.startswith(f"{c / 'model.safetensors'}: does not match the spec (missing [], unexpected ['llm.model.layers.3."), msg
+    assert msg.startswith(
+        f"{c / 'model.safetensors'}: does not match the spec (missing [], unexpected ['llm.model.layers.3."
+    ), msg
     # spec.yaml of one checkpoint next to composer.json of the other: refused before building
     c2 = _copy(four, tmp_path, "c2")
     shutil.copyfile(three / "spec.yaml", c2 / "spec.yaml")
@@ -127,12 +130,19 @@ def test_cli_reports_a_corrupt_checkpoint_on_one_line(saved, tmp_path, capsys):
 def test_resume_from_another_specs_checkpoint_changes_nothing(tmp_path):
     """A trainer checkpoint whose tensors have other shapes (same names) or are truncated is refused
     before any parameter, optimizer or RNG state is touched."""
-    from test_reliability_io import _train_data
+    from helpers import train_data
 
     import composer.train as tr
 
-    cfg = tr.TrainConfig(data=str(_train_data(tmp_path)), output=str(tmp_path / "run"), max_steps=1, save_every=1,
-                         batch_size=2, progress=False, stage=1)
+    cfg = tr.TrainConfig(
+        data=str(train_data(tmp_path)),
+        output=str(tmp_path / "run"),
+        max_steps=1,
+        save_every=1,
+        batch_size=2,
+        progress=False,
+        stage=1,
+    )
     tr.train(make_model("llama", 1).train(), cfg)
     step = tmp_path / "run" / "checkpoints" / "step-000001"
     d = spec_dict("llama", 1)
@@ -142,8 +152,10 @@ def test_resume_from_another_specs_checkpoint_changes_nothing(tmp_path):
     cfg.resume = True
     with pytest.raises(InputError) as e:
         tr.train(other, cfg)
-    assert str(e.value) == (f"{step / 'state'}: model.projectors.image.0.weight is shape (64, 32), this run "
-                            "needs (32, 32) (a checkpoint of another spec?)")
+    assert str(e.value) == (
+        f"{step / 'state'}: model.projectors.image.0.weight is shape (64, 32), this run "
+        "needs (32, 32) (a checkpoint of another spec?)"
+    )
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
     same = make_model("llama", 1).train()
     before = {k: v.clone() for k, v in same.state_dict().items()}
@@ -153,7 +165,9 @@ def test_resume_from_another_specs_checkpoint_changes_nothing(tmp_path):
         tr.train(same, cfg)
     assert all(torch.equal(v, same.state_dict()[k]) for k, v in before.items())
     (step / "trainer_state.json").write_text("{}")
-    with pytest.raises(InputError, match=r"trainer_state.json: not a trainer state of this composer version \(needs the keys"):
+    with pytest.raises(
+        InputError, match=r"trainer_state.json: not a trainer state of this composer version \(needs the keys"
+    ):
         tr.train(same, cfg)
 
 
@@ -191,8 +205,9 @@ def test_bundle_missing_parts_and_malformed_manifests(exported, tmp_path):
     shutil.copytree(bundle / "tokenizer", b / "tokenizer")
     bad = {**man, "stages": [*man["stages"][:1], {**man["stages"][1], "graph": "late_multimodal.k9.onnx"}]}
     (b / "manifest.json").write_text(json.dumps(bad))
-    assert _manifest_error(b) == (f"{b / 'manifest.json'}: stages/encoders name graphs the manifest does not list: "
-                                  "['late_multimodal.k9.onnx']")
+    assert _manifest_error(b) == (
+        f"{b / 'manifest.json'}: stages/encoders name graphs the manifest does not list: ['late_multimodal.k9.onnx']"
+    )
     (b / "manifest.json").write_text(json.dumps({**man, "stages": ["early_text.onnx"]}))
     assert _manifest_error(b) == f"{b / 'manifest.json'}: malformed 'stages', 'encoders' or 'graphs'"
     (b / "manifest.json").write_text(json.dumps({k: v for k, v in man.items() if k != "kv"}))
@@ -201,14 +216,22 @@ def test_bundle_missing_parts_and_malformed_manifests(exported, tmp_path):
     assert _manifest_error(b).startswith(f"{b / 'manifest.json'}: invalid JSON")
 
 
-@pytest.mark.parametrize("damage,expected", [
-    (lambda b: (b / "manifest.json").write_text(json.dumps({**json.loads((b / "manifest.json").read_text()),
-                                                            "format_version": 7})),
-     "manifest.json: unknown format_version 7 (this composer reads 1)"),
-    (lambda b: (b / "early_text.onnx.data").write_bytes((b / "early_text.onnx.data").read_bytes()[:64]),
-     "early_text.onnx.data: external data of early_text.onnx is truncated"),
-    (lambda b: (b / "encoder.image.onnx").unlink(), "encoder.image.onnx: graph file missing from the bundle"),
-])
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        (
+            lambda b: (b / "manifest.json").write_text(
+                json.dumps({**json.loads((b / "manifest.json").read_text()), "format_version": 7})
+            ),
+            "manifest.json: unknown format_version 7 (this composer reads 1)",
+        ),
+        (
+            lambda b: (b / "early_text.onnx.data").write_bytes((b / "early_text.onnx.data").read_bytes()[:64]),
+            "early_text.onnx.data: external data of early_text.onnx is truncated",
+        ),
+        (lambda b: (b / "encoder.image.onnx").unlink(), "encoder.image.onnx: graph file missing from the bundle"),
+    ],
+)
 def test_cli_generate_on_a_broken_bundle_is_one_line_exit_2(exported, tmp_path, capsys, damage, expected):
     from composer.cli import main
 
@@ -229,13 +252,15 @@ def test_export_interrupted_while_writing_keeps_the_previous_bundle(exported, tm
     _, ckpt, bundle = exported
     out = tmp_path / "bundles" / "b.onnx"
     shutil.copytree(bundle, out)
-    previous = _tree(out)
+    previous = tree(out)
     with pytest.raises(SystemExit) as e:
         main(["export", str(ckpt), "-o", str(out)])
-    assert e.value.code == 2 and capsys.readouterr().err == f"error: {out}: exists and is not empty (pass --overwrite)\n"
-    code, err = _interrupt(tmp_path, "export", signal.SIGTERM, "export", ckpt, "-o", out, "--overwrite")
+    assert (
+        e.value.code == 2 and capsys.readouterr().err == f"error: {out}: exists and is not empty (pass --overwrite)\n"
+    )
+    code, err = interrupt(tmp_path, "export", signal.SIGTERM, "export", ckpt, "-o", out, "--overwrite")
     assert code == 143 and err.strip().splitlines() == ["error: terminated (SIGTERM)"], err
-    assert _siblings(out) == ["b.onnx"] and _tree(out) == previous
+    assert siblings(out) == ["b.onnx"] and tree(out) == previous
     OnnxPipeline(out)  # still a loadable bundle
 
 
@@ -248,14 +273,18 @@ def test_onnx_pipeline_checks_the_context_and_collects_bad_items(exported, tmp_p
     pipe = OnnxPipeline(bundle)
     assert pipe.context_length == model.context_length == 512
     png = "specs/tiny/assets/red_circle.png"
-    with pytest.raises(InputError, match=r"^prompt 0: \d+ tokens \(1 x 16 for '<image>'\) exceed the LLM's context of 512"):
+    with pytest.raises(
+        InputError, match=r"^prompt 0: \d+ tokens \(1 x 16 for '<image>'\) exceed the LLM's context of 512"
+    ):
         pipe.prepare([pipe.format_prompt("x" * 600)], image=[png])
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     prompts = [pipe.format_prompt(q) for q in ("a", "b", "c")]
     batch, rows, errors = pipe.prepare(prompts, image=[png, bad, png], errors="collect")
     assert rows == [0, 2] and list(errors) == [1] and errors[1].startswith(f"{bad}: cannot read image")
-    want = model.generate(**model.prepare([prompts[0], prompts[2]], image=[png, png]), max_new_tokens=4, eos_token_id=[])
+    want = model.generate(
+        **model.prepare([prompts[0], prompts[2]], image=[png, png]), max_new_tokens=4, eos_token_id=[]
+    )
     assert torch.equal(pipe.generate(**batch, max_new_tokens=4, eos_token_id=[]), want)
     long = pipe.prepare([pipe.format_prompt("x" * 470)], image=[png])
     with pytest.raises(InputError, match=r"with max_new_tokens=40 it exceeds the LLM's context of 512"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import images, make_model, spec_dict
+from helpers import images, make_model, spec_dict
 from PIL import Image
 
 from composer.builder import build
@@ -40,24 +40,34 @@ def _bad_images(tmp_path: Path) -> dict[Path, str]:
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     (tmp_path / "adir.png").mkdir()
-    return {truncated: "cannot read image", text: "cannot read image (UnidentifiedImageError",
-            tmp_path / "adir.png": "cannot read image (IsADirectoryError", tmp_path / "missing.png": "cannot read image"}
+    return {
+        truncated: "cannot read image",
+        text: "cannot read image (UnidentifiedImageError",
+        tmp_path / "adir.png": "cannot read image (IsADirectoryError",
+        tmp_path / "missing.png": "cannot read image",
+    }
 
 
 def test_unreadable_images_name_the_file(model, tmp_path):
     for path, msg in _bad_images(tmp_path).items():
-        got = _raises(lambda: model.prepare([model.format_prompt("q")], image=[path]), "cannot read image")
+        got = _raises(lambda path=path: model.prepare([model.format_prompt("q")], image=[path]), "cannot read image")
         assert got.startswith(f"{path}: {msg}"), got
 
 
 def test_placeholder_counts(model):
-    _raises(lambda: model.prepare(["no placeholder here"], image=[PNG]),
-            r"^image: the prompts contain 0 '<image>' placeholder\(s\) but 1 image item\(s\) were given$")
-    _raises(lambda: model.prepare(["<image> and <image>"], image=[PNG]),
-            r"^image: the prompts contain 2 '<image>' placeholder\(s\) but 1 image item\(s\) were given$")
+    _raises(
+        lambda: model.prepare(["no placeholder here"], image=[PNG]),
+        r"^image: the prompts contain 0 '<image>' placeholder\(s\) but 1 image item\(s\) were given$",
+    )
+    _raises(
+        lambda: model.prepare(["<image> and <image>"], image=[PNG]),
+        r"^image: the prompts contain 2 '<image>' placeholder\(s\) but 1 image item\(s\) were given$",
+    )
     # over the whole batch the items cannot be assigned to prompts: raised in collect mode too
-    _raises(lambda: model.prepare([model.format_prompt("a"), "none"], image=[PNG, PNG], errors="collect"),
-            r"^image: the prompts contain 1 '<image>' placeholder\(s\) but 2 image item\(s\)")
+    _raises(
+        lambda: model.prepare([model.format_prompt("a"), "none"], image=[PNG, PNG], errors="collect"),
+        r"^image: the prompts contain 1 '<image>' placeholder\(s\) but 2 image item\(s\)",
+    )
     _raises(lambda: model.prepare(["x"], errors="ignore"), r"^errors must be 'raise' or 'collect', got 'ignore'$")
     text_only = model.prepare(["just text"])  # no placeholder and no item: a text-only prompt
     assert set(text_only) == {"input_ids", "attention_mask"}
@@ -69,14 +79,18 @@ def test_prompt_longer_than_the_context_is_refused_before_the_model_runs(model, 
 
     long = model.format_prompt("x" * 520)  # 520 bytes + template + 16 image tokens > 512 positions
     n = len(model.tokenizer(long)["input_ids"]) - 1 + 16
-    _raises(lambda: model.prepare([long], image=[PNG]),
-            rf"^prompt 0: {n} tokens \(1 x 16 for '<image>'\) exceed the LLM's context of 512 positions "
-            r"\(max_position_embeddings\)$")
+    _raises(
+        lambda: model.prepare([long], image=[PNG]),
+        rf"^prompt 0: {n} tokens \(1 x 16 for '<image>'\) exceed the LLM's context of 512 positions "
+        r"\(max_position_embeddings\)$",
+    )
     ok = model.prepare([model.format_prompt("x" * 470)], image=[PNG])
     monkeypatch.setattr(model.adapter, "embed", never)
     width = int(ok["attention_mask"].sum())
-    _raises(lambda: model.generate(**ok, max_new_tokens=40),
-            rf"^the longest prompt has {width} tokens; with max_new_tokens=40 it exceeds the LLM's context of 512")
+    _raises(
+        lambda: model.generate(**ok, max_new_tokens=40),
+        rf"^the longest prompt has {width} tokens; with max_new_tokens=40 it exceeds the LLM's context of 512",
+    )
     ids = torch.ones(1, 600, dtype=torch.long)
     _raises(lambda: model(input_ids=ids), r"the longest prompt has 600 tokens; with max_new_tokens=0 it exceeds")
 
@@ -90,15 +104,24 @@ def test_opt_past_its_learned_positions_is_a_clear_error_not_an_index_error():
     batch = opt.prepare([opt.format_prompt("hi")], image=list(images(1)))
     n = int(batch["attention_mask"].sum())
     assert opt.generate(**batch, max_new_tokens=48 - n, eos_token_id=[]).shape == (1, 48 - n)  # fits exactly
-    _raises(lambda: opt.generate(**batch, max_new_tokens=49 - n), rf"with max_new_tokens={49 - n} it exceeds the "
-            "LLM's context of 48 positions")
+    _raises(
+        lambda: opt.generate(**batch, max_new_tokens=49 - n),
+        rf"with max_new_tokens={49 - n} it exceeds the "
+        "LLM's context of 48 positions",
+    )
 
 
 def test_collect_reports_bad_items_and_generates_the_rest(model, tmp_path):
     bad = _bad_images(tmp_path)
     truncated = next(iter(bad))
-    prompts = [model.format_prompt("first"), model.format_prompt("second"), model.format_prompt("third"),
-               model.format_prompt("x" * 600), "text only", model.format_prompt("sixth")]
+    prompts = [
+        model.format_prompt("first"),
+        model.format_prompt("second"),
+        model.format_prompt("third"),
+        model.format_prompt("x" * 600),
+        "text only",
+        model.format_prompt("sixth"),
+    ]
     items = [PNG, truncated, Image.open(PNG), PNG, tmp_path / "missing.png"]
     batch, rows, errors = model.prepare(prompts, image=items, errors="collect")
     assert rows == [0, 2, 4]
@@ -136,22 +159,25 @@ def test_audio_batch_with_an_empty_and_a_truncated_wav(tmp_path):
     batch, rows, errors = audio.prepare(prompts, audio=[wav8k, empty, truncated, (tone16, 16000)], errors="collect")
     assert rows == [0, 3] and errors == {
         1: f"{empty}: empty audio (0 samples)",
-        2: f"{truncated}: truncated WAV (the header says 8000 frames, the file holds 1478)"}
+        2: f"{truncated}: truncated WAV (the header says 8000 frames, the file holds 1478)",
+    }
     alone = audio.prepare([prompts[0], prompts[3]], audio=[wav8k, (tone16, 16000)])
     assert torch.equal(batch["audio"], alone["audio"])
     # the 8 kHz file was resampled: its features match the 16 kHz tone's within quantisation noise
     frames = 1 + (16000 - 400) // 160
     loud = alone["audio"][1][:frames] > -0.5
     assert (alone["audio"][0][:frames] - alone["audio"][1][:frames])[loud].abs().max() < 0.05
-    _raises(lambda: audio.prepare([prompts[0]], audio=[(tone16, 0)]), r"^audio item 0: sampling rate must be positive, got 0$")
+    _raises(
+        lambda: audio.prepare([prompts[0]], audio=[(tone16, 0)]),
+        r"^audio item 0: sampling rate must be positive, got 0$",
+    )
 
 
 def test_smiles_batch_with_an_invalid_molecule(tmp_path):
     mol = build(ROOT / "specs/tiny/molca.yaml").eval()
     prompts = [mol.format_prompt(s) for s in ("CCO", "C1CC", "c1ccccc1", "")]
     batch, rows, errors = mol.prepare(prompts, molecule=["CCO", "C1CC", "c1ccccc1", ""], errors="collect")
-    assert rows == [0, 2] and errors == {1: "invalid SMILES 'C1CC': RDKit cannot parse it",
-                                         3: "SMILES '' has no atoms"}
+    assert rows == [0, 2] and errors == {1: "invalid SMILES 'C1CC': RDKit cannot parse it", 3: "SMILES '' has no atoms"}
     out = mol.generate(**batch, max_new_tokens=4, eos_token_id=[])
     assert out.shape == (2, 4)
 

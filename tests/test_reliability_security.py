@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CLIP, LLAMA, spec_dict
+from helpers import CLIP, LLAMA, spec_dict
 from safetensors.torch import load_file, save_file
 
 from composer.builder import build
@@ -32,7 +32,7 @@ def _calls(text: str, name: str) -> list[str]:
         while depth and i < len(text):
             depth += {"(": 1, ")": -1}.get(text[i], 0)
             i += 1
-        out.append(text[m.end(): i - 1])
+        out.append(text[m.end() : i - 1])
     return out
 
 
@@ -73,8 +73,12 @@ def test_auto_map_in_configs_and_tokenizers_is_ignored_or_refused(tmp_path):
     from composer.tokenizer import byte_tokenizer
 
     marker = tmp_path / "pwned"
-    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM",
-                "AutoModel": "evil.EvilModel", "AutoTokenizer": ["evil.EvilTokenizer", None]}
+    auto_map = {
+        "AutoConfig": "evil.EvilConfig",
+        "AutoModelForCausalLM": "evil.EvilForCausalLM",
+        "AutoModel": "evil.EvilModel",
+        "AutoTokenizer": ["evil.EvilTokenizer", None],
+    }
     # a known model_type asking for remote code: transformers' own Llama is built, evil.py never runs
     llm_cfg = {k: v for k, v in LLAMA.items() if k != "model_type"}
     llm = _evil_dir(tmp_path, "llm", {**LlamaConfig(**llm_cfg).to_dict(), "auto_map": auto_map}, marker)
@@ -89,7 +93,9 @@ def test_auto_map_in_configs_and_tokenizers_is_ignored_or_refused(tmp_path):
     d["modalities"]["image"]["encoder"] = {"config": CLIP, "feature_layer": -2}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(d))
     model = build(tmp_path / "spec.yaml")
-    assert type(model.llm).__name__ == "LlamaForCausalLM" and type(model.tokenizer).__module__.startswith("transformers")
+    assert type(model.llm).__name__ == "LlamaForCausalLM" and type(model.tokenizer).__module__.startswith(
+        "transformers"
+    )
     assert not marker.exists()
     # an unknown model_type that only remote code could build: a clear error, and still no code ran
     _evil_dir(tmp_path, "unknown", {"model_type": "evil_lm", "auto_map": auto_map}, marker)
@@ -146,8 +152,10 @@ def test_hub_spec_paths_that_leave_the_repo_are_refused(tmp_path, monkeypatch, w
     value = str(outside) if weights == "ABSOLUTE" else weights
     with pytest.raises(SpecError) as e:
         build(spec_file)
-    assert str(e.value) == (f"modalities.image.projector.weights: {value!r} points outside the Hub repo the spec came "
-                            f"from ({spec_file.parent}); a spec from the Hub may only name files inside its repo, or Hub ids")
+    assert str(e.value) == (
+        f"modalities.image.projector.weights: {value!r} points outside the Hub repo the spec came "
+        f"from ({spec_file.parent}); a spec from the Hub may only name files inside its repo, or Hub ids"
+    )
 
 
 def test_hub_spec_llm_dir_outside_the_repo_is_refused_and_local_specs_are_trusted(tmp_path, monkeypatch):

@@ -18,18 +18,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from composer.errors import SpecError
-from composer.spec import MAX_SPEC_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, Spec, _load_yaml, _loc, load_spec
+from composer.spec import MAX_SPEC_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, Spec, _loc, load_spec, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_FILES = sorted(ROOT.glob("specs/*.yaml")) + sorted(ROOT.glob("specs/tiny/*.yaml"))
 SEEDS = {p.name if p.parent.name == "specs" else f"tiny/{p.name}": yaml.safe_load(p.read_text()) for p in SPEC_FILES}
 # COMPOSER_FUZZ_EXAMPLES=5000 runs a longer, random (not derandomised) search.
 N_EXAMPLES = int(os.environ.get("COMPOSER_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=N_EXAMPLES, deadline=5000, derandomize="COMPOSER_FUZZ_EXAMPLES" not in os.environ,
-                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=N_EXAMPLES,
+    deadline=5000,
+    derandomize="COMPOSER_FUZZ_EXAMPLES" not in os.environ,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 # Errors about the file itself rather than a field.
-FILE_LEVEL = ("invalid YAML", "not UTF-8", "YAML ", "recursive YAML alias", "the spec must be a YAML mapping",
-              "spec file is larger")
+FILE_LEVEL = (
+    "invalid YAML",
+    "not UTF-8",
+    "YAML ",
+    "recursive YAML alias",
+    "the spec must be a YAML mapping",
+    "spec file is larger",
+)
 
 _TMP = tempfile.TemporaryDirectory(prefix="composer-fuzz-")
 
@@ -48,13 +59,13 @@ def _check(p: Path) -> str | None:
         msg = str(e)
         assert "\n" not in msg and "\r" not in msg, msg
         assert msg.startswith(f"{p}: "), msg
-        rest = msg[len(str(p)) + 2:]
+        rest = msg[len(str(p)) + 2 :]
         if rest.startswith(FILE_LEVEL):
             return msg
         # a field path: `path: message`, whose first segment is a Spec field or a key of the file
         field = rest.split(": ", 1)[0]
         assert ": " in rest and field, msg
-        keys = set(Spec.model_fields) | {_loc((k,)) for k in _load_yaml(p.read_text(), str(p))}
+        keys = set(Spec.model_fields) | {_loc((k,)) for k in load_yaml(p.read_text(), str(p))}
         odd_key = field.startswith(("'", '"'))  # a key that is not a plain word, quoted
         assert odd_key or any(field == k or field.startswith(k + ".") for k in keys), msg
         return msg
@@ -80,12 +91,33 @@ def _get(tree, path):
     return tree
 
 
-scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
-           | st.text(max_size=12) | st.sampled_from(["", "llama", "mlp", "qformer", "<image>", "{instruction}", "../x"]))
-values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
-                      max_leaves=6)
-field_names = st.sampled_from(["type", "model", "config", "insert_at", "weights", "depth", "lora", "extra",
-                               "hidden_size", "num_hidden_layers", "num_attention_heads", "placeholder"]) | st.text(max_size=8)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
+    | st.sampled_from(["", "llama", "mlp", "qformer", "<image>", "{instruction}", "../x"])
+)
+values = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=6
+)
+field_names = st.sampled_from(
+    [
+        "type",
+        "model",
+        "config",
+        "insert_at",
+        "weights",
+        "depth",
+        "lora",
+        "extra",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "placeholder",
+    ]
+) | st.text(max_size=8)
 OPS = ("delete", "replace", "unknown_field", "layer", "width", "wrong_type")
 
 
@@ -115,8 +147,15 @@ def mutated_specs(draw):
                     if isinstance(target, dict):
                         target[key] = draw(st.integers(-40, 40) | st.sampled_from([2**63, -(2**63), 10**30]))
         elif op == "width" and isinstance(node, dict):  # break the width/heads arithmetic of a config
-            for key in ("hidden_size", "num_attention_heads", "num_heads", "emb_dim", "intermediate_size",
-                        "num_key_value_heads", "head_dim"):
+            for key in (
+                "hidden_size",
+                "num_attention_heads",
+                "num_heads",
+                "emb_dim",
+                "intermediate_size",
+                "num_key_value_heads",
+                "head_dim",
+            ):
                 if key in node:
                     node[key] = draw(st.integers(-3, 200))
         elif op == "wrong_type" and path and not isinstance(node, (dict, list)):
@@ -131,10 +170,33 @@ def test_mutated_seed_specs_give_only_spec_errors_naming_a_field(case):
     _check(_write(yaml.safe_dump(tree, allow_unicode=True, sort_keys=False)))
 
 
-SIZE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "ffn_dim", "head_dim",
-             "num_hidden_layers", "vocab_size", "image_size", "patch_size", "max_position_embeddings", "num_mel_bins",
-             "max_length", "frequency_stride", "time_stride", "emb_dim", "num_layers", "num_queries", "num_heads",
-             "num_tokens", "rows", "depth", "cross_attention_frequency", "feature_layer", "insert_at")
+SIZE_KEYS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "ffn_dim",
+    "head_dim",
+    "num_hidden_layers",
+    "vocab_size",
+    "image_size",
+    "patch_size",
+    "max_position_embeddings",
+    "num_mel_bins",
+    "max_length",
+    "frequency_stride",
+    "time_stride",
+    "emb_dim",
+    "num_layers",
+    "num_queries",
+    "num_heads",
+    "num_tokens",
+    "rows",
+    "depth",
+    "cross_attention_frequency",
+    "feature_layer",
+    "insert_at",
+)
 
 
 @st.composite
@@ -177,9 +239,31 @@ def mutated_texts(draw):
     for _ in range(draw(st.integers(1, 4))):
         i = draw(st.integers(0, len(text)))
         j = draw(st.integers(i, min(len(text), i + 40)))
-        insert = draw(st.binary(max_size=12) | st.sampled_from(
-            [b"&a ", b"*a", b"!!python/object/apply:os.system ['true'] ", b"\xff\xfe", b"\x00", b"{", b"[", b"- ",
-             b": ", b"\n  ", b"\t", b"'", b'"', b"? ", b"%YAML 1.1\n---\n", b"!!binary AAAA", b"2001-13-45", b"9" * 5000]))
+        insert = draw(
+            st.binary(max_size=12)
+            | st.sampled_from(
+                [
+                    b"&a ",
+                    b"*a",
+                    b"!!python/object/apply:os.system ['true'] ",
+                    b"\xff\xfe",
+                    b"\x00",
+                    b"{",
+                    b"[",
+                    b"- ",
+                    b": ",
+                    b"\n  ",
+                    b"\t",
+                    b"'",
+                    b'"',
+                    b"? ",
+                    b"%YAML 1.1\n---\n",
+                    b"!!binary AAAA",
+                    b"2001-13-45",
+                    b"9" * 5000,
+                ]
+            )
+        )
         text = text[:i] + insert + text[j:]
     return text
 
@@ -204,20 +288,29 @@ def _billion_laughs(levels: int = 9) -> str:
     return "\n".join(lines) + f"\nname: *a{levels - 1}\n"
 
 
-@pytest.mark.parametrize("content,expected", [
-    (_billion_laughs(), f"YAML expands to more than {MAX_YAML_NODES} nodes (alias bomb?)"),
-    ("name: &a [x, *a]\n", "recursive YAML alias *a at line 1"),
-    ("llm: &a {config: *a}\n", "recursive YAML alias *a at line 1"),
-    ("name: " + "[" * 10_000 + "]" * 10_000 + "\n", f"YAML nested deeper than {MAX_YAML_DEPTH} levels at line 1"),
-    ("x:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 200)), f"YAML nested deeper than {MAX_YAML_DEPTH} levels"),
-    ("name: [" + ", ".join(["1"] * (MAX_YAML_NODES + 10)) + "]\n", f"YAML expands to more than {MAX_YAML_NODES} nodes"),
-    ("seed: " + "9" * 5000 + "\n", "invalid YAML value (ValueError: Exceeds the limit"),
-    ("name: 2001-13-45\n", "invalid YAML value (ValueError: month must be in 1..12)"),
-    ("name: a\x00b\n", "invalid YAML: unacceptable character #x0000"),
-    ("a: 1\n---\nb: 2\n", "invalid YAML at line 2, column 1: but found another document"),
-    ("name: *nowhere\n", "invalid YAML at line 1, column 7: found undefined alias 'nowhere'"),
-    ('"a\\nb": 1\nname: x\n', "'a\\nb': unknown field"),  # a newline in a key stays escaped
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (_billion_laughs(), f"YAML expands to more than {MAX_YAML_NODES} nodes (alias bomb?)"),
+        ("name: &a [x, *a]\n", "recursive YAML alias *a at line 1"),
+        ("llm: &a {config: *a}\n", "recursive YAML alias *a at line 1"),
+        ("name: " + "[" * 10_000 + "]" * 10_000 + "\n", f"YAML nested deeper than {MAX_YAML_DEPTH} levels at line 1"),
+        (
+            "x:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 200)),
+            f"YAML nested deeper than {MAX_YAML_DEPTH} levels",
+        ),
+        (
+            "name: [" + ", ".join(["1"] * (MAX_YAML_NODES + 10)) + "]\n",
+            f"YAML expands to more than {MAX_YAML_NODES} nodes",
+        ),
+        ("seed: " + "9" * 5000 + "\n", "invalid YAML value (ValueError: Exceeds the limit"),
+        ("name: 2001-13-45\n", "invalid YAML value (ValueError: month must be in 1..12)"),
+        ("name: a\x00b\n", "invalid YAML: unacceptable character #x0000"),
+        ("a: 1\n---\nb: 2\n", "invalid YAML at line 2, column 1: but found another document"),
+        ("name: *nowhere\n", "invalid YAML at line 1, column 7: found undefined alias 'nowhere'"),
+        ('"a\\nb": 1\nname: x\n', "'a\\nb': unknown field"),  # a newline in a key stays escaped
+    ],
+)
 def test_hostile_yaml_is_refused_fast_and_on_one_line(content, expected):
     p = _write(content)
     t0 = time.perf_counter()
@@ -240,14 +333,17 @@ def test_small_alias_use_is_still_allowed(tmp_path):
     assert load_spec(p).modalities["image"].insert_at == d["modalities"]["image"]["insert_at"]
 
 
-@pytest.mark.parametrize("tag", [
-    "!!python/object/apply:os.system ['touch {marker}']",
-    "!!python/object/new:os.system ['touch {marker}']",
-    "!!python/name:os.system",
-    "!!python/module:os",
-    "!!python/object:composer.spec.Spec {{}}",
-    "!composer/eval 'touch {marker}'",
-])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "!!python/object/apply:os.system ['touch {marker}']",
+        "!!python/object/new:os.system ['touch {marker}']",
+        "!!python/name:os.system",
+        "!!python/module:os",
+        "!!python/object:composer.spec.Spec {{}}",
+        "!composer/eval 'touch {marker}'",
+    ],
+)
 def test_object_building_tags_are_refused(tmp_path, tag):
     marker = tmp_path / "pwned"
     p = tmp_path / "s.yaml"
@@ -274,9 +370,13 @@ def test_huge_and_non_utf8_files(tmp_path):
 def test_cli_reports_a_fuzzed_spec_on_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     from composer.cli import main
 
-    cases = {"bomb.yaml": _billion_laughs(), "tag.yaml": "name: !!python/name:os.system\n",
-             "field.yaml": yaml.safe_dump({**SEEDS["tiny/llava.yaml"], "llm": {**SEEDS["tiny/llava.yaml"]["llm"],
-                                                                              "dtype": [1]}})}
+    cases = {
+        "bomb.yaml": _billion_laughs(),
+        "tag.yaml": "name: !!python/name:os.system\n",
+        "field.yaml": yaml.safe_dump(
+            {**SEEDS["tiny/llava.yaml"], "llm": {**SEEDS["tiny/llava.yaml"]["llm"], "dtype": [1]}}
+        ),
+    }
     for name, content in cases.items():
         (tmp_path / name).write_text(content)
         with pytest.raises(SystemExit) as e:
@@ -292,10 +392,26 @@ def test_mismatched_widths_and_layers_are_field_errors():
     """Width and layer arithmetic of inline configs is checked when the spec loads, not deep in torch."""
     base = SEEDS["tiny/llava.yaml"]
     cases = [
-        (("llm", "config", "hidden_size"), 66, "llm.config.hidden_size: must be divisible by num_attention_heads (4), got 66"),
-        (("llm", "config", "num_key_value_heads"), 3, "llm.config.num_attention_heads: must be divisible by num_key_value_heads (3), got 4"),
-        (("modalities", "image", "encoder", "config", "hidden_size"), 30, "modalities.image.encoder.config.hidden_size: must be divisible by num_attention_heads (4), got 30"),
-        (("modalities", "image", "encoder", "feature_layer"), 7, "modalities.image.encoder.feature_layer: must be in [-3, 2] for a 2-layer encoder, got 7"),
+        (
+            ("llm", "config", "hidden_size"),
+            66,
+            "llm.config.hidden_size: must be divisible by num_attention_heads (4), got 66",
+        ),
+        (
+            ("llm", "config", "num_key_value_heads"),
+            3,
+            "llm.config.num_attention_heads: must be divisible by num_key_value_heads (3), got 4",
+        ),
+        (
+            ("modalities", "image", "encoder", "config", "hidden_size"),
+            30,
+            "modalities.image.encoder.config.hidden_size: must be divisible by num_attention_heads (4), got 30",
+        ),
+        (
+            ("modalities", "image", "encoder", "feature_layer"),
+            7,
+            "modalities.image.encoder.feature_layer: must be in [-3, 2] for a 2-layer encoder, got 7",
+        ),
         (("modalities", "image", "insert_at"), 4, "modalities.image.insert_at: must be < the LLM's 4 layers, got 4"),
     ]
     for path, value, expected in cases:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from composer.analysis.summary import summarize
 from composer.builder import build
 from composer.errors import InputError
 from composer.spec import load_spec, parse_spec
-from composer.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 

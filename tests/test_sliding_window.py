@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import images, spec_dict
+from helpers import images, spec_dict
 
 from composer.builder import build
 from composer.errors import InputError
@@ -25,7 +25,10 @@ def _model(llm: str = "mistral", k: int = 0, **extra):
 def test_window_read_from_each_family():
     assert _model("mistral", sliding_window=WINDOW).adapter.sliding_window == WINDOW
     assert _model("mistral").adapter.sliding_window is None  # conftest's MISTRAL: sliding_window None
-    assert _model("qwen2", sliding_window=WINDOW, use_sliding_window=True, max_window_layers=2).adapter.sliding_window == WINDOW
+    assert (
+        _model("qwen2", sliding_window=WINDOW, use_sliding_window=True, max_window_layers=2).adapter.sliding_window
+        == WINDOW
+    )
     assert _model("qwen2", sliding_window=WINDOW, use_sliding_window=False).adapter.sliding_window is None
     assert _model("llama").adapter.sliding_window is None
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import spec_dict
+from helpers import spec_dict
 
 from composer.errors import SpecError
 from composer.spec import LLM_FAMILIES, load_spec, parse_spec
@@ -26,14 +26,16 @@ def test_tiny_spec_loads():
 
 def test_spec_module_imports_no_torch():
     code = "import sys, composer.spec; composer.spec.load_spec(sys.argv[1]); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "specs/tiny/llava.yaml")], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "specs/tiny/llava.yaml")], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
 
 def test_registries_agree():
-    from composer.adapters.llm import LLM_ADAPTERS
     from composer.adapters import ENCODER_ADAPTERS
+    from composer.adapters.llm import LLM_ADAPTERS
     from composer.spec import ENCODER_TYPES
 
     assert set(LLM_FAMILIES) == set(LLM_ADAPTERS)
@@ -54,31 +56,81 @@ def _mut(fn):
     return d
 
 
-@pytest.mark.parametrize("mutate,expected", [
-    (lambda d: d["modalities"]["image"].update(insert_at=4), "modalities.image.insert_at: must be < the LLM's 4 layers, got 4"),
-    (lambda d: d["modalities"]["image"].update(insert_at=-1), "modalities.image.insert_at: Input should be greater than or equal to 0, got -1"),
-    (lambda d: d["modalities"]["image"].update(insert_at="two"), "modalities.image.insert_at: Input should be a valid integer"),
-    (lambda d: d.update(colour="red"), "colour: unknown field"),
-    (lambda d: d["llm"].update(lora_r=3), "llm.lora_r: unknown field"),
-    (lambda d: d["modalities"]["image"]["projector"].update(type="transformer"), "modalities.image.projector: Input tag 'transformer'"),
-    (lambda d: d["modalities"]["image"]["projector"].update(depth=0), "modalities.image.projector.depth: Input should be greater than or equal to 1, got 0"),
-    (lambda d: d["modalities"]["image"]["projector"].update(activation="swish2"), "modalities.image.projector.activation: unknown activation 'swish2'"),
-    (lambda d: d["modalities"]["image"].update(projector={"type": "qformer", "hidden_size": 100, "num_heads": 12}), "modalities.image.projector.hidden_size: must be divisible by num_heads (12), got 100"),
-    (lambda d: d.update(prompt={"template": "{instruction}"}), "prompt.template: contains none of the placeholders ['<image>']"),
-    (lambda d: d.update(prompt={"template": "<image> <image> {instruction}"}), "prompt.template: placeholder '<image>' appears more than once"),
-    (lambda d: d.update(prompt={"template": "<image>"}), "prompt.template: must contain '{instruction}'"),
-    (lambda d: d["llm"].update(model="x/y"), "llm: give exactly one of `model`"),
-    (lambda d: d["llm"]["config"].update(model_type="gpt_neox"), "llm.config.model_type: must be one of ['llama', 'mistral', 'qwen2', 'qwen3', 'opt'], got 'gpt_neox'"),
-    (lambda d: d["llm"]["config"].update(num_hidden_layers=0), "llm.config.num_hidden_layers: must be a positive integer, got 0"),
-    (lambda d: d["llm"].update(dtype="float64"), "llm.dtype: Input should be 'float32', 'bfloat16' or 'float16', got 'float64'"),
-    (lambda d: d["llm"].update(train="sometimes"), "llm.train: Input should be 'frozen', 'lora' or 'full'"),
-    (lambda d: d["llm"].update(lora={"r": 4}), "llm.lora: is set but `train` is not `lora`, got 'frozen'"),
-    (lambda d: d["modalities"]["image"]["encoder"]["config"].update(model_type="bert"), "modalities.image.encoder.config.model_type: not a supported encoder"),
-    (lambda d: d["modalities"]["image"]["encoder"].update(select="cls"), "modalities.image.encoder.select: Input should be 'patch' or 'all', got 'cls'"),
-    (lambda d: d["modalities"].update(labels=d["modalities"]["image"]), "modalities.labels: modality name must be an identifier"),
-    (lambda d: d.update(modalities={}), "modalities: Dictionary should have at least 1 item"),
-    (lambda d: d.pop("llm"), "llm: required field is missing"),
-])
+@pytest.mark.parametrize(
+    "mutate,expected",
+    [
+        (
+            lambda d: d["modalities"]["image"].update(insert_at=4),
+            "modalities.image.insert_at: must be < the LLM's 4 layers, got 4",
+        ),
+        (
+            lambda d: d["modalities"]["image"].update(insert_at=-1),
+            "modalities.image.insert_at: Input should be greater than or equal to 0, got -1",
+        ),
+        (
+            lambda d: d["modalities"]["image"].update(insert_at="two"),
+            "modalities.image.insert_at: Input should be a valid integer",
+        ),
+        (lambda d: d.update(colour="red"), "colour: unknown field"),
+        (lambda d: d["llm"].update(lora_r=3), "llm.lora_r: unknown field"),
+        (
+            lambda d: d["modalities"]["image"]["projector"].update(type="transformer"),
+            "modalities.image.projector: Input tag 'transformer'",
+        ),
+        (
+            lambda d: d["modalities"]["image"]["projector"].update(depth=0),
+            "modalities.image.projector.depth: Input should be greater than or equal to 1, got 0",
+        ),
+        (
+            lambda d: d["modalities"]["image"]["projector"].update(activation="swish2"),
+            "modalities.image.projector.activation: unknown activation 'swish2'",
+        ),
+        (
+            lambda d: d["modalities"]["image"].update(
+                projector={"type": "qformer", "hidden_size": 100, "num_heads": 12}
+            ),
+            "modalities.image.projector.hidden_size: must be divisible by num_heads (12), got 100",
+        ),
+        (
+            lambda d: d.update(prompt={"template": "{instruction}"}),
+            "prompt.template: contains none of the placeholders ['<image>']",
+        ),
+        (
+            lambda d: d.update(prompt={"template": "<image> <image> {instruction}"}),
+            "prompt.template: placeholder '<image>' appears more than once",
+        ),
+        (lambda d: d.update(prompt={"template": "<image>"}), "prompt.template: must contain '{instruction}'"),
+        (lambda d: d["llm"].update(model="x/y"), "llm: give exactly one of `model`"),
+        (
+            lambda d: d["llm"]["config"].update(model_type="gpt_neox"),
+            "llm.config.model_type: must be one of ['llama', 'mistral', 'qwen2', 'qwen3', 'opt'], got 'gpt_neox'",
+        ),
+        (
+            lambda d: d["llm"]["config"].update(num_hidden_layers=0),
+            "llm.config.num_hidden_layers: must be a positive integer, got 0",
+        ),
+        (
+            lambda d: d["llm"].update(dtype="float64"),
+            "llm.dtype: Input should be 'float32', 'bfloat16' or 'float16', got 'float64'",
+        ),
+        (lambda d: d["llm"].update(train="sometimes"), "llm.train: Input should be 'frozen', 'lora' or 'full'"),
+        (lambda d: d["llm"].update(lora={"r": 4}), "llm.lora: is set but `train` is not `lora`, got 'frozen'"),
+        (
+            lambda d: d["modalities"]["image"]["encoder"]["config"].update(model_type="bert"),
+            "modalities.image.encoder.config.model_type: not a supported encoder",
+        ),
+        (
+            lambda d: d["modalities"]["image"]["encoder"].update(select="cls"),
+            "modalities.image.encoder.select: Input should be 'patch' or 'all', got 'cls'",
+        ),
+        (
+            lambda d: d["modalities"].update(labels=d["modalities"]["image"]),
+            "modalities.labels: modality name must be an identifier",
+        ),
+        (lambda d: d.update(modalities={}), "modalities: Dictionary should have at least 1 item"),
+        (lambda d: d.pop("llm"), "llm: required field is missing"),
+    ],
+)
 def test_errors_name_field_and_value(mutate, expected):
     assert expected in _err(_mut(mutate))
 

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import spec_dict
+from helpers import spec_dict
 from PIL import Image
 
 from composer.builder import build
-from composer.data import Collator, read_jsonl
 from composer.errors import InputError
 from composer.model import ComposedModel
 from composer.spec import parse_spec
-from composer.train import TrainConfig, merge_lora, train
+from composer.train.data import Collator, read_jsonl
+from composer.train.loop import TrainConfig, merge_lora, train
 
 
 def _model(llm_train="lora", k=2):
@@ -35,9 +35,17 @@ def _data(tmp_path, n=6, name="train.jsonl"):
         img[..., i % 3] = 200 + rng.integers(0, 50)
         Image.fromarray(img).save(tmp_path / f"img{i}.png")
         if i % 3 == 0:
-            recs.append({"image": f"img{i}.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": colour},
-                {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "yes"}]})
+            recs.append(
+                {
+                    "image": f"img{i}.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat colour is it?"},
+                        {"from": "gpt", "value": colour},
+                        {"from": "human", "value": "Sure?"},
+                        {"from": "gpt", "value": "yes"},
+                    ],
+                }
+            )
         else:
             recs.append({"image": f"img{i}.png", "prompt": "What colour is it?", "response": colour})
     path = tmp_path / name
@@ -46,8 +54,16 @@ def _data(tmp_path, n=6, name="train.jsonl"):
 
 
 def _cfg(tmp_path, data, **kw):
-    base = dict(data=str(data), output=str(tmp_path / "out"), batch_size=3, lr=5e-3, warmup_ratio=0.0,
-                scheduler="constant", progress=False, seed=0)
+    base = dict(
+        data=str(data),
+        output=str(tmp_path / "out"),
+        batch_size=3,
+        lr=5e-3,
+        warmup_ratio=0.0,
+        scheduler="constant",
+        progress=False,
+        seed=0,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -62,7 +78,9 @@ def test_labels_cover_responses_only(tmp_path):
         assert (lab[lab != -100] == tok.eos_token_id).sum() == (2 if row == 0 else 1)  # each response ends with EOS
     first = batch["labels"][0]
     assert tok.decode(first[first != -100].tolist(), skip_special_tokens=True).split() == ["red", "yes"]
-    assert tok.decode(batch["labels"][1][batch["labels"][1] != -100].tolist(), skip_special_tokens=True).strip() == "green"
+    assert (
+        tok.decode(batch["labels"][1][batch["labels"][1] != -100].tolist(), skip_special_tokens=True).strip() == "green"
+    )
 
 
 def test_lora_training_keeps_frozen_weights_bit_identical(tmp_path):
@@ -111,8 +129,10 @@ def test_lora_merge_matches_unmerged(tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.05)
-    batch = model.prepare([model.format_prompt("q"), model.format_prompt("longer q")],
-                          image=[torch.randn(3, 32, 32), torch.randn(3, 32, 32)])
+    batch = model.prepare(
+        [model.format_prompt("q"), model.format_prompt("longer q")],
+        image=[torch.randn(3, 32, 32), torch.randn(3, 32, 32)],
+    )
     with torch.no_grad():
         before = model(**batch).logits
         merge_lora(model)
@@ -146,10 +166,11 @@ def test_bad_records_named_by_file_and_line(tmp_path):
 
 
 def test_ltu_record_format(tmp_path):
-    from composer.data import parse_record
+    from composer.train.data import parse_record
 
-    ex = parse_record({"audio_id": "a.wav", "instruction": "What is it?", "output": "a dog"},
-                      {"audio": "<audio>"}, tmp_path)
+    ex = parse_record(
+        {"audio_id": "a.wav", "instruction": "What is it?", "output": "a dog"}, {"audio": "<audio>"}, tmp_path
+    )
     assert ex.turns == [("What is it?", "a dog")] and ex.items == {"audio": [str(tmp_path / "a.wav")]}
 
 
@@ -161,8 +182,23 @@ def test_cli_train_resume_and_profile(tmp_path):
     root = Path(__file__).resolve().parents[1]
     data = _data(tmp_path, n=4)
     out = tmp_path / "run"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "composer.cli", "train", root / "specs/tiny/llava.yaml",  # noqa: E731
-                                     "--data", data, *map(str, a)], capture_output=True, text=True)
+
+    def run(*a):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "composer.cli",
+                "train",
+                root / "specs/tiny/llava.yaml",
+                "--data",
+                data,
+                *map(str, a),
+            ],
+            capture_output=True,
+            text=True,
+        )
+
     r = run("-o", out, "--max-steps", "2", "--batch-size", "2", "--save-every", "1")
     assert r.returncode == 0, r.stderr
     assert "trained 2 steps" in r.stdout and (out / "checkpoints" / "step-000002").is_dir()

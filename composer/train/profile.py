@@ -1,9 +1,9 @@
 """`compose train --profile`: a training step at the spec's insert_at vs at 0, side by side.
 
-Both models hold the same weights (a deep copy with every ``insert_at`` set to 0) and see the
+Both models hold the same weights (a deep copy, ``with_insert_at(0)``) and see the
 same batches. Reported: median wall time of a full step (forward, backward, optimizer) after
 a warm-up step, and the analytic FLOPs per step of the LLM layers (3x the forward FLOPs of
-DESIGN.md's model: forward + backward). Under torchrun/accelerate launch, a row per rank.
+docs/architecture.md's FLOPs model: forward + backward). Under torchrun/accelerate launch, a row per rank.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from composer.data import Collator, read_jsonl
-from composer.flops import prefill_flops
+from composer.analysis.flops import prefill_flops
+from composer.train.data import Collator, read_jsonl
 
 
 def _step_flops(model, batch) -> float:
@@ -33,7 +33,7 @@ def _time_steps(model, batches, steps: int, eng, find_unused: bool, batch_size: 
     """Wall time of ``steps`` full steps (after one warm-up) on this rank, wrapped as ``compose
     train`` would wrap it; ranks start each step together (a barrier), so a rank's time includes
     its waits in the step's collectives."""
-    from composer.train import _optimizer_step
+    from composer.train.loop import optimizer_step
 
     net = eng.wrap(model, find_unused=find_unused)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -48,7 +48,7 @@ def _time_steps(model, batches, steps: int, eng, find_unused: bool, batch_size: 
         t = time.perf_counter()
         loss = net(**batch).loss
         eng.backward(net, loss if real else loss * 0.0, last=True)
-        _optimizer_step(net, opt, params, None, 1.0, eng)
+        optimizer_step(net, opt, params, None, 1.0, eng)
         if i:
             times.append(time.perf_counter() - t)
     return times
@@ -58,24 +58,22 @@ def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
     """Lines to print (on rank 0; other ranks get none). Under torchrun/accelerate launch each
     rank times its own steps of the same global batches, wrapped as the run would be (DDP/FSDP),
     and the report has a row per rank."""
-    from composer import distributed
-    from composer.cli import _load_any
-    from composer.train import _chunks, apply_stage, local_batch
+    from composer.checkpoint import load_any
+    from composer.train import distributed
+    from composer.train.loop import apply_stage, chunks, local_batch
 
     eng = distributed.setup(cfg.strategy)
     ok = False
     try:
-        model = _load_any(target)
+        model = load_any(target)
         apply_stage(model, cfg.stage)
         insert_at = model.insert_at
-        base = copy.deepcopy(model)
-        for m in base.spec.modalities.values():
-            m.insert_at = 0
+        base = copy.deepcopy(model).with_insert_at(0)  # its own copy: the timed steps update weights
         placeholders = {m: model.spec.modalities[m].placeholder for m in model.encoders}
         examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
         collate = Collator(model, cfg.max_length)
-        chunks = _chunks(list(range(len(examples))), cfg.batch_size * eng.world)[:steps]
-        batches = [local_batch(examples, chunk, collate, eng) for chunk in chunks]
+        groups = chunks(list(range(len(examples))), cfg.batch_size * eng.world)[:steps]
+        batches = [local_batch(examples, group, collate, eng) for group in groups]
         mine_only = [b for b, real in batches if real] or [batches[0][0]]
         f_k = statistics.mean(_step_flops(model, b) for b in mine_only)
         f_0 = statistics.mean(_step_flops(base, b) for b in mine_only)
@@ -99,9 +97,11 @@ def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
             f"  insert_at 0{'':<19} {t_0 * 1e3:9.1f} ms/step  {f_0 / 1e9:10.3f} GFLOPs/step",
             f"  ratio k/0: time {t_k / t_0:.2f}, FLOPs {f_k / f_0:.2f}",
         ]
-    lines = [f"training step on {eng.world} ranks ({eng.strategy}), batch {cfg.batch_size} per rank, median of {steps} "
-             "after 1 warm-up, same weights and batches; per rank (its own records' FLOPs, LLM layers, fwd+bwd):",
-             f"  {'rank':>4}  {'ms/step @' + ks:>22}  {'ms/step @0':>11}  {'time k/0':>8}  {'FLOPs k/0':>9}"]
+    lines = [
+        f"training step on {eng.world} ranks ({eng.strategy}), batch {cfg.batch_size} per rank, median of {steps} "
+        "after 1 warm-up, same weights and batches; per rank (its own records' FLOPs, LLM layers, fwd+bwd):",
+        f"  {'rank':>4}  {'ms/step @' + ks:>22}  {'ms/step @0':>11}  {'time k/0':>8}  {'FLOPs k/0':>9}",
+    ]
     for r, (tk, t0, fk, f0) in enumerate(per_rank):
         lines.append(f"  {r:>4}  {tk * 1e3:>22.1f}  {t0 * 1e3:>11.1f}  {tk / t0:>8.2f}  {fk / f0:>9.2f}")
     slow_k, slow_0 = max(r[0] for r in per_rank), max(r[1] for r in per_rank)

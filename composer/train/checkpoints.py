@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from composer.distributed import Engine
 from composer.errors import InputError
+from composer.train.distributed import Engine
 
 CKPT_FORMAT = 2
 STATE_DIR = "state"
@@ -62,8 +62,11 @@ def _tuplify(x):
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    st = {"python": _jsonable(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-          "torch": torch.get_rng_state().tolist()}
+    st = {
+        "python": _jsonable(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state().tolist()
     return st
@@ -99,14 +102,23 @@ def save(path: Path, eng: Engine, model, opt, sched, state: dict, extra: dict) -
             tensors, scalars = _split(osd)
             names = sorted(msd)
             with _quiet():
-                dcp.save({"model": msd, "optim": tensors},
-                         storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=eng.distributed),
-                         no_dist=not eng.distributed)
+                dcp.save(
+                    {"model": msd, "optim": tensors},
+                    storage_writer=HuggingFaceStorageWriter(str(tmp / STATE_DIR), save_distributed=eng.distributed),
+                    no_dist=not eng.distributed,
+                )
         (tmp / f"rng-rank{eng.rank:05d}.json").write_text(json.dumps(rng_state()))
         if eng.main:
-            meta = {"format_version": CKPT_FORMAT, "state": state, "world_size": eng.world, "strategy": eng.strategy,
-                    "param_names": names, "optimizer_scalars": {k: _jsonable(v) for k, v in scalars.items()},
-                    "scheduler": sched.state_dict(), **extra}
+            meta = {
+                "format_version": CKPT_FORMAT,
+                "state": state,
+                "world_size": eng.world,
+                "strategy": eng.strategy,
+                "param_names": names,
+                "optimizer_scalars": {k: _jsonable(v) for k, v in scalars.items()},
+                "scheduler": sched.state_dict(),
+                **extra,
+            }
             (tmp / "trainer_state.json").write_text(json.dumps(meta))
         eng.barrier()
     except BaseException:
@@ -153,12 +165,16 @@ def load(path: Path, eng: Engine, model, opt, sched) -> dict:
     if sorted(msd) != meta["param_names"]:
         ours, theirs = set(msd), set(meta["param_names"])
         diff = sorted(ours ^ theirs)[:3]
-        raise InputError(f"{path}: checkpoint's trainable parameters differ from this run's (different spec or "
-                         f"--stage?), e.g. {diff}")
+        raise InputError(
+            f"{path}: checkpoint's trainable parameters differ from this run's (different spec or "
+            f"--stage?), e.g. {diff}"
+        )
     tensors, scalars = _split(osd)
     # load into copies: DCP fills tensors in place, and a failure half-way must not touch the model
-    target = {"model": {k: v.detach().clone() for k, v in msd.items()},
-              "optim": {k: v.detach().clone() for k, v in tensors.items()}}
+    target = {
+        "model": {k: v.detach().clone() for k, v in msd.items()},
+        "optim": {k: v.detach().clone() for k, v in tensors.items()},
+    }
     state_dir = path / STATE_DIR
     if not state_dir.is_dir() or not any(state_dir.glob("*.safetensors")):
         raise InputError(f"{state_dir}: no safetensors shards")
@@ -194,8 +210,10 @@ def _check_saved(state_dir: Path, reader, wanted: dict[str, tuple]) -> None:
         if key not in saved:
             raise InputError(f"{state_dir}: no {key} (a checkpoint of another spec or optimizer?)")
         if tuple(saved[key].size) != tuple(shape):
-            raise InputError(f"{state_dir}: {key} is shape {tuple(saved[key].size)}, this run needs "
-                             f"{tuple(shape)} (a checkpoint of another spec?)")
+            raise InputError(
+                f"{state_dir}: {key} is shape {tuple(saved[key].size)}, this run needs "
+                f"{tuple(shape)} (a checkpoint of another spec?)"
+            )
 
 
 # -- DeepSpeed: ZeRO keeps flat partitions of its own, so tensors go through DeepSpeed's full-parameter
@@ -236,8 +254,11 @@ def _ds_save(state_dir: Path, eng: Engine, net, opt) -> tuple[list[str], dict]:
                 mine[key] = t.detach().to("cpu", torch.float32).reshape(_full_shape(p)).contiguous()
             mine[f"optim.state.{n}.step"] = step.clone()
     if mine:
-        save_file(mine, str(state_dir / f"shard-{eng.rank + 1:05d}-model-00001-of-00001.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            mine,
+            str(state_dir / f"shard-{eng.rank + 1:05d}-model-00001-of-00001.safetensors"),
+            metadata={"format": "pt"},
+        )
     group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
     scalars = {f"param_groups.{n}.{k}": v for n in params for k, v in group.items()}
     return list(params), scalars
@@ -278,8 +299,10 @@ def _ds_load(path: Path, meta: dict, eng: Engine, net, opt) -> None:
     params = _ds_trainable(net)
     if list(params) != meta["param_names"]:
         diff = sorted(set(params) ^ set(meta["param_names"]))[:3]
-        raise InputError(f"{path}: checkpoint's trainable parameters differ from this run's (different spec or "
-                         f"--stage?), e.g. {diff}")
+        raise InputError(
+            f"{path}: checkpoint's trainable parameters differ from this run's (different spec or "
+            f"--stage?), e.g. {diff}"
+        )
     state_dir = path / STATE_DIR
     if not state_dir.is_dir() or not any(state_dir.glob("*.safetensors")):
         raise InputError(f"{state_dir}: no safetensors shards")
@@ -300,12 +323,16 @@ def _ds_load(path: Path, meta: dict, eng: Engine, net, opt) -> None:
     _ds_init_optimizer_state(net, opt)
     step = None
     for chunk in chunks:
-        target = {"model": {n: torch.empty(_full_shape(params[n])) for n in chunk},
-                  "optim": {f"state.{n}.{k}": torch.empty(_full_shape(params[n])) for n in chunk for k in _MOMENTS}}
+        target = {
+            "model": {n: torch.empty(_full_shape(params[n])) for n in chunk},
+            "optim": {f"state.{n}.{k}": torch.empty(_full_shape(params[n])) for n in chunk for k in _MOMENTS},
+        }
         target["optim"][f"state.{chunk[0]}.step"] = torch.zeros(())
         with _quiet():
-            _guard(state_dir, lambda t=target: dcp.load(t, storage_reader=HuggingFaceStorageReader(str(state_dir)),
-                                                        no_dist=True))
+            _guard(
+                state_dir,
+                lambda t=target: dcp.load(t, storage_reader=HuggingFaceStorageReader(str(state_dir)), no_dist=True),
+            )
         step = float(target["optim"][f"state.{chunk[0]}.step"]) if step is None else step
         for n in chunk:
             p, w = params[n], target["model"][n]

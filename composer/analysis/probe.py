@@ -1,6 +1,6 @@
 """``compose probe``: a quick heuristic for choosing the insertion layer k of a trained k = 0 model.
 
-Two measurements on the records of a JSONL data file (``composer.data`` formats):
+Two measurements on the records of a JSONL data file (``composer.train.data`` formats):
 
 1. *Alignment per layer* (IMA-style): the model runs at ``insert_at: 0`` and forward pre-hooks
    on the LLM decoder layers capture the hidden states *entering* each layer l (l = 0: the
@@ -11,7 +11,7 @@ Two measurements on the records of a JSONL data file (``composer.data`` formats)
    records. Text tokens are the record's real non-MM tokens (prompt and response) except a
    leading BOS token, whose states are outliers (attention sink) in most LLMs.
 2. *Quality drop without retraining*: the same weights run with every modality inserted at
-   each candidate k; the loss on the responses (the labels ``composer.data.Collator`` builds)
+   each candidate k; the loss on the responses (the labels ``composer.train.data.Collator`` builds)
    at k vs k = 0, as a relative increase ``loss_k / loss_0 - 1``.
 
 The recommended k is the largest candidate whose loss increase is at most
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from composer.data import IGNORE_INDEX, Collator, read_jsonl
 from composer.errors import InputError
+from composer.train.data import IGNORE_INDEX, Collator, read_jsonl
 
 
 @dataclass
@@ -35,11 +35,6 @@ class ProbeConfig:
     batch_size: int = 4
     max_loss_increase: float = 0.05
     media_root: str | None = None
-
-
-def _set_insert_at(model, k: int) -> None:
-    for m in model.encoders:
-        model.spec.modalities[m].insert_at = k
 
 
 class LayerInputs:
@@ -115,51 +110,49 @@ def run_probe(model, data: str, cfg: ProbeConfig, progress=None) -> dict:
     placeholders = {m: model.spec.modalities[m].placeholder for m in model.encoders}
     examples = read_jsonl(data, placeholders, media_root=cfg.media_root)[: cfg.max_records]
     collate = Collator(model)
-    batches = [collate(examples[i: i + cfg.batch_size]) for i in range(0, len(examples), cfg.batch_size)]
+    batches = [collate(examples[i : i + cfg.batch_size]) for i in range(0, len(examples), cfg.batch_size)]
     dev = model.device
     batches = [{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in batches]
     candidates = sorted(set(layers) | {0})
     model.eval()
-    original = dict(model.insert_at)
+    original = model.insert_at
     sums = {k: [0.0, 0.0, 0.0] for k in layers}
     records = 0
     losses = {k: [0.0, 0] for k in candidates}
     n_mm = n_text = 0
+    at0 = model.with_insert_at(0)  # the same weights, every modality at layer 0
+    hooks = LayerInputs(at0, layers)
     try:
-        _set_insert_at(model, 0)
-        hooks = LayerInputs(model, layers)
-        try:
-            for j, batch in enumerate(batches):
-                say(f"k=0 with hidden states: batch {j + 1} of {len(batches)}")
-                s, n = _loss_sum(model, batch)
-                losses[0][0] += s
-                losses[0][1] += n
-                mm, text = _masks(model, batch)
-                for row in range(mm.shape[0]):
-                    if not mm[row].any() or not text[row].any():
-                        raise InputError(f"{examples[j * cfg.batch_size + row].where}: the record needs both MM and text "
-                                         "tokens for the alignment probe")
-                    records += 1
-                    n_mm += int(mm[row].sum())
-                    n_text += int(text[row].sum())
-                    for k in layers:
-                        h = hooks.states[k]
-                        if h.shape[1] != mm.shape[1]:  # at k = 0 every slot is active, in order
-                            raise RuntimeError(f"layer {k} saw {h.shape[1]} tokens, expected {mm.shape[1]}")
-                        for i, v in enumerate(alignment(h[row], mm[row], text[row])):
-                            sums[k][i] += v
-        finally:
-            hooks.close()
-        for k in candidates[1:]:
-            _set_insert_at(model, k)
-            for j, batch in enumerate(batches):
-                say(f"loss at k={k}: batch {j + 1} of {len(batches)}")
-                s, n = _loss_sum(model, batch)
-                losses[k][0] += s
-                losses[k][1] += n
+        for j, batch in enumerate(batches):
+            say(f"k=0 with hidden states: batch {j + 1} of {len(batches)}")
+            s, n = _loss_sum(at0, batch)
+            losses[0][0] += s
+            losses[0][1] += n
+            mm, text = _masks(at0, batch)
+            for row in range(mm.shape[0]):
+                if not mm[row].any() or not text[row].any():
+                    raise InputError(
+                        f"{examples[j * cfg.batch_size + row].where}: the record needs both MM and text "
+                        "tokens for the alignment probe"
+                    )
+                records += 1
+                n_mm += int(mm[row].sum())
+                n_text += int(text[row].sum())
+                for k in layers:
+                    h = hooks.states[k]
+                    if h.shape[1] != mm.shape[1]:  # at k = 0 every slot is active, in order
+                        raise RuntimeError(f"layer {k} saw {h.shape[1]} tokens, expected {mm.shape[1]}")
+                    for i, v in enumerate(alignment(h[row], mm[row], text[row])):
+                        sums[k][i] += v
     finally:
-        for m, k in original.items():
-            model.spec.modalities[m].insert_at = k
+        hooks.close()
+    for k in candidates[1:]:
+        at_k = model.with_insert_at(k)
+        for j, batch in enumerate(batches):
+            say(f"loss at k={k}: batch {j + 1} of {len(batches)}")
+            s, n = _loss_sum(at_k, batch)
+            losses[k][0] += s
+            losses[k][1] += n
     if losses[0][1] == 0:
         raise InputError(f"{data}: the records have no response tokens to score")
     loss = {k: s / n for k, (s, n) in losses.items()}
@@ -167,8 +160,13 @@ def run_probe(model, data: str, cfg: ProbeConfig, progress=None) -> dict:
     for k in candidates:
         row = {"layer": k, "loss": loss[k], "loss_increase": loss[k] / loss[0] - 1 if k else 0.0}
         if k in sums:
-            row.update({"cos_mean_pooled": sums[k][0] / records, "pair_max": sums[k][1] / records,
-                        "pair_median": sums[k][2] / records})
+            row.update(
+                {
+                    "cos_mean_pooled": sums[k][0] / records,
+                    "pair_max": sums[k][1] / records,
+                    "pair_median": sums[k][2] / records,
+                }
+            )
         row["eligible"] = row["loss_increase"] <= cfg.max_loss_increase
         rows.append(row)
     recommended = max(r["layer"] for r in rows if r["eligible"])
@@ -191,24 +189,37 @@ def run_probe(model, data: str, cfg: ProbeConfig, progress=None) -> dict:
 def render(result: dict, console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"{result['name']}: {result['records']} records of {result['data']}, "
-                    f"{result['tokens_per_record']['mm']:.0f} MM + {result['tokens_per_record']['text']:.0f} text "
-                    "tokens per record; alignment of the states entering layer l, at insert_at 0",
-              title_justify="left")
+    t = Table(
+        title=f"{result['name']}: {result['records']} records of {result['data']}, "
+        f"{result['tokens_per_record']['mm']:.0f} MM + {result['tokens_per_record']['text']:.0f} text "
+        "tokens per record; alignment of the states entering layer l, at insert_at 0",
+        title_justify="left",
+    )
     for col in ("k = l", "cos(mean MM, mean text)", "pair max", "pair median", "loss at k", "increase vs 0", "ok"):
         t.add_column(col, justify="right")
     f = lambda r, key: f"{r[key]:.3f}" if key in r else ""  # noqa: E731
     for r in result["rows"]:
-        t.add_row(str(r["layer"]), f(r, "cos_mean_pooled"), f(r, "pair_max"), f(r, "pair_median"), f"{r['loss']:.4f}",
-                  f"{r['loss_increase']:+.1%}", "✓" if r["eligible"] else "")
+        t.add_row(
+            str(r["layer"]),
+            f(r, "cos_mean_pooled"),
+            f(r, "pair_max"),
+            f(r, "pair_median"),
+            f"{r['loss']:.4f}",
+            f"{r['loss_increase']:+.1%}",
+            "✓" if r["eligible"] else "",
+        )
     console.print(t)
     trained = set(result["trained_insert_at"].values())
     if trained != {0}:
-        console.print(f"note: this model was built with insert_at {result['trained_insert_at']}; the probe assumes "
-                      "weights trained at k = 0")
-    console.print(f"recommended k = {result['recommended_k']}: the largest k whose loss increase without retraining is "
-                  f"at most {result['max_loss_increase']:.0%}"
-                  + (f"; best-aligned layer > 0: {result['best_aligned_layer']}" if result["best_aligned_layer"] else ""))
+        console.print(
+            f"note: this model was built with insert_at {result['trained_insert_at']}; the probe assumes "
+            "weights trained at k = 0"
+        )
+    console.print(
+        f"recommended k = {result['recommended_k']}: the largest k whose loss increase without retraining is "
+        f"at most {result['max_loss_increase']:.0%}"
+        + (f"; best-aligned layer > 0: {result['best_aligned_layer']}" if result["best_aligned_layer"] else "")
+    )
 
 
 __all__ = ["ProbeConfig", "alignment", "render", "run_probe"]

@@ -10,8 +10,8 @@ Runtimes (the same weights and the same inputs everywhere):
   (k = 0 only; needs a llama-family LLM, one CLIP/SigLIP image encoder and a 2-layer MLP
   projector, else it is skipped with the reason).
 
-Every k runs on the same weights: ``insert_at`` only changes the layout, so the torch model
-is re-used with its ``insert_at`` switched and each bundle is exported from it.
+Every k runs on the same weights: ``insert_at`` only changes the layout, so each k is the
+model's ``with_insert_at(k)`` (the same modules) and each bundle is exported from it.
 
 One measurement is one greedy ``generate`` of ``new_tokens`` tokens (EOS ignored) with a
 streamer that timestamps every token: *prefill* is the time to the first token (encoders,
@@ -52,8 +52,8 @@ from typing import Any
 
 import torch
 
+from composer.analysis.flops import saving
 from composer.errors import ComposerError, InputError
-from composer.flops import saving
 
 RUNTIMES = ("onnx", "torch", "hf")
 LABELS = {"onnx": "ONNX Runtime", "torch": "torch eager", "hf": "HF Llava"}
@@ -98,7 +98,10 @@ def bench_inputs(model, text_tokens: int, batch: int, seed: int = 0) -> dict[str
     counts = {m: prompt.count(model.spec.modalities[m].placeholder) for m in model.encoders}
     torch.manual_seed(seed)
     base = prepare_batch(
-        tok, [prompt], placeholder_ids=model.placeholder_ids, num_tokens={m: model.num_tokens(m) for m in model.encoders},
+        tok,
+        [prompt],
+        placeholder_ids=model.placeholder_ids,
+        num_tokens={m: model.num_tokens(m) for m in model.encoders},
         placeholders={m: model.spec.modalities[m].placeholder for m in model.encoders},
         preprocess={m: (lambda items, m=m: example_items(model, m, len(items) * batch)) for m in model.encoders},
         **{m: [None] * n for m, n in counts.items() if n},
@@ -139,28 +142,34 @@ def hf_reference_unsupported(model) -> str | None:
     p = model.spec.modalities[m].projector
     if p.type != "mlp" or p.depth != 2:
         return f"LlavaForConditionalGeneration's projector is a 2-layer MLP; this model's is {p.type}" + (
-            f" of depth {p.depth}" if p.type == "mlp" else "")
+            f" of depth {p.depth}" if p.type == "mlp" else ""
+        )
     if model.adapter.family != "llama":
         return f"no LlavaForConditionalGeneration reference for a {model.llm.config.model_type} LLM (llama-family only)"
     if any("lora_" in n for n, _ in model.named_parameters()):
         return "the model has unmerged LoRA adapters"
     if model.placeholder_ids[m] >= model.adapter.shape.vocab_size:
-        return (f"the placeholder id {model.placeholder_ids[m]} is outside the LLM vocabulary "
-                f"({model.adapter.shape.vocab_size}); LlavaForConditionalGeneration embeds it")
+        return (
+            f"the placeholder id {model.placeholder_ids[m]} is outside the LLM vocabulary "
+            f"({model.adapter.shape.vocab_size}); LlavaForConditionalGeneration embeds it"
+        )
     return None
 
 
 def llava_state_dict(model, modality: str = "image") -> dict:
     """``model``'s weights under ``LlavaForConditionalGeneration``'s names (same tensors)."""
-    rename = {f"projectors.{modality}.0.": "model.multi_modal_projector.linear_1.",
-              f"projectors.{modality}.2.": "model.multi_modal_projector.linear_2.",
-              f"encoders.{modality}.model.": "model.vision_tower.", "llm.model.": "model.language_model.",
-              "llm.lm_head.": "lm_head."}
+    rename = {
+        f"projectors.{modality}.0.": "model.multi_modal_projector.linear_1.",
+        f"projectors.{modality}.2.": "model.multi_modal_projector.linear_2.",
+        f"encoders.{modality}.model.": "model.vision_tower.",
+        "llm.model.": "model.language_model.",
+        "llm.lm_head.": "lm_head.",
+    }
     state = {}
     for k, v in model.state_dict().items():
         for a, b in rename.items():
             if k.startswith(a):
-                state[b + k[len(a):]] = v
+                state[b + k[len(a) :]] = v
                 break
     return state
 
@@ -183,10 +192,14 @@ def hf_reference(model):
     has_cls = enc.has_cls_token and spec.encoder.select == "patch"
     llm_cfg, vis_cfg = model.llm.config, enc.model.config
     cfg = LlavaConfig(
-        text_config=llm_cfg.to_dict(), vision_config=vis_cfg.to_dict(),
-        image_token_index=model.placeholder_ids[m], image_seq_length=model.num_tokens(m),
-        vision_feature_layer=enc.feature_layer, vision_feature_select_strategy="default" if has_cls else "full",
-        projector_hidden_act=spec.projector.activation, multimodal_projector_bias=True,
+        text_config=llm_cfg.to_dict(),
+        vision_config=vis_cfg.to_dict(),
+        image_token_index=model.placeholder_ids[m],
+        image_seq_length=model.num_tokens(m),
+        vision_feature_layer=enc.feature_layer,
+        vision_feature_select_strategy="default" if has_cls else "full",
+        projector_hidden_act=spec.projector.activation,
+        multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(llm_cfg, "tie_word_embeddings", False)),
     )
     cfg.text_config._attn_implementation = llm_cfg._attn_implementation
@@ -235,12 +248,10 @@ class Run:
 class Runner:
     """One (runtime, layout): ``run()`` generates once and times it."""
 
-    def __init__(self, runtime: str, layout: Layout, fn, skip_prompt: bool, before=None):
-        self.runtime, self.layout, self.fn, self.skip_prompt, self.before = runtime, layout, fn, skip_prompt, before
+    def __init__(self, runtime: str, layout: Layout, fn, skip_prompt: bool):
+        self.runtime, self.layout, self.fn, self.skip_prompt = runtime, layout, fn, skip_prompt
 
     def run(self, batch_size: int, new_tokens: int) -> Run:
-        if self.before:
-            self.before()
         clock = TokenClock(self.skip_prompt)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -349,11 +360,6 @@ def layouts_for(model, ks: list[int] | None) -> list[Layout]:
     return out
 
 
-def set_insert_at(model, insert_at: dict[str, int]) -> None:
-    for m, k in insert_at.items():
-        model.spec.modalities[m].insert_at = k
-
-
 def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
@@ -371,9 +377,13 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
     if unknown or not cfg.runtimes:
         raise InputError(f"--runtime must be among {list(RUNTIMES)}, got {list(cfg.runtimes)}")
     if cfg.new_tokens < 2:
-        raise InputError(f"--new-tokens must be >= 2 (decode speed needs a step after the first token), got {cfg.new_tokens}")
+        raise InputError(
+            f"--new-tokens must be >= 2 (decode speed needs a step after the first token), got {cfg.new_tokens}"
+        )
     if cfg.batch < 1 or cfg.repeats < 1 or cfg.warmup < 0:
-        raise InputError(f"need --batch >= 1, --repeats >= 1, --warmup >= 0; got {cfg.batch}, {cfg.repeats}, {cfg.warmup}")
+        raise InputError(
+            f"need --batch >= 1, --repeats >= 1, --warmup >= 0; got {cfg.batch}, {cfg.repeats}, {cfg.warmup}"
+        )
     if cfg.provider not in ("cpu", "cuda"):
         raise InputError(f"--provider must be cpu or cuda, got {cfg.provider!r}")
     if cfg.provider == "cuda" and not torch.cuda.is_available():
@@ -383,8 +393,8 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
     threads_before = torch.get_num_threads()
     device = torch.device(cfg.provider)
     model = model.to(device).eval()
-    original = dict(model.insert_at)
     layouts = layouts_for(model, cfg.insert_at)
+    at = {lay.label: model.with_insert_at(lay.insert_at) for lay in layouts}  # same weights, each k
     batch = bench_inputs(model, cfg.text_tokens, cfg.batch, cfg.seed)
     text, mm = token_counts(model, batch)
     shape = model.adapter.shape
@@ -423,23 +433,32 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
 
                 dtype = "fp16" if model.dtype == torch.float16 else "fp32"
                 for lay in layouts:
-                    set_insert_at(model, lay.insert_at)
                     say(f"exporting the ONNX bundle at k={lay.label}")
-                    bundle = export_onnx(model.cpu() if device.type != "cpu" else model, Path(tmp.name) / f"k{lay.label}",
-                                         dtype=dtype)
+                    variant = at[lay.label]
+                    bundle = export_onnx(
+                        variant.cpu() if device.type != "cpu" else variant,
+                        Path(tmp.name) / f"k{lay.label}",
+                        dtype=dtype,
+                    )
                     model.to(device)
                     so = _ort_options(cfg.ort_spinning, cfg.threads)
                     pipe = OnnxPipeline(bundle, provider=cfg.provider, session_options=so)
                     mm_in = {m: batch[m] for m in model.encoders if m in batch}
-                    fn = (lambda clock, pipe=pipe, mm_in=mm_in: pipe.generate(
-                        batch["input_ids"], batch["attention_mask"], eos_token_id=[], streamer=clock, **gen, **mm_in))
+
+                    def fn(clock, pipe=pipe, mm_in=mm_in):
+                        return pipe.generate(
+                            batch["input_ids"], batch["attention_mask"], eos_token_id=[], streamer=clock, **gen, **mm_in
+                        )
+
                     runners.append(Runner("onnx", lay, fn, skip_prompt=False))
                     warm(runners[-1])
         if "torch" in cfg.runtimes:
             for lay in layouts:
-                fn = (lambda clock: model.generate(**dev_batch, eos_token_id=[], streamer=clock, **gen))
-                runners.append(Runner("torch", lay, fn, skip_prompt=False,
-                                      before=(lambda lay=lay: set_insert_at(model, lay.insert_at))))
+
+                def fn(clock, variant=at[lay.label]):
+                    return variant.generate(**dev_batch, eos_token_id=[], streamer=clock, **gen)
+
+                runners.append(Runner("torch", lay, fn, skip_prompt=False))
                 warm(runners[-1])
         if "hf" in cfg.runtimes:
             why = hf_reference_unsupported(model)
@@ -449,11 +468,17 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
                 say("building the HF reference")
                 ref = hf_reference(model)
                 (m,) = model.encoders
-                hb = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
-                      "pixel_values": batch[m].to(device, model.encoders[m].dtype)}
+                hb = {
+                    "input_ids": batch["input_ids"].to(device),
+                    "attention_mask": batch["attention_mask"].to(device),
+                    "pixel_values": batch[m].to(device, model.encoders[m].dtype),
+                }
                 banned = model.banned_token_ids or None
                 L = hb["input_ids"].shape[1]
-                fn = (lambda clock: ref.generate(**hb, suppress_tokens=banned, streamer=clock, **gen)[:, L:])
+
+                def fn(clock):
+                    return ref.generate(**hb, suppress_tokens=banned, streamer=clock, **gen)[:, L:]
+
                 runners.append(Runner("hf", layouts[0], fn, skip_prompt=True))
                 warm(runners[-1])
         times: dict[tuple[str, str], list[Run]] = {(r.runtime, r.layout.label): [] for r in runners}
@@ -463,37 +488,57 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
                 times[(r.runtime, r.layout.label)].append(r.run(cfg.batch, N))
         threads = torch.get_num_threads()
     finally:
-        set_insert_at(model, original)
         torch.set_num_threads(threads_before)
         tmp.cleanup()
 
-    analytic = {lay.label: saving(shape.num_layers, shape.hidden_size, shape.intermediate_size, shape.gated_mlp,
-                                  text, mm, lay.insert_at) for lay in layouts}
+    analytic = {
+        lay.label: saving(
+            shape.num_layers, shape.hidden_size, shape.intermediate_size, shape.gated_mlp, text, mm, lay.insert_at
+        )
+        for lay in layouts
+    }
     rows = []
     for r in runners:
         key = (r.runtime, r.layout.label)
         runs = times[key]
         first = (warm_runs[key] or runs)[0]
-        rows.append({
-            "runtime": r.runtime, "k": r.layout.label, "insert_at": r.layout.insert_at,
-            "prefill_s": _stats([x.prefill_s for x in runs]),
-            "decode_tokens_per_s": _stats([x.decode_tps for x in runs]),
-            "peak_memory_mib": None if memory[key] is None else memory[key] / 2**20,
-            "tokens": first.tokens,
-        })
+        rows.append(
+            {
+                "runtime": r.runtime,
+                "k": r.layout.label,
+                "insert_at": r.layout.insert_at,
+                "prefill_s": _stats([x.prefill_s for x in runs]),
+                "decode_tokens_per_s": _stats([x.decode_tps for x in runs]),
+                "peak_memory_mib": None if memory[key] is None else memory[key] / 2**20,
+                "tokens": first.tokens,
+            }
+        )
     _add_ratios(rows, analytic)
     return {
         "name": model.spec.name,
         "device": cfg.provider,
         "threads": threads,
-        "onnxruntime_session": {"session.intra_op.allow_spinning": "1" if cfg.ort_spinning else "0",
-                                "intra_op_num_threads": cfg.threads or 0},
+        "onnxruntime_session": {
+            "session.intra_op.allow_spinning": "1" if cfg.ort_spinning else "0",
+            "intra_op_num_threads": cfg.threads or 0,
+        },
         "versions": _versions(),
-        "model": {"family": model.llm.config.model_type, "num_layers": shape.num_layers,
-                  "hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
-                  "dtype": str(model.dtype).replace("torch.", "")},
-        "settings": {"text_tokens": text, "mm_tokens": mm, "batch": cfg.batch, "new_tokens": N,
-                     "warmup": cfg.warmup, "repeats": cfg.repeats, "seed": cfg.seed},
+        "model": {
+            "family": model.llm.config.model_type,
+            "num_layers": shape.num_layers,
+            "hidden_size": shape.hidden_size,
+            "intermediate_size": shape.intermediate_size,
+            "dtype": str(model.dtype).replace("torch.", ""),
+        },
+        "settings": {
+            "text_tokens": text,
+            "mm_tokens": mm,
+            "batch": cfg.batch,
+            "new_tokens": N,
+            "warmup": cfg.warmup,
+            "repeats": cfg.repeats,
+            "seed": cfg.seed,
+        },
         "layouts": [{"k": lay.label, "insert_at": lay.insert_at} for lay in layouts],
         "analytic_prefill_saving": analytic,
         "memory_method": memory_method,
@@ -570,23 +615,35 @@ def render(result: dict, console) -> None:
 
     st = result["settings"]
     mm = sum(st["mm_tokens"].values())
-    t = Table(title=f"{result['name']}: {result['model']['num_layers']} layers, d={result['model']['hidden_size']}, "
-                    f"{st['text_tokens']} text + {mm} MM tokens, batch {st['batch']}, {result['device']}, "
-                    f"{result['threads']} threads; median (min–max) of {st['repeats']} after {st['warmup']} warm-up",
-              title_justify="left")
+    t = Table(
+        title=f"{result['name']}: {result['model']['num_layers']} layers, d={result['model']['hidden_size']}, "
+        f"{st['text_tokens']} text + {mm} MM tokens, batch {st['batch']}, {result['device']}, "
+        f"{result['threads']} threads; median (min–max) of {st['repeats']} after {st['warmup']} warm-up",
+        title_justify="left",
+    )
     for col in ("runtime", "k", "prefill s", "k/0", "vs torch", "decode tok/s", "k/0", "vs torch", "peak MiB"):
         t.add_column(col, justify="left" if col == "runtime" else "right")
     for r in result["results"]:
         mem = "" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
-        t.add_row(LABELS[r["runtime"]], r["k"], _span(r["prefill_s"], ".3f"), _ratio(r["prefill_ratio_vs_k0"]),
-                  _ratio(r["prefill_ratio_vs_torch"]), _span(r["decode_tokens_per_s"], ".1f"),
-                  _ratio(r["decode_ratio_vs_k0"]), _ratio(r["decode_ratio_vs_torch"]), mem)
+        t.add_row(
+            LABELS[r["runtime"]],
+            r["k"],
+            _span(r["prefill_s"], ".3f"),
+            _ratio(r["prefill_ratio_vs_k0"]),
+            _ratio(r["prefill_ratio_vs_torch"]),
+            _span(r["decode_tokens_per_s"], ".1f"),
+            _ratio(r["decode_ratio_vs_k0"]),
+            _ratio(r["decode_ratio_vs_torch"]),
+            mem,
+        )
     console.print(t)
     for r in result["results"]:
         if r["measured_over_analytic"] is not None:
-            console.print(f"{LABELS[r['runtime']]} at k={r['k']}: prefill saving {r['measured_prefill_saving']:.1%} "
-                          f"measured vs {r['analytic_prefill_saving']:.1%} analytic (LLM-layer FLOPs): "
-                          f"{r['measured_over_analytic']:.0%} of it")
+            console.print(
+                f"{LABELS[r['runtime']]} at k={r['k']}: prefill saving {r['measured_prefill_saving']:.1%} "
+                f"measured vs {r['analytic_prefill_saving']:.1%} analytic (LLM-layer FLOPs): "
+                f"{r['measured_over_analytic']:.0%} of it"
+            )
     mismatched = [f"{r['runtime']} k={r['k']}" for r in result["results"] if r["tokens_match_torch"] is False]
     if mismatched:
         console.print(f"greedy tokens differ from torch for: {', '.join(mismatched)}")
@@ -595,9 +652,11 @@ def render(result: dict, console) -> None:
     if any(r["runtime"] == "onnx" for r in result["results"]):
         spin = result["onnxruntime_session"]["session.intra_op.allow_spinning"] == "1"
         console.print(f"ONNX Runtime: one session per graph, intra-op thread spinning {'on' if spin else 'off'}")
-    console.print("HF Llava = transformers' LlavaForConditionalGeneration.generate on the same tensors (k = 0 only); "
-                  "prefill = time to the first token (encoders, all LLM layers, head); decode = tokens/s over the next "
-                  f"{st['new_tokens'] - 1} tokens; peak MiB = {'; '.join(sorted(set(result['memory_method'].values())))}")
+    console.print(
+        "HF Llava = transformers' LlavaForConditionalGeneration.generate on the same tensors (k = 0 only); "
+        "prefill = time to the first token (encoders, all LLM layers, head); decode = tokens/s over the next "
+        f"{st['new_tokens'] - 1} tokens; peak MiB = {'; '.join(sorted(set(result['memory_method'].values())))}"
+    )
 
 
 __all__ = ["BenchConfig", "bench_inputs", "hf_reference", "hf_reference_unsupported", "render", "run_bench"]

@@ -1,4 +1,4 @@
-"""``compose plan``: the analytic cost of every insertion layer k, from DESIGN.md's FLOPs model.
+"""``compose plan``: the analytic cost of every insertion layer k, from the FLOPs model of docs/architecture.md.
 
 For a prompt of ``T`` text tokens and ``M`` MM tokens (all modalities entering at the same
 k), per layer with L query tokens over C context tokens, width d, FFN width f:

@@ -1,4 +1,4 @@
-"""Analytic FLOPs model of DeepInsert (DESIGN.md), per layer with L tokens, width d, FFN f:
+"""Analytic FLOPs model of DeepInsert (docs/architecture.md, "FLOPs"), per layer with L tokens, width d, FFN f:
 
     projections 6·L·d² + attention 4·L²·d + output 2·L·d² + FFN 4·L·d·f (6·L·d·f gated)
 
@@ -13,8 +13,9 @@ def layer_flops(tokens: int, d: int, f: int, gated: bool) -> float:
     return 6 * L * d * d + 4 * L * L * d + 2 * L * d * d + (6 if gated else 4) * L * d * f
 
 
-def prefill_flops(num_layers: int, d: int, f: int, gated: bool, text_tokens: int,
-                  mm_tokens: dict[str, int], insert_at: dict[str, int]) -> float:
+def prefill_flops(
+    num_layers: int, d: int, f: int, gated: bool, text_tokens: int, mm_tokens: dict[str, int], insert_at: dict[str, int]
+) -> float:
     """FLOPs of one prefill through all decoder layers (no LM head, no encoders)."""
     total = 0.0
     for layer in range(num_layers):
@@ -23,8 +24,9 @@ def prefill_flops(num_layers: int, d: int, f: int, gated: bool, text_tokens: int
     return total
 
 
-def saving(num_layers: int, d: int, f: int, gated: bool, text_tokens: int,
-           mm_tokens: dict[str, int], insert_at: dict[str, int]) -> float:
+def saving(
+    num_layers: int, d: int, f: int, gated: bool, text_tokens: int, mm_tokens: dict[str, int], insert_at: dict[str, int]
+) -> float:
     """Fraction of prefill FLOPs saved vs inserting every modality at layer 0."""
     base = prefill_flops(num_layers, d, f, gated, text_tokens, mm_tokens, {m: 0 for m in mm_tokens})
     deep = prefill_flops(num_layers, d, f, gated, text_tokens, mm_tokens, insert_at)

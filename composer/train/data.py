@@ -27,7 +27,7 @@ import torch
 
 from composer.errors import InputError
 
-log = logging.getLogger("composer.data")
+log = logging.getLogger("composer.train.data")
 IGNORE_INDEX = -100
 
 
@@ -78,13 +78,16 @@ def parse_record(rec: Any, modalities: dict[str, str], root: Path) -> Example:
             raise ValueError("`prompt` and `response` must be strings")
         turns = [(rec["prompt"], rec["response"])]
     else:
-        raise ValueError("unknown record format: expected `conversations` (LLaVA), `instruction`/`output` (LTU) "
-                         "or `prompt`/`response`")
+        raise ValueError(
+            "unknown record format: expected `conversations` (LLaVA), `instruction`/`output` (LTU) "
+            "or `prompt`/`response`"
+        )
     return Example(turns, items)
 
 
-def read_jsonl(path: str | Path, modalities: dict[str, str], *, on_bad: str = "fail",
-               media_root: str | Path | None = None) -> list[Example]:
+def read_jsonl(
+    path: str | Path, modalities: dict[str, str], *, on_bad: str = "fail", media_root: str | Path | None = None
+) -> list[Example]:
     """All records of a JSONL file. ``on_bad``: "fail" raises InputError naming file:line;
     "skip" logs a warning and drops the record."""
     path = Path(path)
@@ -136,8 +139,9 @@ def tokenize_example(ex: Example, model) -> tuple[list[int], list[int]]:
         else:  # media placeholders written in the turn itself (LLaVA data) stay where they are
             prompt = ("" if i == 0 else " ") + later.replace("{instruction}", user.strip())
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = tok(" " + response.strip() if not prompt.endswith((" ", "\n")) else response.strip(),
-                    add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        r_ids = tok(
+            " " + response.strip() if not prompt.endswith((" ", "\n")) else response.strip(), add_special_tokens=False
+        )["input_ids"] + ([eos] if eos is not None else [])
         ids += p_ids + r_ids
         labels += [IGNORE_INDEX] * len(p_ids) + r_ids
     return _expand(ids, labels, model)
@@ -172,7 +176,9 @@ class Collator:
                 n_ph = ids.count(pid) // model.num_tokens(m)
                 have = len(ex.items.get(m, []))
                 if n_ph != have:
-                    raise InputError(f"{ex.where}: the prompt has {n_ph} {m} placeholder(s) but the record gives {have} item(s)")
+                    raise InputError(
+                        f"{ex.where}: the prompt has {n_ph} {m} placeholder(s) but the record gives {have} item(s)"
+                    )
                 counts[m] += n_ph
                 items[m] += ex.items.get(m, [])
             if self.max_length and len(ids) > self.max_length:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from composer.errors import ComposerError
 from composer.spec import Spec, parse_spec, split_revision
 
 LIBRARY_NAME = "mm-composer"  # the distribution; "composer" on the Hub is MosaicML's library
@@ -57,16 +56,19 @@ def card_data(spec: Spec, encoder_types: dict[str, str], *, bundle: bool = False
     base = [_hub_id(spec.llm.model)] + [_hub_id(m.encoder.model) for m in spec.modalities.values()]
     base = list(dict.fromkeys(b for b in base if b))  # LLM first, no duplicates (BLIP-2 style repos)
     tags = ["composer", "deepinsert", "multimodal", *spec.modalities, *(["onnx"] if bundle else [])]
-    return ModelCardData(library_name=LIBRARY_NAME, tags=tags, base_model=base or None,
-                         pipeline_tag=_pipeline_tag(encoder_types))
+    return ModelCardData(
+        library_name=LIBRARY_NAME, tags=tags, base_model=base or None, pipeline_tag=_pipeline_tag(encoder_types)
+    )
 
 
 def _table(rows) -> list[str]:
-    from composer.summary import human
+    from composer.analysis.summary import human
 
     out = ["| component | kind | params | trainable | insert_at | tokens/item |", "|---|---|---|---|---|---|"]
-    out += [f"| {r.component} | {r.kind} | {human(r.params)} | {human(r.trainable)} | {r.insert_at} | {r.tokens} |"
-            for r in rows]
+    out += [
+        f"| {r.component} | {r.kind} | {human(r.params)} | {human(r.trainable)} | {r.insert_at} | {r.tokens} |"
+        for r in rows
+    ]
     return out
 
 
@@ -75,50 +77,73 @@ def _sources(spec: Spec) -> list[str]:
     out = [f"- LLM: {llm}; {spec.llm.dtype}, train: {spec.llm.train}"]
     for name, m in spec.modalities.items():
         enc = f"`{m.encoder.model}`" if m.encoder.model else f"inline `{m.encoder.type}` config (random init)"
-        out.append(f"- {name}: encoder {enc}, projector `{m.projector.type}`, enters at layer {m.insert_at}, "
-                   f"placeholder `{m.placeholder}`")
+        out.append(
+            f"- {name}: encoder {enc}, projector `{m.projector.type}`, enters at layer {m.insert_at}, "
+            f"placeholder `{m.placeholder}`"
+        )
     return out
 
 
 def _training(root: Path) -> list[str]:
     cfg_file = root / "train_config.json"
     if not cfg_file.is_file():
-        return ["No training record in this directory (no `train_config.json` from `compose train`): the weights "
-                "are the components' weights as composed."]
+        return [
+            "No training record in this directory (no `train_config.json` from `compose train`): the weights "
+            "are the components' weights as composed."
+        ]
     try:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError):
         return ["`train_config.json` is unreadable: training data unknown."]
     steps = f"{cfg['max_steps']} steps" if cfg.get("max_steps") else f"{cfg.get('epochs', 1)} epoch(s)"
-    stage = {1: "stage 1 (projectors only)", 2: "stage 2 (projectors + LLM)"}.get(cfg.get("stage"), "the spec's train modes")
-    lines = [f"Trained with `compose train` on `{Path(str(cfg.get('data'))).name}`"
-             + (f" (eval: `{Path(cfg['eval_data']).name}`)" if cfg.get("eval_data") else "")
-             + f": {stage}, {steps}, batch {cfg.get('batch_size')} x grad-accum {cfg.get('grad_accum')}, "
-             f"lr {cfg.get('lr')} ({cfg.get('scheduler')}), precision {cfg.get('precision')}"
-             + (", LoRA merged" if cfg.get("merge_lora") else "") + "."]
+    stage = {1: "stage 1 (projectors only)", 2: "stage 2 (projectors + LLM)"}.get(
+        cfg.get("stage"), "the spec's train modes"
+    )
+    lines = [
+        f"Trained with `compose train` on `{Path(str(cfg.get('data'))).name}`"
+        + (f" (eval: `{Path(cfg['eval_data']).name}`)" if cfg.get("eval_data") else "")
+        + f": {stage}, {steps}, batch {cfg.get('batch_size')} x grad-accum {cfg.get('grad_accum')}, "
+        f"lr {cfg.get('lr')} ({cfg.get('scheduler')}), precision {cfg.get('precision')}"
+        + (", LoRA merged" if cfg.get("merge_lora") else "")
+        + "."
+    ]
     metrics = root / "metrics.jsonl"
     if metrics.is_file():
         recs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
         losses = [r["loss"] for r in recs if "loss" in r]
         if losses:
-            lines.append(f"Training loss {losses[0]:.4f} -> {losses[-1]:.4f} over {recs[-1].get('step')} steps "
-                         "(`metrics.jsonl`).")
+            lines.append(
+                f"Training loss {losses[0]:.4f} -> {losses[-1]:.4f} over {recs[-1].get('step')} steps "
+                "(`metrics.jsonl`)."
+            )
     return lines
 
 
 def _flops_line(facts: dict) -> str:
-    return (f"Estimated prefill FLOPs saving vs inserting every modality at layer 0: "
-            f"**{facts['prefill_flops_saving_vs_insert_at_0']:.1%}** (LLM layers only; "
-            f"{facts['text_tokens_assumed']} text tokens + one item per modality).")
+    return (
+        f"Estimated prefill FLOPs saving vs inserting every modality at layer 0: "
+        f"**{facts['prefill_flops_saving_vs_insert_at_0']:.1%}** (LLM layers only; "
+        f"{facts['text_tokens_assumed']} text tokens + one item per modality)."
+    )
 
 
-def model_card(root: Path, repo_id: str, *, model=None) -> str:
-    """README.md text for the checkpoint or bundle in ``root``; ``model``: the live
-    ``ComposedModel`` when there is one (else a checkpoint is rebuilt on the meta device)."""
+def _recorded_summary(root: Path, bundle: bool) -> dict | None:
+    """The summary facts the checkpoint (``composer.json``) or bundle (manifest) recorded when it
+    was written; None for directories written before composer recorded them."""
+    name = "manifest.json" if bundle else "composer.json"
+    try:
+        return json.loads((root / name).read_text()).get("summary")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def model_card(root: Path, repo_id: str) -> str:
+    """README.md text for the checkpoint or bundle in ``root``, from the facts it records (its
+    spec, ``composer.json`` or manifest, training files): no model is built."""
     from huggingface_hub import ModelCard
 
+    from composer.analysis.summary import from_record
     from composer.checkpoint import is_checkpoint
-    from composer.summary import summarize
 
     spec = _spec(root)
     bundle = not is_checkpoint(root)
@@ -132,17 +157,18 @@ def model_card(root: Path, repo_id: str, *, model=None) -> str:
     data = card_data(spec, encoder_types, bundle=bundle)
     body = [GENERATED, "", f"# {spec.name}", ""]
     kind = "an ONNX bundle (split graphs for ONNX Runtime)" if bundle else "a composer checkpoint (safetensors)"
-    body += ["A multimodal language model composed with composer (`pip install mm-composer`) from a YAML spec "
-             f"(`spec.yaml` in this repo; pinned Hub revisions are commit hashes), as {kind}. Each modality's "
-             "tokens enter the LLM at their own layer `insert_at` (DeepInsert): they skip the layers below it, "
-             "in training and in inference.", "", "## Components", ""]
+    body += [
+        "A multimodal language model composed with composer (`pip install mm-composer`) from a YAML spec "
+        f"(`spec.yaml` in this repo; pinned Hub revisions are commit hashes), as {kind}. Each modality's "
+        "tokens enter the LLM at their own layer `insert_at` (DeepInsert): they skip the layers below it, "
+        "in training and in inference.",
+        "",
+        "## Components",
+        "",
+    ]
     body += _sources(spec) + [""]
-    rows = facts = None
-    try:
-        shaped = model if model is not None else _shape_model(root, spec, bundle)
-        rows, facts = summarize(shaped)
-    except ComposerError:  # a bundle whose spec needs files that are not here: no table
-        pass
+    record = _recorded_summary(root, bundle)
+    rows, facts = from_record(record) if record else (None, None)
     if rows:
         body += _table(rows) + [""]
     body += ["## DeepInsert", ""]
@@ -157,25 +183,29 @@ def model_card(root: Path, repo_id: str, *, model=None) -> str:
     arg = "--molecule CCO" if encoder_types[first] == "gin" else f"--{first} FILE"
     body += [f'compose generate model {arg} --prompt "..."', "```", ""]
     if bundle:
-        body += ["```python", "from composer.export.runtime import OnnxPipeline",
-                 'pipe = OnnxPipeline("model")  # the pulled bundle; provider="cuda" on a GPU', "```", ""]
+        body += [
+            "```python",
+            "from composer.export.runtime import OnnxPipeline",
+            'pipe = OnnxPipeline("model")  # the pulled bundle; provider="cuda" on a GPU',
+            "```",
+            "",
+        ]
     else:
-        body += ["```python", "import composer", f'model = composer.ComposedModel.from_pretrained("{repo_id}")',
-                 f'batch = model.prepare([model.format_prompt("...")], {first}=[...])',
-                 "print(model.decode(model.generate(**batch)))", "```", ""]
-    body += ["Prompt template (`{instruction}` is the user's text; placeholders expand to the modality tokens):", "",
-             "```text", spec.prompt.template, "```", ""]
+        body += [
+            "```python",
+            "import composer",
+            f'model = composer.ComposedModel.from_pretrained("{repo_id}")',
+            f'batch = model.prepare([model.format_prompt("...")], {first}=[...])',
+            "print(model.decode(model.generate(**batch)))",
+            "```",
+            "",
+        ]
+    body += [
+        "Prompt template (`{instruction}` is the user's text; placeholders expand to the modality tokens):",
+        "",
+        "```text",
+        spec.prompt.template,
+        "```",
+        "",
+    ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)))
-
-
-def _shape_model(root: Path, spec: Spec, bundle: bool):
-    """The architecture on the meta device: from the checkpoint's saved configs, or (bundle)
-    from its spec with configs read offline (local dirs, the HF cache, composer's embedded ones)."""
-    if not bundle:
-        from composer.checkpoint import load_pretrained
-
-        return load_pretrained(root, shape_only=True)
-    from composer.builder import build
-
-    spec._source_dir = root
-    return build(spec, shape_only=True, offline=True)

@@ -3,9 +3,9 @@ and the analytic prefill FLOPs saving of DeepInsert vs inserting every modality 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from composer.flops import saving
+from composer.analysis.flops import saving
 
 DEFAULT_TEXT_TOKENS = 64  # a typical instruction; the table says which length it assumes
 
@@ -31,19 +31,38 @@ def summarize(model, text_tokens: int = DEFAULT_TEXT_TOKENS) -> tuple[list[Row],
     shape = model.adapter.shape
     from composer.adapters import encoder_type_of
 
-    rows = [Row("llm", f"{model.llm.config.model_type}, {shape.num_layers} layers, d={shape.hidden_size}",
-                *_count(model.llm))]
+    rows = [
+        Row(
+            "llm",
+            f"{model.llm.config.model_type}, {shape.num_layers} layers, d={shape.hidden_size}",
+            *_count(model.llm),
+        )
+    ]
     mm_tokens = {}
     for m in model.encoders:
         enc, proj = model.encoders[m], model.projectors[m]
         mm_tokens[m] = model.num_tokens(m)
         k = model.insert_at[m]
         rows.append(Row(f"{m}.encoder", encoder_type_of(enc), *_count(enc), insert_at=str(k)))
-        rows.append(Row(f"{m}.projector", model.spec.modalities[m].projector.type, *_count(proj),
-                        insert_at=str(k), tokens=str(mm_tokens[m])))
+        rows.append(
+            Row(
+                f"{m}.projector",
+                model.spec.modalities[m].projector.type,
+                *_count(proj),
+                insert_at=str(k),
+                tokens=str(mm_tokens[m]),
+            )
+        )
     rows.append(Row("total", "", *_count(model)))
-    save = saving(shape.num_layers, shape.hidden_size, shape.intermediate_size, shape.gated_mlp, text_tokens,
-                  mm_tokens, model.insert_at)
+    save = saving(
+        shape.num_layers,
+        shape.hidden_size,
+        shape.intermediate_size,
+        shape.gated_mlp,
+        text_tokens,
+        mm_tokens,
+        model.insert_at,
+    )
     facts = {
         "name": model.spec.name,
         "num_layers": shape.num_layers,
@@ -54,6 +73,19 @@ def summarize(model, text_tokens: int = DEFAULT_TEXT_TOKENS) -> tuple[list[Row],
         "params": {r.component: {"total": r.params, "trainable": r.trainable} for r in rows},
     }
     return rows, facts
+
+
+def summary_record(model, text_tokens: int = DEFAULT_TEXT_TOKENS) -> dict:
+    """``summarize`` as plain JSON facts (``{"rows": [...], **facts}``), recorded in a checkpoint's
+    ``composer.json`` and a bundle's manifest so that a model card needs no model."""
+    rows, facts = summarize(model, text_tokens)
+    return {"rows": [asdict(r) for r in rows], **facts}
+
+
+def from_record(record: dict) -> tuple[list[Row], dict]:
+    """The inverse of ``summary_record``: -> (rows, facts)."""
+    facts = {k: v for k, v in record.items() if k != "rows"}
+    return [Row(**r) for r in record["rows"]], facts
 
 
 def human(n: int) -> str:

@@ -32,7 +32,7 @@ from torch import nn
 
 from composer.errors import InputError
 
-log = logging.getLogger("composer.distributed")
+log = logging.getLogger("composer.train.distributed")
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 
 
@@ -53,11 +53,19 @@ class FsdpOptions:
         o = cls()
         strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "").strip().upper()
         # accelerate writes names (FULL_SHARD) or, in old configs, their numbers (1 = FULL_SHARD, 2 = SHARD_GRAD_OP)
-        named = {"1": "FULL_SHARD", "2": "SHARD_GRAD_OP", "3": "NO_SHARD", "4": "HYBRID_SHARD", "5": "_HYBRID_SHARD_ZERO2"}
+        named = {
+            "1": "FULL_SHARD",
+            "2": "SHARD_GRAD_OP",
+            "3": "NO_SHARD",
+            "4": "HYBRID_SHARD",
+            "5": "_HYBRID_SHARD_ZERO2",
+        }
         strategy = named.get(strategy, strategy)
         if strategy in ("NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
-            raise InputError(f"FSDP_SHARDING_STRATEGY={strategy} is not supported: use FULL_SHARD (ZeRO-3), "
-                             "SHARD_GRAD_OP (ZeRO-2), or plain DDP (no accelerate FSDP config)")
+            raise InputError(
+                f"FSDP_SHARDING_STRATEGY={strategy} is not supported: use FULL_SHARD (ZeRO-3), "
+                "SHARD_GRAD_OP (ZeRO-2), or plain DDP (no accelerate FSDP config)"
+            )
         if "FSDP_RESHARD_AFTER_FORWARD" in os.environ:
             o.reshard_after_forward = _flag("FSDP_RESHARD_AFTER_FORWARD")
         elif strategy == "SHARD_GRAD_OP":
@@ -66,7 +74,9 @@ class FsdpOptions:
         o.activation_checkpointing = _flag("FSDP_ACTIVATION_CHECKPOINTING")
         policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").strip().upper()
         if policy not in ("TRANSFORMER_BASED_WRAP", ""):
-            log.warning("FSDP_AUTO_WRAP_POLICY=%s: composer shards by layer class (TRANSFORMER_BASED_WRAP) always", policy)
+            log.warning(
+                "FSDP_AUTO_WRAP_POLICY=%s: composer shards by layer class (TRANSFORMER_BASED_WRAP) always", policy
+            )
         o.wrap_classes = [c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()]
         return o
 
@@ -103,7 +113,9 @@ class DeepSpeedOptions:
         o.offload_param = dev("offload_param", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")
         for what, v in (("offload_optimizer", o.offload_optimizer), ("offload_param", o.offload_param)):
             if v not in ("none", "cpu"):
-                raise InputError(f"DeepSpeed {what} device must be none or cpu, got {v!r} (NVMe offload is not supported)")
+                raise InputError(
+                    f"DeepSpeed {what} device must be none or cpu, got {v!r} (NVMe offload is not supported)"
+                )
         return o
 
     def config(self, *, micro_batch: int, grad_accum: int, world: int, max_grad_norm: float) -> dict:
@@ -216,10 +228,12 @@ class Engine:
         try:
             import deepspeed
         except ImportError:
-            raise InputError("the accelerate config selects DeepSpeed but it is not installed: "
-                             "pip install 'mm-composer[deepspeed]'") from None
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                               config=self.deepspeed.config(world=self.world, **config))
+            raise InputError(
+                "the accelerate config selects DeepSpeed but it is not installed: pip install 'mm-composer[deepspeed]'"
+            ) from None
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=opt, config=self.deepspeed.config(world=self.world, **config)
+        )
         return engine
 
     def _fully_shard(self, model: nn.Module) -> nn.Module:
@@ -245,8 +259,12 @@ class Engine:
             fully_shard(m, **kw)
             done.add(id(m))
         fully_shard(model, **kw)
-        log.info("FSDP: %d units (%s) + root, reshard_after_forward=%s", len(done), ", ".join(sorted(names)),
-                 self.fsdp.reshard_after_forward)
+        log.info(
+            "FSDP: %d units (%s) + root, reshard_after_forward=%s",
+            len(done),
+            ", ".join(sorted(names)),
+            self.fsdp.reshard_after_forward,
+        )
         return model
 
     def no_sync(self, module: nn.Module, sync: bool):
@@ -267,7 +285,6 @@ class Engine:
                 module.set_requires_gradient_sync(True)
 
         return fsdp_no_sync()
-
 
     def backward(self, net, loss: torch.Tensor, last: bool, scaler=None) -> None:
         """Backward of one micro-batch; ``last``: the step's last (gradients are reduced)."""
@@ -301,8 +318,11 @@ def resolve_strategy(strategy: str, world: int) -> str:
             return "none"
         return "fsdp" if _flag("ACCELERATE_USE_FSDP") else "ddp"
     if world == 1 and strategy != "deepspeed":
-        log.warning("--strategy %s: this is a single process (launch with torchrun or accelerate launch for several); "
-                    "training without it", strategy)
+        log.warning(
+            "--strategy %s: this is a single process (launch with torchrun or accelerate launch for several); "
+            "training without it",
+            strategy,
+        )
         return "none"
     return strategy
 
@@ -345,4 +365,4 @@ def rank_share(chunk: list[int], rank: int, world: int) -> list[int]:
     """Rank ``rank``'s contiguous part of a global micro-batch: sizes differ by at most one, and
     the parts of all ranks are exactly ``chunk`` (nothing duplicated, nothing dropped)."""
     n = len(chunk)
-    return chunk[rank * n // world: (rank + 1) * n // world]
+    return chunk[rank * n // world : (rank + 1) * n // world]

@@ -7,11 +7,11 @@ autocast on CUDA, gradient checkpointing, an eval loop, a progress bar and metri
 (and TensorBoard when installed).
 
 The same loop runs on many ranks under ``torchrun`` or ``accelerate launch`` (DDP or FSDP,
-``composer.distributed``): each global micro-batch is split over the ranks, the loss of a step
+``composer.train.distributed``): each global micro-batch is split over the ranks, the loss of a step
 is normalised by the label tokens of the whole step, and metrics, progress and the final model
 come from rank 0.
 
-Checkpoints (``OUT/checkpoints/step-NNNNNN/``, ``composer.train_checkpoint``) hold no
+Checkpoints (``OUT/checkpoints/step-NNNNNN/``, ``composer.train.checkpoints``) hold no
 pickles: trainable weights and optimizer tensors as sharded safetensors, everything else as
 JSON. Resuming restores all of it, so the loss curve continues exactly as an uninterrupted
 run's would (same seed, same machine, same world size), and a checkpoint also resumes on a
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from composer.data import Collator, read_jsonl
 from composer.errors import InputError, SpecError
+from composer.train.data import Collator, read_jsonl
 
 log = logging.getLogger("composer.train")
 CKPT_DIR = "checkpoints"
@@ -90,7 +90,9 @@ def apply_stage(model, stage: int | None) -> None:
     if stage == 1:
         set_trainable(model.llm, "frozen")
     elif model.spec.llm.train == "frozen":
-        raise SpecError("llm.train: stage 2 trains the LLM; set `llm.train` to `lora` or `full` in the spec, got 'frozen'")
+        raise SpecError(
+            "llm.train: stage 2 trains the LLM; set `llm.train` to `lora` or `full` in the spec, got 'frozen'"
+        )
     else:
         set_trainable(model.llm, model.spec.llm.train)
 
@@ -116,17 +118,17 @@ def _autocast(model, precision: str):
     return torch.autocast("cuda", dtype=dtype), scaler, precision
 
 
-def _micro_batches(n: int, bs: int, world: int, seed: int, epoch: int, seen: int = 0) -> list[list[int]]:
+def micro_batches(n: int, bs: int, world: int, seed: int, epoch: int, seen: int = 0) -> list[list[int]]:
     """The rest of an epoch (after its first ``seen`` records) as global micro-batches of
     ``bs * world`` record indices; every rank computes the same list (same seed), then takes its
     share (``rank_share``). Positions count records, not batches, so a run resumes on another
     number of ranks without repeating or skipping a record."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()[seen:]
-    return _chunks(order, bs * world)
+    return chunks(order, bs * world)
 
 
-def _chunks(items: list[int], size: int) -> list[list[int]]:
-    return [items[i: i + size] for i in range(0, len(items), size)]
+def chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _seed_all(seed: int) -> None:
@@ -143,7 +145,7 @@ def local_batch(examples, chunk: list[int], collate, eng) -> tuple[dict, bool]:
     """This rank's part of a global micro-batch, collated, and whether it is real. A rank whose
     part is empty (the epoch's last, short micro-batch) runs the micro-batch's first record, to
     be weighted 0, so that every rank takes part in the collectives and nothing counts twice."""
-    from composer.distributed import rank_share
+    from composer.train.distributed import rank_share
 
     mine = rank_share(chunk, eng.rank, eng.world)
     return collate([examples[i] for i in (mine or chunk[:1])]), bool(mine)
@@ -151,14 +153,14 @@ def local_batch(examples, chunk: list[int], collate, eng) -> tuple[dict, bool]:
 
 def evaluate(model, examples, collate, batch_size: int, autocast, eng=None) -> float:
     """Mean token loss over ``examples`` (sharded over the ranks when distributed)."""
-    from composer.distributed import Engine
+    from composer.train.distributed import Engine
 
     eng = eng or Engine()
     was = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for chunk in _chunks(list(range(len(examples))), batch_size * eng.world):
+        for chunk in chunks(list(range(len(examples))), batch_size * eng.world):
             batch, real = local_batch(examples, chunk, collate, eng)
             n = _label_count(batch)
             with autocast:
@@ -175,7 +177,9 @@ class _Metrics:
     def __init__(self, out: Path, resume_step: int):
         self.path = out / METRICS
         if self.path.exists():  # drop what a resumed run will write again
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [
+                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self.tb = None
         try:
@@ -206,7 +210,7 @@ def train(model, cfg: TrainConfig) -> dict:
     ``batch_size`` is per rank, so an optimizer step sees ``batch_size * grad_accum * world``
     records; the loss is the mean over all label tokens of the step, whatever the split over
     micro-batches and ranks (a 2-rank run matches a 1-rank run of the same global batch)."""
-    from composer import distributed
+    from composer.train import distributed
 
     eng = distributed.setup(cfg.strategy)
     ok = False
@@ -221,12 +225,14 @@ def train(model, cfg: TrainConfig) -> dict:
 def _train(model, cfg: TrainConfig, eng) -> dict:
     from transformers import get_scheduler
 
-    from composer import train_checkpoint as ckpts
+    from composer.train import checkpoints as ckpts
 
     out = Path(cfg.output)
     if eng.main:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (cfg.resume or cfg.overwrite):
-            raise InputError(f"{out}: exists and is not empty (pass --overwrite to train into it from scratch, or --resume)")
+            raise InputError(
+                f"{out}: exists and is not empty (pass --overwrite to train into it from scratch, or --resume)"
+            )
         if cfg.overwrite and not cfg.resume and (out / CKPT_DIR).is_dir():
             shutil.rmtree(out / CKPT_DIR)  # another run's: --resume must never pick them up
         (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
@@ -237,7 +243,11 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
         raise SpecError("nothing to train: every component is frozen (set `train:` in the spec or use --stage)")
     placeholders = {m: model.spec.modalities[m].placeholder for m in model.encoders}
     examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
-    evals = read_jsonl(cfg.eval_data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root) if cfg.eval_data else None
+    evals = (
+        read_jsonl(cfg.eval_data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
+        if cfg.eval_data
+        else None
+    )
     collate = Collator(model, cfg.max_length)
     if cfg.grad_checkpointing or eng.fsdp.activation_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -252,8 +262,9 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     total = cfg.max_steps or cfg.epochs * per_epoch
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if eng.strategy == "deepspeed":
-        net = eng.wrap_deepspeed(model, opt, micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                 max_grad_norm=cfg.max_grad_norm)
+        net = eng.wrap_deepspeed(
+            model, opt, micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm
+        )
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
     global_batch = cfg.batch_size * cfg.grad_accum * eng.world
     state = {"step": 0, "epoch": 0, "seen": 0}
@@ -268,8 +279,11 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
         if eng.main:
             log.info("resumed from %s (written by %d rank(s); this run has %d)", ckpt, meta["world_size"], eng.world)
             if meta.get("global_batch", global_batch) != global_batch:
-                log.warning("--resume: the checkpoint's global batch was %s records per step, this run's is %d",
-                            meta.get("global_batch"), global_batch)
+                log.warning(
+                    "--resume: the checkpoint's global batch was %s records per step, this run's is %d",
+                    meta.get("global_batch"),
+                    global_batch,
+                )
     metrics = _Metrics(out, state["step"]) if eng.main else None
     net.train()
     bar = None
@@ -282,15 +296,19 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     extra = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "global_batch": global_batch, "seed": cfg.seed}
     try:
         while state["step"] < total:
-            chunks = _micro_batches(len(examples), cfg.batch_size, eng.world, cfg.seed, state["epoch"], state["seen"])
+            micro = micro_batches(len(examples), cfg.batch_size, eng.world, cfg.seed, state["epoch"], state["seen"])
             i = 0
-            while i < len(chunks) and state["step"] < total:
+            while i < len(micro) and state["step"] < total:
                 t0 = time.perf_counter()
-                group = chunks[i: i + cfg.grad_accum]
+                group = micro[i : i + cfg.grad_accum]
                 i += len(group)
                 micro = [local_batch(examples, chunk, collate, eng) for chunk in group]
-                n_labels, n_tok = eng.sum([sum(_label_count(b) for b, real in micro if real),
-                                           sum(int(b["attention_mask"].sum()) for b, real in micro if real)])
+                n_labels, n_tok = eng.sum(
+                    [
+                        sum(_label_count(b) for b, real in micro if real),
+                        sum(int(b["attention_mask"].sum()) for b, real in micro if real),
+                    ]
+                )
                 denom = max(int(n_labels), 1)
                 loss_sum = 0.0
                 for j, (batch, real) in enumerate(micro):
@@ -301,15 +319,22 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
                         eng.backward(net, loss * (eng.world if real else 0.0), last=j == len(micro) - 1, scaler=scaler)
                     if real:
                         loss_sum += float(loss.detach()) * denom
-                grad_norm = _optimizer_step(net, opt, params, scaler, cfg.max_grad_norm, eng)
+                grad_norm = optimizer_step(net, opt, params, scaler, cfg.max_grad_norm, eng)
                 sched.step()
                 state["step"] += 1
                 state["seen"] += sum(len(c) for c in group)
                 losses.append(eng.sum([loss_sum])[0] / denom)
                 dt = time.perf_counter() - t0
                 step_times.append(dt)
-                rec = {"step": state["step"], "epoch": state["epoch"], "loss": losses[-1], "lr": sched.get_last_lr()[0],
-                       "grad_norm": grad_norm, "tokens": int(n_tok), "step_time_s": dt}
+                rec = {
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "loss": losses[-1],
+                    "lr": sched.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens": int(n_tok),
+                    "step_time_s": dt,
+                }
                 if evals is not None and cfg.eval_every and state["step"] % cfg.eval_every == 0:
                     rec["eval_loss"] = evaluate(net, evals, collate, cfg.batch_size, autocast, eng)
                 if eng.distributed:
@@ -320,7 +345,7 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if i >= len(chunks):  # the epoch is done: a checkpoint here resumes at the next one
+                if i >= len(micro):  # the epoch is done: a checkpoint here resumes at the next one
                     state["epoch"] += 1
                     state["seen"] = 0
                 if cfg.save_every and state["step"] % cfg.save_every == 0:
@@ -332,8 +357,13 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             bar.close()
         if metrics is not None:
             metrics.close()
-    summary = {"steps": state["step"], "losses": losses, "precision": precision, "world_size": eng.world,
-               "median_step_time_s": statistics.median(step_times) if step_times else None}
+    summary = {
+        "steps": state["step"],
+        "losses": losses,
+        "precision": precision,
+        "world_size": eng.world,
+        "median_step_time_s": statistics.median(step_times) if step_times else None,
+    }
     if evals is not None:
         summary["eval_loss"] = evaluate(net, evals, collate, cfg.batch_size, autocast, eng)
     net.eval()
@@ -354,7 +384,7 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     return summary
 
 
-def _optimizer_step(net, opt, params, scaler, max_grad_norm: float, eng) -> float:
+def optimizer_step(net, opt, params, scaler, max_grad_norm: float, eng) -> float:
     """Clip, step, zero the gradients; returns the gradient norm before clipping."""
     if eng.strategy == "deepspeed":
         net.step()  # DeepSpeed clips (config gradient_clipping), steps and zeroes itself

@@ -1,0 +1,204 @@
+"""Publish to the Hugging Face Hub: push composer checkpoints and ONNX bundles, pull them back,
+load a ``ComposedModel`` from a Hub id. Settings, errors and snapshots: ``composer.hub.sources``.
+
+A push is one commit: the directory's files (large ones through huggingface_hub's large-file
+path: xet, or LFS with ``HF_HUB_DISABLE_XET=1``), a generated ``README.md`` model card unless the
+directory has a card of its own (one composer generated, e.g. in a pulled dir, is regenerated),
+and deletions of files the revision had but the directory does not; the local directory is never
+written to. A checkpoint pushes its format's files only (``spec.yaml``, ``composer.json``,
+``model.safetensors``, ``tokenizer/``, ``processors/``, plus ``metrics.jsonl`` of a training run);
+a bundle pushes every file. Pickled files are never pushed, pulled or loaded as a checkpoint.
+
+Example::
+
+    push_to_hub("out/tiny-llava", "alice/tiny-llava")
+    pull("alice/tiny-llava", "models/tiny-llava")
+    model = ComposedModel.from_pretrained("alice/tiny-llava")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from composer.errors import ComposerError, InputError
+from composer.hub.sources import PICKLE_SUFFIXES, api, check_repo_id, hub_error, snapshot
+from composer.spec import split_revision
+
+CHECKPOINT_FILES = ("spec.yaml", "composer.json", "model.safetensors", "metrics.jsonl", "README.md")
+CHECKPOINT_DIRS = ("tokenizer", "processors")
+KEEP_REMOTE = (".gitattributes",)
+
+
+# -- push ------------------------------------------------------------------------------------------------
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def upload_files(root: Path) -> tuple[str, dict[str, Path]]:
+    """-> ("checkpoint" | "bundle", {path in repo: local file}) for a composer directory."""
+    from composer.checkpoint import WEIGHTS, is_checkpoint
+    from composer.export.manifest import is_bundle, read_manifest
+
+    if not root.is_dir():
+        raise InputError(f"{root}: no such directory (push a composer checkpoint or an ONNX bundle)")
+    if is_checkpoint(root):
+        if not (root / WEIGHTS).is_file():
+            raise InputError(f"{root}: composer checkpoint without {WEIGHTS}")
+        kind = "checkpoint"
+        candidates = [root / f for f in CHECKPOINT_FILES] + [f for d in CHECKPOINT_DIRS for f in (root / d).rglob("*")]
+    elif is_bundle(root):
+        read_manifest(root)  # every graph and its external data present and complete
+        kind = "bundle"
+        candidates = list(root.rglob("*"))
+    else:
+        raise InputError(f"{root}: neither a composer checkpoint (composer.json) nor an ONNX bundle (manifest.json)")
+    files = {}
+    for f in candidates:
+        rel = f.relative_to(root)
+        if f.is_file() and not _hidden(rel) and f.suffix not in PICKLE_SUFFIXES:
+            files[rel.as_posix()] = f
+    return kind, files
+
+
+def push_to_hub(
+    path_or_model: Any,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+):
+    """Push a composer checkpoint dir, an ONNX bundle dir or a ``ComposedModel`` to ``repo_id``
+    (created if needed; ``private`` applies to a new repo) at ``revision`` (a branch, created
+    from main if needed; default main). Returns huggingface_hub's ``CommitInfo``.
+
+    Errors (no write permission, unreachable endpoint, not a composer directory) are one-line
+    ``ComposerError``s naming the repo; the local directory is never modified.
+    """
+    check_repo_id(repo_id)
+    if isinstance(path_or_model, (str, os.PathLike)):
+        return _push_dir(
+            Path(path_or_model), repo_id, private=private, revision=revision, token=token, commit_message=commit_message
+        )
+    with tempfile.TemporaryDirectory(prefix="composer-push-") as tmp:
+        root = path_or_model.save_pretrained(Path(tmp) / "model")
+        return _push_dir(
+            root,
+            repo_id,
+            private=private,
+            revision=revision,
+            token=token,
+            commit_message=commit_message,
+            model=path_or_model,
+        )
+
+
+def _push_dir(
+    root: Path,
+    repo_id: str,
+    *,
+    private: bool,
+    revision: str | None,
+    token: str | None,
+    commit_message: str | None,
+    model=None,
+):
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    from composer.hub.card import GENERATED, model_card
+
+    kind, files = upload_files(root)
+    if "README.md" in files and GENERATED in files["README.md"].read_text(errors="replace"):
+        del files["README.md"]  # a card composer wrote (e.g. a pulled repo): write a fresh one
+    card = None if "README.md" in files else model_card(root, repo_id).encode()
+    hub = api(token)
+    what = f"push to {repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        if not hub.repo_exists(repo_id):  # (create_repo's own exists check on 401/403 needs HF_ENDPOINT at import)
+            hub.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and revision != "main":
+            hub.create_branch(repo_id, branch=revision, exist_ok=True)
+        remote = set(hub.list_repo_files(repo_id, revision=revision))
+        ops: list = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in sorted(files.items())]
+        if card is not None:
+            ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+        stale = remote - set(files) - {"README.md", *KEEP_REMOTE}
+        ops += [CommitOperationDelete(path_in_repo=p) for p in sorted(stale)]
+        name = root.name if model is None else model.spec.name
+        return hub.create_commit(
+            repo_id, ops, revision=revision, commit_message=commit_message or f"Upload composer {kind} {name}"
+        )
+    except ComposerError:
+        raise
+    except Exception as e:  # huggingface_hub and its HTTP client raise many types: one line naming the repo
+        raise hub_error(e, what, write=True) from None
+
+
+# -- pull --------------------------------------------------------------------------------------------------
+def _parse_ref(repo_id: str, revision: str | None) -> tuple[str, str | None]:
+    repo, rev = split_revision(repo_id)
+    if rev is not None and revision is not None and rev != revision:
+        raise InputError(f"{repo_id}: revision given twice ({rev!r} in the id and {revision!r})")
+    check_repo_id(repo)
+    return repo, rev or revision
+
+
+def _check_pulled(snap: Path, what: str) -> str:
+    from composer.checkpoint import WEIGHTS, is_checkpoint
+    from composer.export.manifest import is_bundle, read_manifest
+
+    if is_checkpoint(snap):
+        if not (snap / WEIGHTS).is_file():
+            raise InputError(
+                f"{what}: the repo has no {WEIGHTS}; composer loads safetensors only, never pickled weights"
+            )
+        return "checkpoint"
+    if is_bundle(snap):
+        read_manifest(snap)
+        return "bundle"
+    raise InputError(
+        f"{what}: the repo is neither a composer checkpoint (composer.json) nor an ONNX bundle (manifest.json)"
+    )
+
+
+def pull(
+    repo_id: str, out_dir: str | Path, *, revision: str | None = None, overwrite: bool = False
+) -> tuple[Path, str]:
+    """Download a composer checkpoint or ONNX bundle (``repo_id``, or ``owner/name@rev``) into
+    ``out_dir`` (through the HF cache, then copied; the dir appears complete or not at all).
+    Returns ``(out_dir, commit hash)``."""
+    from composer.checkpoint import atomic_dir
+
+    repo, rev = _parse_ref(repo_id, revision)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise InputError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite)")
+    what = f"pull {repo}" + (f"@{rev}" if rev else "")
+    snap = snapshot(repo, revision=rev, what=what)
+    _check_pulled(snap, what)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        for f in sorted(snap.rglob("*")):
+            rel = f.relative_to(snap)
+            if f.is_file() and not _hidden(rel):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, tmp / rel)  # follows the cache's symlinks to blobs
+    return out_dir, snap.name
+
+
+def load_from_hub(repo_id: str, *, revision: str | None = None):
+    """``ComposedModel`` from a Hub repo holding a composer checkpoint (safetensors only)."""
+    from composer.checkpoint import load_pretrained
+
+    repo, rev = _parse_ref(repo_id, revision)
+    what = f"load {repo}" + (f"@{rev}" if rev else "")
+    snap = snapshot(repo, revision=rev, what=what)
+    if _check_pulled(snap, what) != "checkpoint":
+        raise InputError(
+            f"{what}: the repo holds an ONNX bundle; run it with `compose pull` + OnnxPipeline / `compose generate`"
+        )
+    return load_pretrained(snap)

@@ -1,0 +1,196 @@
+"""Test helpers shared by the test modules (import from here, not from conftest): tiny
+random-weight components from inline configs, model builders, file-tree snapshots, and a driver
+that interrupts `compose` mid-write with a real signal. No network, CPU only."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from composer.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "specs/tiny/llava.yaml"
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 272,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+OPT = {
+    "model_type": "opt",
+    "vocab_size": 272,
+    "hidden_size": 64,
+    "ffn_dim": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 512,
+    "word_embed_proj_dim": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "dropout": 0.0,
+    "attention_dropout": 0.0,
+}
+QWEN2 = {**LLAMA, "model_type": "qwen2"}
+QWEN3 = {**LLAMA, "model_type": "qwen3", "head_dim": 16}
+MISTRAL = {**LLAMA, "model_type": "mistral", "sliding_window": None}
+LLMS = {"llama": LLAMA, "opt": OPT, "qwen2": QWEN2, "qwen3": QWEN3, "mistral": MISTRAL}
+
+CLIP = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+def spec_dict(llm: str = "llama", insert_at: int | dict[str, int] = 0, modalities=("image",), **llm_extra) -> dict:
+    """A tiny LLaVA-shaped spec as a dict; ``insert_at`` per modality when a dict."""
+    mods = {}
+    for m in modalities:
+        k = insert_at[m] if isinstance(insert_at, dict) else insert_at
+        mods[m] = {
+            "encoder": {"config": copy.deepcopy(CLIP), "feature_layer": -2, "select": "patch"},
+            "projector": {"type": "mlp", "depth": 2, "activation": "gelu"},
+            "insert_at": k,
+        }
+    template = "USER: " + " ".join(f"<{m}>" for m in modalities) + "\n{instruction} ASSISTANT:"
+    return {
+        "name": "tiny-test",
+        "seed": 0,
+        "llm": {"config": copy.deepcopy(LLMS[llm]), "attn_implementation": "eager", **llm_extra},
+        "modalities": mods,
+        "prompt": {"template": template},
+    }
+
+
+def make_model(llm: str = "llama", insert_at=0, modalities=("image",), **llm_extra):
+    from composer.builder import build
+
+    model = build(parse_spec(spec_dict(llm, insert_at, modalities, **llm_extra)))
+    return model.eval()
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g)
+
+
+# Runs `compose ARGS` with one write made slow: the hook writes its part, touches the marker file
+# and sleeps, so that the test can signal the process while the output is half-written.
+DRIVER = r"""
+import os, signal, sys, time
+
+# A shell running CI in the background starts its children with SIGINT ignored (a terminal does
+# not): give the CLI the Ctrl-C a user has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+marker, hook = os.environ["COMPOSER_TEST_MARKER"], os.environ["COMPOSER_TEST_HOOK"]
+
+
+def stall():
+    open(marker, "w").close()
+    time.sleep(300)
+
+
+if hook == "save_model":  # build: model.safetensors is written, tokenizer and processors are not
+    import safetensors.torch as st
+
+    real = st.save_model
+
+    def save_model(*a, **k):
+        real(*a, **k)
+        stall()
+
+    st.save_model = save_model
+elif hook == "export":  # export: the first graph is written, the others and the manifest are not
+    import composer.export.exporter as ex
+
+    real = ex._export
+
+    def _export(*a, **k):
+        real(*a, **k)
+        stall()
+
+    ex._export = _export
+from composer.cli import main
+
+main(sys.argv[1:])
+"""
+
+
+def tree(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir())
+
+
+def interrupt(tmp_path: Path, hook: str, sig: int, *args) -> tuple[int, str]:
+    """Start `compose *args` with ``hook`` stalling a write; once it stalls, check that the partial
+    output lies in a temp sibling of OUT (the last arg after -o), send ``sig``, wait for the exit."""
+    driver, marker = tmp_path / "driver.py", tmp_path / "stalled"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "COMPOSER_TEST_MARKER": str(marker), "COMPOSER_TEST_HOOK": hook, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(driver), *map(str, args)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out = Path(args[list(args).index("-o") + 1])
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, f"exited early ({proc.returncode}): {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the write never started"
+            time.sleep(0.05)
+        temps = list(out.parent.glob(f".{out.name}.tmp-*"))
+        assert len(temps) == 1 and any(temps[0].iterdir()), siblings(out)  # half-written, in the temp dir
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def train_data(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (32, 32), ["red", "green", "blue", "red"][i]).save(tmp_path / f"img{i}.png")
+    recs = [
+        {"image": f"img{i}.png", "prompt": "What colour is it?", "response": c}
+        for i, c in enumerate(["red", "green", "blue", "red"])
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return tmp_path / "train.jsonl"
