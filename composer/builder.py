@@ -17,6 +17,7 @@ from composer.adapters import ENCODER_ADAPTERS
 from composer.adapters.encoder import maybe_no_init
 from composer.adapters.llm import LLM_ADAPTERS, llm_adapter_for
 from composer.errors import InputError, SpecError
+from composer.gguf import gguf_config, is_gguf, load_gguf_llm, load_gguf_tokenizer, resolve_gguf
 from composer.model import ComposedModel
 from composer.projectors import build_projector, load_projector_weights
 from composer.spec import ENCODER_MODEL_TYPES, EncoderSpec, LLMSpec, LoraSpec, Spec, load_spec, split_revision
@@ -161,6 +162,8 @@ def llm_config(spec: LLMSpec, base_dir: Path | None, offline: bool = False):
             return AutoConfig.for_model(mt, **cfg)
         except Exception as e:  # ValueError/TypeError, or huggingface_hub's strict-dataclass errors
             raise _config_error("llm.config", e) from None
+    if is_gguf(spec.model):
+        return gguf_config(resolve_gguf(spec.model, base_dir, "llm.model", offline=offline), "llm.model")
     src = resolve_source(spec.model, base_dir, weights=False, where="llm.model", offline=offline)
     src = config_source(src, "llm.model", offline)
     try:
@@ -180,6 +183,9 @@ def build_llm(
     cfg = config if config is not None else llm_config(spec, base_dir, offline)
     if cfg.model_type not in LLM_ADAPTERS:
         raise SpecError(f"llm: model_type {cfg.model_type!r} is not supported; supported: {sorted(LLM_ADAPTERS)}")
+    if spec.model is not None and load_weights and is_gguf(spec.model):
+        path = resolve_gguf(spec.model, base_dir, "llm.model")
+        return load_gguf_llm(path, "llm.model", dtype=dtype, attn_implementation=spec.attn_implementation)
     if spec.model is not None and load_weights:
         src = resolve_source(spec.model, base_dir, where="llm.model")
         try:
@@ -344,6 +350,11 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
         tokenizer = load_tokenizer(str(saved["tokenizer_dir"]), "tokenizer")
     elif spec.llm.tokenizer.type == "byte" or shape_only:
         tokenizer = byte_tokenizer()
+    elif is_gguf(spec.llm.tokenizer.model or spec.llm.model):
+        where = "llm.tokenizer.model" if spec.llm.tokenizer.model else "llm.model"
+        tokenizer = load_gguf_tokenizer(
+            resolve_gguf(spec.llm.tokenizer.model or spec.llm.model, base_dir, where), where
+        )
     else:
         src = resolve_source(spec.llm.tokenizer.model or spec.llm.model, base_dir, weights=False, where="llm.tokenizer")
         tokenizer = load_tokenizer(src, "llm.tokenizer")

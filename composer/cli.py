@@ -369,14 +369,18 @@ def export(checkpoint: Path, out: Path, verify: bool, dtype: str, opset: int | N
         with con.status("verifying against torch"):
             report = verify_bundle(model, out)
         for g, diff in report["graphs"].items():
-            con.print(f"  max abs diff {g:<28} {diff:.3g}")
-        con.print(f"  max abs diff prefill logits (end to end)  {report['prefill_logits']:.3g}")
+            con.print(f"  max abs diff {g:<28} {diff:.3g}  (largest |value| {report['scales'][g]:.3g})")
+        con.print(
+            f"  max abs diff prefill logits (end to end)  {report['prefill_logits']:.3g}  "
+            f"(largest |value| {report['logits_scale']:.3g})"
+        )
         con.print(f"  greedy tokens ({report['greedy_tokens']}) equal torch: {report['greedy_match']}")
+        tol = report["tolerance"]
         if not report["ok"]:
             raise ComposerError(
-                f"verification failed: tolerance {report['tolerance']:g} exceeded or greedy tokens differ"
+                f"verification failed: a difference exceeds {tol:g} x max(1, largest |value|) or greedy tokens differ"
             )
-        con.print(f"verified: every difference within {report['tolerance']:g}")
+        con.print(f"verified: every difference within {tol:g} x max(1, largest |value|)")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -28,7 +28,7 @@ from composer.adapters.llm import LLMAdapter, llm_adapter_for
 from composer.errors import InputError
 from composer.generation import Sampling, decode_loop, eos_ids
 from composer.layout import KVState, Layout, additive_mask
-from composer.prompting import check_context, check_window, prepare_batch
+from composer.prompting import check_context, check_window, format_instruction, prepare_batch, resolve_prompts
 
 IGNORE_INDEX = -100
 
@@ -318,15 +318,40 @@ class ComposedModel(nn.Module):
         return [i for i in self.placeholder_ids.values() if i < self.adapter.shape.vocab_size]
 
     # -- text and media in, text out ---------------------------------------------------------------
+    @property
+    def placeholders(self) -> dict[str, str]:
+        """Modality -> its placeholder string (e.g. ``"<image>"``)."""
+        return {m: self.spec.modalities[m].placeholder for m in self.encoders}
+
+    @property
+    def prompt_template(self) -> str | None:
+        """The spec's ``prompt.template``; None: prompts use the tokenizer's chat template."""
+        return self.spec.prompt.template if self.spec.prompt is not None else None
+
     def format_prompt(self, instruction: str) -> str:
-        """Fill the spec's prompt template, e.g. ``"USER: <image>\\n{instruction} ASSISTANT:"``."""
-        return self.spec.prompt.template.replace("{instruction}", instruction)
+        """An instruction -> a full prompt with each modality's placeholder once: the spec's
+        ``prompt.template`` (e.g. ``"USER: <image>\\n{instruction} ASSISTANT:"``) when it has one,
+        else the tokenizer's chat template (one user message: the modality parts, then the text)."""
+        return format_instruction(self.tokenizer, self.prompt_template, self.placeholders, instruction)
 
     def prepare(
-        self, prompts: str | list[str], *, padding_side: str = "left", errors: str = "raise", **modality_items
+        self,
+        prompts: str | list[str] | None = None,
+        *,
+        messages: list | None = None,
+        padding_side: str = "left",
+        errors: str = "raise",
+        **modality_items,
     ) -> dict[str, Any]:
         """Tokenise prompts (each placeholder once per item, as a user writes it), expand each
         placeholder to its modality's token count, pad, and preprocess the media.
+
+        ``prompts``: strings; or ``messages``: one conversation per row in the HF chat format,
+        formatted with the tokenizer's chat template, a modality item as a ``{"type": "<modality>"}``
+        content part::
+
+            batch = model.prepare(messages=[[{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": "What is it?"}]}]], image=["cat.png"])
 
         ``modality_items``: per modality, a list (in prompt order, row after row) of file paths,
         PIL images, or already-preprocessed tensors. Returns ``input_ids``, ``attention_mask``
@@ -339,18 +364,20 @@ class ComposedModel(nn.Module):
 
             batch, rows, errors = model.prepare(prompts, image=paths, errors="collect")
         """
+        prompts, special = resolve_prompts(self.tokenizer, prompts, messages, self.prompt_template, self.placeholders)
         return prepare_batch(
             self.tokenizer,
             prompts,
             placeholder_ids=self.placeholder_ids,
             num_tokens={m: self.num_tokens(m) for m in self.encoders},
-            placeholders={m: self.spec.modalities[m].placeholder for m in self.encoders},
+            placeholders=self.placeholders,
             preprocess={
                 m: functools.partial(type(self.encoders[m]).preprocess, self.processors[m]) for m in self.encoders
             },
             padding_side=padding_side,
             max_positions=self.context_length,
             errors=errors,
+            add_special_tokens=special,
             **modality_items,
         )
 

@@ -30,6 +30,7 @@ def prepare_batch(
     padding_side: str = "left",
     max_positions: int | None = None,
     errors: str = "raise",
+    add_special_tokens: bool = True,
     **modality_items,
 ) -> dict[str, Any] | Prepared:
     """Tokenise, expand each placeholder to ``num_tokens[m]`` slots, pad, preprocess media.
@@ -42,7 +43,8 @@ def prepare_batch(
     its items are checked on their own; returns ``Prepared(batch, rows, errors)`` where ``batch``
     holds the good prompts (at indices ``rows``) and ``errors`` maps a failed prompt's index to
     its message. Placeholder/item counts that differ over the whole batch still raise (the
-    items cannot be assigned to prompts then). Example::
+    items cannot be assigned to prompts then). ``add_special_tokens=False`` for prompts a chat
+    template formatted (they hold their special tokens already, as ``apply_chat_template``). Example::
 
         batch, rows, errors = model.prepare(prompts, image=paths, errors="collect")
         texts = model.decode(model.generate(**batch)) if batch else []   # texts[j] answers prompts[rows[j]]
@@ -64,7 +66,7 @@ def prepare_batch(
     rows = []
     for prompt in prompts:
         row, mine = [], dict.fromkeys(placeholder_ids, 0)
-        for t in tokenizer(prompt, add_special_tokens=True)["input_ids"]:
+        for t in tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]:
             m = modality_of.get(t)
             if m is None:
                 row.append(t)
@@ -96,6 +98,7 @@ def prepare_batch(
             preprocess=preprocess,
             padding_side=padding_side,
             max_positions=max_positions,
+            add_special_tokens=add_special_tokens,
         )
     for i, r in enumerate(rows):
         _check_length(i, r, row_counts[i], num_tokens, placeholders, max_positions)
@@ -192,3 +195,97 @@ def check_context(attention_mask: torch.Tensor, max_new_tokens: int, max_positio
             f"LLM's context of {max_positions} positions (max_position_embeddings): shorten the prompt or "
             "lower max_new_tokens"
         )
+
+
+# -- chat prompts -------------------------------------------------------------------------------------
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def content_text(content: str | list, placeholders: dict[str, str], where: str) -> str:
+    """A message's content -> text. ``content`` is a string, or HF-processor-style parts
+    ``{"type": "text", "text": ...}`` and ``{"type": "<modality>"}``; a modality part becomes its
+    placeholder, followed by a newline when text follows (LLaVA's ``<image>\\n...``), and text
+    parts are joined with a space."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InputError(f"{where}.content: must be a string or a list of parts, got {type(content).__name__}")
+    pieces: list[tuple[bool, str]] = []  # (is a placeholder, text)
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append((False, part["text"]))
+        elif kind in placeholders:
+            pieces.append((True, placeholders[kind]))
+        else:
+            raise InputError(
+                f"{where}.content[{j}]: want {{'type': 'text', 'text': str}} or {{'type': <modality>}} with a "
+                f"modality of this model {sorted(placeholders)}, got {part!r}"
+            )
+    out = ""
+    for j, (is_ph, text) in enumerate(pieces):
+        if j and not pieces[j - 1][0]:
+            out += " " if not is_ph else "\n"
+        out += text + ("\n" if is_ph and j + 1 < len(pieces) and not pieces[j + 1][0] else "")
+    return out
+
+
+def render_chat(tokenizer, messages: list, placeholders: dict[str, str], *, where: str = "messages") -> str:
+    """One conversation (a list of ``{"role", "content"}`` messages) -> prompt text formatted with the
+    tokenizer's chat template, ending with the generation prompt (the assistant turn to fill)."""
+    if not has_chat_template(tokenizer):
+        raise InputError(
+            f"{where}: this model's tokenizer has no chat template; give prompt strings (the spec's prompt.template)"
+        )
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where}: must be a non-empty list of messages")
+    flat = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise InputError(f"{where}[{i}].role: must be 'system', 'user' or 'assistant'")
+        flat.append(
+            {"role": msg["role"], "content": content_text(msg.get("content", ""), placeholders, f"{where}[{i}]")}
+        )
+    try:
+        return tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja2 errors, e.g. a template that raises on the order of roles
+        raise InputError(f"{where}: the chat template refused the messages: {str(e).strip().splitlines()[0]}") from None
+
+
+def format_instruction(tokenizer, template: str | None, placeholders: dict[str, str], instruction: str) -> str:
+    """An instruction -> a full prompt with each modality's placeholder once: the spec's
+    ``prompt.template`` when it has one, else the tokenizer's chat template (one user message:
+    the modality parts, then the text), else the placeholders on a line each, then the text."""
+    if template is not None:
+        return template.replace("{instruction}", instruction)
+    if has_chat_template(tokenizer):
+        parts = [{"type": m} for m in placeholders] + [{"type": "text", "text": instruction}]
+        return render_chat(tokenizer, [{"role": "user", "content": parts}], placeholders)
+    return "".join(ph + "\n" for ph in placeholders.values()) + instruction
+
+
+def resolve_prompts(
+    tokenizer, prompts, messages, template: str | None, placeholders: dict[str, str]
+) -> tuple[list[str], bool]:
+    """``prepare``'s prompts from either ``prompts`` (strings) or ``messages`` (one conversation per
+    row) -> (prompt strings, add_special_tokens). Chat-formatted text carries its special tokens:
+    it is tokenized without adding any (as ``apply_chat_template`` does), and so are prompt strings
+    of a model that formats with its chat template (no ``prompt.template`` in the spec)."""
+    if (prompts is None) == (messages is None):
+        raise InputError("give exactly one of prompts or messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages:
+            raise InputError("messages: must be a non-empty list of conversations (lists of messages)")
+        if isinstance(messages[0], dict):
+            messages = [messages]  # one conversation
+        return [
+            render_chat(tokenizer, conv, placeholders, where=f"messages[{i}]") for i, conv in enumerate(messages)
+        ], False
+    return ([prompts] if isinstance(prompts, str) else prompts), adds_special_tokens(tokenizer, template)
+
+
+def adds_special_tokens(tokenizer, template: str | None) -> bool:
+    """Whether prompt strings are tokenized with the tokenizer's special tokens added (BOS...):
+    yes for a spec's ``prompt.template``; no when prompts come from the chat template."""
+    return template is not None or not has_chat_template(tokenizer)

@@ -271,7 +271,11 @@ class ModalitySpec(_Strict):
 
 
 class PromptSpec(_Strict):
-    template: str = "{instruction}"
+    """A plain-text prompt template for tokenizers without a chat template, e.g. LLaVA-1.5's
+    ``"USER: <image>\\n{instruction} ASSISTANT:"``. Without a ``prompt`` section, prompts use the
+    tokenizer's chat template (``model.format_prompt``, ``prepare(messages=...)``)."""
+
+    template: str
 
 
 class GenerationSpec(_Strict):
@@ -289,7 +293,7 @@ class Spec(_Strict):
     seed: int = 0  # random init of inline-config components
     llm: LLMSpec
     modalities: dict[str, ModalitySpec] = Field(min_length=1)
-    prompt: PromptSpec = Field(default_factory=PromptSpec)
+    prompt: PromptSpec | None = None  # None: the tokenizer's chat template
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     _source_dir: Path | None = PrivateAttr(default=None)
 
@@ -319,6 +323,8 @@ class Spec(_Strict):
             n = self.llm.num_layers
             if n is not None and mod.insert_at >= n:
                 raise _FieldError(f"{where}.insert_at", f"must be < the LLM's {n} layers", mod.insert_at)
+        if self.prompt is None:
+            return self
         tpl = self.prompt.template
         if "{instruction}" not in tpl:
             raise _FieldError("prompt.template", "must contain '{instruction}'", tpl)

@@ -233,7 +233,7 @@ def export_onnx(
             "encoders": encoders,
             "graphs": graphs,
             "tokenizer": "tokenizer",
-            "prompt_template": m.spec.prompt.template,
+            "prompt_template": m.prompt_template,  # None: the tokenizer's chat template
             "summary": summary_record(m),
             "generation": {
                 **g.model_dump(),

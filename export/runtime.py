@@ -28,7 +28,7 @@ from composer.export.graphs import early_io, kv_names, late_io
 from composer.export.manifest import read_manifest
 from composer.generation import Sampling, decode_loop
 from composer.layout import baseline_positions_np, compact_np
-from composer.prompting import check_context, check_window, prepare_batch
+from composer.prompting import check_context, check_window, format_instruction, prepare_batch, resolve_prompts
 
 _NP = {"fp32": np.float32, "fp16": np.float16}
 
@@ -114,8 +114,18 @@ class OnnxPipeline:
             self._processors[m] = adapter.load_processor(str(self.root / self.encoders[m]["processor"]))
         return self._processors[m]
 
+    @property
+    def placeholders(self) -> dict[str, str]:
+        return {m: e["placeholder"] for m, e in self.encoders.items()}
+
+    @property
+    def prompt_template(self) -> str | None:
+        """The spec's ``prompt.template``; None: prompts use the tokenizer's chat template."""
+        return self.manifest.get("prompt_template")
+
     def format_prompt(self, instruction: str) -> str:
-        return self.manifest["prompt_template"].replace("{instruction}", instruction)
+        """As ``ComposedModel.format_prompt``."""
+        return format_instruction(self.tokenizer, self.prompt_template, self.placeholders, instruction)
 
     @property
     def context_length(self) -> int | None:
@@ -123,17 +133,25 @@ class OnnxPipeline:
         return self.manifest["llm"].get("max_position_embeddings")
 
     def prepare(
-        self, prompts, *, padding_side: str = "left", errors: str = "raise", **modality_items
+        self,
+        prompts=None,
+        *,
+        messages: list | None = None,
+        padding_side: str = "left",
+        errors: str = "raise",
+        **modality_items,
     ) -> dict[str, Any]:
-        """As ``ComposedModel.prepare`` (``errors="collect"``: per-prompt errors, see there)."""
+        """As ``ComposedModel.prepare``: prompt strings or chat ``messages`` (``errors="collect"``:
+        per-prompt errors, see there)."""
         from composer.adapters import ENCODER_ADAPTERS
 
+        prompts, special = resolve_prompts(self.tokenizer, prompts, messages, self.prompt_template, self.placeholders)
         return prepare_batch(
             self.tokenizer,
             prompts,
             placeholder_ids=self.placeholder_ids,
             num_tokens={m: e["tokens_per_item"] for m, e in self.encoders.items()},
-            placeholders={m: e["placeholder"] for m, e in self.encoders.items()},
+            placeholders=self.placeholders,
             preprocess={
                 m: functools.partial(ENCODER_ADAPTERS[e["type"]].preprocess, self.processor(m))
                 for m, e in self.encoders.items()
@@ -141,6 +159,7 @@ class OnnxPipeline:
             padding_side=padding_side,
             max_positions=self.context_length,
             errors=errors,
+            add_special_tokens=special,
             **modality_items,
         )
 

@@ -22,7 +22,7 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
 
 def sample_batch(model, pipe: OnnxPipeline):
     """Two left-padded prompts of different lengths, each placeholder with a random example item."""
-    from composer.prompting import prepare_batch
+    from composer.prompting import adds_special_tokens, prepare_batch
 
     torch.manual_seed(0)
     prompts = [pipe.format_prompt("Describe this in detail, please."), pipe.format_prompt("Hi")]
@@ -37,6 +37,7 @@ def sample_batch(model, pipe: OnnxPipeline):
             m: (lambda items, enc=enc: _single(enc, enc.example_inputs(len(items))))
             for m, enc in model.encoders.items()
         },
+        add_special_tokens=adds_special_tokens(model.tokenizer, pipe.prompt_template),
         **{m: [None] * n for m, n in counts.items()},
     )
 
@@ -67,8 +68,13 @@ def _replay(module, graph: str, feeds: dict, manifest) -> list[np.ndarray]:
 
 
 def verify_bundle(model, bundle: str | Path, *, steps: int = 4) -> dict:
-    """-> {"graphs": {graph: max abs diff}, "prefill_logits": diff, "greedy_match": bool,
-    "tolerance": tol, "ok": bool}."""
+    """-> {"graphs": {graph: max abs diff}, "scales": {graph: largest |value|}, "prefill_logits":
+    diff, "logits_scale": ..., "greedy_match": bool, "tolerance": tol, "ok": bool}.
+
+    A difference passes when it is at most ``tol * max(1, largest |value| of the torch output)``:
+    absolute for outputs of order one (the tiny models), relative for a pretrained LLM's hidden
+    states, whose largest activations reach the thousands (SmolLM2: float32 rounding alone then
+    differs in the 1e-2s over 15 layers)."""
     pipe = OnnxPipeline(bundle)
     manifest = pipe.manifest
     ref = merged_for_export(model, DTYPES[manifest["dtype"]])
@@ -79,23 +85,28 @@ def verify_bundle(model, bundle: str | Path, *, steps: int = 4) -> dict:
     calls, pipe.recorder = pipe.recorder, None
     graphs = _torch_graphs(ref, manifest)
     per_graph: dict[str, float] = {}
+    scales: dict[str, float] = {}
     for graph, feeds, outs in calls:
         main = next(iter(outs.values()))
         want = _replay(graphs[graph], graph, feeds, manifest)[0]
         diff = float(np.abs(main.astype(np.float32) - want.astype(np.float32)).max()) if main.size else 0.0
         per_graph[graph] = max(per_graph.get(graph, 0.0), diff)
+        scales[graph] = max(scales.get(graph, 1.0), float(np.abs(want).max()) if want.size else 0.0)
     logits, _ = pipe.prefill(batch["input_ids"], batch["attention_mask"], mm, all_logits=True)
     with torch.no_grad():
         want = ref(**batch).logits.float().numpy()
     real = batch["attention_mask"].bool().numpy()
     prefill = float(np.abs(logits - want)[real].max())
+    logits_scale = max(1.0, float(np.abs(want[real]).max()))
     torch_ids = ref.generate(**batch, max_new_tokens=steps, eos_token_id=[])
     tol = TOLERANCE[manifest["dtype"]]
     greedy = bool(torch.equal(torch_ids.cpu(), ort_ids))
-    ok = greedy and prefill <= tol and all(v <= tol for v in per_graph.values())
+    ok = greedy and prefill <= tol * logits_scale and all(v <= tol * scales[g] for g, v in per_graph.items())
     return {
         "graphs": per_graph,
+        "scales": scales,
         "prefill_logits": prefill,
+        "logits_scale": logits_scale,
         "greedy_match": greedy,
         "greedy_tokens": steps,
         "tolerance": tol,

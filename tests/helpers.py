@@ -194,3 +194,76 @@ def train_data(tmp_path: Path) -> Path:
     ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     return tmp_path / "train.jsonl"
+
+
+# -- an independent DeepInsert reference (per prompt, no padding) ------------------------------------
+def _causal(n: int) -> torch.Tensor:
+    m = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)
+    return m[None, None]
+
+
+def _run(llm, family, h, start, end, pos):
+    layers = llm.model.layers if family != "opt" else llm.model.decoder.layers
+    kw = {}
+    if family != "opt":
+        kw["position_embeddings"] = llm.model.rotary_emb(h, position_ids=pos[None])
+    for layer in layers[start:end]:
+        h = layer(h, attention_mask=_causal(h.shape[1]), position_ids=pos[None], **kw)
+    return h
+
+
+def reference_logits(model, family, ids, mm_rows):
+    """DeepInsert written independently of composer.layout: one unpadded prompt ``ids`` (L,), text
+    alone through layers [0, k), splice each modality's tokens ``mm_rows`` (n_slots, d) at its
+    layer, then [k, N); causal attention, positions 0..L-1. -> logits (L, V)."""
+    llm = model.llm
+    L = ids.shape[0]
+    pos = torch.arange(L)
+    slot_of = {m: ids == pid for m, pid in model.placeholder_ids.items()}
+    present = torch.zeros(L, dtype=torch.bool)  # slots already in the sequence
+    present |= ~torch.stack(list(slot_of.values())).any(0)
+    if family == "opt":
+        dec = llm.model.decoder
+        pe = dec.embed_positions.weight[pos + 2]
+        full = dec.embed_tokens(ids.masked_fill(~present, 0)) + pe
+    else:
+        pe = torch.zeros(L, llm.config.hidden_size)
+        full = llm.model.embed_tokens(ids.masked_fill(~present, 0))
+    ks = sorted({0, *model.insert_at.values()})
+    for i, k in enumerate(ks):
+        end = ks[i + 1] if i + 1 < len(ks) else llm.config.num_hidden_layers
+        full = full.clone()
+        for m, km in model.insert_at.items():
+            if km == k and slot_of[m].any():
+                full[slot_of[m]] = mm_rows[m] + pe[slot_of[m]]
+                present |= slot_of[m]
+        idx = present.nonzero().squeeze(1)
+        h = _run(llm, family, full[idx][None], k, end, pos[idx])
+        full[idx] = h[0]
+    if family == "opt":
+        full = llm.model.decoder.final_layer_norm(full)
+    else:
+        full = llm.model.norm(full)
+    return llm.lm_head(full)
+
+
+def split_rows(model, batch):
+    """Split the flat per-modality tokens back into prompts."""
+    out = []
+    mm = {
+        m: model.encode(m, batch[m]).reshape(-1, model.llm.config.hidden_size)
+        for m in model.placeholder_ids
+        if m in batch
+    }
+    used = {m: 0 for m in mm}
+    for b in range(batch["input_ids"].shape[0]):
+        real = batch["attention_mask"][b].bool()
+        ids = batch["input_ids"][b][real]
+        rows = {}
+        for m, pid in model.placeholder_ids.items():
+            n = int((ids == pid).sum())
+            if n:
+                rows[m] = mm[m][used[m] : used[m] + n]
+                used[m] += n
+        out.append((real, ids, rows))
+    return out

@@ -5,81 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import images, make_model
+from helpers import images, make_model, reference_logits, split_rows
 
 from composer.layout import baseline_positions
 
 TOL = 1e-5
-
-
-def _causal(n: int) -> torch.Tensor:
-    m = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)
-    return m[None, None]
-
-
-def _run(llm, family, h, start, end, pos):
-    layers = llm.model.layers if family != "opt" else llm.model.decoder.layers
-    kw = {}
-    if family != "opt":
-        kw["position_embeddings"] = llm.model.rotary_emb(h, position_ids=pos[None])
-    for layer in layers[start:end]:
-        h = layer(h, attention_mask=_causal(h.shape[1]), position_ids=pos[None], **kw)
-    return h
-
-
-def reference_logits(model, family, ids, mm_rows):
-    """ids: (L,) one unpadded prompt; mm_rows: modality -> (n_slots, d) tokens for this prompt."""
-    llm = model.llm
-    L = ids.shape[0]
-    pos = torch.arange(L)
-    slot_of = {m: ids == pid for m, pid in model.placeholder_ids.items()}
-    present = torch.zeros(L, dtype=torch.bool)  # slots already in the sequence
-    present |= ~torch.stack(list(slot_of.values())).any(0)
-    if family == "opt":
-        dec = llm.model.decoder
-        pe = dec.embed_positions.weight[pos + 2]
-        full = dec.embed_tokens(ids.masked_fill(~present, 0)) + pe
-    else:
-        pe = torch.zeros(L, llm.config.hidden_size)
-        full = llm.model.embed_tokens(ids.masked_fill(~present, 0))
-    ks = sorted({0, *model.insert_at.values()})
-    for i, k in enumerate(ks):
-        end = ks[i + 1] if i + 1 < len(ks) else llm.config.num_hidden_layers
-        full = full.clone()
-        for m, km in model.insert_at.items():
-            if km == k and slot_of[m].any():
-                full[slot_of[m]] = mm_rows[m] + pe[slot_of[m]]
-                present |= slot_of[m]
-        idx = present.nonzero().squeeze(1)
-        h = _run(llm, family, full[idx][None], k, end, pos[idx])
-        full[idx] = h[0]
-    if family == "opt":
-        full = llm.model.decoder.final_layer_norm(full)
-    else:
-        full = llm.model.norm(full)
-    return llm.lm_head(full)
-
-
-def _rows(model, batch):
-    """Split the flat per-modality tokens back into prompts."""
-    out = []
-    mm = {
-        m: model.encode(m, batch[m]).reshape(-1, model.llm.config.hidden_size)
-        for m in model.placeholder_ids
-        if m in batch
-    }
-    used = {m: 0 for m in mm}
-    for b in range(batch["input_ids"].shape[0]):
-        real = batch["attention_mask"][b].bool()
-        ids = batch["input_ids"][b][real]
-        rows = {}
-        for m, pid in model.placeholder_ids.items():
-            n = int((ids == pid).sum())
-            if n:
-                rows[m] = mm[m][used[m] : used[m] + n]
-                used[m] += n
-        out.append((real, ids, rows))
-    return out
 
 
 CASES = [
@@ -105,7 +35,7 @@ def test_matches_reference(family, insert_at, mods, padding_side):
     batch = model.prepare([p0, p1], padding_side=padding_side, **items)
     with torch.no_grad():
         ours = model(**batch).logits
-        for b, (real, ids, rows) in enumerate(_rows(model, batch)):
+        for b, (real, ids, rows) in enumerate(split_rows(model, batch)):
             ref = reference_logits(model, family, ids, rows)
             diff = (ours[b][real] - ref).abs().max().item()
             assert diff < TOL, (b, diff)

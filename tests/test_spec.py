@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import spec_dict
 
@@ -166,3 +167,17 @@ def test_round_trip_through_yaml(tmp_path):
     again = load_spec(p)
     assert again.model_dump() == spec.model_dump()
     assert yaml.safe_load(p.read_text())["modalities"]["image"]["insert_at"] == 2
+
+
+def test_a_spec_without_a_prompt_section_is_valid_and_formats_without_a_template():
+    from composer.builder import build
+
+    d = spec_dict()
+    d.pop("prompt")
+    spec = parse_spec(d)
+    assert spec.prompt is None
+    model = build(spec)
+    assert model.prompt_template is None
+    assert model.format_prompt("What is it?") == "<image>\nWhat is it?"  # the byte tokenizer has no chat template
+    batch = model.prepare([model.format_prompt("What is it?")], image=[torch.zeros(3, 32, 32)])
+    assert int((batch["input_ids"] == model.placeholder_ids["image"]).sum()) == model.num_tokens("image")

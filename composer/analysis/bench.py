@@ -91,7 +91,7 @@ def bench_inputs(model, text_tokens: int, batch: int, seed: int = 0) -> dict[str
     """A prompt of exactly ``text_tokens`` text tokens (the template's own tokens, then filler
     where the instruction goes) plus one item per placeholder in the template, repeated
     ``batch`` times (no padding). Modality inputs are random, from ``seed``."""
-    from composer.prompting import prepare_batch
+    from composer.prompting import adds_special_tokens, prepare_batch
 
     tok = model.tokenizer
     prompt = model.format_prompt("")
@@ -104,6 +104,7 @@ def bench_inputs(model, text_tokens: int, batch: int, seed: int = 0) -> dict[str
         num_tokens={m: model.num_tokens(m) for m in model.encoders},
         placeholders={m: model.spec.modalities[m].placeholder for m in model.encoders},
         preprocess={m: (lambda items, m=m: example_items(model, m, len(items) * batch)) for m in model.encoders},
+        add_special_tokens=adds_special_tokens(tok, model.prompt_template),
         **{m: [None] * n for m, n in counts.items() if n},
     )
     row = base["input_ids"][0].tolist()
@@ -148,11 +149,6 @@ def hf_reference_unsupported(model) -> str | None:
         return f"no LlavaForConditionalGeneration reference for a {model.llm.config.model_type} LLM (llama-family only)"
     if any("lora_" in n for n, _ in model.named_parameters()):
         return "the model has unmerged LoRA adapters"
-    if model.placeholder_ids[m] >= model.adapter.shape.vocab_size:
-        return (
-            f"the placeholder id {model.placeholder_ids[m]} is outside the LLM vocabulary "
-            f"({model.adapter.shape.vocab_size}); LlavaForConditionalGeneration embeds it"
-        )
     return None
 
 
@@ -174,10 +170,18 @@ def llava_state_dict(model, modality: str = "image") -> dict:
     return state
 
 
+def hf_suppress_tokens(model) -> list[int]:
+    """Token ids ``hf_reference(model).generate`` must not produce: composer's banned placeholder
+    ids and the zero rows added past the LLM's vocabulary."""
+    vocab = model.adapter.shape.vocab_size
+    extra = range(vocab, max(vocab, *(pid + 1 for pid in model.placeholder_ids.values())))
+    return sorted({*model.banned_token_ids, *extra})
+
+
 def hf_reference(model):
     """``LlavaForConditionalGeneration`` holding ``model``'s own tensors (no copy), in eval mode,
     set up to generate like the bench's other runtimes: no EOS stop (pass
-    ``suppress_tokens=model.banned_token_ids`` to ban the placeholder ids as composer does).
+    ``suppress_tokens=hf_suppress_tokens(model)`` to ban the placeholder ids as composer does).
     Raises ``InputError`` when ``hf_reference_unsupported(model)``."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -191,8 +195,13 @@ def hf_reference(model):
     spec = model.spec.modalities[m]
     has_cls = enc.has_cls_token and spec.encoder.select == "patch"
     llm_cfg, vis_cfg = model.llm.config, enc.model.config
+    # A placeholder id past the LLM's vocabulary (composer never embeds it): HF Llava embeds every
+    # input id, so its embedding (and head) get zero rows up to that id, whose logits are
+    # suppressed (``hf_suppress_tokens``): the same weights, the same outputs on the real vocabulary.
+    vocab = model.adapter.shape.vocab_size
+    ref_vocab = max(vocab, model.placeholder_ids[m] + 1)
     cfg = LlavaConfig(
-        text_config=llm_cfg.to_dict(),
+        text_config={**llm_cfg.to_dict(), "vocab_size": ref_vocab},
         vision_config=vis_cfg.to_dict(),
         image_token_index=model.placeholder_ids[m],
         image_seq_length=model.num_tokens(m),
@@ -209,6 +218,10 @@ def hf_reference(model):
     state = llava_state_dict(model, m)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        if ref_vocab > vocab and key in state:
+            w = state[key]
+            state[key] = torch.cat([w, w.new_zeros(ref_vocab - vocab, w.shape[1])])
     ref.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)  # shares the tensors
     if cfg.tie_word_embeddings:
         ref.tie_weights()
@@ -473,7 +486,7 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
                     "attention_mask": batch["attention_mask"].to(device),
                     "pixel_values": batch[m].to(device, model.encoders[m].dtype),
                 }
-                banned = model.banned_token_ids or None
+                banned = hf_suppress_tokens(model) or None
                 L = hb["input_ids"].shape[1]
 
                 def fn(clock):

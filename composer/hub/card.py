@@ -200,12 +200,15 @@ def model_card(root: Path, repo_id: str) -> str:
             "```",
             "",
         ]
-    body += [
-        "Prompt template (`{instruction}` is the user's text; placeholders expand to the modality tokens):",
-        "",
-        "```text",
-        spec.prompt.template,
-        "```",
-        "",
-    ]
+    if spec.prompt is not None:
+        body += [
+            "Prompt template (`{instruction}` is the user's text; placeholders expand to the modality tokens):",
+            "",
+            "```text",
+            spec.prompt.template,
+            "```",
+            "",
+        ]
+    else:
+        body += ["Prompts are formatted with the tokenizer's chat template (`model.prepare(messages=...)`).", ""]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)))

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from composer.errors import InputError
+from composer.prompting import has_chat_template
 
 log = logging.getLogger("composer.train.data")
 IGNORE_INDEX = -100
@@ -125,10 +126,13 @@ def strip_placeholders(text: str, placeholders: list[str]) -> str:
 
 
 def tokenize_example(ex: Example, model) -> tuple[list[int], list[int]]:
-    """-> (input_ids with placeholders expanded, labels with prompts masked)."""
+    """-> (input_ids with placeholders expanded, labels with prompts masked). Prompts follow the
+    spec's ``prompt.template``, or the tokenizer's chat template when the spec has none."""
+    if model.prompt_template is None and has_chat_template(model.tokenizer):
+        return _expand(*_chat_ids(ex, model), model)
     tok = model.tokenizer
-    phs = [model.spec.modalities[m].placeholder for m in model.encoders]
-    template = model.spec.prompt.template
+    phs = list(model.placeholders.values())
+    template = model.prompt_template or "".join(ph + "\n" for ph in phs) + "{instruction}"
     later = strip_placeholders(template, phs)
     ids: list[int] = [tok.bos_token_id] if tok.bos_token_id is not None else []
     labels: list[int] = [IGNORE_INDEX] * len(ids)
@@ -145,6 +149,33 @@ def tokenize_example(ex: Example, model) -> tuple[list[int], list[int]]:
         ids += p_ids + r_ids
         labels += [IGNORE_INDEX] * len(p_ids) + r_ids
     return _expand(ids, labels, model)
+
+
+def _chat_ids(ex: Example, model) -> tuple[list[int], list[int]]:
+    """A record as a chat: each turn's user text (the record's media placeholders first, one
+    per item, unless the text places them) and the assistant's answer, rendered by the chat
+    template; labels on the assistant's tokens (answer and end-of-turn), the rest masked."""
+    tok = model.tokenizer
+    phs = model.placeholders
+    messages: list[dict] = []
+    done = ""  # the rendered conversation so far
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, (user, response) in enumerate(ex.turns):
+        if i == 0 and not any(ph in user for ph in phs.values()):
+            user = "".join((phs[m] + "\n") * len(ex.items.get(m, [])) for m in phs) + user.strip()
+        messages.append({"role": "user", "content": user})
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        messages.append({"role": "assistant", "content": response.strip()})
+        full = tok.apply_chat_template(messages, tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise InputError(f"{ex.where}: the chat template does not render turns incrementally; cannot mask labels")
+        p_ids = tok(prompt[len(done) :], add_special_tokens=False)["input_ids"]
+        r_ids = tok(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        ids += p_ids + r_ids
+        labels += [IGNORE_INDEX] * len(p_ids) + r_ids
+        done = full
+    return ids, labels
 
 
 def _expand(ids: list[int], labels: list[int], model) -> tuple[list[int], list[int]]:

