@@ -233,3 +233,22 @@ def test_training_records_use_the_chat_template(smol15, tmp_path):
     text = tok.decode([t for t in prompt.tolist() if t != pid])  # "<image>" slots left out
     assert text.endswith("<|im_start|>user\n\nWhat shape is it?<|im_end|>\n<|im_start|>assistant\n")
     assert int((ids == pid).sum()) == smol15.num_tokens("image")
+
+
+@pytest.mark.parametrize("name", ["llava", "blip2", "ltu_audio", "molca"])
+def test_smol_specs_resolve_offline(name):
+    """Each shipped SmolLM2 spec resolves from registry packages alone (architecture on the meta
+    device: the GGUF metadata, the inline encoder configs), with its insert_at inside the 30 layers."""
+    from composer.analysis.summary import summarize
+
+    model = build(ROOT / f"specs/smol/{name}.yaml", shape_only=True, offline=True)
+    assert model.num_layers == 30 and model.adapter.shape.hidden_size == 576
+    rows, facts = summarize(model)
+    assert all(0 < k < 30 for k in facts["insert_at"].values())
+    base = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" not in n)
+    assert base == 134_515_008  # SmolLM2-135M, tied embeddings counted once
+    lora = facts["params"]["llm"]["total"] - base
+    if model.spec.llm.train == "lora":  # only the adapters train
+        assert lora > 0 and facts["params"]["llm"]["trainable"] == lora
+    else:
+        assert lora == 0 and facts["params"]["llm"]["trainable"] == 0
