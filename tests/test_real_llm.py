@@ -252,3 +252,29 @@ def test_smol_specs_resolve_offline(name):
         assert lora > 0 and facts["params"]["llm"]["trainable"] == lora
     else:
         assert lora == 0 and facts["params"]["llm"]["trainable"] == 0
+
+
+def test_gguf_refuses_an_unsupported_architecture_and_a_missing_reader(tmp_path, monkeypatch):
+    import sys
+
+    import gguf
+
+    from composer.gguf import gguf_config
+
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(InputError, match=r"llm.model: mamba.gguf: GGUF architecture 'mamba'"):
+        gguf_config(path, "llm.model")
+    other = tmp_path / "other.gguf"  # a new file: the config cache does not know it
+    other.write_bytes(path.read_bytes())
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if the reader were not installed
+    with pytest.raises(InputError, match=r"needs the `gguf` package \(pip install gguf"):
+        gguf_config(other, "llm.model")
