@@ -265,7 +265,11 @@ def test_data_sharding_covers_every_record_once():
             chunks = micro_batches(n, bs, world, seed=3, epoch=1, seen=min(seen, n))
             got = [i for c in chunks for r in range(world) for i in rank_share(c, r, world)]
             order = micro_batches(n, 1, 1, seed=3, epoch=1)
-            assert got == [i for c in order for i in c][min(seen, n) :]
+            flat = [i for c in order for i in c]
+            assert sorted(flat) == list(range(n))  # the epoch's order is a permutation of the records
+            assert got == flat[min(seen, n) :]
+            if not seen:
+                assert sorted(got) == list(range(n))  # every record once, on exactly one rank
             assert all(len(rank_share(c, r, world)) <= bs for c in chunks for r in range(world))
 
 

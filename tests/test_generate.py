@@ -99,9 +99,12 @@ def test_stops_at_eos_and_pads_finished_rows():
     free = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=[])
     eos = int(free[0, 3])  # pretend the 4th token of row 0 is EOS
     out = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=eos)
-    first = (free[0] == eos).nonzero()[0].item()
-    assert torch.equal(out[0, : first + 1], free[0, : first + 1])
-    assert (out[0, first + 1 :] == model.tokenizer.pad_token_id).all()
+    pad = model.tokenizer.pad_token_id
+    for row in range(free.shape[0]):  # each row stops at its own first EOS (or runs to the end)
+        hits = (free[row] == eos).nonzero()
+        first = hits[0].item() if len(hits) else free.shape[1] - 1
+        assert torch.equal(out[row, : first + 1], free[row, : first + 1]), row
+        assert (out[row, first + 1 :] == pad).all(), row
 
 
 def test_right_padding_is_refused():

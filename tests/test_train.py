@@ -146,12 +146,30 @@ def test_lora_merge_matches_unmerged(tmp_path):
         assert torch.equal(again(**batch).logits, after)
 
 
+def _snapshot(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _changed(module, before: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(p, before[n]) for n, p in module.named_parameters())
+
+
 def test_stage_1_trains_projector_only(tmp_path):
     model = _model(llm_train="full")
-    llm_before = {n: p.detach().clone() for n, p in model.llm.named_parameters()}
+    llm_before, proj_before = _snapshot(model.llm), _snapshot(model.projectors)
     train(model, _cfg(tmp_path, _data(tmp_path, n=3), max_steps=2, stage=1))
-    assert all(torch.equal(p, llm_before[n]) for n, p in model.llm.named_parameters())
+    assert not _changed(model.llm, llm_before)
+    assert _changed(model.projectors, proj_before)  # something did train
     assert all(p.requires_grad for p in model.projectors.parameters())
+
+
+def test_stage_2_trains_projector_and_llm_not_the_frozen_encoder(tmp_path):
+    model = _model(llm_train="full")
+    assert model.spec.modalities["image"].encoder.train == "frozen"
+    before = {k: _snapshot(getattr(model, k)) for k in ("llm", "projectors", "encoders")}
+    train(model, _cfg(tmp_path, _data(tmp_path, n=3), max_steps=2, stage=2))
+    assert _changed(model.llm, before["llm"]) and _changed(model.projectors, before["projectors"])
+    assert not _changed(model.encoders, before["encoders"])
 
 
 def test_bad_records_named_by_file_and_line(tmp_path):
@@ -203,7 +221,8 @@ def test_cli_train_resume_and_profile(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "trained 2 steps" in r.stdout and (out / "checkpoints" / "step-000002").is_dir()
     r = run("-o", out, "--max-steps", "3", "--batch-size", "2", "--resume")
-    assert r.returncode == 0, r.stderr and "trained 3 steps" in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert "trained 3 steps" in r.stdout, r.stdout
     assert ComposedModel.from_pretrained(out).spec.name == "tiny-llava"
     r = run("-o", tmp_path / "p", "--profile", "--batch-size", "2")
     assert r.returncode == 0, r.stderr
