@@ -164,7 +164,8 @@ class HFEncoder(EncoderAdapter):
 
     @classmethod
     def load_processor(cls, path: str):
-        return cls.hf_classes()[2].from_pretrained(path)
+        """A saved processor dir of this machine (never looked up on the Hub)."""
+        return cls.hf_classes()[2].from_pretrained(path, local_files_only=True)
 
     @property
     def hidden_size(self) -> int:

@@ -347,7 +347,7 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
             raise SpecError(f"modalities.{name}.insert_at: must be < the LLM's {n_layers} layers, got {mod.insert_at}")
 
     if saved:
-        tokenizer = load_tokenizer(str(saved["tokenizer_dir"]), "tokenizer")
+        tokenizer = load_tokenizer(str(saved["tokenizer_dir"]), "tokenizer", local=True)
     elif spec.llm.tokenizer.type == "byte" or shape_only:
         tokenizer = byte_tokenizer()
     elif is_gguf(spec.llm.tokenizer.model or spec.llm.model):

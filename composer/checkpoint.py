@@ -225,6 +225,11 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{spec_file}: cannot read ({type(e).__name__}: {e})") from None
     _check_consistent(spec, meta, meta_file)
+    # A local checkpoint never reaches the network: a missing part is named here, before any
+    # loader could take the path for a Hub repo id.
+    for part in [root / "tokenizer", *(root / "processors" / m for m in spec.modalities)]:
+        if not part.is_dir():
+            raise InputError(f"{part}: missing from the checkpoint (a local checkpoint is loaded from its own files)")
     try:
         llm_cfg = dict(meta["llm_config"])
         enc_cfgs = {}

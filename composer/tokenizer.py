@@ -31,11 +31,12 @@ def byte_tokenizer():
     )
 
 
-def load_tokenizer(source: str, where: str):
+def load_tokenizer(source: str, where: str, *, local: bool = False):
+    """``local``: ``source`` is a directory of this machine; never look it up on the Hub."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, local_files_only=local)
     except (OSError, ValueError) as e:
         raise InputError(f"{where}: cannot load tokenizer {source!r}: {str(e).splitlines()[0]}") from None
 

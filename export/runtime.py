@@ -103,7 +103,7 @@ class OnnxPipeline:
         if self._tokenizer is None:
             from composer.tokenizer import load_tokenizer
 
-            self._tokenizer = load_tokenizer(str(self.root / self.manifest["tokenizer"]), "tokenizer")
+            self._tokenizer = load_tokenizer(str(self.root / self.manifest["tokenizer"]), "tokenizer", local=True)
         return self._tokenizer
 
     def processor(self, m: str):

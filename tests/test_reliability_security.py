@@ -173,3 +173,31 @@ def test_hub_spec_llm_dir_outside_the_repo_is_refused_and_local_specs_are_truste
     local.write_text(yaml.safe_dump(d))
     with pytest.raises(InputError, match=r"^llm.model: cannot load '"):  # looked up, not refused: no such dir
         build(local)
+
+
+@pytest.mark.parametrize("part", ["tokenizer", "processors/image"])
+def test_a_local_checkpoint_missing_a_part_never_reaches_the_network(tmp_path, monkeypatch, part):
+    """Issue 22, item 2: with HF_HUB_OFFLINE unset and every socket connect failing loudly, a
+    checkpoint without tokenizer/ (or a processor dir) is one error naming the missing dir."""
+    import shutil
+    import socket
+
+    from helpers import make_model
+
+    from composer.errors import InputError
+    from composer.model import ComposedModel
+
+    ckpt = make_model("llama", 1).save_pretrained(tmp_path / "ckpt")
+    shutil.rmtree(ckpt / part)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    attempts = []
+
+    def no_network(self, address, *a, **k):
+        attempts.append(address)
+        raise AssertionError(f"network access to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(InputError, match=rf"{ckpt / part}: missing from the checkpoint"):
+        ComposedModel.from_pretrained(ckpt)
+    assert attempts == []
