@@ -41,14 +41,27 @@ def read_manifest(bundle: str | Path, *, check_files: bool = True) -> dict:
     unknown = sorted(str(g) for g in named if g not in graphs)
     if unknown:
         raise InputError(f"{path}: stages/encoders name graphs the manifest does not list: {unknown}")
+    dirs = [manifest.get("tokenizer", "tokenizer")] + [e.get("processor") for e in manifest["encoders"].values()]
+    for name in [*graphs, *(d for d in dirs if d)]:
+        inside(root, name, f"{path}: names")
     if check_files:
         for name in graphs:
             check_graph_file(root / name)
-        dirs = [manifest.get("tokenizer", "tokenizer")] + [e.get("processor") for e in manifest["encoders"].values()]
         for d in dirs:
             if d and not (root / d).is_dir():
                 raise InputError(f"{root / d}: missing from the bundle")
     return manifest
+
+
+def inside(root: Path, name: object, what: str) -> Path:
+    """``root / name``, refused unless ``name`` is a relative path that stays inside ``root``
+    (resolved: no ``..``, no absolute path, no symlink out): a bundle only names its own files."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise InputError(f"{what} {name!r}: not a relative path inside the bundle")
+    target = (root / name).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise InputError(f"{what} {name!r}: points outside the bundle")
+    return root / name
 
 
 def check_graph_file(path: Path) -> None:
@@ -69,7 +82,7 @@ def check_graph_file(path: Path) -> None:
             loc = info["location"]
             needed[loc] = max(needed.get(loc, 0), end)
     for loc, end in needed.items():
-        data = path.parent / loc
+        data = inside(path.parent, loc, f"{path}: external data")
         if not data.is_file():
             raise InputError(f"{data}: external data of {path.name} missing from the bundle")
         if data.stat().st_size < end:

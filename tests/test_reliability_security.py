@@ -201,3 +201,74 @@ def test_a_local_checkpoint_missing_a_part_never_reaches_the_network(tmp_path, m
     with pytest.raises(InputError, match=rf"{ckpt / part}: missing from the checkpoint"):
         ComposedModel.from_pretrained(ckpt)
     assert attempts == []
+
+
+def _manifest(tmp_path, **over):
+    import json
+
+    m = {
+        "format_version": 1,
+        "stages": [{"graph": "early_text.onnx"}],
+        "encoders": {"image": {"graph": "encoder.image.onnx", "processor": "processors/image"}},
+        "graphs": {"early_text.onnx": {}, "encoder.image.onnx": {}},
+        "llm": {},
+        "kv": {},
+        "generation": {},
+        "tokenizer": "tokenizer",
+    }
+    m.update(over)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    return bundle
+
+
+@pytest.mark.parametrize(
+    "over,named",
+    [
+        ({"tokenizer": "../tok"}, "'../tok'"),
+        ({"tokenizer": "/etc"}, "'/etc'"),
+        (
+            {
+                "stages": [{"graph": "../early.onnx"}],
+                "graphs": {"../early.onnx": {}, "encoder.image.onnx": {}},
+            },
+            "'../early.onnx'",
+        ),
+        ({"encoders": {"image": {"graph": "encoder.image.onnx", "processor": "../../p"}}}, "'../../p'"),
+    ],
+)
+def test_a_bundle_names_only_its_own_files(tmp_path, over, named):
+    """Issue 22, item 5: graphs, tokenizer and processors named with `..` or absolute paths."""
+    from composer.errors import InputError
+    from composer.export.manifest import read_manifest
+
+    bundle = _manifest(tmp_path, **over)
+    with pytest.raises(InputError, match=rf"{bundle / 'manifest.json'}: names {named}: "):
+        read_manifest(bundle, check_files=False)
+
+
+def test_a_symlink_out_of_the_bundle_and_outside_external_data_are_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from composer.errors import InputError
+    from composer.export.manifest import check_graph_file, read_manifest
+
+    (tmp_path / "elsewhere").mkdir()
+    bundle = _manifest(tmp_path)
+    (bundle / "tokenizer").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(InputError, match="'tokenizer': points outside the bundle"):
+        read_manifest(bundle, check_files=False)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"x" * 1000)
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2], data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", "../secret.bin"), ("offset", "0"), ("length", "8")):
+        w.external_data.add(key=k, value=v)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])], "g", [], [helper.make_tensor_value_info("y", 1, [2])], [w]
+    )
+    onnx.save(helper.make_model(graph), str(bundle / "g.onnx"))
+    with pytest.raises(InputError, match=r"external data '../secret.bin': points outside the bundle") as e:
+        check_graph_file(bundle / "g.onnx")
+    assert "1000" not in str(e.value)  # nothing about the outside file leaks
