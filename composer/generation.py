@@ -23,8 +23,23 @@ class Sampling:
 
     @classmethod
     def from_spec(cls, gen, **overrides) -> Sampling:
+        """The spec's ``generation`` settings with the call's overrides, validated as the spec is
+        (``max_new_tokens > 0``, ``temperature > 0`` and finite, ``top_k > 0``, ``0 < top_p <= 1``)."""
+        from pydantic import ValidationError
+
+        from composer.errors import InputError
+        from composer.spec import GenerationSpec
+
         values = {k: getattr(gen, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            GenerationSpec.model_validate(values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise InputError(f"{field}: {err['msg'].lower()}, got {err.get('input')!r}") from None
+        if values["temperature"] != values["temperature"] or values["temperature"] == float("inf"):
+            raise InputError(f"temperature: must be a finite number > 0, got {values['temperature']!r}")
         return cls(**values)
 
     def warpers(self):

@@ -231,3 +231,40 @@ def test_cli_train_resume_and_profile(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run("-o", tmp_path / "bad2", "--precision", "bf16")
     assert r.returncode == 2 and "needs a CUDA device" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"batch_size": 0}, "--batch-size must be an integer >= 1, got 0"),
+        ({"grad_accum": 0}, "--grad-accum must be an integer >= 1, got 0"),
+        ({"max_steps": -1}, "--max-steps must be an integer >= 1, got -1"),
+        ({"max_steps": 0}, "--max-steps must be an integer >= 1, got 0"),
+        ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+        ({"scheduler": "wobbly"}, "--scheduler must be one of .*, got 'wobbly'"),
+        ({"warmup_ratio": 1.5}, r"--warmup-ratio must be in \[0, 1\), got 1.5"),
+    ],
+)
+def test_bad_training_options_are_refused_before_any_output(tmp_path, bad, match):
+    """Issue 22, items 6-7: options that would train nothing or wrongly are one error, no output."""
+    cfg = _cfg(tmp_path, _data(tmp_path, n=3), **bad)
+    with pytest.raises(InputError, match=match):
+        train(_model(), cfg)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens: input should be greater than 0, got 0"),
+        ({"max_new_tokens": -1}, "max_new_tokens: input should be greater than 0, got -1"),
+        ({"temperature": float("nan")}, "temperature: .*got nan"),
+        ({"top_p": 5.0}, "top_p: input should be less than or equal to 1, got 5.0"),
+        ({"top_k": -5}, "top_k: input should be greater than 0, got -5"),
+    ],
+)
+def test_bad_generation_settings_are_refused(kw, match):
+    model = _model().eval()
+    batch = model.prepare([model.format_prompt("q")], image=[torch.randn(3, 32, 32)])
+    with pytest.raises(InputError, match=match):
+        model.generate(**batch, **kw)

@@ -75,6 +75,31 @@ class TrainConfig:
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def check(self) -> None:
+        """One ``InputError`` naming the option for a value that would train nothing or silently
+        wrong (checked before any output is touched)."""
+        from transformers import SchedulerType
+
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs}
+        positive.update({k: v for k in ("max_steps", "max_length") if (v := getattr(self, k)) is not None})
+        for name, v in positive.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        for name in ("save_every", "eval_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise InputError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        names = [t.value for t in SchedulerType]
+        if self.scheduler not in names:
+            raise InputError(f"--scheduler must be one of {names}, got {self.scheduler!r}")
+
 
 def apply_stage(model, stage: int | None) -> None:
     """Set ``requires_grad`` for a stage preset (None: keep the spec's modes)."""
@@ -227,6 +252,7 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
 
     from composer.train import checkpoints as ckpts
 
+    cfg.check()
     out = Path(cfg.output)
     if eng.main:
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (cfg.resume or cfg.overwrite):
