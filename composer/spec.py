@@ -521,12 +521,29 @@ def _scan_events(events, source: str) -> None:
             )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the last
+    one silently: a spec with two ``insert_at:`` lines would build something the reader did not see)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys fail in construct_mapping with their own error
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` (plain data: tags that construct Python objects are refused) behind
-    ``_check_yaml_shape``; every failure is a one-line ``SpecError`` naming ``source``."""
+    """``yaml.safe_load`` (plain data: tags that construct Python objects are refused; a key
+    given twice in one mapping is refused) behind ``_check_yaml_shape``; every failure is a
+    one-line ``SpecError`` naming ``source``."""
     try:
         _check_yaml_shape(text, source)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -419,3 +419,19 @@ def test_mismatched_widths_and_layers_are_field_errors():
         _get(d, path[:-1])[path[-1]] = value
         msg = _check(_write(yaml.safe_dump(d)))
         assert msg is not None and expected in msg, (path, msg)
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    """Issue 22, item 6: PyYAML keeps the last of two equal keys; a spec must not build what its
+    reader did not see."""
+    import yaml as _yaml
+    from helpers import spec_dict
+
+    text = _yaml.safe_dump(spec_dict(insert_at=1), sort_keys=False).replace(
+        "    insert_at: 1\n", "    insert_at: 1\n    insert_at: 3\n"
+    )
+    assert text.count("insert_at") == 2
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=rf"{path}: invalid YAML at line \d+, column 5: duplicate key 'insert_at'"):
+        load_spec(path)
