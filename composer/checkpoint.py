@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -74,6 +75,28 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         old.unlink(missing_ok=True)
 
 
+def current_umask() -> int:
+    with _UMASK_LOCK:  # os.umask can only be read by setting it
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def honour_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a user's umask gives new files and dirs:
+    ``mkdtemp`` makes 0700 dirs and some writers (safetensors) 0600 files, which would leave
+    outputs that the user's group cannot read although every other file they write can be."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_dir(out_dir: Path, overwrite: bool):
     """Context manager yielding a temp dir (``.<name>.tmp-*``, a sibling of ``out_dir``) that
     replaces ``out_dir`` when the block completes. On any exception, KeyboardInterrupt or (with
@@ -89,6 +112,7 @@ def atomic_dir(out_dir: Path, overwrite: bool):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
             yield tmp
+            honour_umask(tmp)
             with signals_deferred():
                 _swap_into_place(tmp, out_dir)
         except BaseException:

@@ -208,3 +208,20 @@ def test_pull_failing_mid_copy_leaves_nothing_or_the_previous_output(tmp_path, m
     with pytest.raises(OSError, match="connection reset"):
         hub.pull("alice/tiny", out, overwrite=True)
     assert tree(out) == before and not list(tmp_path.glob(".pulled.*"))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_honour_the_umask(tmp_path, mask):
+    """Issue 22, item 8: a checkpoint's dir and files get the modes of any file the user writes."""
+    import os
+    import stat
+
+    old = os.umask(mask)
+    try:
+        out = make_model("llama", 1).save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for p in out.rglob("*"):
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(p.stat().st_mode) == want, p
