@@ -40,6 +40,7 @@ from composer.layout import graph_stages
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+MIN_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18 and later (an older request became 18 silently)
 ONNX_DTYPES = {"fp32": "float", "fp16": "float16"}  # as onnx.TensorProto names them (lower case)
 
 
@@ -125,6 +126,12 @@ def export_onnx(
 
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if opset is not None:
+        import onnx
+
+        top = onnx.defs.onnx_opset_version()
+        if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+            raise InputError(f"--opset must be in [{MIN_OPSET}, {top}] (torch's ONNX exporter and onnx), got {opset!r}")
     say = progress or (lambda s: None)
     tdt = DTYPES[dtype]
     m = merged_for_export(model, tdt)

@@ -243,3 +243,13 @@ def test_sessions_do_not_spin_between_graphs(small_bundle):
         s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
         for s in spinning.sessions.values()
     } == {"1"}
+
+
+@pytest.mark.parametrize("opset", [5, 17, 99])
+def test_an_unsupported_opset_is_refused_before_writing(tmp_path, opset):
+    """Issue 22, items 6-7: `--opset 5` used to write opset 18; 99 ended in a traceback."""
+    from composer.errors import InputError
+
+    with pytest.raises(InputError, match=rf"--opset must be in \[18, \d+\] .*got {opset}"):
+        export_onnx(make_model("llama", 1), tmp_path / "b", opset=opset)
+    assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
