@@ -10,6 +10,21 @@ import torch
 
 from composer.adapters.encoder import HFEncoder
 
+MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: past it, an image file is refused before it is decoded
+
+
+def to_rgb(im):
+    """A PIL image -> 8-bit RGB. 16- and 32-bit integer greyscale (16-bit PNGs open as ``I;16`` or
+    ``I``) are scaled to 8 bits; ``convert("RGB")`` alone clips them, turning most pictures white."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)
+        a = np.clip(a, 0, 65535) // 257  # 16-bit range -> 8 bits
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
 
 def load_images(processor, items: list) -> torch.Tensor:
     """Image files, PIL images or (3, H, W) tensors -> pixel_values (n, 3, H, W)."""
@@ -22,12 +37,15 @@ def load_images(processor, items: list) -> torch.Tensor:
     images = []
     for x in items:
         if isinstance(x, Image.Image):
-            images.append(x.convert("RGB"))
+            images.append(to_rgb(x))
             continue
         try:
             with Image.open(x) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, ValueError, TypeError) as e:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise InputError(f"{x}: image of {w} x {h} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
+                images.append(to_rgb(im))
+        except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
             raise InputError(f"{x}: cannot read image ({type(e).__name__}: {e})") from None
     return processor(images=images, return_tensors="pt")["pixel_values"]
 

@@ -191,3 +191,34 @@ def test_cli_generate_with_a_prompt_longer_than_the_context(model, tmp_path, cap
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: prompt 0: ") and "exceed the LLM's context of 512 positions" in err
+
+
+def test_16_bit_pngs_are_scaled_not_clipped(model, tmp_path):
+    """Issue 22, item 6: convert("RGB") clipped 16-bit greyscale to white; it is scaled to 8 bits."""
+    import numpy as np
+    from PIL import Image
+
+    from composer.adapters.vision import to_rgb
+
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")
+        rgb = np.asarray(to_rgb(im))
+    assert np.array_equal(rgb[..., 0], (ramp.astype(np.int64) // 257).astype(np.uint8))
+    Image.fromarray((ramp // 257).astype(np.uint8), "L").convert("RGB").save(tmp_path / "g8.png")
+    a = model.prepare([model.format_prompt("q")], image=[str(tmp_path / "g16.png")])["image"]
+    b = model.prepare([model.format_prompt("q")], image=[str(tmp_path / "g8.png")])["image"]
+    assert torch.equal(a, b)
+
+
+def test_an_image_past_the_pixel_limit_is_refused_by_name(model, tmp_path, monkeypatch):
+    """Issue 22, item 4: the size is read from the header and refused before decoding (exit 2)."""
+    from PIL import Image
+
+    import composer.adapters.vision as vision
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+    monkeypatch.setattr(vision, "MAX_IMAGE_PIXELS", 1000)
+    got = _raises(lambda: model.prepare([model.format_prompt("q")], image=[str(tmp_path / "big.png")]), "exceeds")
+    assert got == f"{tmp_path / 'big.png'}: image of 40 x 30 pixels exceeds the limit of 1000 pixels"
