@@ -68,8 +68,8 @@ def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
         raise InputError(
             f"{path}: truncated WAV (the header says {frames} frames, the file holds {len(data) // frame_bytes})"
         )
-    if rate <= 0:
-        raise InputError(f"{path}: invalid sampling rate {rate} in the WAV header")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise InputError(f"{path}: sampling rate {rate} Hz in the WAV header is outside [{MIN_RATE}, {MAX_RATE}] Hz")
     samples = _pcm_to_float(data, width, str(path)).reshape(-1, channels)
     return samples.mean(axis=1, dtype=np.float64).astype(np.float32), rate
 
@@ -105,23 +105,46 @@ def resample(
     """
     if orig_sr == target_sr:
         return x
+    for sr in (orig_sr, target_sr):
+        if not MIN_RATE <= sr <= MAX_RATE:
+            raise InputError(f"sampling rate {sr} Hz is outside [{MIN_RATE}, {MAX_RATE}] Hz")
     g = math.gcd(orig_sr, target_sr)
     up, down = target_sr // g, orig_sr // g
     fc = 0.5 * min(1.0, up / down) * rolloff  # cut-off, cycles per input sample
     half = math.ceil(zeros / (2 * fc))  # taps each side of the output time
     j = np.arange(-half + 1, half + 1)  # tap offsets from floor(t)
-    d = np.arange(up)[:, None] / up - j[None, :]  # (up, taps): distance t - k per phase
-    u = np.clip(d * (2 * fc) / zeros, -1.0, 1.0)
-    bank = 2 * fc * np.sinc(2 * fc * d) * np.i0(beta * np.sqrt(1.0 - u**2)) / np.i0(beta)
-    bank /= bank.sum(axis=1, keepdims=True)
     n_out = -(-len(x) * up // down)  # ceil
     xp = np.pad(x.astype(np.float64), (half, half + 1))
     windows = np.lib.stride_tricks.sliding_window_view(xp, len(j))  # windows[s] = xp[s : s + taps]
     out = np.empty(n_out, np.float64)
-    for p in range(min(up, n_out)):  # outputs p, p + up, ...: input base (p * down) // up + m * down
-        rows = windows[(p * down) // up + 1 :: down][: len(range(p, n_out, up))]
-        out[p::up] = rows @ bank[(p * down) % up]  # fractional offset of output p
+    if up <= MAX_PHASES:  # every fractional offset exactly: `up` phases, each output row a strided view
+        bank = _sinc_bank(np.arange(up) / up, j, fc, zeros, beta)
+        for p in range(min(up, n_out)):  # outputs p, p + up, ...: input base (p * down) // up + m * down
+            rows = windows[(p * down) // up + 1 :: down][: len(range(p, n_out, up))]
+            out[p::up] = rows @ bank[(p * down) % up]  # fractional offset of output p
+        return out.astype(np.float32)
+    # An odd ratio (e.g. 44,101 Hz: 16,000 phases): offsets rounded to MAX_PHASES phases (error
+    # < 1 / (2 * MAX_PHASES) of a sample), outputs in chunks, so memory stays bounded whatever the rates.
+    bank = _sinc_bank(np.arange(MAX_PHASES + 1) / MAX_PHASES, j, fc, zeros, beta)
+    for start in range(0, n_out, 4096):
+        n = np.arange(start, min(n_out, start + 4096))
+        base, frac = np.divmod(n * down, up)  # input time n * down / up = base + frac / up
+        phase = np.rint(frac * MAX_PHASES / up).astype(np.int64)
+        out[n] = np.einsum("nt,nt->n", windows[base + 1], bank[phase])
     return out.astype(np.float32)
+
+
+MIN_RATE, MAX_RATE = 1_000, 768_000  # Hz: what audio files and devices use; the resampler refuses others
+MAX_PHASES = 1024  # filter-bank rows computed exactly; past it, fractional offsets are rounded
+
+
+def _sinc_bank(offsets: np.ndarray, j: np.ndarray, fc: float, zeros: int, beta: float) -> np.ndarray:
+    """(len(offsets), taps) Kaiser-windowed sinc low-pass taps at ``offsets`` (fractions of a
+    sample past each tap's base), each row normalised to unit DC gain."""
+    d = offsets[:, None] - j[None, :]  # distance t - k per phase
+    u = np.clip(d * (2 * fc) / zeros, -1.0, 1.0)
+    bank = 2 * fc * np.sinc(2 * fc * d) * np.i0(beta * np.sqrt(1.0 - u**2)) / np.i0(beta)
+    return bank / bank.sum(axis=1, keepdims=True)
 
 
 def _waveform(item: Any, index: int, rate: int, keep: int) -> np.ndarray:
@@ -134,8 +157,8 @@ def _waveform(item: Any, index: int, rate: int, keep: int) -> np.ndarray:
         if len(item) != 2 or not isinstance(item[1], (int, np.integer)) or isinstance(item[1], bool):
             raise InputError(f"{where}: a tuple must be (waveform, sampling_rate: int)")
         wav, sr = _array(item[0], where), int(item[1])
-        if sr <= 0:
-            raise InputError(f"{where}: sampling rate must be positive, got {sr}")
+        if not MIN_RATE <= sr <= MAX_RATE:
+            raise InputError(f"{where}: sampling rate must be in [{MIN_RATE}, {MAX_RATE}] Hz, got {sr}")
     elif isinstance(item, np.ndarray):
         wav, sr = _array(item, where), rate
     else:

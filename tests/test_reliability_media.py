@@ -169,7 +169,7 @@ def test_audio_batch_with_an_empty_and_a_truncated_wav(tmp_path):
     assert (alone["audio"][0][:frames] - alone["audio"][1][:frames])[loud].abs().max() < 0.05
     _raises(
         lambda: audio.prepare([prompts[0]], audio=[(tone16, 0)]),
-        r"^audio item 0: sampling rate must be positive, got 0$",
+        r"^audio item 0: sampling rate must be in \[1000, 768000\] Hz, got 0$",
     )
 
 
@@ -222,3 +222,41 @@ def test_an_image_past_the_pixel_limit_is_refused_by_name(model, tmp_path, monke
     monkeypatch.setattr(vision, "MAX_IMAGE_PIXELS", 1000)
     got = _raises(lambda: model.prepare([model.format_prompt("q")], image=[str(tmp_path / "big.png")]), "exceeds")
     assert got == f"{tmp_path / 'big.png'}: image of 40 x 30 pixels exceeds the limit of 1000 pixels"
+
+
+def test_absurd_wav_rates_are_refused_and_odd_ratios_stay_small(tmp_path):
+    """Issue 22, item 4: a 4 KB WAV whose header said 1,000,003 Hz made the resampler allocate
+    gigabytes (4,294,967,291 Hz: terabytes). Rates outside [1 kHz, 768 kHz] are refused by name;
+    an odd ratio inside the range resamples with bounded memory and stays accurate."""
+    import struct
+    import tracemalloc
+
+    import numpy as np
+
+    from composer.adapters.audio import read_wav, resample
+
+    for rate in (1_000_003, 4_294_967_291, 0):
+        path = tmp_path / f"r{rate}.wav"
+        data = np.zeros(2000, "<i2").tobytes()
+        header = (
+            b"RIFF"
+            + struct.pack("<I", 36 + len(data))
+            + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2 % 2**32, 2, 16)
+            + b"data"
+            + struct.pack("<I", len(data))
+        )
+        path.write_bytes(header + data)
+        with pytest.raises(InputError, match=rf"{path}: (sampling rate {rate} Hz in the WAV header is outside|cannot)"):
+            read_wav(path)
+    sr = 44_101  # gcd(44101, 16000) = 1: 16,000 phases exactly
+    t = np.arange(sr) / sr
+    tone = np.sin(2 * np.pi * 1000 * t).astype(np.float32)
+    tracemalloc.start()
+    out = resample(tone, sr, 16000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200e6, peak
+    want = np.sin(2 * np.pi * 1000 * np.arange(len(out)) / 16000)
+    inner = slice(200, len(out) - 200)  # away from the zero-padded ends
+    assert np.abs(out[inner] - want[inner]).max() < 2e-3
