@@ -116,11 +116,16 @@ def featurize(item) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, in
     return atoms, bonds
 
 
+DEFAULT_MAX_ATOMS = 512
+
+
 @dataclasses.dataclass
 class MoleculeProcessor:
     """SMILES strings -> padded dense graph tensors (see the module docstring).
 
-    ``max_atoms``: refuse larger molecules (the bond tensors grow with atoms squared); None = no limit.
+    ``max_atoms``: refuse larger molecules (the bond tensors grow with atoms squared; RDKit's
+    parse time with the string): default 512 atoms (MolCA's molecules have tens), null = the
+    default. A SMILES string longer than 16 characters per allowed atom is refused unparsed.
     """
 
     max_atoms: int | None = None
@@ -129,13 +134,24 @@ class MoleculeProcessor:
         if self.max_atoms is not None and (not isinstance(self.max_atoms, int) or self.max_atoms < 1):
             raise ValueError(f"max_atoms must be a positive integer or null, got {self.max_atoms!r}")
 
+    @property
+    def atom_limit(self) -> int:
+        return self.max_atoms or DEFAULT_MAX_ATOMS
+
     def __call__(self, items: list) -> dict[str, torch.Tensor]:
+        for x in items:
+            if isinstance(x, str) and len(x) > 16 * self.atom_limit:
+                raise InputError(
+                    f"SMILES of {len(x)} characters: longer than any molecule of at most {self.atom_limit} atoms "
+                    "(max_atoms)"
+                )
         graphs = [featurize(x) for x in items]
         n, width = len(graphs), max(len(atoms) for atoms, _ in graphs)
-        if self.max_atoms is not None and width > self.max_atoms:
+        if width > self.atom_limit:
             i = next(i for i, (atoms, _) in enumerate(graphs) if len(atoms) == width)
             raise InputError(
-                f"molecule {items[i]!r} has {width} atoms; this processor allows {self.max_atoms} (max_atoms)"
+                f"molecule {str(items[i])[:60]!r} has {width} atoms; "
+                f"this processor allows {self.atom_limit} (max_atoms)"
             )
         atom_features = torch.zeros(n, width, 2, dtype=torch.long)
         bond_features = torch.zeros(n, width, width, 2, dtype=torch.long)
