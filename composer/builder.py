@@ -34,10 +34,17 @@ def resolve_source(
     resolved the revision) becomes its snapshot dir in the HF cache: configs and tokenizer files,
     plus the weights when ``weights`` (``offline``: the cached snapshot as it is). A spec inside
     the HF cache (a Hub repo's snapshot) may only name files inside that snapshot."""
+    root = hub_snapshot_root(base_dir) if base_dir is not None else None
     if base_dir is not None:
         check_confined(value, base_dir, where)
     if base_dir is not None and not Path(value).is_absolute() and (base_dir / value).exists():
         return os.path.abspath(base_dir / value)  # not resolve(): HF cache files are symlinks to suffix-less blobs
+    if root is not None and not _names_a_hub_repo(value):
+        # a spec from the Hub naming a file its repo does not have: never fall back to the CWD
+        raise SpecError(
+            f"{where or 'spec'}: {value!r} is not in the Hub repo the spec came from ({root}); a spec from the "
+            "Hub may only name files inside its repo, or Hub ids"
+        )
     repo, rev = split_revision(value)
     if rev is not None and not Path(value).exists():
         from composer.hub.sources import pinned_snapshot
@@ -46,20 +53,28 @@ def resolve_source(
     return value
 
 
+def _names_a_hub_repo(value: str) -> bool:
+    """``owner/name`` or ``owner/name@rev`` (a repo, not a file in one)."""
+    from composer.hf_weights import is_hub_id
+
+    return is_hub_id(split_revision(value)[0])
+
+
 def hub_snapshot_root(base_dir: Path) -> Path | None:
     """The snapshot dir (``<HF cache>/models--o--n/snapshots/<commit>``) holding ``base_dir``, or
-    None when ``base_dir`` is not inside the Hugging Face cache. Compared lexically: the cache's
-    files are symlinks into ``blobs/``."""
+    None when ``base_dir`` is not inside the Hugging Face cache. Directories are compared by their
+    real paths (a cache reached through a symlink is still the cache); the snapshot dirs are real
+    directories, only the files in them are symlinks into ``blobs/``."""
     from huggingface_hub import constants
 
-    base = Path(os.path.abspath(base_dir))
+    base = Path(os.path.realpath(base_dir))
     for cache in {os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE, constants.HF_HUB_CACHE}:
         try:
-            parts = base.relative_to(os.path.abspath(cache)).parts
+            parts = base.relative_to(os.path.realpath(cache)).parts
         except ValueError:
             continue
         if len(parts) >= 3 and parts[1] == "snapshots":
-            return Path(os.path.abspath(cache), *parts[:3])
+            return Path(os.path.realpath(cache), *parts[:3])
         return base
     return None
 
@@ -71,7 +86,7 @@ def check_confined(value: str, base_dir: Path, where: str | None) -> None:
     root = hub_snapshot_root(base_dir)
     if root is None:
         return
-    target = os.path.normpath(os.path.join(os.path.abspath(base_dir), value))
+    target = os.path.normpath(os.path.join(os.path.realpath(base_dir), value))
     if Path(value).is_absolute() or os.path.commonpath([target, str(root)]) != str(root):
         raise SpecError(
             f"{where or 'spec'}: {value!r} points outside the Hub repo the spec came from ({root}); "

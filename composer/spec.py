@@ -543,7 +543,11 @@ def load_yaml(text: str, source: str) -> Any:
     one-line ``SpecError`` naming ``source``."""
     try:
         _check_yaml_shape(text, source)
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+        loader = _UniqueKeyLoader(text)  # a SafeLoader: what yaml.safe_load runs, plus the duplicate check
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -55,11 +55,15 @@ def read_manifest(bundle: str | Path, *, check_files: bool = True) -> dict:
 
 def inside(root: Path, name: object, what: str) -> Path:
     """``root / name``, refused unless ``name`` is a relative path that stays inside ``root``
-    (resolved: no ``..``, no absolute path, no symlink out): a bundle only names its own files."""
+    (resolved: no ``..``, no absolute path, no symlink out; in the HF cache, the repo's blobs/
+    are inside): a bundle only names its own files."""
     if not isinstance(name, str) or not name or Path(name).is_absolute():
         raise InputError(f"{what} {name!r}: not a relative path inside the bundle")
     target = (root / name).resolve()
-    if not target.is_relative_to(root.resolve()):
+    allowed = [root.resolve()]
+    if root.parent.name == "snapshots":  # a bundle in the HF cache: its files are symlinks into ../../blobs
+        allowed.append((root.parent.parent / "blobs").resolve())
+    if not any(target.is_relative_to(a) for a in allowed):
         raise InputError(f"{what} {name!r}: points outside the bundle")
     return root / name
 

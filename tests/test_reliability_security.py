@@ -272,3 +272,31 @@ def test_a_symlink_out_of_the_bundle_and_outside_external_data_are_refused(tmp_p
     with pytest.raises(InputError, match=r"external data '../secret.bin': points outside the bundle") as e:
         check_graph_file(bundle / "g.onnx")
     assert "1000" not in str(e.value)  # nothing about the outside file leaks
+
+
+def test_hub_spec_naming_a_file_its_repo_lacks_never_reads_the_cwd(tmp_path, monkeypatch):
+    """Issue 22, item 1: `private/mm_projector.safetensors`, absent from the repo, was read from the
+    user's working directory."""
+    spec_file = _hub_spec(tmp_path, monkeypatch, "private/mm_projector.safetensors")
+    cwd = tmp_path / "work"
+    (cwd / "private").mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, cwd / "private" / "mm_projector.safetensors")
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SpecError) as e:
+        build(spec_file)
+    assert str(e.value) == (
+        "modalities.image.projector.weights: 'private/mm_projector.safetensors' is not in the Hub repo the spec "
+        f"came from ({spec_file.parent}); a spec from the Hub may only name files inside its repo, or Hub ids"
+    )
+
+
+def test_hub_spec_in_a_cache_reached_through_a_symlink_is_still_confined(tmp_path, monkeypatch):
+    """Issue 22, item 1: with HF_HUB_CACHE a symlink, the check was skipped and /etc/passwd opened."""
+    real = tmp_path / "real"
+    real.mkdir()
+    spec_file = _hub_spec(real, monkeypatch, "/etc/passwd")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    via_link = link / spec_file.relative_to(real)  # HF_HUB_CACHE names the real dir; the spec path the link
+    with pytest.raises(SpecError, match=r"'/etc/passwd' points outside the Hub repo the spec came from"):
+        build(via_link)
