@@ -206,6 +206,7 @@ def check_weights(model, weights: Path) -> None:
     try:
         with safe_open(str(weights), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"{weights}: cannot load ({str(e).strip().splitlines()[0]})") from None
     state = model.state_dict()
@@ -221,6 +222,19 @@ def check_weights(model, weights: Path) -> None:
             raise InputError(
                 f"{weights}: {k} has shape {shape}, the model needs {tuple(state[k].shape)} (weights of another model?)"
             )
+        if _dtype_kind(dtypes[k]) != _dtype_kind(str(state[k].dtype)):
+            raise InputError(
+                f"{weights}: {k} is stored as {dtypes[k]}, the model holds {state[k].dtype} "
+                "(a float tensor must be stored as a float; the header may have been altered)"
+            )
+
+
+def _dtype_kind(name: str) -> str:
+    """float / int / bool for a safetensors dtype name (F32, BF16, I64, BOOL...) or a torch one."""
+    name = name.removeprefix("torch.").upper()
+    if name.startswith(("F", "BF")):
+        return "float"
+    return "bool" if name.startswith("BOOL") else "int"
 
 
 def is_checkpoint(path: str | Path) -> bool:

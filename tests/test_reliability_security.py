@@ -300,3 +300,27 @@ def test_hub_spec_in_a_cache_reached_through_a_symlink_is_still_confined(tmp_pat
     via_link = link / spec_file.relative_to(real)  # HF_HUB_CACHE names the real dir; the spec path the link
     with pytest.raises(SpecError, match=r"'/etc/passwd' points outside the Hub repo the spec came from"):
         build(via_link)
+
+
+def test_a_float_tensor_whose_header_says_int_is_refused(tmp_path):
+    """Issue 22, item 6: a header edited from F32 to I32 loaded and turned a norm weight into ~1e9."""
+    import json
+    import struct
+
+    from helpers import make_model
+
+    from composer.errors import InputError
+    from composer.model import ComposedModel
+
+    ckpt = make_model("llama", 1).save_pretrained(tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    raw = weights.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    key = "llm.model.norm.weight"
+    assert header[key]["dtype"] == "F32"
+    header[key]["dtype"] = "I32"  # same width: the byte offsets stay valid
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    weights.write_bytes(raw[:8] + text + raw[8 + n :])
+    with pytest.raises(InputError, match=rf"{weights}: {key} is stored as I32, the model holds torch.float32"):
+        ComposedModel.from_pretrained(ckpt)
