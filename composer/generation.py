@@ -73,8 +73,16 @@ def decode_loop(
     out = torch.empty((B, 0), dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool)
     eos_t = torch.tensor(eos, dtype=torch.long)
-    for _ in range(sampling.max_new_tokens):
+    for i in range(sampling.max_new_tokens):
         logits = step(out).float().cpu().clone()  # the backend may hand out its own buffer
+        bad = torch.isnan(logits).any(-1) & ~done  # rows still generating
+        if bool(bad.any()):
+            from composer.errors import ComposerError
+
+            raise ComposerError(
+                f"the model produced NaN logits at new token {i} (rows {bad.nonzero().flatten().tolist()}): "
+                "its weights or inputs hold NaN or overflow in this dtype"
+            )
         if banned:
             logits[:, banned] = float("-inf")
         if sampling.do_sample:

@@ -115,3 +115,14 @@ def test_right_padding_is_refused():
     batch = model.prepare(prompts, image=list(images(2)), padding_side="right")
     with pytest.raises(InputError, match="left-padded"):
         model.generate(**batch, max_new_tokens=2)
+
+
+def test_nan_weights_are_an_error_not_empty_text():
+    """Issue 22, item 6: a model (or bundle) whose weights are NaN generated empty text, exit 0."""
+    from composer.errors import ComposerError
+
+    model = make_model("llama", insert_at=2)
+    with torch.no_grad():
+        model.llm.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(ComposerError, match=r"NaN logits at new token 0 \(rows \[0, 1\]\)"):
+        model.generate(**_batch(model), max_new_tokens=3)
