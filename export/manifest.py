@@ -44,6 +44,7 @@ def read_manifest(bundle: str | Path, *, check_files: bool = True) -> dict:
     dirs = [manifest.get("tokenizer", "tokenizer")] + [e.get("processor") for e in manifest["encoders"].values()]
     for name in [*graphs, *(d for d in dirs if d)]:
         inside(root, name, f"{path}: names")
+    _check_structure(manifest, path)
     if check_files:
         for name in graphs:
             check_graph_file(root / name)
@@ -91,3 +92,35 @@ def check_graph_file(path: Path) -> None:
             raise InputError(f"{data}: external data of {path.name} missing from the bundle")
         if data.stat().st_size < end:
             raise InputError(f"{data}: external data of {path.name} is truncated ({data.stat().st_size} < {end} bytes)")
+
+
+def _check_structure(manifest: dict, path: Path) -> None:
+    """The fields the runtime reads, with their types: one error naming the field instead of a
+    KeyError or TypeError at the first prompt."""
+
+    def need(where: str, value, kind, ok=lambda v: True, want: str = "") -> None:
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind) or not ok(value):
+            raise InputError(f"{path}: {where}: want {want or kind.__name__}, got {value!r}"[:300])
+
+    need("dtype", manifest.get("dtype"), str, lambda v: v in ("fp32", "fp16"), "'fp32' or 'fp16'")
+    stages = manifest["stages"]
+    need("stages", stages, list, lambda v: len(v) >= 2, "a list of at least two stages")
+    for i, st in enumerate(stages):
+        need(f"stages[{i}]", st, dict)
+        for key in ("start", "end"):
+            need(f"stages[{i}].{key}", st.get(key), int, lambda v: v >= 0, "an integer >= 0")
+        need(f"stages[{i}].enter", st.get("enter"), list)
+        need(f"stages[{i}].last", st.get("last"), bool)
+    need("stages[-1].last", stages[-1].get("last"), bool, lambda v: v, "true")
+    llm, kv, gen = manifest["llm"], manifest["kv"], manifest["generation"]
+    need("llm", llm, dict)
+    for key in ("num_layers", "hidden_size", "vocab_size"):
+        need(f"llm.{key}", llm.get(key), int, lambda v: 0 < v < 2**31, "a positive integer")
+    need("kv", kv, dict)
+    for key in ("num_kv_heads", "head_dim"):
+        need(f"kv.{key}", kv.get(key), int, lambda v: 0 < v < 2**31, "a positive integer")
+    need("generation", gen, dict)
+    need("generation.eos_token_id", gen.get("eos_token_id"), list)
+    need("generation.banned_token_ids", gen.get("banned_token_ids"), list)
+    need("generation.pad_token_id", gen.get("pad_token_id"), int)
+    need("encoders", manifest["encoders"], dict, lambda v: len(v) > 0, "at least one encoder")

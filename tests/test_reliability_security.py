@@ -324,3 +324,31 @@ def test_a_float_tensor_whose_header_says_int_is_refused(tmp_path):
     weights.write_bytes(raw[:8] + text + raw[8 + n :])
     with pytest.raises(InputError, match=rf"{weights}: {key} is stored as I32, the model holds torch.float32"):
         ComposedModel.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.update(llm={}), r"llm.num_layers: want a positive integer, got None"),
+        (lambda m: m.update(stages=[]), r"stages: want a list of at least two stages, got \[\]"),
+        (lambda m: m.update(dtype="fp8"), r"dtype: want 'fp32' or 'fp16', got 'fp8'"),
+        (lambda m: m["kv"].update(head_dim="64"), r"kv.head_dim: want a positive integer, got '64'"),
+    ],
+)
+def test_a_malformed_manifest_names_the_field(tmp_path, edit, match):
+    """Issue 22, item 7: `llm: {}`, empty `stages`, an unknown dtype were a KeyError/traceback."""
+    import json
+
+    from helpers import make_model
+
+    from composer.errors import InputError
+    from composer.export.exporter import export_onnx
+    from composer.export.manifest import read_manifest
+
+    bundle = export_onnx(make_model("llama", 1), tmp_path / "b")
+    read_manifest(bundle)  # the exported manifest passes
+    m = json.loads((bundle / "manifest.json").read_text())
+    edit(m)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(InputError, match=rf"{bundle / 'manifest.json'}: {match}"):
+        read_manifest(bundle)
