@@ -20,7 +20,7 @@ from composer.errors import ComposerError, InputError
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    con = Console(stderr=stderr, highlight=False)
+    con = Console(stderr=stderr, highlight=False, markup=False)  # names from specs are text, not rich markup
     if not con.is_terminal:
         con.width = max(con.width, 120)  # logs and pipes: do not wrap the tables
     return con

@@ -435,3 +435,21 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
     path.write_text(text)
     with pytest.raises(SpecError, match=rf"{path}: invalid YAML at line \d+, column 5: duplicate key 'insert_at'"):
         load_spec(path)
+
+
+def test_rich_markup_in_a_name_is_printed_as_text(tmp_path, capsys):
+    """Issue 22, item 7: `name: "x[/bold]"` crashed the table printer (and export then reported
+    failure after writing the bundle)."""
+    import yaml as _yaml
+    from helpers import spec_dict
+
+    from composer.cli import main
+
+    d = spec_dict(insert_at=1)
+    d["name"] = "x[/bold] [red]y"
+    spec = tmp_path / "s.yaml"
+    spec.write_text(_yaml.safe_dump(d))
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", str(spec)])
+    assert e.value.code == 0
+    assert "x[/bold] [red]y" in capsys.readouterr().out
