@@ -268,3 +268,21 @@ def test_bad_generation_settings_are_refused(kw, match):
     batch = model.prepare([model.format_prompt("q")], image=[torch.randn(3, 32, 32)])
     with pytest.raises(InputError, match=match):
         model.generate(**batch, **kw)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_invalid_utf8_and_deep_nesting_are_bad_records(tmp_path, skip):
+    """Issue 22, item 7: both ended in a traceback, even with --skip-bad-records."""
+    data = _data(tmp_path, n=3)
+    with data.open("ab") as f:
+        f.write(b'{"image": "img0.png", "prompt": "\\xff\\xfe", "response": "a"}\n'.replace(b"\\xff\\xfe", b"\xff\xfe"))
+        f.write(b"[" * 200_000 + b"]" * 200_000 + b"\n")
+    if skip:
+        assert len(read_jsonl(data, {"image": "<image>"}, on_bad="skip")) == 3
+        return
+    with pytest.raises(InputError, match=r"train.jsonl:4: 'utf-8' codec can't decode byte 0xff"):
+        read_jsonl(data, {"image": "<image>"})
+    lines = data.read_bytes().splitlines(keepends=True)
+    data.write_bytes(b"".join(lines[:3] + lines[4:]))
+    with pytest.raises(InputError, match=r"train.jsonl:4: JSON nested too deeply"):
+        read_jsonl(data, {"image": "<image>"})

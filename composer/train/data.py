@@ -29,6 +29,7 @@ from composer.errors import InputError
 from composer.prompting import has_chat_template
 
 log = logging.getLogger("composer.train.data")
+MAX_RECORD_CHARS = 1_000_000  # one JSONL record (a conversation); media are files, not inline
 IGNORE_INDEX = -100
 
 
@@ -96,18 +97,22 @@ def read_jsonl(
         raise InputError(f"{path}: data file not found")
     root = Path(media_root) if media_root else path.parent
     out: list[Example] = []
-    with path.open(encoding="utf-8", errors="strict") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:  # bytes: a line of invalid UTF-8 is one bad record, not a crash mid-file
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8")
+                if len(line) > MAX_RECORD_CHARS:
+                    raise ValueError(f"record of {len(line)} characters exceeds {MAX_RECORD_CHARS}")
                 ex = parse_record(json.loads(line), modalities, root)
                 for m, paths in ex.items.items():
                     for p in paths:
                         if not Path(p).is_file():
                             raise ValueError(f"{m} file not found: {p}")
-            except (ValueError, UnicodeDecodeError) as e:
-                msg = f"{path}:{n}: {e}"
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                reason = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)
+                msg = f"{path}:{n}: {reason}"
                 if on_bad == "fail":
                     raise InputError(msg) from None
                 log.warning("skipping bad record %s", msg)
