@@ -357,12 +357,15 @@ def _check_inline_config(config: dict[str, Any], families: tuple[str, ...], wher
     for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
         v = config.get(key)
         if not _pos_int(v):
-            raise _FieldError(f"config.{key}", "must be a positive integer", v)
+            raise _FieldError(f"config.{key}", f"must be a positive integer up to {MAX_SIZE}", v)
     _check_heads(config)
 
 
+MAX_SIZE = 2**31 - 1  # past any real model size, and what torch's int32 indexing can reach
+
+
 def _pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIZE
 
 
 def _check_heads(config: dict[str, Any]) -> None:
@@ -388,7 +391,7 @@ def _check_heads(config: dict[str, Any]) -> None:
     ):
         v = config.get(key)
         if v is not None and not _pos_int(v):
-            raise _FieldError(f"config.{key}", "must be a positive integer", v)
+            raise _FieldError(f"config.{key}", f"must be a positive integer up to {MAX_SIZE}", v)
     h, n, kv = config.get("hidden_size"), config.get("num_attention_heads"), config.get("num_key_value_heads")
     if n is None:
         return

@@ -108,7 +108,7 @@ def _mut(fn):
         ),
         (
             lambda d: d["llm"]["config"].update(num_hidden_layers=0),
-            "llm.config.num_hidden_layers: must be a positive integer, got 0",
+            "llm.config.num_hidden_layers: must be a positive integer up to 2147483647, got 0",
         ),
         (
             lambda d: d["llm"].update(dtype="float64"),
@@ -181,3 +181,11 @@ def test_a_spec_without_a_prompt_section_is_valid_and_formats_without_a_template
     assert model.format_prompt("What is it?") == "<image>\nWhat is it?"  # the byte tokenizer has no chat template
     batch = model.prepare([model.format_prompt("What is it?")], image=[torch.zeros(3, 32, 32)])
     assert int((batch["input_ids"] == model.placeholder_ids["image"]).sum()) == model.num_tokens("image")
+
+
+def test_an_absurd_size_names_the_field():
+    """Issue 22, item 7: vocab_size 10**30 ended as the message `llm.config: "`."""
+    d = spec_dict()
+    d["llm"]["config"]["vocab_size"] = 10**30
+    with pytest.raises(SpecError, match=r"llm.config.vocab_size: must be a positive integer up to 2147483647, got 1"):
+        parse_spec(d)
