@@ -296,3 +296,37 @@ def test_checkpoint_and_bundle_hold_no_pickles(saved, exported):
     for root in (saved[0], exported[2]):
         suffixes = {p.suffix for p in root.rglob("*") if p.is_file()}
         assert not suffixes & {".bin", ".pt", ".pth", ".pkl", ".pickle"}, (root, suffixes)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m["state"].update(step="x"), r"state.step must be a non-negative integer .*got 'x'"),
+        (lambda m: m["state"].update(seen=-3), r"state.seen must be a non-negative integer .*got -3"),
+        (lambda m: m.update(world_size=0), r"world_size must be a non-negative integer .*got 0"),
+        (lambda m: m.update(param_names="all"), r"param_names must be a list of parameter names"),
+        (lambda m: m.update(scheduler=[1]), r"scheduler must be a JSON object, got list"),
+    ],
+)
+def test_a_tampered_trainer_state_names_the_field(tmp_path, edit, match):
+    """Issue 22, item 7: a trainer_state.json with wrong types ended in a traceback on --resume."""
+    import json
+
+    from composer.train.checkpoints import CKPT_FORMAT, read_meta
+
+    meta = {
+        "format_version": CKPT_FORMAT,
+        "state": {"step": 2, "epoch": 0, "seen": 4},
+        "world_size": 1,
+        "param_names": ["a"],
+        "optimizer_scalars": {},
+        "scheduler": {},
+    }
+    read_meta_dir = tmp_path / "step"
+    read_meta_dir.mkdir()
+    (read_meta_dir / "trainer_state.json").write_text(json.dumps(meta))
+    assert read_meta(read_meta_dir)["state"]["step"] == 2
+    edit(meta)
+    (read_meta_dir / "trainer_state.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=match):
+        read_meta(read_meta_dir)

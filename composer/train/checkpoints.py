@@ -144,6 +144,17 @@ def read_meta(path: Path) -> dict:
         raise InputError(f"{state_file}: not a trainer state of this composer version (needs the keys {list(keys)})")
     if meta["format_version"] != CKPT_FORMAT:
         raise InputError(f"{state_file}: checkpoint format {meta['format_version']}, this composer reads {CKPT_FORMAT}")
+    state = meta["state"]
+    fields = {f"state.{k}": state.get(k) if isinstance(state, dict) else None for k in ("step", "epoch", "seen")}
+    fields["world_size"] = meta["world_size"]
+    for name, v in fields.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "world_size" else 0):
+            raise InputError(f"{state_file}: {name} must be a non-negative integer (world_size >= 1), got {v!r}")
+    if not isinstance(meta["param_names"], list) or not all(isinstance(n, str) for n in meta["param_names"]):
+        raise InputError(f"{state_file}: param_names must be a list of parameter names")
+    for key in ("optimizer_scalars", "scheduler"):
+        if not isinstance(meta[key], dict):
+            raise InputError(f"{state_file}: {key} must be a JSON object, got {type(meta[key]).__name__}")
     return meta
 
 
