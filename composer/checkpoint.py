@@ -58,10 +58,13 @@ def signals_deferred():
             signal.raise_signal(got[0])  # delivered now, to the restored handler
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+def _swap_into_place(tmp: Path, out_dir: Path, overwrite: bool = True) -> None:
     if not out_dir.exists():
         tmp.rename(out_dir)
         return
+    if not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        # something appeared at OUTPUT while we wrote (checked again at swap time): never clobber it
+        raise InputError(f"{out_dir}: was created while this command ran; not replaced (pass --overwrite)")
     old = out_dir.with_name(f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
     out_dir.rename(old)
     try:
@@ -73,6 +76,18 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink(missing_ok=True)
+
+
+def check_output_apart(out: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output dir equal to, inside, or holding one of the command's inputs: replacing
+    it would destroy the input (``compose export m -o m --overwrite`` deleted its own checkpoint)."""
+    o = Path(os.path.realpath(out))
+    for what, p in inputs.items():
+        if p is None:
+            continue
+        i = Path(os.path.realpath(p))
+        if o == i or o.is_relative_to(i) or i.is_relative_to(o):
+            raise InputError(f"-o {out}: overlaps the {what} {p}; write the output elsewhere")
 
 
 def current_umask() -> int:
@@ -114,7 +129,7 @@ def atomic_dir(out_dir: Path, overwrite: bool):
             yield tmp
             honour_umask(tmp)
             with signals_deferred():
-                _swap_into_place(tmp, out_dir)
+                _swap_into_place(tmp, out_dir, overwrite)
         except BaseException:
             with signals_deferred():
                 shutil.rmtree(tmp, ignore_errors=True)

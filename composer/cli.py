@@ -277,8 +277,12 @@ def train(
       torchrun --nproc-per-node 8 -m composer.cli train ...
       accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml -m composer.cli train ...
     """
+    from composer.checkpoint import check_output_apart
     from composer.train.loop import TrainConfig
     from composer.train.loop import train as run_train
+
+    if Path(target).is_dir():  # a checkpoint trained into itself would be overwritten as it is read
+        check_output_apart(out, {"checkpoint": target})
 
     cfg = TrainConfig(
         data=data,
@@ -349,6 +353,9 @@ def export(checkpoint: Path, out: Path, verify: bool, dtype: str, opset: int | N
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: exists and is not empty (pass --overwrite)")
     con = _console()
+    from composer.checkpoint import check_output_apart
+
+    check_output_apart(out, {"checkpoint": checkpoint})
     model = load_pretrained(_checkpoint_dir(str(checkpoint)))
     with con.status("exporting") as status:
         export_onnx(model, out, dtype=dtype, opset=opset, overwrite=overwrite, progress=lambda s: status.update(s))

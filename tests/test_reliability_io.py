@@ -96,10 +96,10 @@ def _deferred_swap_checks(tmp_path, monkeypatch):
 
     real = ck._swap_into_place
 
-    def swap_with_a_signal(tmp, out_dir):
+    def swap_with_a_signal(tmp, out_dir, overwrite):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
-        real(tmp, out_dir)
+        real(tmp, out_dir, overwrite)
 
     monkeypatch.setattr(ck, "_swap_into_place", swap_with_a_signal)
     out = tmp_path / "out"
@@ -225,3 +225,32 @@ def test_outputs_honour_the_umask(tmp_path, mask):
     for p in out.rglob("*"):
         want = (0o777 if p.is_dir() else 0o666) & ~mask
         assert stat.S_IMODE(p.stat().st_mode) == want, p
+
+
+def test_a_dir_created_at_output_during_the_write_is_not_clobbered(tmp_path):
+    """Issue 22, item 3: the swap replaced whatever had appeared at -o meanwhile, without --overwrite."""
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"{out}: was created while this command ran; not replaced"):
+        with atomic_dir(out, overwrite=False) as tmp:
+            (tmp / "model").write_text("new")
+            out.mkdir()
+            (out / "theirs").write_text("keep me")  # another process wrote here in the meantime
+    assert (out / "theirs").read_text() == "keep me" and siblings(out) == ["out"]
+
+
+def test_export_and_train_refuse_an_output_that_overlaps_their_input(tmp_path):
+    """Issue 22, item 3: `compose export m -o m --overwrite` destroyed its own input."""
+    from composer.cli import main
+
+    ckpt = make_model("llama", 1).save_pretrained(tmp_path / "m")
+    before = tree(ckpt)
+    for args in (
+        ["export", str(ckpt), "-o", str(ckpt), "--overwrite"],
+        ["export", str(ckpt), "-o", str(ckpt / "bundle"), "--overwrite"],
+        ["export", str(ckpt / "tokenizer"), "-o", str(tmp_path), "--overwrite"],
+        ["train", str(ckpt), "--data", "x.jsonl", "-o", str(ckpt), "--overwrite"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2, args
+    assert tree(ckpt) == before

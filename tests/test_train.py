@@ -286,3 +286,17 @@ def test_invalid_utf8_and_deep_nesting_are_bad_records(tmp_path, skip):
     data.write_bytes(b"".join(lines[:3] + lines[4:]))
     with pytest.raises(InputError, match=r"train.jsonl:4: JSON nested too deeply"):
         read_jsonl(data, {"image": "<image>"})
+
+
+def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path):
+    """Issue 22, item 3: `--overwrite` deleted the old run's checkpoints before the data was read."""
+    data = _data(tmp_path, n=3)
+    train(_model(), _cfg(tmp_path, data, max_steps=1, save_every=1))
+    ckpts = tmp_path / "out" / "checkpoints"
+    before = sorted(p.name for p in ckpts.iterdir())
+    assert before == ["step-000001"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(InputError, match="bad.jsonl:1"):
+        train(_model(), _cfg(tmp_path, bad, max_steps=1, overwrite=True))
+    assert sorted(p.name for p in ckpts.iterdir()) == before

@@ -259,10 +259,6 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             raise InputError(
                 f"{out}: exists and is not empty (pass --overwrite to train into it from scratch, or --resume)"
             )
-        if cfg.overwrite and not cfg.resume and (out / CKPT_DIR).is_dir():
-            shutil.rmtree(out / CKPT_DIR)  # another run's: --resume must never pick them up
-        (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
-    eng.barrier()
     _seed_all(cfg.seed + eng.rank)  # per-rank dropout; data order uses its own generator
     apply_stage(model, cfg.stage)
     if not any(p.requires_grad for p in model.parameters()):
@@ -274,6 +270,11 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
         if cfg.eval_data
         else None
     )
+    if eng.main:  # only once every input was read and checked: a bad run must not cost the old one
+        if cfg.overwrite and not cfg.resume and (out / CKPT_DIR).is_dir():
+            shutil.rmtree(out / CKPT_DIR)  # another run's: --resume must never pick them up
+        (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+    eng.barrier()
     collate = Collator(model, cfg.max_length)
     if cfg.grad_checkpointing or eng.fsdp.activation_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
