@@ -16,7 +16,7 @@ from torch import nn
 from composer.adapters import ENCODER_ADAPTERS
 from composer.adapters.encoder import maybe_no_init
 from composer.adapters.llm import LLM_ADAPTERS, llm_adapter_for
-from composer.errors import InputError, SpecError
+from composer.errors import InputError, SpecError, first_line
 from composer.gguf import gguf_config, is_gguf, load_gguf_llm, load_gguf_tokenizer, resolve_gguf
 from composer.model import ComposedModel
 from composer.projectors import build_projector, load_projector_weights
@@ -162,7 +162,7 @@ def config_source(src: str, where: str, offline: bool) -> str:
 
 
 def _hf_error(where: str, source: str, e: Exception) -> InputError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     return InputError(f"{where}: cannot load {source!r}: {first}")
 
 

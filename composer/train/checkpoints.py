@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from composer.errors import InputError
+from composer.errors import InputError, first_line
 from composer.train.distributed import Engine
 
 CKPT_FORMAT = 2
@@ -368,7 +368,7 @@ def _guard(where: Path, fn):
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - DCP and safetensors raise many types (CheckpointException, SafetensorError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise InputError(f"{where}: cannot load the trainer state ({first[:300]})") from None
 
 
