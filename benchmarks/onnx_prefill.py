@@ -108,9 +108,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     results = {}
+    shapes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for k in (0, args.insert_at):
             model = build(parse_spec(spec(k, args.layers, args.width, args.ffn))).eval()
+            shapes[k] = model.adapter.shape
             n_text = args.text_tokens
             text = "x" * (n_text - 1)  # byte tokenizer: one token per byte, + BOS
             batch = model.prepare(
@@ -147,10 +149,8 @@ def main() -> None:
             pipe = model = None  # free both before the next k
     k = args.insert_at
     tok = results[0]["tokens"]
-    flops = {
-        kk: prefill_flops(args.layers, args.width, args.ffn, True, tok["text"], {"image": tok["mm"]}, {"image": kk})
-        for kk in (0, k)
-    }
+    shape = shapes[0]
+    flops = {kk: prefill_flops(shape, tok["text"], {"image": tok["mm"]}, {"image": kk}) for kk in (0, k)}
     med = {kk: {r: statistics.median(results[kk][r]) for r in ("onnxruntime_s", "torch_s")} for kk in (0, k)}
     print(
         f"model: {args.layers} layers, width {args.width}, FFN {args.ffn}; {tok['text']} text + {tok['mm']} MM tokens; "

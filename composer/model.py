@@ -205,28 +205,34 @@ class ComposedModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        return_logits: bool = True,
         **modality_inputs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, L, V) over every slot (as the classic model), and the LM loss when ``labels``
         are given (labels at MM slots and padding are ignored; shifted inside): the mean over this
         batch's label tokens, or their sum divided by ``num_items_in_batch`` (the label tokens of a
-        whole optimizer step, across micro-batches and ranks; as in transformers)."""
+        whole optimizer step, across micro-batches and ranks; as in transformers).
+
+        ``return_logits=False`` (with ``labels``; what training uses) runs the LM head on the
+        labelled positions only and returns no logits: with a 49k-token vocabulary the head over
+        every slot costs as much as several decoder layers, and it is not skipped by DeepInsert."""
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        if labels is None and not return_logits:
+            raise InputError("return_logits=False needs labels (it computes the loss only)")
         hidden = self._prefill(input_ids, attention_mask, modality_inputs)
-        logits = self.adapter.head(hidden)
+        logits = self.adapter.head(hidden) if return_logits else None
         loss = None
         if labels is not None:
             labels = labels.to(self.device)
             is_mm = torch.zeros_like(input_ids, dtype=torch.bool)
             for m in self._slot_masks(input_ids).values():
                 is_mm |= m
-            labels = labels.masked_fill(is_mm | ~attention_mask.bool(), IGNORE_INDEX)
+            target = labels.masked_fill(is_mm | ~attention_mask.bool(), IGNORE_INDEX)[:, 1:]
+            keep = target != IGNORE_INDEX
+            scores = logits[:, :-1][keep] if logits is not None else self.adapter.head(hidden[:, :-1][keep])
             loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="mean" if num_items_in_batch is None else "sum",
+                scores.float(), target[keep], reduction="mean" if num_items_in_batch is None else "sum"
             )
             if num_items_in_batch is not None:
                 loss = loss / num_items_in_batch

@@ -35,7 +35,8 @@ def test_build_and_inspect_tiny_spec(tmp_path):
     assert facts["insert_at"] == {"image": 2} and facts["mm_tokens_per_item"] == {"image": 16}
     # the FLOPs line follows the FLOPs formula of docs/architecture.md (checked by hand for this spec)
     d, f, L_text, M, N, k = 64, 128, 64, 16, 4, 2
-    layer = lambda L: 6 * L * d * d + 4 * L * L * d + 2 * L * d * d + 6 * L * d * f  # noqa: E731
+    q_width, kv_width = 4 * 16, 2 * 16  # 4 query heads, 2 KV heads, head_dim 16 (GQA)
+    layer = lambda L: 4 * L * d * q_width + 4 * L * d * kv_width + 4 * L * L * q_width + 6 * L * d * f  # noqa: E731
     expected = 1 - (k * layer(L_text) + (N - k) * layer(L_text + M)) / (N * layer(L_text + M))
     assert facts["prefill_flops_saving_vs_insert_at_0"] == pytest.approx(expected, rel=1e-12)
     # a spec inspects on the meta device with the same numbers

@@ -28,11 +28,12 @@ def test_rows_follow_the_formula():
         gated_mlp=True,
     )
     T, M, d, f = 10, 16, 64, 128
+    q_width, kv_width = 4 * 16, 2 * 16  # grouped-query attention: 2 KV heads of 16
     rows = plan(shape, T, M, dtype_bytes=4)
     assert [r.k for r in rows] == [0, 1, 2, 3]
 
-    def lf(L, C):  # per layer: 6Ld² + 4LCd + 2Ld² + 6Ldf (gated)
-        return 6 * L * d * d + 4 * L * C * d + 2 * L * d * d + 6 * L * d * f
+    def lf(L, C):  # per layer: Q, O 2·L·d·q_width each; K, V 2·L·d·kv_width each; 4·L·C·q_width; 6·L·d·f (gated)
+        return 4 * L * d * q_width + 4 * L * d * kv_width + 4 * L * C * q_width + 6 * L * d * f
 
     for r in rows:
         k = r.k
@@ -41,7 +42,7 @@ def test_rows_follow_the_formula():
         assert r.kv_bytes == 2 * 2 * 16 * 4 * (k * T + (4 - k) * (T + M))
         assert r.prefill_saving == pytest.approx(1 - r.prefill_flops / rows[0].prefill_flops)
     # the same model as composer.analysis.flops, which `compose build` reports
-    assert rows[2].prefill_saving == pytest.approx(saving(4, d, f, True, T, {"image": M}, {"image": 2}))
+    assert rows[2].prefill_saving == pytest.approx(saving(shape, T, {"image": M}, {"image": 2}))
     assert rows[0].prefill_saving == 0 and all(
         a.prefill_saving < b.prefill_saving for a, b in zip(rows, rows[1:], strict=False)
     )

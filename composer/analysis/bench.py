@@ -504,12 +504,7 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
         torch.set_num_threads(threads_before)
         tmp.cleanup()
 
-    analytic = {
-        lay.label: saving(
-            shape.num_layers, shape.hidden_size, shape.intermediate_size, shape.gated_mlp, text, mm, lay.insert_at
-        )
-        for lay in layouts
-    }
+    analytic = {lay.label: saving(shape, text, mm, lay.insert_at) for lay in layouts}
     rows = []
     for r in runners:
         key = (r.runtime, r.layout.label)

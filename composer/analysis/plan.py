@@ -15,12 +15,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from composer.adapters.llm import LLMShape
+from composer.analysis.flops import layer_flops
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def layer_flops(q: int, ctx: int, d: int, f: int, gated: bool) -> float:
-    return 6 * q * d * d + 4 * q * ctx * d + 2 * q * d * d + (6 if gated else 4) * q * d * f
 
 
 @dataclass
@@ -36,13 +33,13 @@ class PlanRow:
 
 def plan(shape: LLMShape, text_tokens: int, mm_tokens: int, dtype_bytes: int) -> list[PlanRow]:
     """One row per k in [0, N): cost with every modality inserted at k, and savings vs k = 0."""
-    N, d, f, g = shape.num_layers, shape.hidden_size, shape.intermediate_size, shape.gated_mlp
+    N = shape.num_layers
     per_token_kv = 2 * shape.num_kv_heads * shape.head_dim * dtype_bytes
     rows = []
     for k in range(N):
         tokens = [text_tokens if layer < k else text_tokens + mm_tokens for layer in range(N)]
-        prefill = sum(layer_flops(L, L, d, f, g) for L in tokens)
-        decode = sum(layer_flops(1, L + 1, d, f, g) for L in tokens)
+        prefill = sum(layer_flops(shape, L) for L in tokens)
+        decode = sum(layer_flops(shape, 1, L + 1) for L in tokens)
         kv = per_token_kv * sum(tokens)
         rows.append(PlanRow(k, prefill, decode, kv, 0.0, 0.0, 0.0))
     base = rows[0]

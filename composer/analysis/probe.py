@@ -83,7 +83,7 @@ def _masks(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _loss_sum(model, batch) -> tuple[float, int]:
-    out = model(**batch)
+    out = model(**batch, return_logits=False)
     n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return float(out.loss) * n, n
 

@@ -54,15 +54,7 @@ def summarize(model, text_tokens: int = DEFAULT_TEXT_TOKENS) -> tuple[list[Row],
             )
         )
     rows.append(Row("total", "", *_count(model)))
-    save = saving(
-        shape.num_layers,
-        shape.hidden_size,
-        shape.intermediate_size,
-        shape.gated_mlp,
-        text_tokens,
-        mm_tokens,
-        model.insert_at,
-    )
+    save = saving(shape, text_tokens, mm_tokens, model.insert_at)
     facts = {
         "name": model.spec.name,
         "num_layers": shape.num_layers,

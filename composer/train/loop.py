@@ -189,7 +189,7 @@ def evaluate(model, examples, collate, batch_size: int, autocast, eng=None) -> f
             batch, real = local_batch(examples, chunk, collate, eng)
             n = _label_count(batch)
             with autocast:
-                loss = model(**batch, num_items_in_batch=max(n, 1)).loss
+                loss = model(**batch, num_items_in_batch=max(n, 1), return_logits=False).loss
             if real:
                 total += float(loss) * max(n, 1)
                 count += n
@@ -341,7 +341,7 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
                 for j, (batch, real) in enumerate(micro):
                     with eng.no_sync(net, sync=j == len(micro) - 1):
                         with autocast:
-                            loss = net(**batch, num_items_in_batch=denom).loss
+                            loss = net(**batch, num_items_in_batch=denom, return_logits=False).loss
                         # DDP and FSDP average gradients over the ranks: scale back to a sum
                         eng.backward(net, loss * (eng.world if real else 0.0), last=j == len(micro) - 1, scaler=scaler)
                     if real:

@@ -25,7 +25,7 @@ def _step_flops(model, batch) -> float:
         ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
         mm = {m: int((ids == pid).sum()) for m, pid in model.placeholder_ids.items()}
         text = int(ids.numel()) - sum(mm.values())
-        total += prefill_flops(s.num_layers, s.hidden_size, s.intermediate_size, s.gated_mlp, text, mm, model.insert_at)
+        total += prefill_flops(s, text, mm, model.insert_at)
     return 3 * total
 
 
@@ -46,7 +46,7 @@ def _time_steps(model, batches, steps: int, eng, find_unused: bool, batch_size: 
         batch, real = batches[i % len(batches)]
         eng.barrier()
         t = time.perf_counter()
-        loss = net(**batch).loss
+        loss = net(**batch, return_logits=False).loss
         eng.backward(net, loss if real else loss * 0.0, last=True)
         optimizer_step(net, opt, params, None, 1.0, eng)
         if i:
