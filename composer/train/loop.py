@@ -238,13 +238,33 @@ def train(model, cfg: TrainConfig) -> dict:
     from composer.train import distributed
 
     eng = distributed.setup(cfg.strategy)
+    existed = Path(cfg.output).exists()
     ok = False
     try:
         out = _train(model, cfg, eng)
         ok = True
         return out
+    except BaseException:
+        if eng.main:
+            _discard_unresumable(Path(cfg.output), existed)
+        raise
     finally:
         eng.close(ok)
+
+
+def _discard_unresumable(out: Path, existed: bool) -> None:
+    """A run that failed (or was interrupted) before writing any checkpoint leaves nothing to resume:
+    remove what it wrote (empty ``checkpoints/``, metrics, TensorBoard logs, and OUT itself when the
+    run created it), so that a rerun does not find a non-empty output. A run with checkpoints keeps
+    everything for ``--resume``."""
+    ckpt = out / CKPT_DIR
+    if not ckpt.is_dir() or any(ckpt.iterdir()):
+        return
+    ckpt.rmdir()
+    (out / METRICS).unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    if not existed and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _train(model, cfg: TrainConfig, eng) -> dict:
@@ -329,21 +349,23 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
                 t0 = time.perf_counter()
                 group = micro[i : i + cfg.grad_accum]
                 i += len(group)
-                micro = [local_batch(examples, chunk, collate, eng) for chunk in group]
+                batches = [local_batch(examples, chunk, collate, eng) for chunk in group]
                 n_labels, n_tok = eng.sum(
                     [
-                        sum(_label_count(b) for b, real in micro if real),
-                        sum(int(b["attention_mask"].sum()) for b, real in micro if real),
+                        sum(_label_count(b) for b, real in batches if real),
+                        sum(int(b["attention_mask"].sum()) for b, real in batches if real),
                     ]
                 )
                 denom = max(int(n_labels), 1)
                 loss_sum = 0.0
-                for j, (batch, real) in enumerate(micro):
-                    with eng.no_sync(net, sync=j == len(micro) - 1):
+                for j, (batch, real) in enumerate(batches):
+                    with eng.no_sync(net, sync=j == len(batches) - 1):
                         with autocast:
                             loss = net(**batch, num_items_in_batch=denom, return_logits=False).loss
                         # DDP and FSDP average gradients over the ranks: scale back to a sum
-                        eng.backward(net, loss * (eng.world if real else 0.0), last=j == len(micro) - 1, scaler=scaler)
+                        eng.backward(
+                            net, loss * (eng.world if real else 0.0), last=j == len(batches) - 1, scaler=scaler
+                        )
                     if real:
                         loss_sum += float(loss.detach()) * denom
                 grad_norm = optimizer_step(net, opt, params, scaler, cfg.max_grad_norm, eng)
