@@ -6,12 +6,22 @@ the composed model's state dict keeps the HF checkpoint keys (``llm.model.layers
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from composer.errors import SpecError
+
+
+@functools.cache
+def cache_kwarg(layer_class: type) -> str:
+    """The name a decoder layer takes its KV cache by: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated with a warning on every call), else ``past_key_values``."""
+    params = inspect.signature(layer_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -122,9 +132,9 @@ class LlamaAdapter(LLMAdapter):
                 hidden,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=cache is not None,
                 position_embeddings=rope,
+                **{cache_kwarg(type(layer)): cache},
             )
         return hidden
 
@@ -176,7 +186,11 @@ class OPTAdapter(LLMAdapter):
     def run_layers(self, hidden, start, end, positions, mask, cache=None):
         for layer in self.layers[start:end]:
             hidden = layer(
-                hidden, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=cache is not None
+                hidden,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=cache is not None,
+                **{cache_kwarg(type(layer)): cache},
             )
         return hidden
 
