@@ -231,6 +231,31 @@ def content_text(content: str | list, placeholders: dict[str, str], where: str) 
     return out
 
 
+def special_strings(tokenizer, placeholders: dict[str, str]) -> list[str]:
+    """The tokenizer's special-token strings other than the modality placeholders (``</s>``,
+    ``<|im_end|>``, ...), sorted."""
+    names = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(tok, "special", False):
+            names.add(str(tok))
+    names -= set(placeholders.values())
+    return sorted(n for n in names if n)
+
+
+def refuse_special_tokens(tokenizer, text: str, placeholders: dict[str, str], where: str) -> None:
+    """User text (a message's content, a CLI instruction) may not carry special tokens: the chat
+    template and the tokenizer place those (a ``<|im_end|>`` typed in a message would end the turn
+    and let the text forge another role's turn). The modality placeholders are allowed. The error
+    names the first special token in the text."""
+    found = [(text.find(name), -len(name), name) for name in special_strings(tokenizer, placeholders) if name in text]
+    if found:
+        name = min(found)[2]
+        raise InputError(
+            f"{where}: contains the special token {name!r}; user text may not carry special tokens "
+            "(the chat template places them)"
+        )
+
+
 def render_chat(tokenizer, messages: list, placeholders: dict[str, str], *, where: str = "messages") -> str:
     """One conversation (a list of ``{"role", "content"}`` messages) -> prompt text formatted with the
     tokenizer's chat template, ending with the generation prompt (the assistant turn to fill)."""
@@ -244,9 +269,9 @@ def render_chat(tokenizer, messages: list, placeholders: dict[str, str], *, wher
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
             raise InputError(f"{where}[{i}].role: must be 'system', 'user' or 'assistant'")
-        flat.append(
-            {"role": msg["role"], "content": content_text(msg.get("content", ""), placeholders, f"{where}[{i}]")}
-        )
+        text = content_text(msg.get("content", ""), placeholders, f"{where}[{i}]")
+        refuse_special_tokens(tokenizer, text, placeholders, f"{where}[{i}].content")
+        flat.append({"role": msg["role"], "content": text})
     try:
         return tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # jinja2 errors, e.g. a template that raises on the order of roles
@@ -256,7 +281,9 @@ def render_chat(tokenizer, messages: list, placeholders: dict[str, str], *, wher
 def format_instruction(tokenizer, template: str | None, placeholders: dict[str, str], instruction: str) -> str:
     """An instruction -> a full prompt with each modality's placeholder once: the spec's
     ``prompt.template`` when it has one, else the tokenizer's chat template (one user message:
-    the modality parts, then the text), else the placeholders on a line each, then the text."""
+    the modality parts, then the text), else the placeholders on a line each, then the text. The
+    instruction is user text: special tokens in it are refused (``refuse_special_tokens``)."""
+    refuse_special_tokens(tokenizer, instruction, placeholders, "instruction")
     if template is not None:
         return template.replace("{instruction}", instruction)
     if has_chat_template(tokenizer):

@@ -7,7 +7,7 @@ The byte tokenizer needs no files, so inline-config models build offline: ids 0-
 
 from __future__ import annotations
 
-from composer.errors import InputError
+from composer.errors import InputError, first_line
 
 BYTE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 BYTE_VOCAB_SIZE = len(BYTE_SPECIALS) + 256
@@ -38,7 +38,11 @@ def load_tokenizer(source: str, where: str, *, local: bool = False):
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False, local_files_only=local)
     except (OSError, ValueError) as e:
-        raise InputError(f"{where}: cannot load tokenizer {source!r}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"{where}: cannot load tokenizer {source!r}: {first_line(e)}") from None
+    except KeyError as e:  # valid JSON of another schema, e.g. a tokenizer.json without `added_tokens`
+        raise InputError(f"{where}: cannot load tokenizer {source!r}: a tokenizer file lacks the key {e}") from None
+    except Exception as e:  # the `tokenizers` parser raises bare Exceptions ("data did not match ...")
+        raise InputError(f"{where}: cannot load tokenizer {source!r}: {type(e).__name__}: {first_line(e)}") from None
 
 
 def add_placeholders(tokenizer, placeholders: list[str]) -> dict[str, int]:
