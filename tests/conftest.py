@@ -15,3 +15,15 @@ from helpers import make_model
 @pytest.fixture
 def tiny_llava():
     return make_model("llama", insert_at=0)
+
+
+@pytest.fixture(scope="session")
+def llama_k1_export(tmp_path_factory):
+    """``make_model("llama", insert_at=1)`` saved and exported once per test session (the export takes
+    seconds; three modules use it): -> (checkpoint dir, bundle dir). Tests copy them before damaging
+    them, and build their own model object with ``make_model`` (the same seed: the same weights)."""
+    from composer.export.exporter import export_onnx
+
+    root = tmp_path_factory.mktemp("llama-k1")
+    model = make_model("llama", insert_at=1)
+    return model.save_pretrained(root / "ckpt"), export_onnx(model, root / "bundle")

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -267,3 +268,36 @@ def split_rows(model, batch):
                 used[m] += n
         out.append((real, ids, rows))
     return out
+
+
+# -- the CLI in this process ------------------------------------------------------------------------
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args, cwd: Path | None = None) -> CliResult:
+    """``compose ARGS`` in this process: the CLI's ``main`` (exit code and both streams, as a
+    subprocess would report them) without paying a Python + torch start-up per call. A subprocess
+    is kept where it proves something more (the console entry point, signals, torchrun)."""
+    import contextlib
+    import io
+
+    from composer.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    before = os.getcwd()
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(before)
+    return CliResult(code, out.getvalue(), err.getvalue())

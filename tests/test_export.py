@@ -144,9 +144,8 @@ def test_pipeline_prepare_matches_model(exported):
 
 # -- broken bundles ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def small_bundle(tmp_path_factory):
-    model = make_model("llama", insert_at=1)
-    return export_onnx(model, tmp_path_factory.mktemp("broken") / "bundle")
+def small_bundle(llama_k1_export):
+    return llama_k1_export[1]
 
 
 def _copy(src, tmp_path):
@@ -253,3 +252,25 @@ def test_an_unsupported_opset_is_refused_before_writing(tmp_path, opset):
     with pytest.raises(InputError, match=rf"--opset must be in \[18, \d+\] .*got {opset}"):
         export_onnx(make_model("llama", 1), tmp_path / "b", opset=opset)
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
+
+
+# -- the CLI's --verify (issue 21, item 3) -------------------------------------------------------------
+def test_cli_export_fp16_verify_and_a_failing_verify_exits_1(tmp_path, capsys, monkeypatch):
+    """`compose export --dtype fp16 --verify` passes within the fp16 tolerance (the fp16 bundle path);
+    a verification past tolerance exits 1 and says so (the bundle stays: it was written)."""
+    from composer.cli import main
+    from composer.export import verify
+
+    ckpt = make_model("llama", insert_at=2).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(ckpt), "-o", str(tmp_path / "fp16"), "--dtype", "fp16", "--verify"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "verified: every difference within 0.05" in out
+    assert json.loads((tmp_path / "fp16" / "manifest.json").read_text())["dtype"] == "fp16"
+    pipe = OnnxPipeline(tmp_path / "fp16")
+    assert any(i.type == "tensor(float16)" for i in pipe.sessions["late_multimodal.onnx"].get_inputs())
+    monkeypatch.setitem(verify.TOLERANCE, "fp32", 0.0)  # any rounding difference is now a failure
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(ckpt), "-o", str(tmp_path / "fp32"), "--verify"])
+    captured = capsys.readouterr()
+    assert e.value.code == 1 and "verification failed" in captured.err

@@ -126,3 +126,19 @@ def test_nan_weights_are_an_error_not_empty_text():
         model.llm.lm_head.weight.fill_(float("nan"))
     with pytest.raises(ComposerError, match=r"NaN logits at new token 0 \(rows \[0, 1\]\)"):
         model.generate(**_batch(model), max_new_tokens=3)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_generate_and_train_step_print_no_warnings(family):
+    """Normal use is quiet: the decoder layers are called the way the installed transformers expects
+    (`cache=` since 5.24; `past_key_values=` warns "deprecated" on every call)."""
+    import warnings
+
+    model = make_model(family, 2)
+    batch = _batch(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(**batch, max_new_tokens=3)
+        labels = batch["input_ids"].clone()
+        model(**batch, labels=labels, return_logits=False).loss.backward()
+    assert [str(w.message) for w in caught] == []

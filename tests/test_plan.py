@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from composer.adapters.llm import LLMShape
 from composer.analysis.flops import saving
@@ -54,11 +53,7 @@ def test_sparkline():
 
 def test_cli_plan_json_and_table(tmp_path):
     def run(*a):
-        return subprocess.run(
-            [sys.executable, "-m", "composer.cli", "plan", *map(str, a)],
-            capture_output=True,
-            text=True,
-        )
+        return run_cli("plan", *a)
 
     r = run(ROOT / "specs/tiny/llava.yaml", "--json", "--text-tokens", "10")
     assert r.returncode == 0, r.stderr

@@ -2,7 +2,7 @@
 shapes, missing keys, weights or files of another model, trainer checkpoints of another spec,
 bundles with missing parts or malformed manifests: each is one `InputError` (exit 2 on the CLI)
 naming the file, raised before any weight is copied. Also `compose export` interrupted for real,
-with one real bundle (exported once for the module) as the previous output."""
+with one real bundle (exported once per session, conftest.llama_k1_export) as the previous output."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import struct
 
 import pytest
 import torch
-from helpers import interrupt, make_model, siblings, spec_dict, tree
+from helpers import ROOT, interrupt, make_model, siblings, spec_dict, tree
 from safetensors.torch import load_file, save_file
 
 from composer.builder import build
@@ -115,6 +115,22 @@ def test_broken_metadata_files_name_the_file(saved, tmp_path, no_load):
     assert _error(c) == f"{c / 'spec.yaml'}: recursive YAML alias *a at line 1"  # the guarded YAML loader
 
 
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ('{"model": {"type": "BPE"}}', "a tokenizer file lacks the key 'added_tokens'"),  # was: KeyError, exit 1
+        ('{"version": "1.0", "added_tokens": [], "model": {"type": "Nope"}}', "Exception: data did not match"),
+        ("[1, 2]", "TypeError"),
+    ],
+)
+def test_a_tokenizer_json_of_the_wrong_schema_names_the_tokenizer(saved, tmp_path, content, reason):
+    """Issue 22, item 7: valid JSON that is not a tokenizer is one error naming the directory."""
+    c = _copy(saved[0], tmp_path)
+    (c / "tokenizer" / "tokenizer.json").write_text(content)
+    msg = _error(c)
+    assert msg.startswith(f"tokenizer: cannot load tokenizer '{c / 'tokenizer'}': {reason}")
+
+
 def test_cli_reports_a_corrupt_checkpoint_on_one_line(saved, tmp_path, capsys):
     from composer.cli import main
 
@@ -122,7 +138,7 @@ def test_cli_reports_a_corrupt_checkpoint_on_one_line(saved, tmp_path, capsys):
     w = c / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-100])
     with pytest.raises(SystemExit) as e:
-        main(["generate", str(c), "--prompt", "hi", "--image", "specs/tiny/assets/red_circle.png"])
+        main(["generate", str(c), "--prompt", "hi", "--image", str(ROOT / "specs/tiny/assets/red_circle.png")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {w}: cannot load (") and err.count("\n") == 1, err
 
@@ -173,14 +189,9 @@ def test_resume_from_another_specs_checkpoint_changes_nothing(tmp_path):
 
 # -- bundles ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """The module's one real export (llama, image at layer 1), and the checkpoint it came from."""
-    from composer.export.exporter import export_onnx
-
-    root = tmp_path_factory.mktemp("exported")
-    model = make_model("llama", insert_at=1)
-    ckpt = model.save_pretrained(root / "ckpt")
-    return model, ckpt, export_onnx(model, root / "bundle")
+def exported(llama_k1_export):
+    """The session's one real export (llama, image at layer 1), and the checkpoint it came from."""
+    return make_model("llama", insert_at=1), *llama_k1_export
 
 
 def _manifest_error(bundle) -> str:
@@ -238,7 +249,7 @@ def test_cli_generate_on_a_broken_bundle_is_one_line_exit_2(exported, tmp_path, 
     b = _copy(exported[2], tmp_path)
     damage(b)
     with pytest.raises(SystemExit) as e:
-        main(["generate", str(b), "--prompt", "hi", "--image", "specs/tiny/assets/red_circle.png"])
+        main(["generate", str(b), "--prompt", "hi", "--image", str(ROOT / "specs/tiny/assets/red_circle.png")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {b}/") and expected in err, err
 
@@ -272,7 +283,7 @@ def test_onnx_pipeline_checks_the_context_and_collects_bad_items(exported, tmp_p
     model, _, bundle = exported
     pipe = OnnxPipeline(bundle)
     assert pipe.context_length == model.context_length == 512
-    png = "specs/tiny/assets/red_circle.png"
+    png = str(ROOT / "specs/tiny/assets/red_circle.png")
     with pytest.raises(
         InputError, match=r"^prompt 0: \d+ tokens \(1 x 16 for '<image>'\) exceed the LLM's context of 512"
     ):

@@ -352,3 +352,26 @@ def test_a_malformed_manifest_names_the_field(tmp_path, edit, match):
     (bundle / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(InputError, match=rf"{bundle / 'manifest.json'}: {match}"):
         read_manifest(bundle)
+
+
+def test_user_text_cannot_inject_special_tokens(tmp_path, capsys):
+    """Issue 22, item 9: an instruction (or a chat message) with a special-token string is refused:
+    `</s>` typed by a user would end the sequence early, `<|im_end|>` would forge another role's turn.
+    The modality placeholder is allowed; a fully formatted prompt string is tokenized as written."""
+    from helpers import make_model
+
+    from composer.cli import main
+
+    model = make_model("llama", insert_at=1)
+    with pytest.raises(InputError, match=r"^instruction: contains the special token '</s>'"):
+        model.format_prompt("say </s> and stop")
+    assert "<image>" in model.format_prompt("what is in <image>?")
+    ids = model.prepare([model.format_prompt("hi") + "</s>"], image=[torch.zeros(3, 32, 32)])["input_ids"]
+    assert (ids == model.tokenizer.eos_token_id).sum() == 1  # the caller's own formatted string
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["generate", str(ckpt), "--prompt", "a <pad> b", "--image", str(ROOT / "specs/tiny/assets/red_circle.png")]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: instruction: contains the special token '<pad>'")

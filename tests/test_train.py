@@ -67,6 +67,32 @@ def _cfg(tmp_path, data, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_each_epoch_visits_every_record_once(tmp_path, monkeypatch, grad_accum):
+    """The loop's own batches (spied at collation): each epoch is a permutation of the records, epochs
+    are reshuffled, and the metrics count epochs as steps go by."""
+    from composer.train import loop
+
+    seen: list[list[int]] = []
+    real = loop.local_batch
+
+    def spy(examples, chunk, collate, eng):
+        seen.append(list(chunk))
+        return real(examples, chunk, collate, eng)
+
+    monkeypatch.setattr(loop, "local_batch", spy)
+    data = _data(tmp_path, n=10)
+    summary = train(_model("frozen"), _cfg(tmp_path, data, batch_size=2, grad_accum=grad_accum, epochs=3))
+    steps_per_epoch = -(-5 // grad_accum)  # 10 records in micro-batches of 2, grad_accum of them per step
+    assert summary["steps"] == 3 * steps_per_epoch
+    flat = [i for c in seen for i in c]
+    epochs = [flat[e * 10 : (e + 1) * 10] for e in range(3)]
+    assert len(flat) == 30 and all(sorted(e) == list(range(10)) for e in epochs)
+    assert epochs[0] != epochs[1]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [s // steps_per_epoch for s in range(3 * steps_per_epoch)]
+
+
 def test_labels_cover_responses_only(tmp_path):
     model = _model()
     ex = read_jsonl(_data(tmp_path), {"image": "<image>"})
@@ -193,29 +219,13 @@ def test_ltu_record_format(tmp_path):
 
 
 def test_cli_train_resume_and_profile(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+    from helpers import ROOT, run_cli
 
-    root = Path(__file__).resolve().parents[1]
     data = _data(tmp_path, n=4)
     out = tmp_path / "run"
 
     def run(*a):
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "composer.cli",
-                "train",
-                root / "specs/tiny/llava.yaml",
-                "--data",
-                data,
-                *map(str, a),
-            ],
-            capture_output=True,
-            text=True,
-        )
+        return run_cli("train", ROOT / "specs/tiny/llava.yaml", "--data", data, *a)
 
     r = run("-o", out, "--max-steps", "2", "--batch-size", "2", "--save-every", "1")
     assert r.returncode == 0, r.stderr
@@ -300,3 +310,25 @@ def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path):
     with pytest.raises(InputError, match="bad.jsonl:1"):
         train(_model(), _cfg(tmp_path, bad, max_steps=1, overwrite=True))
     assert sorted(p.name for p in ckpts.iterdir()) == before
+
+
+def test_a_failed_run_leaves_no_output_that_blocks_the_rerun(tmp_path):
+    """Issue 22, item 3: a run that fails before its first checkpoint (here: a picture that exists but
+    is not an image, met at step 3 with seed 0) removes what it wrote; the same command then runs, no --overwrite."""
+    data = _data(tmp_path, n=6)
+    (tmp_path / "img4.png").write_bytes(b"not a png")
+    cfg = _cfg(tmp_path, data, batch_size=2, epochs=1, seed=0)
+    with pytest.raises(InputError, match="img4.png"):
+        train(_model(), cfg)
+    assert not (tmp_path / "out").exists()
+    # a run with checkpoints keeps everything for --resume when it fails later
+    good = tmp_path / "img4.png"
+    Image.new("RGB", (32, 32), "red").save(good)
+    train(_model(), _cfg(tmp_path, data, batch_size=2, max_steps=1, seed=0, save_every=1))
+    good.write_bytes(b"not a png")
+    with pytest.raises(InputError, match="img4.png"):
+        train(_model(), _cfg(tmp_path, data, batch_size=2, epochs=1, seed=0, save_every=1, resume=True))
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()][:1] == ["step-000001"]
+    Image.new("RGB", (32, 32), "red").save(good)
+    summary = train(_model(), _cfg(tmp_path, data, batch_size=2, epochs=1, seed=0, save_every=1, resume=True))
+    assert summary["steps"] == 3
