@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import images, spec_dict
+from helpers import CLIP, images, spec_dict
 from PIL import Image
 
 from composer.builder import build
@@ -89,15 +89,7 @@ def test_media_root_resolves_record_paths(tmp_path):
 def test_siglip_vision_encoder_builds_trains_and_generates(tmp_path):
     d = spec_dict("llama", 1)
     d["modalities"]["image"]["encoder"] = {
-        "config": {
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 8,
-        },
+        "config": {**CLIP, "model_type": "siglip_vision_model"},  # the tiny CLIP's sizes
         "feature_layer": -1,
         "train": "full",
     }
