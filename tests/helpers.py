@@ -197,6 +197,12 @@ def train_data(tmp_path: Path) -> Path:
     return tmp_path / "train.jsonl"
 
 
+def positions_ref(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a padded batch, computed here (not with the code under test): the count of real
+    tokens before each slot, clamped at 0 (what HF models derive from the attention mask)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 # -- an independent DeepInsert reference (per prompt, no padding) ------------------------------------
 def _causal(n: int) -> torch.Tensor:
     m = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import images
+from helpers import images, positions_ref
 
 from composer.builder import build
 from composer.errors import InputError
-from composer.layout import baseline_positions
 from composer.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +89,7 @@ def _hf_logits(ref, batch) -> torch.Tensor:
             input_ids=batch["input_ids"],
             attention_mask=mask,
             pixel_values=batch["image"],
-            position_ids=baseline_positions(mask),
+            position_ids=positions_ref(mask),
         ).logits
 
 

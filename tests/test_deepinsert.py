@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import images, make_model, reference_logits, split_rows
-
-from composer.layout import baseline_positions
+from helpers import images, make_model, positions_ref, reference_logits, split_rows
 
 TOL = 1e-5
 
@@ -63,7 +61,7 @@ def test_mm_tokens_do_not_touch_early_layers_and_positions_are_baseline():
         h.remove()
     slots = b1["input_ids"][0] == model.placeholder_ids["image"]
     n_text, n_mm = int((~slots).sum()), int(slots.sum())
-    base = baseline_positions(b1["attention_mask"])[0]
+    base = positions_ref(b1["attention_mask"])[0]
     for i in range(model.num_layers):
         (t1, p1, o1), (t2, p2, o2) = seen[i]
         if i < k:  # text only, baseline positions with a gap, and bit-identical whatever the image
