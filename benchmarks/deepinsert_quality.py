@@ -208,7 +208,7 @@ def pretrain_encoder(model, scenes: list[Scene], steps: int, seed: int, say, bat
     preprocess = type(enc).preprocess
     torch.manual_seed(seed)
     head = torch.nn.Linear(enc.num_tokens * enc.hidden_size, 3 * len(CELL_CLASSES))
-    params = [p for p in enc.parameters()] + list(head.parameters())
+    params = list(enc.parameters()) + list(head.parameters())
     for p in enc.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
@@ -408,8 +408,7 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
         if k == demo_k and demo_out is not None:
             save_demo(model, demo_out)
         save_file({n: t.contiguous() for n, t in trained.items()}, str(out / f"k{k}" / "trainable.safetensors"))
-        for heavy in ("model.safetensors",):
-            (out / f"k{k}" / heavy).unlink(missing_ok=True)  # the frozen LLM: rebuilt from the spec
+        (out / f"k{k}" / "model.safetensors").unlink(missing_ok=True)  # the frozen LLM: rebuilt from the spec
         say(f"k = {k}: evaluating on {len(test)} held-out records")
         model.eval()
         right = evaluate(model, test, data, s.eval_batch)
