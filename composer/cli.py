@@ -340,12 +340,50 @@ def train(
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
-def export(checkpoint: Path, out: Path, verify: bool, dtype: str, opset: int | None, overwrite: bool) -> None:
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4"]),
+    default=None,
+    help="Block-wise weight quantization (ONNX Runtime MatMulNBits) of the LLM graphs' linear layers.",
+)
+@click.option("--block-size", type=int, default=32, show_default=True, help="With --quantize: weights per scale.")
+@click.option(
+    "--accuracy-level",
+    type=int,
+    default=4,
+    show_default=True,
+    help="With --quantize: MatMulNBits activation precision (4: int8, fast on CPU; 1: fp32, slow).",
+)
+@click.option("--keep-head", is_flag=True, help="With --quantize: leave the LM head in full precision.")
+@click.option(
+    "--min-top1",
+    type=float,
+    default=None,
+    help="With --verify on a quantized bundle: least top-1 agreement with fp32 torch (default 0.95).",
+)
+@click.option(
+    "--atol", type=float, default=None, help="With --verify on a quantized bundle: largest logit difference allowed."
+)
+def export(
+    checkpoint: Path,
+    out: Path,
+    verify: bool,
+    dtype: str,
+    opset: int | None,
+    overwrite: bool,
+    quantize: str | None,
+    block_size: int,
+    accuracy_level: int,
+    keep_head: bool,
+    min_top1: float | None,
+    atol: float | None,
+) -> None:
     """Export a composed CHECKPOINT as a split ONNX bundle (encoders, early text, late multimodal).
 
     \b
-    Example:
+    Examples:
       compose export out/tiny-llava -o out/tiny-llava.onnx --verify
+      compose export out/tiny-llava -o out/tiny-llava.int8.onnx --quantize int8 --verify
     """
     from composer.checkpoint import load_pretrained
     from composer.export.exporter import export_onnx
@@ -358,7 +396,18 @@ def export(checkpoint: Path, out: Path, verify: bool, dtype: str, opset: int | N
     check_output_apart(out, {"checkpoint": checkpoint})
     model = load_pretrained(_checkpoint_dir(str(checkpoint)))
     with con.status("exporting") as status:
-        export_onnx(model, out, dtype=dtype, opset=opset, overwrite=overwrite, progress=lambda s: status.update(s))
+        export_onnx(
+            model,
+            out,
+            dtype=dtype,
+            opset=opset,
+            overwrite=overwrite,
+            progress=lambda s: status.update(s),
+            quantize=quantize,
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+            keep_head=keep_head,
+        )
     from composer.export.manifest import read_manifest
 
     manifest = read_manifest(out)
@@ -374,7 +423,10 @@ def export(checkpoint: Path, out: Path, verify: bool, dtype: str, opset: int | N
         from composer.export.verify import verify_bundle
 
         with con.status("verifying against torch"):
-            report = verify_bundle(model, out)
+            report = verify_bundle(model, out, min_top1=min_top1, atol=atol)
+        if "top1_agreement" in report:
+            _print_quantized_report(con, report)
+            return
         for g, diff in report["graphs"].items():
             con.print(f"  max abs diff {g:<28} {diff:.3g}  (largest |value| {report['scales'][g]:.3g})")
         con.print(
@@ -388,6 +440,18 @@ def export(checkpoint: Path, out: Path, verify: bool, dtype: str, opset: int | N
                 f"verification failed: a difference exceeds {tol:g} x max(1, largest |value|) or greedy tokens differ"
             )
         con.print(f"verified: every difference within {tol:g} x max(1, largest |value|)")
+
+
+def _print_quantized_report(con, r: dict) -> None:
+    con.print(
+        f"  {r['quantization']} vs fp32 torch on {r['prompts']} prompts ({r['positions']} text positions): "
+        f"top-1 agreement {r['top1_agreement']:.1%}, max logit difference {r['max_logit_diff']:.3g}, "
+        f"greedy tokens equal {r['greedy_agreement']:.1%} ({r['greedy_tokens']} per prompt)"
+    )
+    limits = f"top-1 >= {r['min_top1']:.1%}" + (f", logit difference <= {r['atol']:g}" if r["atol"] is not None else "")
+    if not r["ok"]:
+        raise ComposerError(f"verification failed: want {limits} (set --min-top1 / --atol)")
+    con.print(f"verified: {limits}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -114,8 +114,16 @@ def export_onnx(
     opset: int | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    quantize: str | None = None,
+    block_size: int = 32,
+    accuracy_level: int = 4,
+    keep_head: bool = False,
 ) -> Path:
     """Export ``model`` (a ``ComposedModel``) as a split ONNX bundle; returns the bundle path.
+
+    ``quantize`` ("int8" or "int4"): the LLM graphs' weight MatMuls become block-wise quantized
+    ``MatMulNBits`` (``composer.export.quantize``; ``block_size``, ``accuracy_level``, and
+    ``keep_head`` to leave the LM head in full precision), recorded in the manifest.
 
     Example::
 
@@ -126,6 +134,10 @@ def export_onnx(
 
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize is not None:
+        from composer.export.quantize import check_options
+
+        check_options(quantize, dtype, block_size, accuracy_level)
     if opset is not None:
         import onnx
 
@@ -210,6 +222,20 @@ def export_onnx(
                 "opset": saved["opset"],
             }
             stages.append({"graph": fname, "start": start, "end": end, "enter": enter, "last": last})
+        quantization = None
+        if quantize is not None:
+            from composer.export.quantize import quantize_bundle_graphs
+
+            quantization = quantize_bundle_graphs(
+                tmp,
+                stages,
+                shape.vocab_size,
+                scheme=quantize,
+                block_size=block_size,
+                accuracy_level=accuracy_level,
+                keep_head=keep_head,
+                say=say,
+            )
         # tokenizer, processors, spec, manifest
         m.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         for name, proc in m.processors.items():
@@ -237,6 +263,7 @@ def export_onnx(
             },
             "insert_at": m.insert_at,
             "stages": stages,
+            "quantization": quantization,  # None: the LLM graphs keep the bundle's dtype
             "encoders": encoders,
             "graphs": graphs,
             "tokenizer": "tokenizer",

@@ -124,3 +124,7 @@ def _check_structure(manifest: dict, path: Path) -> None:
     need("generation.banned_token_ids", gen.get("banned_token_ids"), list)
     need("generation.pad_token_id", gen.get("pad_token_id"), int)
     need("encoders", manifest["encoders"], dict, lambda v: len(v) > 0, "at least one encoder")
+    q = manifest.get("quantization")  # absent in bundles written before quantization existed
+    if q is not None:
+        need("quantization", q, dict)
+        need("quantization.scheme", q.get("scheme"), str, lambda v: v in ("int8", "int4"), "'int8' or 'int4'")

@@ -20,12 +20,26 @@ from composer.export.runtime import OnnxPipeline
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
 
 
-def sample_batch(model, pipe: OnnxPipeline):
-    """Two left-padded prompts of different lengths, each placeholder with a random example item."""
+# The fixed prompt set a quantized bundle is checked on (each with the bundle's media placeholders).
+PROMPTS = (
+    "Describe this in detail, please.",
+    "Hi",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List three prime numbers.",
+    "Who wrote Hamlet, and when?",
+    "Give me one tip for learning to cook.",
+)
+MIN_TOP1 = 0.95  # default --min-top1 for a quantized bundle
+
+
+def sample_batch(model, pipe: OnnxPipeline, instructions=PROMPTS[:2]):
+    """Left-padded prompts of different lengths, each placeholder with a random example item."""
     from composer.prompting import adds_special_tokens, prepare_batch
 
     torch.manual_seed(0)
-    prompts = [pipe.format_prompt("Describe this in detail, please."), pipe.format_prompt("Hi")]
+    prompts = [pipe.format_prompt(text) for text in instructions]
     counts = {m: sum(p.count(e["placeholder"]) for p in prompts) for m, e in pipe.encoders.items()}
     return prepare_batch(
         model.tokenizer,
@@ -67,16 +81,26 @@ def _replay(module, graph: str, feeds: dict, manifest) -> list[np.ndarray]:
     return [o.float().numpy() for o in outs[:1]]  # the main output; KV agrees when it does
 
 
-def verify_bundle(model, bundle: str | Path, *, steps: int = 4) -> dict:
+def verify_bundle(
+    model, bundle: str | Path, *, steps: int = 4, min_top1: float | None = None, atol: float | None = None
+) -> dict:
     """-> {"graphs": {graph: max abs diff}, "scales": {graph: largest |value|}, "prefill_logits":
     diff, "logits_scale": ..., "greedy_match": bool, "tolerance": tol, "ok": bool}.
 
     A difference passes when it is at most ``tol * max(1, largest |value| of the torch output)``:
     absolute for outputs of order one (the tiny models), relative for a pretrained LLM's hidden
     states, whose largest activations reach the thousands (SmolLM2: float32 rounding alone then
-    differs in the 1e-2s over 15 layers)."""
+    differs in the 1e-2s over 15 layers).
+
+    A quantized bundle (``manifest["quantization"]``) is checked by ``verify_quantized`` instead:
+    top-1 agreement with the fp32 torch model at least ``min_top1`` (default ``MIN_TOP1``) and,
+    when ``atol`` is given, the max logit difference at most ``atol``."""
     pipe = OnnxPipeline(bundle)
     manifest = pipe.manifest
+    if manifest.get("quantization"):
+        return verify_quantized(
+            model, pipe, steps=steps, min_top1=MIN_TOP1 if min_top1 is None else min_top1, atol=atol
+        )
     ref = merged_for_export(model, DTYPES[manifest["dtype"]])
     batch = sample_batch(ref, pipe)
     mm = {m: batch[m] for m in model.encoders if m in batch}
@@ -111,4 +135,36 @@ def verify_bundle(model, bundle: str | Path, *, steps: int = 4) -> dict:
         "greedy_tokens": steps,
         "tolerance": tol,
         "ok": ok,
+    }
+
+
+def verify_quantized(model, pipe: OnnxPipeline, *, steps: int, min_top1: float, atol: float | None) -> dict:
+    """A quantized bundle vs the fp32 torch model on ``PROMPTS`` (teacher-forced prefill): the
+    share of text positions whose top-1 next token agrees, the max logit difference there, and
+    the share of ``steps`` greedy tokens per prompt that agree (reported, not gated)."""
+    ref = merged_for_export(model, torch.float32)
+    batch = sample_batch(ref, pipe, PROMPTS)
+    mm = {m: batch[m] for m in model.encoders if m in batch}
+    logits, _ = pipe.prefill(batch["input_ids"], batch["attention_mask"], mm, all_logits=True)
+    with torch.no_grad():
+        want = ref(**batch).logits.float().numpy()
+    ids = batch["input_ids"].numpy()
+    text = batch["attention_mask"].bool().numpy() & ~np.isin(ids, list(model.placeholder_ids.values()))
+    agree = float((logits.argmax(-1) == want.argmax(-1))[text].mean())
+    diff = float(np.abs(logits - want)[text].max())
+    ort_ids = pipe.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=steps, eos_token_id=[], **mm)
+    torch_ids = ref.generate(**batch, max_new_tokens=steps, eos_token_id=[]).cpu().numpy()
+    greedy = float((np.asarray(ort_ids) == torch_ids).mean())  # both: the new tokens only
+    q = pipe.manifest["quantization"]
+    return {
+        "quantization": q["scheme"],
+        "prompts": len(PROMPTS),
+        "positions": int(text.sum()),
+        "top1_agreement": agree,
+        "max_logit_diff": diff,
+        "greedy_agreement": greedy,
+        "greedy_tokens": steps,
+        "min_top1": min_top1,
+        "atol": atol,
+        "ok": agree >= min_top1 and (atol is None or diff <= atol),
     }
