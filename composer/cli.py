@@ -643,6 +643,12 @@ def pull(repo_id: str, out: Path, revision: str | None, overwrite: bool) -> None
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here."
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4"]),
+    multiple=True,
+    help="Also bench ONNX bundles quantized so (repeatable; see compose export --quantize).",
+)
 def bench(
     target: str,
     insert_at: tuple[int, ...],
@@ -657,6 +663,7 @@ def bench(
     threads: int | None,
     seed: int,
     json_path: str | None,
+    quantize: tuple[str, ...],
 ) -> None:
     """Prefill latency, decode tokens/s and peak memory of TARGET (a spec or a checkpoint) with
     its MM tokens inserted at k vs 0: ONNX Runtime, composer's torch path and the HF reference
@@ -666,6 +673,7 @@ def bench(
     Example:
       compose bench specs/tiny/llava.yaml --insert-at 2 --repeats 3 --json bench.json
       compose bench benchmarks/mid_llava.yaml --insert-at 12
+      compose bench benchmarks/mid_llava.yaml --insert-at 12 --quantize int8 --quantize int4
     """
     from composer.analysis.bench import RUNTIMES, BenchConfig, render, run_bench
 
@@ -681,6 +689,7 @@ def bench(
         ort_spinning=ort_spinning,
         threads=threads,
         seed=seed,
+        quantize=tuple(quantize),
     )
     con = _console()
     with con.status(f"loading {target}") as status:

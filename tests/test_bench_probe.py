@@ -96,7 +96,7 @@ def test_bench_torch_and_hf_on_the_tiny_twin(tmp_path, capsys):
 
 
 def test_bench_onnx_runtime(tmp_path, capsys):
-    """One export: ONNX Runtime next to torch at k = 0."""
+    """ONNX Runtime fp32 and int8 (two exports) next to torch at k = 0."""
     out = tmp_path / "bench.json"
     code, _, err = compose(
         capsys,
@@ -116,15 +116,19 @@ def test_bench_onnx_runtime(tmp_path, capsys):
         2,
         "--text-tokens",
         40,
+        "--quantize",
+        "int8",
         "--json",
         out,
     )
     assert code == 0, err
     result = json.loads(out.read_text())
-    assert {(r["runtime"], r["k"]) for r in result["results"]} == {("onnx", "0"), ("torch", "0")}
+    assert {(r["runtime"], r["k"]) for r in result["results"]} == {("onnx", "0"), ("onnx-int8", "0"), ("torch", "0")}
     assert result["settings"]["text_tokens"] == 40
     _check_numbers(result)
     assert _row(result, "onnx", "0")["tokens_match_torch"] is True
+    assert _row(result, "onnx", "0")["token_agreement_vs_torch"] == 1.0
+    assert 0.0 <= _row(result, "onnx-int8", "0")["token_agreement_vs_torch"] <= 1.0
 
 
 def test_hf_reference_generates_like_torch_at_k0():

@@ -56,7 +56,13 @@ from composer.analysis.flops import saving
 from composer.errors import ComposerError, InputError
 
 RUNTIMES = ("onnx", "torch", "hf")
-LABELS = {"onnx": "ONNX Runtime", "torch": "torch eager", "hf": "HF Llava"}
+LABELS = {
+    "onnx": "ONNX Runtime",
+    "onnx-int8": "ONNX Runtime int8",
+    "onnx-int4": "ONNX Runtime int4",
+    "torch": "torch eager",
+    "hf": "HF Llava",
+}
 
 
 @dataclass
@@ -72,6 +78,7 @@ class BenchConfig:
     ort_spinning: bool = False  # ONNX Runtime's intra-op threads busy-wait after each graph run (its default)
     threads: int | None = None  # intra-op threads of torch and ONNX Runtime (None: their defaults)
     seed: int = 0
+    quantize: tuple[str, ...] = ()  # also bench ONNX bundles quantized so ("int8", "int4"; runtime "onnx-int8", ...)
 
 
 @dataclass
@@ -403,6 +410,14 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
         raise InputError("--provider cuda: torch sees no CUDA device")
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.quantize:
+        from composer.export.quantize import SCHEMES
+
+        if "onnx" not in cfg.runtimes or any(q not in SCHEMES for q in cfg.quantize) or model.dtype != torch.float32:
+            raise InputError(
+                f"--quantize takes {sorted(SCHEMES)} with the onnx runtime and a float32 model, "
+                f"got {list(cfg.quantize)} ({model.dtype}, runtimes {list(cfg.runtimes)})"
+            )
     threads_before = torch.get_num_threads()
     device = torch.device(cfg.provider)
     model = model.to(device).eval()
@@ -445,13 +460,15 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
                 from composer.export.runtime import OnnxPipeline
 
                 dtype = "fp16" if model.dtype == torch.float16 else "fp32"
-                for lay in layouts:
-                    say(f"exporting the ONNX bundle at k={lay.label}")
+                for scheme, lay in ((q, lay) for q in (None, *cfg.quantize) for lay in layouts):
+                    name = "onnx" if scheme is None else f"onnx-{scheme}"
+                    say(f"exporting the ONNX bundle at k={lay.label}" + (f" ({scheme})" if scheme else ""))
                     variant = at[lay.label]
                     bundle = export_onnx(
                         variant.cpu() if device.type != "cpu" else variant,
-                        Path(tmp.name) / f"k{lay.label}",
+                        Path(tmp.name) / f"k{lay.label}{'' if scheme is None else '-' + scheme}",
                         dtype=dtype,
+                        quantize=scheme,
                     )
                     model.to(device)
                     so = _ort_options(cfg.ort_spinning, cfg.threads)
@@ -463,7 +480,7 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
                             batch["input_ids"], batch["attention_mask"], eos_token_id=[], streamer=clock, **gen, **mm_in
                         )
 
-                    runners.append(Runner("onnx", lay, fn, skip_prompt=False))
+                    runners.append(Runner(name, lay, fn, skip_prompt=False))
                     warm(runners[-1])
         if "torch" in cfg.runtimes:
             for lay in layouts:
@@ -568,10 +585,17 @@ def _add_ratios(rows: list[dict], analytic: dict[str, float]) -> None:
         r["prefill_ratio_vs_torch"] = p / torch_row["prefill_s"]["median"] if torch_row else None
         r["decode_ratio_vs_torch"] = d / torch_row["decode_tokens_per_s"]["median"] if torch_row else None
         r["tokens_match_torch"] = (r["tokens"] == torch_row["tokens"]) if torch_row else None
+        r["token_agreement_vs_torch"] = _agreement(r["tokens"], torch_row["tokens"]) if torch_row else None
         a = analytic[r["k"]]
         r["measured_prefill_saving"] = 1 - r["prefill_ratio_vs_k0"] if base else None
         r["analytic_prefill_saving"] = a
         r["measured_over_analytic"] = r["measured_prefill_saving"] / a if base and a > 0 else None
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of greedy tokens equal position by position (a quantized runtime vs torch fp32)."""
+    pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
+    return sum(x == y for x, y in pairs) / len(pairs)
 
 
 def _ort_options(spinning: bool, threads: int | None):
@@ -652,12 +676,16 @@ def render(result: dict, console) -> None:
                 f"measured vs {r['analytic_prefill_saving']:.1%} analytic (LLM-layer FLOPs): "
                 f"{r['measured_over_analytic']:.0%} of it"
             )
-    mismatched = [f"{r['runtime']} k={r['k']}" for r in result["results"] if r["tokens_match_torch"] is False]
+    mismatched = [
+        f"{r['runtime']} k={r['k']} ({r['token_agreement_vs_torch']:.0%} equal)"
+        for r in result["results"]
+        if r["tokens_match_torch"] is False
+    ]
     if mismatched:
         console.print(f"greedy tokens differ from torch for: {', '.join(mismatched)}")
     for rt, why in result["skipped"].items():
         console.print(f"skipped {rt}: {why}")
-    if any(r["runtime"] == "onnx" for r in result["results"]):
+    if any(r["runtime"].startswith("onnx") for r in result["results"]):
         spin = result["onnxruntime_session"]["session.intra_op.allow_spinning"] == "1"
         console.print(f"ONNX Runtime: one session per graph, intra-op thread spinning {'on' if spin else 'off'}")
     console.print(
