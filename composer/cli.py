@@ -732,6 +732,15 @@ def _int_list(values: tuple[str, ...], option: str) -> list[int] | None:
     help="Resolve media paths here (default: next to --data).",
 )
 @click.option(
+    "--rule",
+    type=click.Choice(["alignment", "loss"]),
+    default="alignment",
+    show_default=True,
+    help="alignment: the first layer whose alignment reaches --align-fraction of the best; "
+    "loss: the largest k within --max-loss-increase without retraining.",
+)
+@click.option("--align-fraction", default=0.9, show_default=True, help="With --rule alignment: the plateau fraction.")
+@click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON here."
 )
 def probe(
@@ -742,11 +751,13 @@ def probe(
     batch_size: int,
     max_loss_increase: float,
     media_root: str | None,
+    rule: str,
+    align_fraction: float,
     json_path: str | None,
 ) -> None:
     """Per-layer alignment of MM and text hidden states (IMA-style cosine) of a model trained at
     k = 0, and its loss on --data's responses with the MM tokens inserted at each candidate k
-    without retraining; recommends k.
+    without retraining; recommends k (--rule: where alignment plateaus, or the loss bound).
 
     \b
     Example:
@@ -760,6 +771,8 @@ def probe(
         batch_size=batch_size,
         max_loss_increase=max_loss_increase,
         media_root=media_root,
+        rule=rule,
+        align_fraction=align_fraction,
     )
     con = _console()
     with con.status(f"loading {target}") as status:

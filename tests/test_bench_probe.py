@@ -229,7 +229,12 @@ def test_probe_on_a_tiny_k0_model(tmp_path, capsys):
         assert r["pair_median"] <= r["pair_max"]
         assert r["loss_increase"] == pytest.approx(r["loss"] / result["loss_k0"] - 1)
         assert r["eligible"] == (r["loss_increase"] <= 0.05)
-    assert result["recommended_k"] == max(k for k, r in rows.items() if r["eligible"])
+    # the default rule: the first layer > 0 whose alignment reaches 90% of the best layer's
+    top = max(rows[k]["cos_mean_pooled"] for k in (1, 2, 3))
+    plateau = top - 0.1 * abs(top)
+    assert result["rule"] == "alignment"
+    assert result["recommended_k"] == min(k for k in (1, 2, 3) if rows[k]["cos_mean_pooled"] >= plateau)
+    assert result["loss_rule_k"] == max(k for k, r in rows.items() if r["eligible"])
     # the numbers equal a direct recomputation
     examples = read_jsonl(data, {"image": "<image>"})
     direct = _direct_alignment(model, examples, layer=2)
@@ -245,6 +250,15 @@ def test_probe_on_a_tiny_k0_model(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [r["layer"] for r in result["rows"]] == [0, 3] and result["recommended_k"] == 3
     assert "cos_mean_pooled" not in result["rows"][0] and "cos_mean_pooled" in result["rows"][1]
+    # --rule loss: the largest k within --max-loss-increase (0 qualifies: a negative bound is refused)
+    code, stdout, err = compose(
+        capsys, "probe", ckpt, "--data", data, "--rule", "loss", "--max-loss-increase", "0", "--json", out
+    )
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    want = max(r["layer"] for r in result["rows"] if r["loss_increase"] <= 0)
+    assert result["rule"] == "loss" and result["recommended_k"] == result["loss_rule_k"] == want
+    assert "without retraining is at most 0%" in stdout
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
@@ -256,3 +270,5 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "data file not found" in err
     code, _, err = compose(capsys, "probe", TINY, "--data", _probe_data(tmp_path), "--layers", "0,x")
     assert code == 2 and "--layers" in err
+    code, _, err = compose(capsys, "probe", TINY, "--data", _probe_data(tmp_path), "--align-fraction", 0)
+    assert code == 2 and err.count("\n") == 1 and "--align-fraction in (0, 1], got 'alignment', 0.0" in err
