@@ -465,6 +465,8 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
 def _probe_summary(p: dict) -> dict:
     return {
         "recommended_k": p["recommended_k"],
+        "rule": p.get("rule"),
+        "loss_rule_k": p.get("loss_rule_k"),
         "best_aligned_layer": p["best_aligned_layer"],
         "rows": [
             {key: r.get(key) for key in ("layer", "loss", "loss_increase", "cos_mean_pooled", "pair_max")}
