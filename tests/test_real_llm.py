@@ -187,31 +187,74 @@ def test_messages_equal_the_handwritten_chatml(smol15):
         smol15.prepare(messages=[[{"role": "user", "content": [{"type": "video"}]}]])
 
 
-def test_onnx_bundle_at_15_gives_the_torch_greedy_tokens(smol15, tmp_path):
-    """A batch of 3 left-padded prompts of different lengths, one without an image."""
+DEMO = ROOT / "specs/smol/llava_demo.yaml"
+ASSETS = ROOT / "specs/smol/assets"
+# The README's questions on the shipped pictures, with the answers the trained demo gives
+DEMO_QA = [
+    ("red_circle.png", "What shape is it?", "circle"),
+    ("red_circle.png", "What colour is it?", "red"),
+    ("two_shapes.png", "How many shapes are there?", "two"),
+]
+
+
+@pytest.fixture(scope="module")
+def demo(smol_dir):
+    """specs/smol/llava_demo.yaml (the trained ViT and projector it ships) on the session's SmolLM2."""
+    import yaml
+
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["llm"]["model"] = str(smol_dir)
+    spec = parse_spec(raw, str(DEMO))
+    spec._source_dir = DEMO.parent  # as load_spec sets it: demo/vision and demo/projector.safetensors
+    return build(spec).eval()
+
+
+def _answer(text: str) -> str:
+    return text.strip().strip(".!").lower()
+
+
+def test_the_demo_model_answers_from_the_picture(demo):
+    """The shipped weights make the answer depend on the picture: the README's questions get the right
+    one-word answers, and the same question on the other picture gets a different answer."""
+    got = {}
+    for picture, question, _ in DEMO_QA + [("two_shapes.png", "What colour is the square?", "blue")]:
+        batch = demo.prepare([demo.format_prompt(question)], image=[str(ASSETS / picture)])
+        with torch.no_grad():
+            got[(picture, question)] = _answer(demo.decode(demo.generate(**batch, max_new_tokens=4))[0])
+    assert [got[(p, q)] for p, q, _ in DEMO_QA] == [a for _, _, a in DEMO_QA]
+    assert got[("two_shapes.png", "What colour is the square?")] == "blue"
+
+
+def test_onnx_bundle_at_15_gives_the_torch_greedy_tokens(demo, tmp_path):
+    """The demo model's bundle: a batch of 3 left-padded prompts of different lengths, one without an
+    image, gives torch's greedy tokens and last-position logits (1e-4 relative); the demo answers."""
+    from PIL import Image
+
     from composer.export.exporter import export_onnx
     from composer.export.runtime import OnnxPipeline
 
-    bundle = export_onnx(smol15, tmp_path / "b")
+    bundle = export_onnx(demo, tmp_path / "b")
     pipe = OnnxPipeline(bundle)
     msgs = [
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}],
         [{"role": "user", "content": "Name a fruit."}],
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture in detail."}]}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes are there?"}]}],
     ]
-    imgs = list(images(2, seed=5))
-    batch = smol15.prepare(messages=msgs, image=imgs)
+    imgs = [Image.open(ASSETS / "red_circle.png"), Image.open(ASSETS / "two_shapes.png")]
+    batch = demo.prepare(messages=msgs, image=imgs)
     assert len(set(batch["attention_mask"].sum(1).tolist())) == 3
     pbatch = pipe.prepare(messages=msgs, image=imgs)
     assert torch.equal(pbatch["input_ids"], batch["input_ids"])
     with torch.no_grad():
-        want = smol15.generate(**batch, max_new_tokens=8, eos_token_id=[])
+        want = demo.generate(**batch, max_new_tokens=8, eos_token_id=[])
         logits, _ = pipe.prefill(batch["input_ids"], batch["attention_mask"], {"image": batch["image"]})
-        ref = smol15(**batch).logits[:, -1]
+        ref = demo(**batch).logits[:, -1]
     got = pipe.generate(**pbatch, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(got, want)
     scale = float(ref.abs().max())
     assert np.abs(np.asarray(logits) - ref.numpy()).max() < TOL * max(1.0, scale)
+    answers = [_answer(t) for t in pipe.decode(pipe.generate(**pbatch, max_new_tokens=4))]
+    assert answers[0] == "circle" and answers[2] == "two"
 
 
 def test_chat_messages_cannot_forge_a_turn(smol15):
