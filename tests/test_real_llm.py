@@ -285,7 +285,7 @@ def test_training_records_use_the_chat_template(smol15, tmp_path):
     assert int((ids == pid).sum()) == smol15.num_tokens("image")
 
 
-@pytest.mark.parametrize("name", ["llava", "blip2", "ltu_audio", "molca"])
+@pytest.mark.parametrize("name", ["llava", "llava_demo", "blip2", "ltu_audio", "molca"])
 def test_smol_specs_resolve_offline(name):
     """Each shipped SmolLM2 spec resolves from registry packages alone (architecture on the meta
     device: the GGUF metadata, the inline encoder configs), with its insert_at inside the 30 layers."""
