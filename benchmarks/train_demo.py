@@ -11,7 +11,8 @@ benchmark's equal-budget comparison, because a demo has to answer its own pictur
 
 The held-out accuracy (layouts never seen in training, one question per record) and every answer on
 the shipped pictures are printed and written to OUT/demo_results.json. The weights go to
-``--demo-out`` (default specs/smol/demo): ``vision/`` (an HF CLIPVisionModel dir with its image
+``--demo-out`` (default specs/smol/demo; ``--spec`` trains another single-image spec, the tests use
+the 4-layer twin): ``vision/`` (an HF CLIPVisionModel dir with its image
 processor) and ``projector.safetensors``; the pictures to specs/smol/assets/.
 
     python benchmarks/train_demo.py --out out/demo --threads 2        # ~40 min on 2 cores
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="a smoke run: few records and steps")
+    ap.add_argument("--spec", type=Path, default=dq.SPEC, help="a spec with one `image` modality (random init)")
     ap.add_argument("--demo-out", type=Path, default=DEMO_OUT)
     ap.add_argument("--assets", type=Path, default=ASSETS)
     a = ap.parse_args(argv)
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     for name, scene, seed in PICTURES:
         dq.draw(scene, random.Random(seed)).save(a.assets / name)
 
-    model = composer.build(dq.SPEC).with_insert_at(a.k)
+    model = composer.build(a.spec).with_insert_at(a.k)
     t0 = time.perf_counter()
     say(f"pretraining the vision encoder ({a.encoder_steps} steps)")
     pre = dq.pretrain_encoder(model, train_scenes, a.encoder_steps, a.seed, say)
