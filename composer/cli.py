@@ -15,6 +15,7 @@ import click
 
 from composer.checkpoint import load_any
 from composer.errors import ComposerError, InputError
+from composer.export.quantize import SCHEMES as QUANT_SCHEMES
 
 
 def _console(stderr: bool = False):
@@ -342,7 +343,7 @@ def train(
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @click.option(
     "--quantize",
-    type=click.Choice(["int8", "int4"]),
+    type=click.Choice(list(QUANT_SCHEMES)),
     default=None,
     help="Block-wise weight quantization (ONNX Runtime MatMulNBits) of the LLM graphs' linear layers.",
 )
@@ -645,7 +646,7 @@ def pull(repo_id: str, out: Path, revision: str | None, overwrite: bool) -> None
 )
 @click.option(
     "--quantize",
-    type=click.Choice(["int8", "int4"]),
+    type=click.Choice(list(QUANT_SCHEMES)),
     multiple=True,
     help="Also bench ONNX bundles quantized so (repeatable; see compose export --quantize).",
 )

@@ -127,4 +127,7 @@ def _check_structure(manifest: dict, path: Path) -> None:
     q = manifest.get("quantization")  # absent in bundles written before quantization existed
     if q is not None:
         need("quantization", q, dict)
-        need("quantization.scheme", q.get("scheme"), str, lambda v: v in ("int8", "int4"), "'int8' or 'int4'")
+        from composer.export.quantize import SCHEMES
+
+        want = " or ".join(repr(k) for k in SCHEMES)
+        need("quantization.scheme", q.get("scheme"), str, lambda v: v in SCHEMES, want)
