@@ -25,9 +25,10 @@ class InputError(ComposerError):
     exit_code = 2
 
 
-def read_versioned_json(path, version: int, what: str) -> dict:
+def read_versioned_json(path, version: int, what: str, hint: str = "") -> dict:
     """``path`` as a JSON object whose ``format_version`` is ``version``; one InputError naming the
-    file otherwise (``what``: what the file is, for the message)."""
+    file otherwise (``what``: what the file is, for the message; ``hint``: what to do about an
+    older version)."""
     import json
     from pathlib import Path
 
@@ -40,7 +41,10 @@ def read_versioned_json(path, version: int, what: str) -> dict:
         raise InputError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
     found = data.get("format_version") if isinstance(data, dict) else None
     if found != version:
-        raise InputError(f"{path}: unknown format_version {found!r} (this composer reads {version})")
+        older = hint and isinstance(found, int) and found < version
+        raise InputError(
+            f"{path}: unknown format_version {found!r} (this composer reads {version})" + (f": {hint}" if older else "")
+        )
     return data
 
 

@@ -32,7 +32,7 @@ from composer.adapters import encoder_type_of
 from composer.analysis.summary import summary_record
 from composer.checkpoint import atomic_dir
 from composer.errors import ComposerError, InputError
-from composer.export.graphs import EXAMPLE_SIZES, EarlyText, EncoderGraph, LateStage
+from composer.export.graphs import EXAMPLE_SIZES, KV_OPSET, ONNX_TRANSLATIONS, EarlyText, EncoderGraph, LateStage
 from composer.export.manifest import FORMAT_VERSION, MANIFEST, late_graph_name
 from composer.layout import graph_stages
 
@@ -40,7 +40,9 @@ from composer.layout import graph_stages
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-MIN_OPSET = 18  # torch.onnx's dynamo exporter writes opset 18 and later (an older request became 18 silently)
+# The LLM graphs write their KV buffers with TensorScatter (opset 24); torch.onnx's dynamo exporter
+# writes opset 18 and later (an older request became 18 silently). Every graph gets the same opset.
+MIN_OPSET = KV_OPSET
 ONNX_DTYPES = {"fp32": "float", "fp16": "float16"}  # as onnx.TensorProto names them (lower case)
 
 
@@ -71,6 +73,7 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes,
             input_names=input_names,
             output_names=output_names,
             opset_version=opset,
+            custom_translation_table=ONNX_TRANSLATIONS,
             optimize=True,
             verbose=False,
         )
@@ -143,7 +146,10 @@ def export_onnx(
 
         top = onnx.defs.onnx_opset_version()
         if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
-            raise InputError(f"--opset must be in [{MIN_OPSET}, {top}] (torch's ONNX exporter and onnx), got {opset!r}")
+            raise InputError(
+                f"--opset must be in [{MIN_OPSET}, {top}] (the KV buffers' TensorScatter and onnx), got {opset!r}"
+            )
+    opset = MIN_OPSET if opset is None else opset
     say = progress or (lambda s: None)
     tdt = DTYPES[dtype]
     m = merged_for_export(model, tdt)
@@ -256,7 +262,10 @@ def export_onnx(
                 "sliding_window": m.adapter.sliding_window,
             },
             "kv": {
-                "layout": "past_key.{i}/past_value.{i}: (batch, kv_heads, past, head_dim); layer index i absolute",
+                "layout": (
+                    "past_key.{i}/past_value.{i}: buffers (batch, kv_heads, cache, head_dim), layer index i absolute;"
+                    " new rows written at write_index, present_* = the updated buffers (in place under IO binding)"
+                ),
                 "num_kv_heads": shape.num_kv_heads,
                 "head_dim": shape.head_dim,
                 "dtype": dtype,

@@ -1,11 +1,17 @@
 """The torch modules that become the bundle's ONNX graphs.
 
 Attention masks are built inside the graphs from slot ids (``composer.layout.additive_mask``),
-so the runtime passes small integer tensors, never (B, 1, T, P+T) float masks. Every input
-has only independent dynamic sizes (B, T, M, P, R): lengths such as P+T are formed inside. The KV cache
-crosses the graph boundary as flat tensors: ``past_key.{i}`` / ``past_value.{i}`` of shape
-(B, kv_heads, P, head_dim) in, ``present_key.{i}`` / ``present_value.{i}`` (B, kv_heads,
-P+T, head_dim) out, with absolute layer indices ``i``; a ``DynamicCache`` is rebuilt inside.
+so the runtime passes small integer tensors, never (B, 1, T, S) float masks. Every input
+has only independent dynamic sizes (B, T, M, S, R): lengths such as T+M are formed inside.
+
+The KV cache crosses the graph boundary as preallocated buffers: ``past_key.{i}`` /
+``past_value.{i}`` of shape (B, kv_heads, S, head_dim) in, with absolute layer indices ``i``.
+A graph writes its new tokens' keys and values at rows ``write_index[b] ..`` of the buffer
+(ONNX ``TensorScatter``, opset 24) and attends over the whole buffer, ``cache_slots`` /
+``cache_valid`` (B, S) giving the slot id and validity of every row after the write (rows not
+written yet are invalid). ``present_key.{i}`` / ``present_value.{i}`` are the updated buffers,
+of the same shape: ONNX Runtime writes them in place when the runtime binds each present
+output to its past input's memory (IO binding), so a decode step copies no earlier token.
 
 Graphs:
 - ``encoder.<m>``: raw modality input -> projected tokens (n, T_m, d)
@@ -29,7 +35,8 @@ from composer.layout import additive_mask
 
 # Dynamic axes, one symbol each. Example sizes for tracing all differ, so that no two dynamic
 # sizes get merged into one symbol (the traced graph would then fail at run time).
-EXAMPLE_SIZES = {"batch": 2, "seq": 5, "mm": 3, "past": 7, "rows": 4, "items": 3}
+# "cache" (the KV buffer length) must hold the seq + mm rows written at index 0.
+EXAMPLE_SIZES = {"batch": 2, "seq": 5, "mm": 3, "cache": 11, "rows": 4, "items": 3}
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,7 @@ class Tensor:
     fixed ones (``hidden``, ``kv_heads``, ``head_dim``, ``vocab``, from the LLM's shape);
     ``dtype`` is ``int64``, ``bool``, ``float32`` or ``model`` (the bundle's float dtype); ``example`` says
     how a tracing example is made (``ids``, ``ones``, ``zeros``, ``randn``, ``slots``: the
-    positions after the past, ``arange``: 0.. along the last axis)."""
+    positions after the cached ones, ``arange``: 0.. along the last axis)."""
 
     name: str
     dtype: str
@@ -46,11 +53,9 @@ class Tensor:
     example: str = "zeros"
 
 
-def kv_tensors(prefix: str, start: int, end: int, past_axis: str = "past") -> list[Tensor]:
-    """``{prefix}_key.{i}`` / ``{prefix}_value.{i}`` (batch, kv_heads, past, head_dim), absolute ``i``."""
-    return [
-        Tensor(name, "model", ("batch", "kv_heads", past_axis, "head_dim")) for name in kv_names(prefix, start, end)
-    ]
+def kv_tensors(prefix: str, start: int, end: int) -> list[Tensor]:
+    """``{prefix}_key.{i}`` / ``{prefix}_value.{i}`` (batch, kv_heads, cache, head_dim), absolute ``i``."""
+    return [Tensor(name, "model", ("batch", "kv_heads", "cache", "head_dim")) for name in kv_names(prefix, start, end)]
 
 
 def kv_names(prefix: str, start: int, end: int) -> list[str]:
@@ -61,7 +66,7 @@ def kv_names(prefix: str, start: int, end: int) -> list[str]:
 class GraphIO:
     """The inputs and outputs of one bundle graph, declared once: the exporter traces from it
     (names, dynamic shapes, examples), the manifest records it, the runtime builds its feeds
-    through ``feeds``. The ``kv_inputs`` trailing inputs are the past KV, passed to the forward
+    through ``feeds``. The ``kv_inputs`` trailing inputs are the KV buffers, passed to the forward
     as one list (empty for a graph of no layers)."""
 
     inputs: tuple[Tensor, ...]
@@ -118,8 +123,8 @@ class GraphIO:
             shape = tuple(sizes[a] for a in t.shape)
             if t.example == "ids":
                 x = torch.randint(3, vocab, shape)
-            elif t.example == "slots":  # slot ids / positions after the past
-                x = torch.arange(sizes["past"], sizes["past"] + shape[-1]).expand(shape).clone()
+            elif t.example == "slots":  # slot ids / positions after the cached ones
+                x = torch.arange(sizes["cache"], sizes["cache"] + shape[-1]).expand(shape).clone()
             elif t.example == "arange":
                 x = torch.arange(shape[-1]).expand(shape).clone()
             elif t.example == "randn":
@@ -132,6 +137,15 @@ class GraphIO:
         return self.args(out)
 
 
+# The KV buffer's bookkeeping, the same in every LLM graph: slot id and validity of every
+# buffer row after this call's write, and the row each batch row's new tokens are written at.
+CACHE_INPUTS = (
+    Tensor("cache_slots", "int64", ("batch", "cache"), "arange"),
+    Tensor("cache_valid", "bool", ("batch", "cache"), "ones"),
+    Tensor("write_index", "int64", ("batch",), "zeros"),
+)
+
+
 def early_io(end: int) -> GraphIO:
     """``early_text``: layers [0, end) over text tokens."""
     seq = ("batch", "seq")
@@ -140,19 +154,17 @@ def early_io(end: int) -> GraphIO:
             Tensor("input_ids", "int64", seq, "ids"),
             Tensor("position_ids", "int64", seq, "slots"),
             Tensor("slots", "int64", seq, "slots"),
-            Tensor("valid", "bool", seq, "ones"),
-            Tensor("past_slots", "int64", ("batch", "past"), "arange"),
-            Tensor("past_valid", "bool", ("batch", "past"), "ones"),
+            *CACHE_INPUTS,
             *kv_tensors("past", 0, end),
         ),
-        outputs=(Tensor("hidden", "model", ("batch", "seq", "hidden")), *kv_tensors("present", 0, end, "total")),
+        outputs=(Tensor("hidden", "model", ("batch", "seq", "hidden")), *kv_tensors("present", 0, end)),
         kv_inputs=2 * end,
     )
 
 
 def late_io(start: int, end: int, last: bool) -> GraphIO:
     """``late_multimodal``: layers [start, end) over the previous hidden states + entering MM tokens."""
-    seq, mm, past = ("batch", "seq"), ("batch", "mm"), ("batch", "past")
+    seq, mm = ("batch", "seq"), ("batch", "mm")
     head = (
         Tensor("logits", "float32", ("batch", "rows", "vocab"))
         if last
@@ -162,36 +174,63 @@ def late_io(start: int, end: int, last: bool) -> GraphIO:
         inputs=(
             Tensor("hidden", "model", ("batch", "seq", "hidden"), "randn"),
             Tensor("hidden_slots", "int64", seq, "slots"),
-            Tensor("hidden_valid", "bool", seq, "ones"),
             Tensor("hidden_positions", "int64", seq, "slots"),
             Tensor("mm_tokens", "model", ("batch", "mm", "hidden"), "randn"),
             Tensor("mm_slots", "int64", mm, "arange"),
-            Tensor("mm_valid", "bool", mm, "ones"),
             Tensor("mm_positions", "int64", mm, "arange"),
-            Tensor("past_slots", "int64", past, "arange"),
-            Tensor("past_valid", "bool", past, "ones"),
+            *CACHE_INPUTS,
             Tensor("logit_rows", "int64", ("batch", "rows"), "zeros"),
             *kv_tensors("past", start, end),
         ),
-        outputs=(head, *kv_tensors("present", start, end, "total")),
+        outputs=(head, *kv_tensors("present", start, end)),
         kv_inputs=2 * (end - start),
     )
 
 
-def _cache_from(past: list[torch.Tensor], start: int):
-    from transformers import DynamicCache
+@torch.library.custom_op("composer::kv_write", mutates_args=())
+def kv_write(cache: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``cache`` (B, h, S, hd) with ``new`` (B, h, T, hd) written at rows ``index[b]`` ..
+    ``index[b] + T - 1`` of each batch row ``b``. Exported as ONNX ``TensorScatter`` (opset 24),
+    which ONNX Runtime runs in place when the output is bound to the input's memory."""
+    B, H, _, D = cache.shape
+    T = new.shape[2]
+    rows = (index[:, None] + torch.arange(T, device=index.device))[:, None, :, None].expand(B, H, T, D)
+    return cache.scatter(2, rows, new.to(cache.dtype))
 
-    cache = DynamicCache()
-    for j in range(len(past) // 2):
-        cache.update(past[2 * j], past[2 * j + 1], start + j)
-    return cache
+
+@kv_write.register_fake
+def _kv_write_fake(cache, new, index):
+    return torch.empty_like(cache)
 
 
-def _present(cache, start: int, end: int) -> list[torch.Tensor]:
-    out = []
-    for i in range(start, end):
-        out += [cache.layers[i].keys, cache.layers[i].values]
-    return out
+def _kv_write_onnx(cache, new, index):
+    from onnxscript import values
+
+    return values.Opset("", KV_OPSET).TensorScatter(cache, new, index, axis=2)
+
+
+KV_OPSET = 24  # TensorScatter
+# torch.onnx.export(custom_translation_table=...) for the LLM graphs
+ONNX_TRANSLATIONS = {torch.ops.composer.kv_write.default: _kv_write_onnx}
+
+
+class BufferCache:
+    """The KV cache inside an LLM graph, in the shape HF attention layers call: per layer a
+    buffer (B, h, S, hd); ``update`` writes the layer's new keys and values at ``index`` and
+    returns the whole buffers to attend over (the mask hides rows not written yet)."""
+
+    def __init__(self, past: list[torch.Tensor], start: int, index: torch.Tensor):
+        self.kv = {start + j: [past[2 * j], past[2 * j + 1]] for j in range(len(past) // 2)}
+        self.index = index
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):  # HF passes cache kwargs
+        kv = self.kv[layer_idx]
+        kv[0] = kv_write(kv[0], key_states, self.index)
+        kv[1] = kv_write(kv[1], value_states, self.index)
+        return kv[0], kv[1]
+
+    def present(self) -> list[torch.Tensor]:
+        return [t for i in sorted(self.kv) for t in self.kv[i]]
 
 
 class EncoderGraph(nn.Module):
@@ -205,8 +244,8 @@ class EncoderGraph(nn.Module):
 
 
 class EarlyText(nn.Module):
-    """input_ids, position_ids, slots, valid (B, T); past_slots, past_valid (B, P); past KV of
-    layers [0, end) -> hidden (B, T, d), present KV (B, h, P+T, hd)."""
+    """input_ids, position_ids, slots (B, T); cache_slots, cache_valid (B, S), write_index (B,);
+    KV buffers of layers [0, end) (B, h, S, hd) -> hidden (B, T, d), updated buffers."""
 
     def __init__(self, model, end: int):
         super().__init__()
@@ -214,22 +253,21 @@ class EarlyText(nn.Module):
         self.adapter, self.end = model.adapter, end
         self.io = early_io(end)
 
-    def forward(self, input_ids, position_ids, slots, valid, past_slots, past_valid, past: list[torch.Tensor]):
+    def forward(self, input_ids, position_ids, slots, cache_slots, cache_valid, write_index, past: list[torch.Tensor]):
         h = self.adapter.embed(input_ids, position_ids)
         if self.end == 0:
             return (h,)
-        keys, ok = torch.cat([past_slots, slots], 1), torch.cat([past_valid, valid], 1)
-        mask = additive_mask(slots, keys, ok, h.dtype)
-        cache = _cache_from(past, 0)
+        mask = additive_mask(slots, cache_slots, cache_valid, h.dtype)
+        cache = BufferCache(past, 0, write_index)
         h = self.adapter.run_layers(h, 0, self.end, position_ids, mask, cache)
-        return (h, *_present(cache, 0, self.end))
+        return (h, *cache.present())
 
 
 class LateStage(nn.Module):
-    """hidden (B, Tp, d) with hidden_slots/hidden_valid/hidden_positions (B, Tp); mm_tokens
-    (B, M, d) with mm_slots/mm_valid/mm_positions (B, M); past_slots/past_valid (B, P);
-    [logit_rows (B, R)]; past KV of layers [start, end) -> hidden (B, Tp+M, d) or logits
-    (B, R, V) float32, present KV (B, h, P+Tp+M, hd)."""
+    """hidden (B, Tp, d) with hidden_slots/hidden_positions (B, Tp); mm_tokens (B, M, d) with
+    mm_slots/mm_positions (B, M); cache_slots/cache_valid (B, S), write_index (B,); logit_rows
+    (B, R); KV buffers of layers [start, end) (B, h, S, hd) -> hidden (B, Tp+M, d) or logits
+    (B, R, V) float32, updated buffers."""
 
     def __init__(self, model, start: int, end: int, last: bool):
         super().__init__()
@@ -241,14 +279,13 @@ class LateStage(nn.Module):
         self,
         hidden,
         hidden_slots,
-        hidden_valid,
         hidden_positions,
         mm_tokens,
         mm_slots,
-        mm_valid,
         mm_positions,
-        past_slots,
-        past_valid,
+        cache_slots,
+        cache_valid,
+        write_index,
         logit_rows,
         past: list[torch.Tensor],
     ):
@@ -257,12 +294,10 @@ class LateStage(nn.Module):
         h = torch.cat([hidden, mm.to(hidden.dtype)], dim=1)
         slots = torch.cat([hidden_slots, mm_slots], 1)
         position_ids = torch.cat([hidden_positions, mm_positions], 1)
-        keys = torch.cat([past_slots, slots], 1)
-        ok = torch.cat([past_valid, hidden_valid, mm_valid], 1)
-        mask = additive_mask(slots, keys, ok, h.dtype)
-        cache = _cache_from(past, self.start)
+        mask = additive_mask(slots, cache_slots, cache_valid, h.dtype)
+        cache = BufferCache(past, self.start, write_index)
         h = self.adapter.run_layers(h, self.start, self.end, position_ids, mask, cache)
-        present = _present(cache, self.start, self.end)
+        present = cache.present()
         if not self.last:
             return (h, *present)
         rows = h.gather(1, logit_rows[..., None].expand(-1, -1, h.shape[-1]))

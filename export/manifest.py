@@ -7,7 +7,9 @@ from pathlib import Path
 
 from composer.errors import InputError, read_versioned_json
 
-FORMAT_VERSION = 1
+# 2: the LLM graphs take KV buffers written in place (write_index, cache_slots/cache_valid);
+# 1 (concatenating past + new KV) bundles must be exported again.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -27,7 +29,9 @@ def read_manifest(bundle: str | Path, *, check_files: bool = True) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise InputError(f"{root}: not an ONNX bundle (no {MANIFEST})")
-    manifest = read_versioned_json(path, FORMAT_VERSION, "the bundle manifest")
+    manifest = read_versioned_json(
+        path, FORMAT_VERSION, "the bundle manifest", hint="export the model again with this composer (compose export)"
+    )
     for key in ("stages", "encoders", "graphs", "llm", "kv", "generation"):
         if key not in manifest:
             raise InputError(f"{path}: missing key {key!r}")

@@ -1,10 +1,11 @@
 """ONNX Runtime inference over a split bundle: preprocessing, encoders, prefill, decode loop.
 
 The host side lays the prompt out as ``composer.layout`` does (slots, baseline positions) and
-passes each graph small integer tensors; the graphs build their own masks. Per stage it keeps
-the slot ids and validity of every cached key, and the KV tensors between steps. With the
-CUDA provider the KV cache and hidden states stay on the device (IO binding); on CPU they are
-numpy arrays.
+passes each graph small integer tensors; the graphs build their own masks. Per LLM graph it keeps
+a KV cache of preallocated buffers (``StageCache``): the prefill writes the prompt's rows, every
+decode step one row, in place under IO binding (the default), so a step copies no earlier token;
+generate() reserves room for ``max_new_tokens`` after the prefill, and a buffer that fills up
+grows (one copy). With the CUDA provider the buffers and hidden states stay on the device.
 
 Example::
 
@@ -48,10 +49,77 @@ def default_session_options(spinning: bool = False, threads: int | None = None):
     return so
 
 
+class StageCache:
+    """One LLM graph's KV cache between calls: per layer a key and a value buffer (B, h, cap,
+    head_dim), the slot id and validity of every row, and how many rows are written
+    (``length``). With ``device`` set ("cpu" or "cuda": IO binding) the buffers are OrtValues
+    the graph updates in place; without, numpy arrays replaced by the graph's outputs."""
+
+    def __init__(self, names: list[str], shape: tuple[int, int, int], cap: int, dtype, device: str | None):
+        self.names, self.dtype, self.device = names, dtype, device
+        B, self.heads, self.head_dim = shape
+        self.length = 0
+        self.slots = np.zeros((B, 0), np.int64)
+        self.valid = np.zeros((B, 0), bool)
+        self.host: dict[str, np.ndarray] = {}  # the numpy arrays behind CPU OrtValues (kept alive)
+        self.bufs: dict[str, Any] = {}
+        self._resize(cap)
+
+    @property
+    def capacity(self) -> int:
+        return self.slots.shape[1]
+
+    def _resize(self, cap: int) -> None:
+        B = self.slots.shape[0]
+        n = self.length
+        slots, valid = np.zeros((B, cap), np.int64), np.zeros((B, cap), bool)
+        slots[:, :n], valid[:, :n] = self.slots[:, :n], self.valid[:, :n]
+        self.slots, self.valid = slots, valid
+        for name in self.names:
+            new = np.zeros((B, self.heads, cap, self.head_dim), self.dtype)  # zeros: a masked row adds 0 * value
+            if name in self.bufs:
+                new[:, :, :n] = _to_numpy(self.bufs[name])[:, :, :n]
+            self.bufs[name] = new
+            if self.device is not None:
+                import onnxruntime as ort
+
+                self.bufs[name] = ort.OrtValue.ortvalue_from_numpy(new, self.device, 0)
+                if self.device == "cpu":  # the OrtValue shares the array's memory: keep the array alive
+                    self.host[name] = new
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` more rows (one copy of the written rows when the buffers grow)."""
+        if self.length + rows > self.capacity:
+            self._resize(self.length + rows)
+
+    def write(self, slots: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
+        """Record T new rows (their slot ids and validity) at ``length``; -> the graph's cache feeds."""
+        T = slots.shape[1]
+        if self.length + T > self.capacity:
+            self._resize(self.length + max(T, 256, self.capacity // 2))
+        at = self.length
+        self.slots[:, at : at + T], self.valid[:, at : at + T] = slots, valid
+        self.length += T
+        B = slots.shape[0]
+        return {
+            "cache_slots": self.slots,
+            "cache_valid": self.valid,
+            "write_index": np.full((B,), at, np.int64),
+            **self.bufs,
+        }
+
+    def update(self, present: dict[str, Any]) -> None:
+        """Take the graph's present buffers; under IO binding they are the same memory, updated in place."""
+        if self.device is None:
+            self.bufs.update({k.replace("present_", "past_", 1): v for k, v in present.items()})
+
+
 class OnnxPipeline:
     """Generation with ONNX Runtime over ``BUNDLE``; ``provider`` is "cpu" or "cuda";
-    ``io_binding`` (default: on for CUDA) keeps KV and hidden states as device OrtValues;
-    ``session_options`` default: ``default_session_options()`` (intra-op spinning off)."""
+    ``io_binding`` (default: on) keeps the KV buffers (updated in place) and hidden states as
+    OrtValues on the device; off, every graph call returns new numpy arrays (each decode step
+    then copies the whole cache). ``session_options`` default: ``default_session_options()``
+    (intra-op spinning off)."""
 
     def __init__(self, bundle: str | Path, provider: str = "cpu", session_options=None, io_binding: bool | None = None):
         import onnxruntime as ort
@@ -65,9 +133,9 @@ class OnnxPipeline:
                 "provider 'cuda' needs onnxruntime-gpu (pip install 'mm-composer[gpu]') and a CUDA device"
             )
         self.provider = provider
-        # IO binding keeps hidden states and KV as OrtValues on the device between graphs and
-        # steps; on by default with CUDA, and can be switched on for CPU (tested there).
-        self.io_binding = provider == "cuda" if io_binding is None else io_binding
+        # IO binding keeps hidden states and the KV buffers as OrtValues on the device between
+        # graphs and steps, the buffers updated in place (TensorScatter); on by default.
+        self.io_binding = True if io_binding is None else io_binding
         self.device = "cuda" if provider == "cuda" else "cpu"
         providers = (
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
@@ -169,9 +237,11 @@ class OnnxPipeline:
 
     # -- graphs ----------------------------------------------------------------------------------------
     def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        if self.recorder is None:
+            return self._run_session(graph, feeds)
+        before = {k: np.array(_to_numpy(v)) for k, v in feeds.items()}  # in-place writes change the buffers
         out = self._run_session(graph, feeds)
-        if self.recorder is not None:  # --verify replays every call through the torch graph
-            self.recorder.append((graph, dict(feeds), {k: _to_numpy(v) for k, v in out.items()}))
+        self.recorder.append((graph, before, {k: _to_numpy(v) for k, v in out.items()}))  # --verify replays it
         return out
 
     def _run_session(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +259,11 @@ class OnnxPipeline:
             else:
                 binding.bind_cpu_input(k, np.ascontiguousarray(v))
         for n in names:
-            binding.bind_output(n, "cpu" if n == "logits" else self.device)
+            past = feeds.get(n.replace("present_", "past_", 1)) if n.startswith("present_") else None
+            if isinstance(past, ort.OrtValue):
+                binding.bind_ortvalue_output(n, past)  # the buffer is updated in place
+            else:
+                binding.bind_output(n, "cpu" if n == "logits" else self.device)
         sess.run_with_iobinding(binding)
         outs = binding.get_outputs()
         return {n: (o.numpy() if n == "logits" else o) for n, o in zip(names, outs, strict=True)}
@@ -208,15 +282,24 @@ class OnnxPipeline:
         tok = out["tokens"]
         return tok if isinstance(tok, np.ndarray) else tok.numpy()
 
-    def _empty_kv(self, B: int, start: int, end: int) -> dict[str, np.ndarray]:
-        shape = (B, self.kv["num_kv_heads"], 0, self.kv["head_dim"])
-        z = np.zeros(shape, dtype=self.dtype)
-        return dict.fromkeys(kv_names("past", start, end), z)
+    def _new_cache(self, B: int, stage: dict, rows: int) -> StageCache:
+        names = kv_names("past", stage["start"], stage["end"])
+        shape = (B, self.kv["num_kv_heads"], self.kv["head_dim"])
+        return StageCache(names, shape, rows, self.dtype, self.device if self.io_binding else None)
 
     # -- the split forward pass ------------------------------------------------------------------------------
-    def prefill(self, input_ids, attention_mask, modality_inputs: dict[str, Any], *, all_logits: bool = False):
+    def prefill(
+        self,
+        input_ids,
+        attention_mask,
+        modality_inputs: dict[str, Any],
+        *,
+        all_logits: bool = False,
+        reserve: int = 0,
+    ):
         """-> (logits, state). ``logits`` (B, V) at the last slot, or (B, L, V) in slot order
-        when ``all_logits`` (used by ``--verify``)."""
+        when ``all_logits`` (used by ``--verify``); ``state`` holds one ``StageCache`` per LLM
+        graph, with room for ``reserve`` decode steps."""
         ids = np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
         mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask).astype(
             bool
@@ -229,27 +312,24 @@ class OnnxPipeline:
             is_mm |= sm
         tokens = self._mm_tokens(slot_masks, modality_inputs)
         stages = self.manifest["stages"]
-        state = {"slots": [], "valid": [], "kv": [], "next_slot": L, "next_pos": pos[:, -1] + 1}
+        state = {"caches": [], "next_slot": L, "next_pos": pos[:, -1] + 1}
 
         # early text: text slots only (composer.layout's compaction, in its numpy twin)
         cur_slots, cur_valid, cur_pos = compact_np(~is_mm, mask, pos)
         early = stages[0]
+        cache = self._new_cache(B, early, cur_slots.shape[1])
         out = self._run(
             early["graph"],
             self.io[early["graph"]].feeds(
                 input_ids=_take(np.where(is_mm, 0, ids), cur_slots, 0),
                 position_ids=cur_pos,
                 slots=cur_slots,
-                valid=cur_valid,
-                past_slots=np.zeros((B, 0), np.int64),
-                past_valid=np.zeros((B, 0), bool),
-                **self._empty_kv(B, 0, early["end"]),
+                **cache.write(cur_slots, cur_valid),
             ),
         )
         hidden = out.pop("hidden")
-        state["slots"].append(cur_slots)
-        state["valid"].append(cur_valid)
-        state["kv"].append(_as_past(out))
+        cache.update(out)
+        state["caches"].append(cache)
         logits = None
         for st in stages[1:]:
             enter = np.zeros_like(mask)
@@ -267,32 +347,31 @@ class OnnxPipeline:
                 logit_rows = np.argsort(all_slots, axis=1, kind="stable")[:, :L]
             else:
                 logit_rows = np.argmax(all_slots == L - 1, axis=1)[:, None]
+            cur_valid = np.concatenate([cur_valid, mm_valid], 1)
+            cache = self._new_cache(B, st, all_slots.shape[1])
             out = self._run(
                 st["graph"],
                 self.io[st["graph"]].feeds(
                     hidden=hidden,
                     hidden_slots=cur_slots,
-                    hidden_valid=cur_valid,
                     hidden_positions=cur_pos,
                     mm_tokens=mm,
                     mm_slots=midx,
-                    mm_valid=mm_valid,
                     mm_positions=mm_pos,
-                    past_slots=np.zeros((B, 0), np.int64),
-                    past_valid=np.zeros((B, 0), bool),
                     logit_rows=logit_rows.astype(np.int64),
-                    **self._empty_kv(B, st["start"], st["end"]),
+                    **cache.write(all_slots, cur_valid),
                 ),
             )
-            cur_slots, cur_valid = all_slots, np.concatenate([cur_valid, mm_valid], 1)
+            cur_slots = all_slots
             cur_pos = np.concatenate([cur_pos, mm_pos], 1)
             if st["last"]:
                 logits = out.pop("logits")
             else:
                 hidden = out.pop("hidden_out")
-            state["slots"].append(cur_slots)
-            state["valid"].append(cur_valid)
-            state["kv"].append(_as_past(out))
+            cache.update(out)
+            state["caches"].append(cache)
+        for cache in state["caches"]:
+            cache.reserve(reserve)
         logits = logits if all_logits else logits[:, 0]
         return logits, state
 
@@ -305,12 +384,12 @@ class OnnxPipeline:
         hidden = None
         logits = None
         for s, st in enumerate(self.manifest["stages"]):
-            common = {"past_slots": state["slots"][s], "past_valid": state["valid"][s], **state["kv"][s]}
+            cache = state["caches"][s]
             io = self.io[st["graph"]]
             if s == 0:
                 out = self._run(
                     st["graph"],
-                    io.feeds(input_ids=tokens.astype(np.int64), position_ids=pos, slots=slot, valid=one, **common),
+                    io.feeds(input_ids=tokens.astype(np.int64), position_ids=pos, slots=slot, **cache.write(slot, one)),
                 )
                 hidden = out.pop("hidden")
             else:
@@ -319,23 +398,19 @@ class OnnxPipeline:
                     io.feeds(
                         hidden=hidden,
                         hidden_slots=slot,
-                        hidden_valid=one,
                         hidden_positions=pos,
                         mm_tokens=np.zeros((B, 0, self.d), self.dtype),
                         mm_slots=np.zeros((B, 0), np.int64),
-                        mm_valid=np.zeros((B, 0), bool),
                         mm_positions=np.zeros((B, 0), np.int64),
                         logit_rows=np.zeros((B, 1), np.int64),
-                        **common,
+                        **cache.write(slot, one),
                     ),
                 )
                 if st["last"]:
                     logits = out.pop("logits")[:, 0]
                 else:
                     hidden = out.pop("hidden_out")
-            state["slots"][s] = np.concatenate([state["slots"][s], slot], 1)
-            state["valid"][s] = np.concatenate([state["valid"][s], one], 1)
-            state["kv"][s] = _as_past(out)
+            cache.update(out)
         state["next_slot"] += 1
         state["next_pos"] = state["next_pos"] + 1
         return logits
@@ -378,7 +453,7 @@ class OnnxPipeline:
 
         def step(out: torch.Tensor) -> torch.Tensor:
             if out.shape[1] == 0:
-                logits, st = self.prefill(input_ids, attention_mask, modality_inputs)
+                logits, st = self.prefill(input_ids, attention_mask, modality_inputs, reserve=sampling.max_new_tokens)
                 state.update(st)
                 return torch.from_numpy(np.asarray(logits))
             return torch.from_numpy(np.asarray(self.decode_step(out[:, -1:].numpy(), state)))
@@ -434,7 +509,3 @@ def _flat_rank(mask: np.ndarray) -> np.ndarray:
 
 def _to_numpy(v) -> np.ndarray:
     return v if isinstance(v, np.ndarray) else v.numpy()
-
-
-def _as_past(present: dict[str, Any]) -> dict[str, Any]:
-    return {k.replace("present_", "past_", 1): v for k, v in present.items()}

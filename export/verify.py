@@ -81,6 +81,17 @@ def _replay(module, graph: str, feeds: dict, manifest) -> list[np.ndarray]:
     return [o.float().numpy() for o in outs[:1]]  # the main output; KV agrees when it does
 
 
+def _real_rows(name: str, feeds: dict, out: np.ndarray) -> np.ndarray | None:
+    """(B, T) mask of the rows of an LLM graph's main output that belong to real tokens (None
+    for an encoder): a padding row attends to no key, so its value is arbitrary. Output row
+    ``j`` is the token written at buffer row ``write_index + j`` (``logit_rows`` pick among them)."""
+    if "write_index" not in feeds:
+        return None
+    B, T = out.shape[:2]
+    rows = feeds["logit_rows"] if name == "logits" else np.broadcast_to(np.arange(T), (B, T))
+    return np.take_along_axis(feeds["cache_valid"], feeds["write_index"][:, None] + rows, 1)
+
+
 def verify_bundle(
     model, bundle: str | Path, *, steps: int = 4, min_top1: float | None = None, atol: float | None = None
 ) -> dict:
@@ -111,8 +122,10 @@ def verify_bundle(
     per_graph: dict[str, float] = {}
     scales: dict[str, float] = {}
     for graph, feeds, outs in calls:
-        main = next(iter(outs.values()))
+        name, main = next(iter(outs.items()))
         want = _replay(graphs[graph], graph, feeds, manifest)[0]
+        real = _real_rows(name, feeds, main)
+        main, want = (main, want) if real is None else (main[real], want[real])
         diff = float(np.abs(main.astype(np.float32) - want.astype(np.float32)).max()) if main.size else 0.0
         per_graph[graph] = max(per_graph.get(graph, 0.0), diff)
         scales[graph] = max(scales.get(graph, 1.0), float(np.abs(want).max()) if want.size else 0.0)

@@ -234,7 +234,14 @@ def test_bundle_missing_parts_and_malformed_manifests(exported, tmp_path):
             lambda b: (b / "manifest.json").write_text(
                 json.dumps({**json.loads((b / "manifest.json").read_text()), "format_version": 7})
             ),
-            "manifest.json: unknown format_version 7 (this composer reads 1)",
+            "manifest.json: unknown format_version 7 (this composer reads 2)",
+        ),
+        (  # a bundle of the concatenating KV layout
+            lambda b: (b / "manifest.json").write_text(
+                json.dumps({**json.loads((b / "manifest.json").read_text()), "format_version": 1})
+            ),
+            "manifest.json: unknown format_version 1 (this composer reads 2): export the model again with this"
+            " composer (compose export)",
         ),
         (
             lambda b: (b / "early_text.onnx.data").write_bytes((b / "early_text.onnx.data").read_bytes()[:64]),

@@ -206,8 +206,10 @@ def test_a_local_checkpoint_missing_a_part_never_reaches_the_network(tmp_path, m
 def _manifest(tmp_path, **over):
     import json
 
+    from composer.export.manifest import FORMAT_VERSION
+
     m = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "stages": [{"graph": "early_text.onnx"}],
         "encoders": {"image": {"graph": "encoder.image.onnx", "processor": "processors/image"}},
         "graphs": {"early_text.onnx": {}, "encoder.image.onnx": {}},
