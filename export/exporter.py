@@ -19,9 +19,11 @@ for prefill).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -59,10 +61,27 @@ def merged_for_export(model, dtype: torch.dtype):
     return m.to(dtype)
 
 
+@contextlib.contextmanager
+def _gqa_in_attention():
+    """Trace grouped-query attention as one ONNX ``Attention`` node over the KV heads as they are
+    (SDPA's ``enable_gqa``) instead of HF's ``repeat_kv``, which writes the KV buffers out again
+    once per query head group in every layer and decode step. transformers turns it on only
+    without a mask, unless ``TRANSFORMERS_SDPA_FORCE_GQA=1`` (read at call time)."""
+    old = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRANSFORMERS_SDPA_FORCE_GQA"]
+        else:
+            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = old
+
+
 def _export(module, args, path: Path, input_names, output_names, dynamic_shapes, opset: int | None) -> None:
     import onnx
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _gqa_in_attention():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         prog = torch.onnx.export(

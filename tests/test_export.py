@@ -108,6 +108,38 @@ def test_prefill_and_decode_logits_match_torch(exported, n):
         assert np.abs(step - want).max() < TOL
 
 
+def test_decode_writes_the_kv_buffers_in_place(exported):
+    """Issue 17 item 3: after a prefill with room reserved, decode steps write one row each into
+    the same buffers (same memory, same capacity: nothing copied or reallocated), the rows before
+    stay byte for byte, and the logits equal a full torch recomputation. Past the reserve the
+    buffers grow once, keeping every row."""
+    model, _, pipe = exported
+    batch = _batch(model, 2)
+    mm = {m: batch[m] for m in model.encoders}
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    _, state = pipe.prefill(ids, am, mm, reserve=3)
+    caches = [c for c in state["caches"] if c.names]
+    ptr = {(i, n): c.bufs[n].data_ptr() for i, c in enumerate(caches) for n in c.names}
+    cap = [c.capacity for c in caches]
+    start = [c.length for c in caches]
+    before = [{n: c.bufs[n].numpy()[:, :, : c.length].copy() for n in c.names} for c in caches]
+    for step in range(5):  # 3 within the reserve, then growth
+        with torch.no_grad():
+            nxt = model(input_ids=ids, attention_mask=am, **mm).logits[:, -1].argmax(-1, keepdim=True)
+        ids, am = torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+        got = pipe.decode_step(nxt.numpy(), state)
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=am, **mm).logits[:, -1].numpy()
+        assert np.abs(got - want).max() < TOL
+        for i, c in enumerate(caches):
+            assert c.length == start[i] + step + 1
+            same = all(c.bufs[n].data_ptr() == ptr[i, n] for n in c.names)
+            assert same == (step < 3) and (c.capacity == cap[i]) == (step < 3)
+            for n in c.names:
+                assert np.array_equal(c.bufs[n].numpy()[:, :, : start[i]], before[i][n])
+    assert all(c.capacity >= c.length for c in caches)
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_greedy_tokens_equal_torch_generate(exported, n):
     model, _, pipe = exported
