@@ -187,6 +187,9 @@ def late_io(start: int, end: int, last: bool) -> GraphIO:
     )
 
 
+KV_OPSET = 24  # TensorScatter
+
+
 @torch.library.custom_op("composer::kv_write", mutates_args=())
 def kv_write(cache: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``cache`` (B, h, S, hd) with ``new`` (B, h, T, hd) written at rows ``index[b]`` ..
@@ -209,7 +212,6 @@ def _kv_write_onnx(cache, new, index):
     return values.Opset("", KV_OPSET).TensorScatter(cache, new, index, axis=2)
 
 
-KV_OPSET = 24  # TensorScatter
 # torch.onnx.export(custom_translation_table=...) for the LLM graphs
 ONNX_TRANSLATIONS = {torch.ops.composer.kv_write.default: _kv_write_onnx}
 
