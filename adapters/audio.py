@@ -3,7 +3,7 @@ LTU (Gong et al. 2023, "Listen, Think, and Understand").
 
 Raw audio in, patch tokens out::
 
-    WAV file / waveform (any rate) --mono, resample to 16 kHz--> ASTFeatureExtractor
+    audio file (WAV, FLAC, OGG) / waveform (any rate) --mono, resample to 16 kHz--> ASTFeatureExtractor
         --> input_values (items, max_length frames, num_mel_bins)      e.g. (n, 1024, 128)
         --> ASTModel --> hidden states (n, 2 + F * T, d)               F = 12 frequency rows,
                                                                        T = 101 time columns
@@ -16,8 +16,10 @@ final LayerNorm, which is what AST's own classifier and LTU's audio encoder feed
 value indexes ``hidden_states`` (0 = patch + position embeddings, i = output of layer i, -2 =
 the penultimate layer).
 
-Audio input (``preprocess``): WAV file paths (PCM 8/16/24/32-bit, any channel count, read with
-the stdlib ``wave`` module), 1-D numpy waveforms at the feature extractor's rate, or
+Audio input (``preprocess``): audio file paths (``read_audio``: WAV of every common encoding
+(PCM 8/16/24/32-bit, IEEE float, WAVE_FORMAT_EXTENSIBLE), FLAC, OGG/Vorbis/Opus, AIFF, any
+channel count, read through ``soundfile``/libsndfile; the stdlib ``wave`` reader ``read_wav``
+(PCM only) when soundfile is unavailable), 1-D numpy waveforms at the feature extractor's rate, or
 ``(waveform, sampling_rate)`` tuples; 2-D torch tensors are taken as already computed features
 ``(max_length, num_mel_bins)``. Channels are averaged to mono; other rates are resampled with
 ``resample`` (windowed-sinc, see there). No torchaudio: transformers' ``ASTFeatureExtractor``
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import struct
 import warnings
 import wave
 from typing import Any
@@ -43,6 +46,59 @@ from composer.errors import InputError
 WINDOW, HOP = 400, 160
 
 # -- reading and resampling audio --------------------------------------------------------------------
+
+
+def read_audio(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
+    """An audio file -> (mono float32 waveform, sampling rate), through ``soundfile`` (libsndfile,
+    whose wheels bundle the library): WAV of every common encoding (PCM 8/16/24/32-bit, IEEE
+    float 32/64, A-law/mu-law, WAVE_FORMAT_EXTENSIBLE), FLAC, OGG/Vorbis/Opus, AIFF. Channels are
+    averaged. Without soundfile (or its library), ``read_wav`` reads PCM WAV.
+
+    Raises ``InputError`` naming the file when it is missing, unreadable, truncated (a WAV whose
+    data chunk declares more frames than the file holds; libsndfile alone would read the rest
+    silently), empty, outside [MIN_RATE, MAX_RATE] Hz, or holds NaN/infinite samples.
+    """
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: audio file not found")
+    try:
+        import soundfile as sf
+    except (ImportError, OSError):  # OSError: the wheel's libsndfile cannot be loaded
+        return read_wav(path)
+    try:
+        with sf.SoundFile(str(path)) as f:
+            rate = f.samplerate
+            data = f.read(dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].replace(f"Error opening {str(path)!r}: ", "")
+        raise InputError(f"{path}: cannot read audio ({reason})") from None
+    declared = _riff_frames(path)
+    if declared is not None and declared > len(data):
+        raise InputError(f"{path}: truncated WAV (the header says {declared} frames, the file holds {len(data)})")
+    if data.size == 0:
+        raise InputError(f"{path}: empty audio (0 samples)")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise InputError(f"{path}: sampling rate {rate} Hz in the file header is outside [{MIN_RATE}, {MAX_RATE}] Hz")
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: audio contains NaN or infinite samples")
+    return data.mean(axis=1, dtype=np.float64).astype(np.float32), rate
+
+
+def _riff_frames(path: str | os.PathLike[str]) -> int | None:
+    """The frame count a RIFF/WAVE file's ``data`` chunk declares (its bytes / the ``fmt ``
+    block align); None for other files, streamed WAVs (size 0 or 0xFFFFFFFF) and odd headers."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        align = None
+        while len(chunk := f.read(8)) == 8:
+            cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if cid == b"data":
+                return size // align if align and size not in (0, 0xFFFFFFFF) else None
+            body = f.read(size + (size & 1))
+            if cid == b"fmt " and len(body) >= 14:
+                align = struct.unpack("<H", body[12:14])[0]
+        return None
 
 
 def read_wav(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
@@ -152,7 +208,7 @@ def _waveform(item: Any, index: int, rate: int, keep: int) -> np.ndarray:
     where = f"audio item {index}"
     if isinstance(item, (str, os.PathLike)):
         where = str(item)
-        wav, sr = read_wav(item)
+        wav, sr = read_audio(item)
     elif isinstance(item, tuple):
         if len(item) != 2 or not isinstance(item[1], (int, np.integer)) or isinstance(item[1], bool):
             raise InputError(f"{where}: a tuple must be (waveform, sampling_rate: int)")
@@ -163,7 +219,7 @@ def _waveform(item: Any, index: int, rate: int, keep: int) -> np.ndarray:
         wav, sr = _array(item, where), rate
     else:
         raise InputError(
-            f"{where}: expected a WAV file path, a numpy waveform or (waveform, sampling_rate), "
+            f"{where}: expected an audio file path, a numpy waveform or (waveform, sampling_rate), "
             f"got {type(item).__name__}"
         )
     # The extractor keeps the first `keep` samples; resample only those (plus 100 ms for the filter).
@@ -197,7 +253,7 @@ def _array(a: Any, where: str) -> np.ndarray:
 def load_audio(processor, items: list) -> torch.Tensor:
     """Audio items -> ``input_values`` (n, max_length, num_mel_bins) for AST.
 
-    Each item: a WAV path, a numpy waveform (at the extractor's rate), ``(waveform, rate)``,
+    Each item: an audio file path (``read_audio``), a numpy waveform (at the extractor's rate), ``(waveform, rate)``,
     or a 2-D tensor of already computed features.
     """
     rate = processor.sampling_rate

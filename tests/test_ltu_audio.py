@@ -125,6 +125,69 @@ def test_pcm_sample_widths(tmp_path, width):
     assert np.abs(wav - x).max() < max(1.5 / 2 ** (8 * width - 1), 1e-7)  # quantisation, float32 for 32-bit
 
 
+# (soundfile format, subtype, max |error| vs the float signal): every common WAV encoding, FLAC, OGG
+FILE_FORMATS = [
+    ("WAV", "PCM_U8", 1 / 64),
+    ("WAV", "PCM_16", 1 / 16384),
+    ("WAV", "PCM_24", 1e-6),
+    ("WAV", "PCM_32", 1e-7),
+    ("WAV", "FLOAT", 1e-7),
+    ("WAV", "DOUBLE", 1e-7),
+    ("WAV", "ULAW", 0.02),
+    ("WAVEX", "PCM_16", 1 / 16384),  # WAVE_FORMAT_EXTENSIBLE
+    ("WAVEX", "FLOAT", 1e-7),
+    ("FLAC", "PCM_24", 1e-6),
+    ("OGG", "VORBIS", None),  # lossy: mean |error| instead
+]
+
+
+@pytest.mark.parametrize("fmt,subtype,tol", FILE_FORMATS, ids=[f"{f}-{s}" for f, s, _ in FILE_FORMATS])
+def test_audio_file_formats_are_read(model, tmp_path, fmt, subtype, tol):
+    """Issue 19, item 3: WAV of every common encoding, FLAC and OGG read through soundfile
+    (a float WAV was refused before: "unknown format: 3"); stereo files are averaged to mono."""
+    import soundfile as sf
+
+    from composer.adapters.audio import read_audio
+
+    x = tone(16000, 440.0, 0.5)
+    path = tmp_path / f"a.{'ogg' if fmt == 'OGG' else 'flac' if fmt == 'FLAC' else 'wav'}"
+    sf.write(path, np.stack([x, x], 1), 16000, format=fmt, subtype=subtype)
+    wav, rate = read_audio(path)
+    assert rate == 16000 and wav.dtype == np.float32 and wav.shape == x.shape
+    err = np.abs(wav - x)
+    assert err.mean() < 0.01 if tol is None else err.max() <= tol
+    # a file path gives the features of the waveform it holds
+    feats = model.prepare([model.format_prompt("q")], audio=[path])["audio"]
+    assert torch.equal(feats, model.prepare([model.format_prompt("q")], audio=[(wav, rate)])["audio"])
+
+
+def test_hand_written_float_wav_and_the_stdlib_fallback(tmp_path, monkeypatch):
+    """A minimal IEEE-float WAV (format 3) written byte by byte reads exactly; without soundfile
+    the stdlib reader takes PCM WAV and names what it cannot read."""
+    from composer.adapters import audio as audio_mod
+
+    x = np.linspace(-0.5, 0.5, 100, dtype="<f4")
+    float_wav = tmp_path / "float.wav"
+    float_wav.write_bytes(
+        b"RIFF"
+        + struct.pack("<I", 36 + x.nbytes)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 3, 1, 16000, 64000, 4, 32)
+        + b"data"
+        + struct.pack("<I", x.nbytes)
+        + x.tobytes()
+    )
+    wav, rate = audio_mod.read_audio(float_wav)
+    assert rate == 16000 and np.array_equal(wav, x)
+    pcm = write_wav(tmp_path / "pcm.wav", tone(16000, 440.0, 0.1), 16000)
+    with_sf = audio_mod.read_audio(pcm)
+    monkeypatch.setitem(__import__("sys").modules, "soundfile", None)  # import soundfile -> ImportError
+    without = audio_mod.read_audio(pcm)
+    assert without[1] == with_sf[1] and np.abs(without[0] - with_sf[0]).max() <= 1 / 32768
+    with pytest.raises(InputError, match=r"float\.wav: cannot read audio: not a PCM WAV file \(unknown format: 3\)"):
+        audio_mod.read_audio(float_wav)
+
+
 def test_bad_audio_is_a_one_line_input_error(model, tmp_path):
     good = write_wav(tmp_path / "good.wav", tone(16000), 16000)
     truncated = tmp_path / "truncated.wav"
@@ -134,23 +197,11 @@ def test_bad_audio_is_a_one_line_input_error(model, tmp_path):
     header_only = tmp_path / "header.wav"
     header_only.write_bytes(good.read_bytes()[:20])
     empty = write_wav(tmp_path / "empty.wav", np.zeros(0), 16000)
-    float_wav = tmp_path / "float.wav"  # IEEE-float WAV (format 3): not PCM
-    data = np.zeros(100, "<f4").tobytes()
-    float_wav.write_bytes(
-        b"RIFF"
-        + struct.pack("<I", 36 + len(data))
-        + b"WAVEfmt "
-        + struct.pack("<IHHIIHH", 16, 3, 1, 16000, 64000, 4, 32)
-        + b"data"
-        + struct.pack("<I", len(data))
-        + data
-    )
     cases = {
         truncated: r"truncated\.wav: truncated WAV \(the header says 16000 frames, the file holds 4978\)",
-        not_wav: r"image\.wav: cannot read audio: not a PCM WAV file",
-        header_only: r"header\.wav: cannot read audio: not a PCM WAV file",
+        not_wav: r"image\.wav: cannot read audio \(Format not recognised\.\)$",
+        header_only: r"header\.wav: cannot read audio \(.+\)$",
         empty: r"empty\.wav: empty audio \(0 samples\)",
-        float_wav: r"float\.wav: cannot read audio: not a PCM WAV file \(unknown format: 3\)",
         tmp_path / "missing.wav": r"missing\.wav: audio file not found",
     }
     for path, msg in cases.items():
@@ -379,4 +430,4 @@ def test_cli_generate_with_audio(bundle, capsys):
         main(["generate", str(path), "--audio", str(ROOT / "specs/tiny/assets/red_circle.png"), "--prompt", "q"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0
-    assert err.startswith("error: ") and "red_circle.png: cannot read audio: not a PCM WAV file" in err
+    assert err.startswith("error: ") and "red_circle.png: cannot read audio (Format not recognised.)" in err
