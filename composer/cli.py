@@ -211,8 +211,25 @@ def plan(
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
     default="auto",
     show_default=True,
-    help="Autocast; auto = bf16 on CUDA where supported, else fp32.",
+    help="Autocast compute dtype (trainable weights stay fp32); auto = the accelerate config's, else bf16 on "
+    "CUDA where supported, bf16 on CPU for a bf16 model, else fp32. fp16: CUDA only.",
 )
+@click.option(
+    "--save-dtype",
+    type=click.Choice(["spec", "float32"]),
+    default="spec",
+    show_default=True,
+    help="The saved model's trainable weights: in the spec's dtype, or the fp32 master weights.",
+)
+@click.option(
+    "--num-workers",
+    type=int,
+    default=0,
+    show_default=True,
+    help="DataLoader worker processes that collate batches (tokenise, decode and preprocess media) ahead of "
+    "the training step (0: in the training process).",
+)
+@click.option("--prefetch-factor", type=int, default=2, show_default=True, help="Batches each worker prepares ahead.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: none).")
 @click.option("--eval-every", type=int, default=0, show_default=True)
@@ -254,6 +271,9 @@ def train(
     warmup_ratio: float,
     scheduler: str,
     precision: str,
+    save_dtype: str,
+    num_workers: int,
+    prefetch_factor: int,
     grad_checkpointing: bool,
     save_every: int,
     eval_every: int,
@@ -299,6 +319,9 @@ def train(
         warmup_ratio=warmup_ratio,
         scheduler=scheduler,
         precision=precision,
+        save_dtype=save_dtype,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor,
         grad_checkpointing=grad_checkpointing,
         save_every=save_every,
         eval_every=eval_every,

@@ -195,33 +195,45 @@ def _expand(ids: list[int], labels: list[int], model) -> tuple[list[int], list[i
 
 
 class Collator:
-    """Examples -> a right-padded batch with labels and one tensor (or dict) per modality."""
+    """Examples -> a right-padded batch with labels and one tensor (or dict) per modality.
+
+    Holds what collating needs and not the model: the tokenizer, prompt template, placeholders,
+    MM tokens per item, pad id, and each modality's processor and preprocessing function. It
+    pickles, so ``DataLoader`` workers run it (fork or spawn) without a copy of the weights; it
+    quacks like the model for ``tokenize_example``."""
 
     def __init__(self, model, max_length: int | None = None):
-        self.model = model
+        self.tokenizer = model.tokenizer
+        self.prompt_template = model.prompt_template
+        self.placeholders = dict(model.placeholders)
+        self.placeholder_ids = dict(model.placeholder_ids)
+        self.tokens_per_item = {m: model.num_tokens(m) for m in model.encoders}
+        self.pad_token_id = model.pad_token_id
+        self.processors = {m: model.processors[m] for m in model.encoders}
+        self.preprocessors = {m: type(model.encoders[m]).preprocess for m in model.encoders}
         self.max_length = max_length
 
+    def num_tokens(self, modality: str) -> int:
+        return self.tokens_per_item[modality]
+
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
-        model = self.model
         rows = []
-        counts = {m: 0 for m in model.encoders}
-        items: dict[str, list] = {m: [] for m in model.encoders}
+        items: dict[str, list] = {m: [] for m in self.processors}
         for ex in examples:
-            ids, labels = tokenize_example(ex, model)
-            for m, pid in model.placeholder_ids.items():
-                n_ph = ids.count(pid) // model.num_tokens(m)
+            ids, labels = tokenize_example(ex, self)
+            for m, pid in self.placeholder_ids.items():
+                n_ph = ids.count(pid) // self.num_tokens(m)
                 have = len(ex.items.get(m, []))
                 if n_ph != have:
                     raise InputError(
                         f"{ex.where}: the prompt has {n_ph} {m} placeholder(s) but the record gives {have} item(s)"
                     )
-                counts[m] += n_ph
                 items[m] += ex.items.get(m, [])
             if self.max_length and len(ids) > self.max_length:
                 raise InputError(f"{ex.where}: {len(ids)} tokens exceed max_length {self.max_length}")
             rows.append((ids, labels))
         width = max(len(r[0]) for r in rows)
-        pad = model.pad_token_id
+        pad = self.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -232,5 +244,5 @@ class Collator:
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
         for m, its in items.items():
             if its:
-                batch[m] = type(model.encoders[m]).preprocess(model.processors[m], its)
+                batch[m] = self.preprocessors[m](self.processors[m], its)
         return batch

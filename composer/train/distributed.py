@@ -119,9 +119,11 @@ class DeepSpeedOptions:
         return o
 
     def config(self, *, micro_batch: int, grad_accum: int, world: int, max_grad_norm: float) -> dict:
-        """The DeepSpeed config of a run: batch sizes and clipping are compose train's. Weights and
-        optimizer state stay fp32 and compose train's autocast does the bf16 compute, as under
-        DDP and FSDP (so the strategies agree numerically)."""
+        """The DeepSpeed config of a run: batch sizes and clipping are compose train's. DeepSpeed's
+        own bf16/fp16 blocks stay off: the trainable weights reach it as fp32 master weights
+        (``loop.keep_master_weights``; frozen ones in the spec's dtype), the optimizer state is
+        fp32, and compose train's autocast does the bf16 compute, as under DDP and FSDP (so the
+        strategies agree numerically and checkpoints move between them)."""
         zero: dict = {"stage": self.zero_stage}
         if self.offload_optimizer == "cpu":
             zero["offload_optimizer"] = {"device": "cpu"}
@@ -201,10 +203,14 @@ class Engine:
             self.owns_group = False
 
     # -- the model ----------------------------------------------------------------------------
-    def wrap(self, model: nn.Module, *, find_unused: bool = False) -> nn.Module:
+    def wrap(
+        self, model: nn.Module, *, find_unused: bool = False, compute_dtype: torch.dtype | None = None
+    ) -> nn.Module:
         """Move ``model`` to this rank's device, make every rank start from rank 0's weights, and
         wrap it for the strategy. Returns the module to call for training (``model`` itself when
-        not distributed). Build the optimizer after this (FSDP swaps the parameters)."""
+        not distributed). Build the optimizer after this (FSDP swaps the parameters).
+        ``compute_dtype`` (bf16/fp16 training): FSDP gathers the parameters in it and reduces
+        gradients in fp32 (``MixedPrecisionPolicy``)."""
         model.to(self.device)
         if not self.distributed:
             return model
@@ -220,7 +226,7 @@ class Engine:
             return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
         if self.strategy == "deepspeed":
             return model  # deepspeed.initialize wraps it together with the optimizer (``wrap_deepspeed``)
-        return self._fully_shard(model)
+        return self._fully_shard(model, compute_dtype)
 
     def wrap_deepspeed(self, model: nn.Module, opt: torch.optim.Optimizer, **config):
         """``deepspeed.initialize`` with composer's optimizer (its param groups keep the
@@ -236,8 +242,8 @@ class Engine:
         )
         return engine
 
-    def _fully_shard(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    def _fully_shard(self, model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         # FSDP2 warns when a unit returns a view (nn.Linear on 3-D input does); the warning is about
         # later in-place ops on that output, and composer applies none (the FSDP tests check the
@@ -247,6 +253,8 @@ class Engine:
         kw = {"reshard_after_forward": self.fsdp.reshard_after_forward}
         if self.fsdp.offload_params:
             kw["offload_policy"] = CPUOffloadPolicy()
+        if compute_dtype is not None:  # the fp32 masters gathered in bf16/fp16, gradients reduced in fp32
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         names = set(self.fsdp.wrap_classes) or wrap_class_names(model)
         units = [m for m in model.modules() if type(m).__name__ in names and m is not model]
         # own units for the projectors and encoders (their leftovers: embeddings, heads), whose

@@ -3,8 +3,15 @@
 Per-component train modes come from the spec (frozen | lora | full); ``stage`` presets
 follow the seed systems: stage 1 trains the projectors only (LLaVA pre-training), stage 2 the
 projectors and the LLM as the spec says (LoRA or full). Gradient accumulation, bf16/fp16
-autocast on CUDA, gradient checkpointing, an eval loop, a progress bar and metrics as JSONL
-(and TensorBoard when installed).
+autocast (bf16 also on CPU), gradient checkpointing, an eval loop, a progress bar and metrics as
+JSONL (and TensorBoard when installed).
+
+Precision: trainable parameters (projectors, trainable encoders, LoRA adapters, a fully trained
+LLM) are held in fp32 for the whole run (the master weights AdamW updates; an update below
+bf16's resolution still moves them), frozen parts stay in the spec's dtype, and the compute runs
+under autocast. FSDP2 shards with a ``MixedPrecisionPolicy`` (params gathered in the compute
+dtype, gradients reduced in fp32). The final model stores the trainable weights in the spec's
+dtype again (``save_dtype="float32"`` keeps the fp32 masters); training checkpoints keep fp32.
 
 The same loop runs on many ranks under ``torchrun`` or ``accelerate launch`` (DDP or FSDP,
 ``composer.train.distributed``): each global micro-batch is split over the ranks, the loss of a step
@@ -41,6 +48,8 @@ from composer.train.data import Collator, read_jsonl
 log = logging.getLogger("composer.train")
 CKPT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SAVE_DTYPES = ("spec", "float32")
 
 
 @dataclass
@@ -58,7 +67,10 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
     max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; CUDA only)
+    num_workers: int = 0  # DataLoader worker processes collating batches (tokenising, decoding and preprocessing media)
+    prefetch_factor: int = 2  # batches each worker prepares ahead (with num_workers > 0)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; bf16 also on CPU, fp16 on CUDA only)
+    save_dtype: str = "spec"  # the final model's trainable weights: spec (the spec's dtype) | float32
     grad_checkpointing: bool = False
     save_every: int = 0  # optimizer steps; 0: only at the end
     eval_every: int = 0
@@ -85,7 +97,13 @@ class TrainConfig:
         for name, v in positive.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        for name in ("save_every", "eval_every", "log_every"):
+        if (
+            isinstance(self.prefetch_factor, bool)
+            or not isinstance(self.prefetch_factor, int)
+            or self.prefetch_factor < 1
+        ):
+            raise InputError(f"--prefetch-factor must be an integer >= 1, got {self.prefetch_factor!r}")
+        for name in ("save_every", "eval_every", "log_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -96,6 +114,10 @@ class TrainConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise InputError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise InputError(f"--save-dtype must be one of {list(SAVE_DTYPES)}, got {self.save_dtype!r}")
         names = [t.value for t in SchedulerType]
         if self.scheduler not in names:
             raise InputError(f"--scheduler must be one of {names}, got {self.scheduler!r}")
@@ -123,24 +145,38 @@ def apply_stage(model, stage: int | None) -> None:
 
 
 # -- the loop -----------------------------------------------------------------------------------------
-def _autocast(model, precision: str):
+def _autocast(model, precision: str, device: torch.device | None = None):
+    """-> (autocast context, grad scaler or None, the precision resolved, the compute dtype or None).
+
+    ``auto``: on CUDA the accelerate config's ``mixed_precision`` (ACCELERATE_MIXED_PRECISION),
+    else bf16 where supported; on CPU bf16 when the model's weights are bf16, else fp32."""
     import os
 
-    dev = model.device.type
+    dev = (device or model.device).type
     if precision == "auto":
-        # an accelerate config's mixed_precision (ACCELERATE_MIXED_PRECISION), on CUDA
         launcher = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", ""))
-        if dev == "cuda" and launcher:
-            precision = launcher
+        if dev == "cuda":
+            precision = launcher or ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
         else:
-            precision = "bf16" if dev == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+            precision = "bf16" if model.dtype == torch.bfloat16 else "fp32"
     if precision == "fp32":
-        return torch.autocast(dev, enabled=False), None, precision
-    if dev != "cuda":
-        raise InputError(f"--precision {precision} needs a CUDA device (this run is on {dev}); use fp32")
+        return torch.autocast(dev, enabled=False), None, precision, None
+    if precision == "fp16" and dev != "cuda":
+        raise InputError(f"--precision fp16 needs a CUDA device (this run is on {dev}); use bf16 or fp32")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return torch.autocast("cuda", dtype=dtype), scaler, precision
+    return torch.autocast(dev, dtype=dtype), scaler, precision, dtype
+
+
+def keep_master_weights(model) -> dict[str, torch.dtype]:
+    """Hold every trainable floating-point parameter in fp32 (the master weights the optimizer
+    updates); frozen parameters keep the spec's dtype. -> {name: dtype before} of those upcast."""
+    was = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            was[name] = p.dtype
+            p.data = p.data.float()
+    return was
 
 
 def micro_batches(n: int, bs: int, world: int, seed: int, epoch: int, seen: int = 0) -> list[list[int]]:
@@ -176,7 +212,51 @@ def local_batch(examples, chunk: list[int], collate, eng) -> tuple[dict, bool]:
     return collate([examples[i] for i in (mine or chunk[:1])]), bool(mine)
 
 
-def evaluate(model, examples, collate, batch_size: int, autocast, eng=None) -> float:
+@dataclass
+class _Failed:
+    message: str
+
+
+class _WorkerCollate:
+    """The collator as DataLoader workers run it: a bad record comes back as its one-line message
+    (raised again in the training process as ``InputError``), not as a worker's traceback."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples):
+        try:
+            return self.collate(examples)
+        except InputError as e:
+            return _Failed(str(e))
+
+
+def batch_stream(examples, micro: list[list[int]], collate, eng, workers: int = 0, prefetch: int = 2):
+    """(batch, real) for each global micro-batch of ``micro``, in order (``local_batch``'s part of
+    each for this rank), collated by a ``DataLoader``: in ``workers`` processes that prepare
+    ``prefetch`` batches each ahead while the model trains (0: in this process, on demand), into
+    pinned memory on CUDA. The order is the precomputed one, so resuming and the record-exact
+    sharding over ranks do not depend on the number of workers."""
+    from torch.utils.data import DataLoader
+
+    from composer.train.distributed import rank_share
+
+    shares = [rank_share(chunk, eng.rank, eng.world) for chunk in micro]
+    loader = DataLoader(
+        examples,
+        batch_sampler=[mine or chunk[:1] for mine, chunk in zip(shares, micro, strict=True)],
+        collate_fn=_WorkerCollate(collate),
+        num_workers=workers,
+        prefetch_factor=prefetch if workers else None,
+        pin_memory=eng.device.type == "cuda",
+    )
+    for batch, mine in zip(loader, shares, strict=True):
+        if isinstance(batch, _Failed):
+            raise InputError(batch.message)
+        yield batch, bool(mine)
+
+
+def evaluate(model, examples, collate, batch_size: int, autocast, eng=None, workers: int = 0) -> float:
     """Mean token loss over ``examples`` (sharded over the ranks when distributed)."""
     from composer.train.distributed import Engine
 
@@ -185,8 +265,8 @@ def evaluate(model, examples, collate, batch_size: int, autocast, eng=None) -> f
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for chunk in chunks(list(range(len(examples))), batch_size * eng.world):
-            batch, real = local_batch(examples, chunk, collate, eng)
+        micro = chunks(list(range(len(examples))), batch_size * eng.world)
+        for batch, real in batch_stream(examples, micro, collate, eng, workers):
             n = _label_count(batch)
             with autocast:
                 loss = model(**batch, num_items_in_batch=max(n, 1), return_logits=False).loss
@@ -298,10 +378,11 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     collate = Collator(model, cfg.max_length)
     if cfg.grad_checkpointing or eng.fsdp.activation_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    autocast, scaler, precision, compute_dtype = _autocast(model, cfg.precision, eng.device)
+    master = keep_master_weights(model)  # before wrapping: DDP/FSDP/DeepSpeed see the fp32 masters
     # DDP must be told when a step can leave a trainable module unused (a record without some modality)
     partial = any(set(ex.items) != set(model.encoders) for ex in examples)
-    net = eng.wrap(model, find_unused=partial)
-    autocast, scaler, precision = _autocast(model, cfg.precision)
+    net = eng.wrap(model, find_unused=partial, compute_dtype=compute_dtype)
     if scaler is not None and eng.strategy == "deepspeed":
         raise InputError("--precision fp16 (with a loss scaler) is not supported under DeepSpeed: use bf16")
     params = [p for p in net.parameters() if p.requires_grad]
@@ -341,15 +422,19 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     step_times: list[float] = []
     losses: list[float] = []
     extra = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "global_batch": global_batch, "seed": cfg.seed}
+    stream = None
     try:
         while state["step"] < total:
             micro = micro_batches(len(examples), cfg.batch_size, eng.world, cfg.seed, state["epoch"], state["seen"])
+            if stream is not None:
+                stream.close()  # the last epoch's loader (and its workers)
+            stream = batch_stream(examples, micro, collate, eng, cfg.num_workers, cfg.prefetch_factor)
             i = 0
             while i < len(micro) and state["step"] < total:
                 t0 = time.perf_counter()
                 group = micro[i : i + cfg.grad_accum]
                 i += len(group)
-                batches = [local_batch(examples, chunk, collate, eng) for chunk in group]
+                batches = [next(stream) for _ in group]
                 n_labels, n_tok = eng.sum(
                     [
                         sum(_label_count(b) for b, real in batches if real),
@@ -385,7 +470,7 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
                     "step_time_s": dt,
                 }
                 if evals is not None and cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                    rec["eval_loss"] = evaluate(net, evals, collate, cfg.batch_size, autocast, eng)
+                    rec["eval_loss"] = evaluate(net, evals, collate, cfg.batch_size, autocast, eng, cfg.num_workers)
                 if eng.distributed:
                     rec["world_size"] = eng.world
                     rec["step_time_s_max_rank"] = max(eng.gather(dt))
@@ -402,6 +487,8 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
                 if cfg.stop_after is not None and state["step"] >= cfg.stop_after:
                     return {"stopped_at": state["step"], "losses": losses}
     finally:
+        if stream is not None:
+            stream.close()
         if bar is not None:
             bar.close()
         if metrics is not None:
@@ -414,7 +501,7 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
         "median_step_time_s": statistics.median(step_times) if step_times else None,
     }
     if evals is not None:
-        summary["eval_loss"] = evaluate(net, evals, collate, cfg.batch_size, autocast, eng)
+        summary["eval_loss"] = evaluate(net, evals, collate, cfg.batch_size, autocast, eng, cfg.num_workers)
     net.eval()
     full = None
     if eng.strategy == "fsdp":  # gather the shards (a collective); rank 0 writes them
@@ -427,7 +514,8 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
         elif eng.main:
             full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if eng.main:
-        _save_final(model, out, state_dict=full, merge=cfg.merge_lora)
+        cast = master if cfg.save_dtype == "spec" else {}
+        _save_final(model, out, state_dict=full, merge=cfg.merge_lora, cast=cast)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     eng.barrier()
     return summary
@@ -451,18 +539,23 @@ def optimizer_step(net, opt, params, scaler, max_grad_norm: float, eng) -> float
     return grad_norm
 
 
-def _save_final(model, out: Path, state_dict: dict | None = None, merge: bool = False) -> None:
+def _save_final(
+    model, out: Path, state_dict: dict | None = None, merge: bool = False, cast: dict | None = None
+) -> None:
     """The final model as a composer checkpoint in ``out`` itself (next to checkpoints/ and
     metrics.jsonl): written to a temp dir, then each entry moved into place with SIGINT/SIGTERM
     deferred. ``composer.json`` (what makes ``out`` a checkpoint) is removed first and moved in
     last, so even a hard kill between the moves leaves no loadable mix of old and new files.
-    ``state_dict``: full weights gathered from FSDP shards (``model`` holds only this rank's)."""
+    ``state_dict``: full weights gathered from FSDP shards (``model`` holds only this rank's).
+    ``cast``: {parameter name: dtype} to store in (the spec's dtype of the fp32 master weights)."""
     from composer.checkpoint import load_pretrained, signals_deferred
 
     tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=out))
     try:
         if merge and state_dict is None:
             merge_lora(model)
+        if cast:
+            state_dict = cast_weights(model, state_dict, cast)
         model.save_pretrained(tmp / "m", state_dict=state_dict)
         if merge and state_dict is not None:  # a sharded model cannot merge in place: merge the saved one
             full = load_pretrained(tmp / "m")
@@ -481,6 +574,19 @@ def _save_final(model, out: Path, state_dict: dict | None = None, merge: bool = 
     finally:
         with signals_deferred():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cast_weights(model, state_dict: dict | None, cast: dict[str, torch.dtype]) -> dict:
+    """``state_dict`` (default: the model's) with the tensors named in ``cast`` (and their tied
+    aliases) in the dtype given there; names that no longer exist (merged LoRA) are skipped."""
+    if state_dict is None:
+        state_dict = model.state_dict()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    alias = {}  # a tied parameter's other names
+    for name, p in params.items():
+        alias.setdefault(id(p), []).append(name)
+    want = {n: dt for name, dt in cast.items() if name in params for n in alias[id(params[name])]}
+    return {k: v.to(want[k]) if k in want and v.is_floating_point() else v for k, v in state_dict.items()}
 
 
 def merge_lora(model) -> None:
