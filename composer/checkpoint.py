@@ -4,7 +4,9 @@
       spec.yaml           the spec as written (validated), for provenance and rebuilding
       composer.json       format version, resolved component configs (LLM, encoders),
                           placeholder token ids, MM token counts, insertion layers
-      model.safetensors   every weight of the ComposedModel (shared/tied tensors handled)
+      model.safetensors   every weight of the ComposedModel (shared/tied tensors handled), or,
+                          past ``max_shard_size``, model-00001-of-0000N.safetensors ... with
+                          model.safetensors.index.json (the Hugging Face sharded layout)
       tokenizer/          tokenizer files, placeholders included
       processors/<m>/     each modality's preprocessor config
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -23,7 +26,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from composer.errors import InputError, read_versioned_json
+from composer.errors import InputError, first_line, read_versioned_json
 from composer.spec import load_yaml, parse_spec
 
 if TYPE_CHECKING:
@@ -33,6 +36,9 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+MAX_SHARD_SIZE = "50GB"  # transformers' default for save_pretrained
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 @contextlib.contextmanager
@@ -144,10 +150,13 @@ def save_pretrained(
     *,
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
 ) -> Path:
     """``state_dict``: the weights to write instead of ``model``'s own (the full tensors gathered
-    from an FSDP-sharded model); tied weights are written once, as for the model itself."""
-    from safetensors.torch import save_file, save_model
+    from an FSDP-sharded model); tied weights are written once. Weights past ``max_shard_size``
+    (bytes, or "5GB"/"500MB") are split into ``model-0000i-of-0000N.safetensors`` shards with a
+    ``model.safetensors.index.json`` (huggingface_hub's ``save_torch_state_dict``)."""
+    from huggingface_hub import save_torch_state_dict
 
     from composer.adapters import encoder_type_of
     from composer.analysis.summary import summary_record
@@ -168,10 +177,17 @@ def save_pretrained(
         }
         (tmp / "composer.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         st_meta = {"format": "pt", "composer_format": str(FORMAT_VERSION)}
-        if state_dict is None:
-            save_model(model, str(tmp / WEIGHTS), metadata=st_meta)
-        else:
-            save_file(_drop_tied(model, state_dict), str(tmp / WEIGHTS), metadata=st_meta)
+        weights = _drop_tied(model, model.state_dict() if state_dict is None else state_dict)
+        try:
+            save_torch_state_dict(
+                weights,
+                tmp,
+                filename_pattern="model{suffix}.safetensors",
+                max_shard_size=max_shard_size,
+                metadata=st_meta,
+            )
+        except ValueError as e:  # an unparsable max_shard_size
+            raise InputError(f"max_shard_size: {e}") from None
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         for m, proc in model.processors.items():
             proc.save_pretrained(str(tmp / "processors" / m))
@@ -213,33 +229,65 @@ def _check_consistent(spec, meta: dict, meta_file: Path) -> None:
         raise InputError(f"{meta_file}: insert_at {meta['insert_at']} differs from spec.yaml's {spec.insert_layers()}")
 
 
-def check_weights(model, weights: Path) -> None:
-    """Compare the tensor names and shapes in a safetensors header with ``model`` before any
-    weight is copied; raises ``InputError`` naming the file and the first mismatch."""
+def weight_files(root: Path) -> list[Path]:
+    """The checkpoint's weight files: ``model.safetensors``, or the shards its
+    ``model.safetensors.index.json`` lists (``model-0000i-of-0000N.safetensors`` in ``root``).
+    ``InputError`` naming the file when one is missing or the index is malformed."""
+    single, index = root / WEIGHTS, root / WEIGHTS_INDEX
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        raise InputError(f"{single}: missing (and no {WEIGHTS_INDEX} of shards)")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{index}: not a weights index ({type(e).__name__}: {first_line(e)})") from None
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if not _SHARD_NAME.fullmatch(name):  # never a path out of the checkpoint
+            raise InputError(f"{index}: {name!r} is not a shard name (model-0000i-of-0000N.safetensors)")
+        if not (root / name).is_file():
+            raise InputError(f"{root / name}: missing (listed in {WEIGHTS_INDEX})")
+    return [root / n for n in names]
+
+
+def check_weights(model, weights: Path | list[Path]) -> None:
+    """Compare the tensor names and shapes in the safetensors headers of ``weights`` (one file or
+    a checkpoint's shards) with ``model`` before any weight is copied; raises ``InputError``
+    naming the file and the first mismatch."""
     from safetensors import SafetensorError, safe_open
 
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{weights}: cannot load ({str(e).strip().splitlines()[0]})") from None
+    files = weights if isinstance(weights, list) else [weights]
+    shapes, dtypes, where = {}, {}, {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for k in f.keys():
+                    if k in where:
+                        raise InputError(f"{file}: {k} is also in {where[k].name}")
+                    shapes[k], dtypes[k], where[k] = tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype(), file
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(f"{file}: cannot load ({str(e).strip().splitlines()[0]})") from None
     state = model.state_dict()
     missing = _untied(model, sorted(set(state) - set(shapes)))
     unexpected = sorted(set(shapes) - set(state))
     if missing or unexpected:
+        named = files[0] if len(files) == 1 else files[0].parent / WEIGHTS_INDEX
         raise InputError(
-            f"{weights}: does not match the spec (missing {missing[:5]}, unexpected {unexpected[:5]}; "
+            f"{named}: does not match the spec (missing {missing[:5]}, unexpected {unexpected[:5]}; "
             "weights of another model?)"
         )
     for k, shape in shapes.items():
         if tuple(state[k].shape) != shape:
             raise InputError(
-                f"{weights}: {k} has shape {shape}, the model needs {tuple(state[k].shape)} (weights of another model?)"
+                f"{where[k]}: {k} has shape {shape}, the model needs {tuple(state[k].shape)} "
+                "(weights of another model?)"
             )
         if _dtype_kind(dtypes[k]) != _dtype_kind(str(state[k].dtype)):
             raise InputError(
-                f"{weights}: {k} is stored as {dtypes[k]}, the model holds {state[k].dtype} "
+                f"{where[k]}: {k} is stored as {dtypes[k]}, the model holds {state[k].dtype} "
                 "(a float tensor must be stored as a float; the header may have been altered)"
             )
 
@@ -301,25 +349,40 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
     model = build(spec, saved=saved, shape_only=shape_only)
     if shape_only:
         return model
-    weights = root / WEIGHTS
-    if not weights.is_file():
-        raise InputError(f"{weights}: missing")
-    check_weights(model, weights)  # keys and shapes from the header: nothing loads half-way
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise InputError(f"{weights}: cannot load ({str(e).splitlines()[0]})") from None
-    missing = _untied(model, missing)
-    if missing or unexpected:
-        raise InputError(
-            f"{weights}: does not match the spec (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
+    files = weight_files(root)
+    check_weights(model, files)  # keys and shapes from the headers: nothing loads half-way
+    if len(files) == 1:
+        try:
+            missing, unexpected = load_model(model, str(files[0]), strict=False)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise InputError(f"{files[0]}: cannot load ({str(e).splitlines()[0]})") from None
+        missing = _untied(model, missing)
+        if missing or unexpected:
+            raise InputError(
+                f"{files[0]}: does not match the spec (missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]})"
+            )
+    else:
+        _load_shards(model, files)
     if model.placeholder_ids != meta["placeholder_ids"]:
         raise InputError(
             f"{root / 'tokenizer'}: placeholder ids {model.placeholder_ids} differ from composer.json "
             f"{meta['placeholder_ids']}"
         )
     return model.eval()
+
+
+def _load_shards(model, files: list[Path]) -> None:
+    """Copy each shard's tensors into ``model`` (names and shapes already checked), one shard in
+    memory at a time."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for file in files:
+        try:
+            model.load_state_dict(load_file(str(file)), strict=False)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise InputError(f"{file}: cannot load ({str(e).splitlines()[0]})") from None
 
 
 def load_any(target: str | Path, shape_only: bool = False, offline: bool = False) -> ComposedModel:

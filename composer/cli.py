@@ -48,7 +48,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
     "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write."
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
-def build(spec: Path, out: Path, overwrite: bool) -> None:
+@click.option(
+    "--max-shard-size",
+    default="50GB",
+    show_default=True,
+    help="Weights past this size are written as model-0000i-of-0000N.safetensors shards with an index.",
+)
+def build(spec: Path, out: Path, overwrite: bool, max_shard_size: str) -> None:
     """Resolve SPEC, instantiate the model, save a composed checkpoint to OUTPUT.
 
     \b
@@ -66,7 +72,7 @@ def build(spec: Path, out: Path, overwrite: bool) -> None:
         model = build_model(spec)
     render(*summarize(model), con)
     with con.status(f"saving to {out}"):
-        model.save_pretrained(out, overwrite=overwrite)
+        model.save_pretrained(out, overwrite=overwrite, max_shard_size=max_shard_size)
     con.print(f"saved composed checkpoint to {out}")
 
 
@@ -232,6 +238,16 @@ def plan(
 @click.option("--prefetch-factor", type=int, default=2, show_default=True, help="Batches each worker prepares ahead.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: none).")
+@click.option(
+    "--save-total-limit", type=int, default=None, help="Keep only the newest N training checkpoints (default: all)."
+)
+@click.option(
+    "--max-shard-size",
+    default="50GB",
+    show_default=True,
+    help="The saved model's weights are split into model-0000i-of-0000N.safetensors shards (with an index) "
+    "past this size.",
+)
 @click.option("--eval-every", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUTPUT/checkpoints.")
 @click.option(
@@ -276,6 +292,8 @@ def train(
     prefetch_factor: int,
     grad_checkpointing: bool,
     save_every: int,
+    save_total_limit: int | None,
+    max_shard_size: str,
     eval_every: int,
     resume: bool,
     overwrite: bool,
@@ -324,6 +342,8 @@ def train(
         prefetch_factor=prefetch_factor,
         grad_checkpointing=grad_checkpointing,
         save_every=save_every,
+        save_total_limit=save_total_limit,
+        max_shard_size=max_shard_size,
         eval_every=eval_every,
         resume=resume,
         overwrite=overwrite,

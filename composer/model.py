@@ -392,13 +392,21 @@ class ComposedModel(nn.Module):
 
     # -- persistence -----------------------------------------------------------------------------------
     def save_pretrained(
-        self, out_dir: str | Path, *, overwrite: bool = False, state_dict: dict[str, torch.Tensor] | None = None
+        self,
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        max_shard_size: int | str | None = None,
     ) -> Path:
         """Write a composer checkpoint. ``state_dict``: full weights to write instead of this
-        module's own (gathered from FSDP shards)."""
-        from composer.checkpoint import save_pretrained
+        module's own (gathered from FSDP shards). ``max_shard_size`` (bytes or "5GB"; default
+        transformers' 50GB): larger weights are written as shards with an index file."""
+        from composer.checkpoint import MAX_SHARD_SIZE, save_pretrained
 
-        return save_pretrained(self, out_dir, overwrite=overwrite, state_dict=state_dict)
+        return save_pretrained(
+            self, out_dir, overwrite=overwrite, state_dict=state_dict, max_shard_size=max_shard_size or MAX_SHARD_SIZE
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, revision: str | None = None) -> ComposedModel:

@@ -132,3 +132,56 @@ def test_tied_embeddings_llama_round_trip(tmp_path):
     again = ComposedModel.from_pretrained(tmp_path / "c")
     assert again.llm.lm_head.weight is again.llm.model.embed_tokens.weight
     assert torch.equal(_logits(model)[0], _logits(again)[0])
+
+
+def test_sharded_save_reloads_bit_identically_and_bad_indexes_are_named(tmp_path):
+    """Issue 19, item 4: past max_shard_size the weights are written as Hugging Face shards
+    (model-0000i-of-0000N.safetensors + model.safetensors.index.json, huggingface_hub's writer),
+    reload bit-identically (tied embeddings included), and a broken index is one error naming it."""
+    d = spec_dict("llama", 2)
+    d["llm"]["config"]["tie_word_embeddings"] = True
+    model = build(parse_spec(d)).eval()
+    out = model.save_pretrained(tmp_path / "c", max_shard_size="100KB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    again = ComposedModel.from_pretrained(out)
+    assert again.llm.lm_head.weight is again.llm.model.embed_tokens.weight
+    for (a_name, a), (b_name, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert a_name == b_name and torch.equal(a, b), a_name
+    assert torch.equal(_logits(model)[1], _logits(again)[1])
+
+    def broken(name: str, edit) -> str:
+        c = tmp_path / name
+        import shutil
+
+        shutil.copytree(out, c)
+        edit(c)
+        with pytest.raises(InputError) as e:
+            ComposedModel.from_pretrained(c)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert (
+        broken("gone", lambda c: (c / shards[1]).unlink())
+        == f"{tmp_path / 'gone' / shards[1]}: missing (listed in model.safetensors.index.json)"
+    )
+
+    def escape(c):
+        idx = json.loads((c / "model.safetensors.index.json").read_text())
+        idx["weight_map"][next(iter(idx["weight_map"]))] = "../../etc/passwd"
+        (c / "model.safetensors.index.json").write_text(json.dumps(idx))
+
+    assert "'../../etc/passwd' is not a shard name" in broken("escape", escape)
+    assert "not a weights index" in broken("garbled", lambda c: (c / "model.safetensors.index.json").write_text("{"))
+
+    def dropped(c):  # a shard left out of the index: its tensors are missing
+        idx = json.loads((c / "model.safetensors.index.json").read_text())
+        idx["weight_map"] = {k: v for k, v in idx["weight_map"].items() if v != shards[0]}
+        (c / "model.safetensors.index.json").write_text(json.dumps(idx))
+
+    assert "does not match the spec (missing" in broken("dropped", dropped)
+    with pytest.raises(InputError, match="max_shard_size"):
+        model.save_pretrained(tmp_path / "bad", max_shard_size="lots")
+    assert not (tmp_path / "bad").exists()

@@ -175,6 +175,21 @@ def test_model_push_to_branch_with_training_card_and_stale_files(hub, cache, tmp
         ComposedModel.from_pretrained("alice/trained", revision="v3")
 
 
+def test_sharded_checkpoint_pushes_and_pulls(hub, cache, tmp_path):
+    """Issue 19, item 4: a checkpoint saved in shards pushes every shard and the index, and pulls
+    and loads back bit-identically."""
+    model = make_model("llama", insert_at=2)
+    ckpt = model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    shards = sorted(p.name for p in ckpt.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    push_to_hub(ckpt, "alice/sharded")
+    files = hub.files("alice/sharded", "main")
+    assert {*shards, "model.safetensors.index.json"} <= set(files) and "model.safetensors" not in files
+    out, _ = pull("alice/sharded", tmp_path / "pulled")
+    assert _same_weights(model, ComposedModel.from_pretrained(out))
+    assert _same_weights(model, ComposedModel.from_pretrained("alice/sharded"))
+
+
 @pytest.fixture(scope="module")
 def bundle(llama_k1_export):
     return make_model("llama", insert_at=1), llama_k1_export[1]
@@ -242,7 +257,9 @@ def test_pickle_only_repo_is_refused(hub, cache):
     api.upload_file(
         path_or_fileobj=b"\x80\x04 pickled weights" * 400, path_in_repo="pytorch_model.bin", repo_id="mallory/pickled"
     )
-    with pytest.raises(InputError, match="has no model.safetensors; composer loads safetensors only"):
+    with pytest.raises(
+        InputError, match=r"has no model.safetensors \(nor model.safetensors.index.json\); composer loads"
+    ):
         ComposedModel.from_pretrained("mallory/pickled")
     assert not list(cache.rglob("pytorch_model.bin"))  # never downloaded
 

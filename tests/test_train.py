@@ -150,6 +150,24 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_save_total_limit_keeps_the_newest_checkpoints_and_shards_the_final_model(tmp_path):
+    """Issue 19, item 4: --save-total-limit 2 keeps the two newest training checkpoints (the run
+    still resumes from the newest), and --max-shard-size shards the final model."""
+    data = _data(tmp_path)
+    kw = dict(max_steps=4, save_every=1, save_total_limit=2, max_shard_size="200KB")
+    model = _model()
+    train(model, _cfg(tmp_path, data, **kw))
+    ckpts = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert ckpts == ["step-000003", "step-000004"]
+    out = tmp_path / "out"
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    again = ComposedModel.from_pretrained(out).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+    more = train(_model(), _cfg(tmp_path, data, **{**kw, "max_steps": 5}, resume=True))
+    assert len(more["losses"]) == 1  # resumed at step 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+
+
 def test_lora_merge_matches_unmerged(tmp_path):
     model = _model().eval()
     with torch.no_grad():

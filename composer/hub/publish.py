@@ -40,16 +40,16 @@ def _hidden(rel: Path) -> bool:
 
 def upload_files(root: Path) -> tuple[str, dict[str, Path]]:
     """-> ("checkpoint" | "bundle", {path in repo: local file}) for a composer directory."""
-    from composer.checkpoint import WEIGHTS, is_checkpoint
+    from composer.checkpoint import WEIGHTS, WEIGHTS_INDEX, is_checkpoint, weight_files
     from composer.export.manifest import is_bundle, read_manifest
 
     if not root.is_dir():
         raise InputError(f"{root}: no such directory (push a composer checkpoint or an ONNX bundle)")
     if is_checkpoint(root):
-        if not (root / WEIGHTS).is_file():
-            raise InputError(f"{root}: composer checkpoint without {WEIGHTS}")
         kind = "checkpoint"
+        shards = weight_files(root)  # model.safetensors, or the index's shards (all present)
         candidates = [root / f for f in CHECKPOINT_FILES] + [f for d in CHECKPOINT_DIRS for f in (root / d).rglob("*")]
+        candidates += [*shards, root / WEIGHTS_INDEX] if shards[0].name != WEIGHTS else []
     elif is_bundle(root):
         read_manifest(root)  # every graph and its external data present and complete
         kind = "bundle"
@@ -149,13 +149,14 @@ def _parse_ref(repo_id: str, revision: str | None) -> tuple[str, str | None]:
 
 
 def _check_pulled(snap: Path, what: str) -> str:
-    from composer.checkpoint import WEIGHTS, is_checkpoint
+    from composer.checkpoint import WEIGHTS, WEIGHTS_INDEX, is_checkpoint
     from composer.export.manifest import is_bundle, read_manifest
 
     if is_checkpoint(snap):
-        if not (snap / WEIGHTS).is_file():
+        if not (snap / WEIGHTS).is_file() and not (snap / WEIGHTS_INDEX).is_file():
             raise InputError(
-                f"{what}: the repo has no {WEIGHTS}; composer loads safetensors only, never pickled weights"
+                f"{what}: the repo has no {WEIGHTS} (nor {WEIGHTS_INDEX}); composer loads safetensors only, "
+                "never pickled weights"
             )
         return "checkpoint"
     if is_bundle(snap):

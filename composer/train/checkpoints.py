@@ -380,6 +380,16 @@ def _quiet():
         yield
 
 
+def rotate(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Remove all but the newest ``keep`` checkpoints (rank 0, after a save completed: the newest
+    is always whole); -> the removed dirs."""
+    ckpts = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir())
+    gone = ckpts[: max(0, len(ckpts) - keep)]
+    for old in gone:
+        shutil.rmtree(old)
+    return gone
+
+
 def latest(ckpt_dir: Path) -> Path | None:
     ckpts = sorted(p for p in ckpt_dir.glob("step-*") if p.is_dir()) if ckpt_dir.is_dir() else []
     return ckpts[-1] if ckpts else None

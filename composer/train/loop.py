@@ -73,6 +73,8 @@ class TrainConfig:
     save_dtype: str = "spec"  # the final model's trainable weights: spec (the spec's dtype) | float32
     grad_checkpointing: bool = False
     save_every: int = 0  # optimizer steps; 0: only at the end
+    save_total_limit: int | None = None  # keep only the newest N training checkpoints (None: all)
+    max_shard_size: str = "50GB"  # the final model's weights split into shards past this (transformers' default)
     eval_every: int = 0
     log_every: int = 1
     seed: int = 0
@@ -93,7 +95,9 @@ class TrainConfig:
         from transformers import SchedulerType
 
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs}
-        positive.update({k: v for k in ("max_steps", "max_length") if (v := getattr(self, k)) is not None})
+        positive.update(
+            {k: v for k in ("max_steps", "max_length", "save_total_limit") if (v := getattr(self, k)) is not None}
+        )
         for name, v in positive.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
@@ -484,6 +488,8 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
                     state["seen"] = 0
                 if cfg.save_every and state["step"] % cfg.save_every == 0:
                     ckpts.save(out / CKPT_DIR / f"step-{state['step']:06d}", eng, net, opt, sched, dict(state), extra)
+                    if cfg.save_total_limit and eng.main:
+                        ckpts.rotate(out / CKPT_DIR, cfg.save_total_limit)
                 if cfg.stop_after is not None and state["step"] >= cfg.stop_after:
                     return {"stopped_at": state["step"], "losses": losses}
     finally:
@@ -515,7 +521,7 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if eng.main:
         cast = master if cfg.save_dtype == "spec" else {}
-        _save_final(model, out, state_dict=full, merge=cfg.merge_lora, cast=cast)
+        _save_final(model, out, state_dict=full, merge=cfg.merge_lora, cast=cast, max_shard_size=cfg.max_shard_size)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     eng.barrier()
     return summary
@@ -540,7 +546,12 @@ def optimizer_step(net, opt, params, scaler, max_grad_norm: float, eng) -> float
 
 
 def _save_final(
-    model, out: Path, state_dict: dict | None = None, merge: bool = False, cast: dict | None = None
+    model,
+    out: Path,
+    state_dict: dict | None = None,
+    merge: bool = False,
+    cast: dict | None = None,
+    max_shard_size: str | int | None = None,
 ) -> None:
     """The final model as a composer checkpoint in ``out`` itself (next to checkpoints/ and
     metrics.jsonl): written to a temp dir, then each entry moved into place with SIGINT/SIGTERM
@@ -556,11 +567,11 @@ def _save_final(
             merge_lora(model)
         if cast:
             state_dict = cast_weights(model, state_dict, cast)
-        model.save_pretrained(tmp / "m", state_dict=state_dict)
+        model.save_pretrained(tmp / "m", state_dict=state_dict, max_shard_size=max_shard_size)
         if merge and state_dict is not None:  # a sharded model cannot merge in place: merge the saved one
             full = load_pretrained(tmp / "m")
             merge_lora(full)
-            full.save_pretrained(tmp / "m", overwrite=True)
+            full.save_pretrained(tmp / "m", overwrite=True, max_shard_size=max_shard_size)
         entries = sorted((tmp / "m").iterdir(), key=lambda e: e.name == "composer.json")
         with signals_deferred():
             (out / "composer.json").unlink(missing_ok=True)
