@@ -10,6 +10,14 @@
       tokenizer/          tokenizer files, placeholders included
       processors/<m>/     each modality's preprocessor config
 
+A *trainable-only* checkpoint (``save_pretrained(..., weights="trainable")``, ``compose train
+--save trainable``) holds in ``model.safetensors`` only what no pretrained source provides: LoRA
+adapters, projectors, trained encoders, every component the spec builds at random; the frozen
+weights are referenced by the spec's ``model:``/``weights:`` sources (Hub ids, pinned to a commit
+when written ``owner/name@rev``, or local paths, resolved against the original spec's directory,
+recorded as ``source_dir``). Loading builds the model from those sources, then loads the saved
+tensors on top.
+
 Writes go to a temporary sibling directory that is renamed into place when complete.
 """
 
@@ -151,11 +159,13 @@ def save_pretrained(
     overwrite: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
     max_shard_size: int | str = MAX_SHARD_SIZE,
+    weights: str = "full",
 ) -> Path:
     """``state_dict``: the weights to write instead of ``model``'s own (the full tensors gathered
     from an FSDP-sharded model); tied weights are written once. Weights past ``max_shard_size``
     (bytes, or "5GB"/"500MB") are split into ``model-0000i-of-0000N.safetensors`` shards with a
-    ``model.safetensors.index.json`` (huggingface_hub's ``save_torch_state_dict``)."""
+    ``model.safetensors.index.json`` (huggingface_hub's ``save_torch_state_dict``).
+    ``weights="trainable"``: only the tensors no pretrained source provides (``from_source``)."""
     from huggingface_hub import save_torch_state_dict
 
     from composer.adapters import encoder_type_of
@@ -175,12 +185,20 @@ def save_pretrained(
             "insert_at": model.insert_at,
             "summary": summary_record(model),  # what the model card shows, without building the model
         }
+        if weights not in ("full", "trainable"):
+            raise InputError(f"weights must be 'full' or 'trainable', got {weights!r}")
+        if weights == "trainable":
+            meta["weights"] = "trainable"
+            meta["source_dir"] = str(model.spec.source_dir) if model.spec.source_dir else None
         (tmp / "composer.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         st_meta = {"format": "pt", "composer_format": str(FORMAT_VERSION)}
-        weights = _drop_tied(model, model.state_dict() if state_dict is None else state_dict)
+        tensors = _drop_tied(model, model.state_dict() if state_dict is None else state_dict)
+        if weights == "trainable":
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            tensors = {k: v for k, v in tensors.items() if not from_source(model.spec, k, trainable)}
         try:
             save_torch_state_dict(
-                weights,
+                tensors,
                 tmp,
                 filename_pattern="model{suffix}.safetensors",
                 max_shard_size=max_shard_size,
@@ -192,6 +210,23 @@ def save_pretrained(
         for m, proc in model.processors.items():
             proc.save_pretrained(str(tmp / "processors" / m))
     return out_dir
+
+
+def from_source(spec, key: str, trainable: set[str] = frozenset()) -> bool:
+    """Whether the weight ``key`` comes unchanged from a pretrained source ``spec`` names: a
+    tensor, not trainable and not a LoRA adapter, of the LLM with ``llm.model``, of an encoder
+    with ``encoder.model`` or of a projector with ``projector.weights``."""
+    if key in trainable or "lora_" in key:
+        return False
+    if key.startswith("llm."):
+        return spec.llm.model is not None
+    kind, _, rest = key.partition(".")
+    mod = spec.modalities.get(rest.partition(".")[0])
+    if mod is None:
+        return False
+    if kind == "encoders":
+        return mod.encoder.model is not None
+    return kind == "projectors" and mod.projector.weights is not None
 
 
 def _drop_tied(model, state_dict: dict) -> dict:
@@ -253,10 +288,11 @@ def weight_files(root: Path) -> list[Path]:
     return [root / n for n in names]
 
 
-def check_weights(model, weights: Path | list[Path]) -> None:
+def check_weights(model, weights: Path | list[Path], may_lack=None) -> None:
     """Compare the tensor names and shapes in the safetensors headers of ``weights`` (one file or
     a checkpoint's shards) with ``model`` before any weight is copied; raises ``InputError``
-    naming the file and the first mismatch."""
+    naming the file and the first mismatch. ``may_lack(key)``: tensors the files need not hold
+    (a trainable-only checkpoint: those its sources gave ``model``)."""
     from safetensors import SafetensorError, safe_open
 
     files = weights if isinstance(weights, list) else [weights]
@@ -271,7 +307,7 @@ def check_weights(model, weights: Path | list[Path]) -> None:
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(f"{file}: cannot load ({str(e).strip().splitlines()[0]})") from None
     state = model.state_dict()
-    missing = _untied(model, sorted(set(state) - set(shapes)))
+    missing = _untied(model, sorted(k for k in set(state) - set(shapes) if may_lack is None or not may_lack(k)))
     unexpected = sorted(set(shapes) - set(state))
     if missing or unexpected:
         named = files[0] if len(files) == 1 else files[0].parent / WEIGHTS_INDEX
@@ -346,10 +382,19 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
     except Exception as e:  # KeyError/TypeError/ValueError, or transformers' config validation errors
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise InputError(f"{meta_file}: cannot rebuild the configs ({type(e).__name__}: {first})") from None
-    model = build(spec, saved=saved, shape_only=shape_only)
+    trainable_only = meta.get("weights") == "trainable"
+    if trainable_only:  # the frozen weights from the spec's sources, as when it was first built
+        spec._source_dir = Path(meta["source_dir"]) if meta.get("source_dir") else root
+        model = build(spec, shape_only=shape_only)
+    else:
+        model = build(spec, saved=saved, shape_only=shape_only)
     if shape_only:
         return model
     files = weight_files(root)
+    if trainable_only:
+        check_weights(model, files, may_lack=lambda k: from_source(spec, k))
+        _load_shards(model, files)
+        return _checked_placeholders(model, root, meta)
     check_weights(model, files)  # keys and shapes from the headers: nothing loads half-way
     if len(files) == 1:
         try:
@@ -364,6 +409,10 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
             )
     else:
         _load_shards(model, files)
+    return _checked_placeholders(model, root, meta)
+
+
+def _checked_placeholders(model, root: Path, meta: dict) -> ComposedModel:
     if model.placeholder_ids != meta["placeholder_ids"]:
         raise InputError(
             f"{root / 'tokenizer'}: placeholder ids {model.placeholder_ids} differ from composer.json "

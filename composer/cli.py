@@ -239,6 +239,15 @@ def plan(
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: none).")
 @click.option(
+    "--save",
+    "save_weights",
+    type=click.Choice(["full", "trainable"]),
+    default="full",
+    show_default=True,
+    help="The saved model: every weight, or only what the spec's pretrained sources do not provide (LoRA, "
+    "projectors, trained encoders); the frozen weights are then loaded from the spec's sources.",
+)
+@click.option(
     "--save-total-limit", type=int, default=None, help="Keep only the newest N training checkpoints (default: all)."
 )
 @click.option(
@@ -292,6 +301,7 @@ def train(
     prefetch_factor: int,
     grad_checkpointing: bool,
     save_every: int,
+    save_weights: str,
     save_total_limit: int | None,
     max_shard_size: str,
     eval_every: int,
@@ -342,6 +352,7 @@ def train(
         prefetch_factor=prefetch_factor,
         grad_checkpointing=grad_checkpointing,
         save_every=save_every,
+        save_weights=save_weights,
         save_total_limit=save_total_limit,
         max_shard_size=max_shard_size,
         eval_every=eval_every,

@@ -398,14 +398,22 @@ class ComposedModel(nn.Module):
         overwrite: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
         max_shard_size: int | str | None = None,
+        weights: str = "full",
     ) -> Path:
         """Write a composer checkpoint. ``state_dict``: full weights to write instead of this
         module's own (gathered from FSDP shards). ``max_shard_size`` (bytes or "5GB"; default
-        transformers' 50GB): larger weights are written as shards with an index file."""
+        transformers' 50GB): larger weights are written as shards with an index file.
+        ``weights="trainable"``: only what the spec's pretrained sources do not provide (LoRA,
+        projectors, trained or randomly built components); loading rebuilds the rest from them."""
         from composer.checkpoint import MAX_SHARD_SIZE, save_pretrained
 
         return save_pretrained(
-            self, out_dir, overwrite=overwrite, state_dict=state_dict, max_shard_size=max_shard_size or MAX_SHARD_SIZE
+            self,
+            out_dir,
+            overwrite=overwrite,
+            state_dict=state_dict,
+            max_shard_size=max_shard_size or MAX_SHARD_SIZE,
+            weights=weights,
         )
 
     @classmethod

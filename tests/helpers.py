@@ -115,15 +115,15 @@ def stall():
 
 
 if hook == "save_model":  # build: model.safetensors is written, tokenizer and processors are not
-    import safetensors.torch as st
+    import huggingface_hub as hh
 
-    real = st.save_model
+    real = hh.save_torch_state_dict
 
-    def save_model(*a, **k):
+    def save_torch_state_dict(*a, **k):
         real(*a, **k)
         stall()
 
-    st.save_model = save_model
+    hh.save_torch_state_dict = save_torch_state_dict
 elif hook == "export":  # export: the first graph is written, the others and the manifest are not
     import composer.export.exporter as ex
 

@@ -83,28 +83,33 @@ def test_corrupt_or_foreign_checkpoints_give_clear_errors(tmp_path):
         ComposedModel.from_pretrained(tmp_path / "b")
 
 
-def test_builds_from_locally_saved_hf_checkpoints(tmp_path):
-    """`llm.model` / `encoder.model` as local dirs (the real loading path, here offline)."""
-    from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+def _local_sources(tmp_path, **llm):
+    """HF checkpoints of a tiny Llama (byte tokenizer) and CLIP ViT saved in ``tmp_path``, and a
+    spec file there naming them as relative `llm.model` / `encoder.model` dirs."""
+    from transformers import AutoModelForCausalLM, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+
+    from composer.tokenizer import byte_tokenizer
 
     torch.manual_seed(0)
     hf_llm = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}))
     hf_llm.save_pretrained(tmp_path / "llm")
-    from composer.tokenizer import byte_tokenizer
-
     byte_tokenizer().save_pretrained(tmp_path / "llm")
     hf_vit = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in CLIP.items() if k != "model_type"}))
     hf_vit.save_pretrained(tmp_path / "vit")
-    from transformers import CLIPImageProcessorPil
-
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
         tmp_path / "vit"
     )
     d = spec_dict("llama", 2)
-    d["llm"] = {"model": "llm", "attn_implementation": "eager"}
+    d["llm"] = {"model": "llm", "attn_implementation": "eager", **llm}
     d["modalities"]["image"]["encoder"] = {"model": "vit", "feature_layer": -2}
     (tmp_path / "spec.yaml").write_text(__import__("yaml").safe_dump(d))
-    model = build(tmp_path / "spec.yaml")  # relative dirs resolve against the spec file
+    return tmp_path / "spec.yaml", hf_llm, hf_vit
+
+
+def test_builds_from_locally_saved_hf_checkpoints(tmp_path):
+    """`llm.model` / `encoder.model` as local dirs (the real loading path, here offline)."""
+    spec, hf_llm, hf_vit = _local_sources(tmp_path)
+    model = build(spec)  # relative dirs resolve against the spec file
     assert torch.equal(
         model.llm.model.layers[0].self_attn.q_proj.weight, hf_llm.model.layers[0].self_attn.q_proj.weight
     )
@@ -114,6 +119,39 @@ def test_builds_from_locally_saved_hf_checkpoints(tmp_path):
     model.save_pretrained(tmp_path / "out")
     again = ComposedModel.from_pretrained(tmp_path / "out")
     assert torch.equal(_logits(model.eval())[0], _logits(again)[0])
+
+
+def test_trainable_only_checkpoint_rebuilds_the_frozen_parts_from_their_sources(tmp_path):
+    """Issue 19, item 4: `weights="trainable"` saves the LoRA adapters and the projector only
+    (the LLM and ViT come from their local sources, named relative to the original spec's dir);
+    loading rebuilds the model from the sources and is bit-identical to the saved model, with
+    changed (trained) LoRA and projector weights; removing a source is an error naming it."""
+    spec, _, _ = _local_sources(
+        tmp_path, train="lora", lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    )
+    model = build(spec).eval()
+    with torch.no_grad():  # stand-in for training: every trainable tensor moves
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    full = model.save_pretrained(tmp_path / "full")
+    small = model.save_pretrained(tmp_path / "small", weights="trainable")
+    from safetensors import safe_open
+
+    with safe_open(str(small / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys and all("lora_" in k or k.startswith("projectors.") for k in keys)
+    assert keys == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert (small / "model.safetensors").stat().st_size < 0.2 * (full / "model.safetensors").stat().st_size
+    again = ComposedModel.from_pretrained(small)
+    sa, sb = model.state_dict(), again.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(_logits(model)[1], _logits(again)[1])
+    import shutil
+
+    shutil.rmtree(tmp_path / "vit")
+    with pytest.raises(InputError, match=r"modalities.image.encoder"):
+        ComposedModel.from_pretrained(small)
 
 
 def test_missing_local_model_dir_is_a_clear_error(tmp_path):

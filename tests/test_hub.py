@@ -19,6 +19,7 @@ import yaml
 from fake_hub import FakeHub
 from helpers import CLIP, LLAMA, images, make_model, spec_dict
 
+from composer.builder import build
 from composer.cli import main
 from composer.errors import InputError, SpecError
 from composer.hub import pull, push_to_hub
@@ -173,6 +174,37 @@ def test_model_push_to_branch_with_training_card_and_stale_files(hub, cache, tmp
     assert _same_weights(model, again) and torch.equal(_outputs(model, False)[0], _outputs(again, False)[0])
     with pytest.raises(InputError, match="revision not found"):
         ComposedModel.from_pretrained("alice/trained", revision="v3")
+
+
+def test_trainable_only_checkpoint_over_hub_sources(hub, cache, tmp_path):
+    """Issue 19, item 4: a spec whose LLM and ViT are Hub repos (pinned to a revision) saves a
+    trainable-only checkpoint (LoRA + projector), which pushes, pulls into a fresh dir and loads
+    bit-identically, its frozen weights fetched from the pinned sources; the same checkpoint over
+    local sources is refused at push (it would not load where pulled)."""
+    from huggingface_hub import HfApi
+    from test_checkpoint import _local_sources
+
+    spec_file, _, _ = _local_sources(tmp_path / "src")
+    api = HfApi(endpoint=hub.url)
+    for name in ("llm", "vit"):
+        api.create_repo(f"alice/tiny-{name}")
+        api.upload_folder(folder_path=str(tmp_path / "src" / name), repo_id=f"alice/tiny-{name}")
+    d = yaml.safe_load(spec_file.read_text())
+    d["llm"].update(model="alice/tiny-llm@main", train="lora", lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"]})
+    d["modalities"]["image"]["encoder"]["model"] = "alice/tiny-vit@main"
+    model = build(parse_spec(d)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    ckpt = model.save_pretrained(tmp_path / "small", weights="trainable")
+    push_to_hub(ckpt, "alice/adapter")
+    out, _ = pull("alice/adapter", tmp_path / "pulled")
+    assert _same_weights(model, ComposedModel.from_pretrained(out))
+    d["llm"]["model"] = str(tmp_path / "src" / "llm")
+    local = build(parse_spec(d)).save_pretrained(tmp_path / "local", weights="trainable")
+    with pytest.raises(InputError, match=r"llm.model is the local path .* would not load where it is pulled"):
+        push_to_hub(local, "alice/adapter-local")
 
 
 def test_sharded_checkpoint_pushes_and_pulls(hub, cache, tmp_path):

@@ -168,6 +168,29 @@ def test_save_total_limit_keeps_the_newest_checkpoints_and_shards_the_final_mode
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
 
 
+def test_train_saves_trainable_only_and_it_reloads(tmp_path):
+    """Issue 19, item 4: `--save trainable` after a stage-1 run on a spec whose LLM and ViT come
+    from local HF checkpoints writes the projector and LoRA tensors only; the output reloads (the
+    frozen parts from the sources) equal to the trained model; with --merge-lora it is refused."""
+    from test_checkpoint import _local_sources
+
+    spec, _, _ = _local_sources(
+        tmp_path, train="lora", lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    )
+    data = _data(tmp_path)
+    model = build(spec)
+    train(model, _cfg(tmp_path, data, max_steps=2, stage=1, save_weights="trainable"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys and all(k.startswith("projectors.") or "lora_" in k for k in keys)
+    again = ComposedModel.from_pretrained(tmp_path / "out").state_dict()
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(InputError, match="--merge-lora folds LoRA"):
+        train(build(spec), _cfg(tmp_path / "m", data, max_steps=1, save_weights="trainable", merge_lora=True))
+
+
 def test_lora_merge_matches_unmerged(tmp_path):
     model = _model().eval()
     with torch.no_grad():

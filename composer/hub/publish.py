@@ -47,6 +47,7 @@ def upload_files(root: Path) -> tuple[str, dict[str, Path]]:
         raise InputError(f"{root}: no such directory (push a composer checkpoint or an ONNX bundle)")
     if is_checkpoint(root):
         kind = "checkpoint"
+        _check_sources_portable(root)
         shards = weight_files(root)  # model.safetensors, or the index's shards (all present)
         candidates = [root / f for f in CHECKPOINT_FILES] + [f for d in CHECKPOINT_DIRS for f in (root / d).rglob("*")]
         candidates += [*shards, root / WEIGHTS_INDEX] if shards[0].name != WEIGHTS else []
@@ -62,6 +63,30 @@ def upload_files(root: Path) -> tuple[str, dict[str, Path]]:
         if f.is_file() and not _hidden(rel) and f.suffix not in PICKLE_SUFFIXES:
             files[rel.as_posix()] = f
     return kind, files
+
+
+def _check_sources_portable(root: Path) -> None:
+    """A trainable-only checkpoint loads its frozen weights from the spec's sources: refuse to push
+    one whose sources are local paths (they would not exist where it is pulled)."""
+    import json
+
+    from composer.builder import _hub_fields, _names_a_hub_repo
+    from composer.spec import load_yaml, parse_spec
+
+    try:
+        meta = json.loads((root / "composer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # read_pretrained's checks report it
+    if not isinstance(meta, dict) or meta.get("weights") != "trainable":
+        return
+    spec = parse_spec(load_yaml((root / "spec.yaml").read_text(), str(root / "spec.yaml")), str(root / "spec.yaml"))
+    for field, obj, attr in _hub_fields(spec):
+        value = getattr(obj, attr)
+        if value and not value.startswith("package:") and not _names_a_hub_repo(value):
+            raise InputError(
+                f"{root}: a trainable-only checkpoint whose {field} is the local path {value!r} would not load "
+                "where it is pulled; save the full weights (compose train --save full) or name Hub ids in the spec"
+            )
 
 
 def push_to_hub(

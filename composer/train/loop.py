@@ -74,6 +74,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     save_every: int = 0  # optimizer steps; 0: only at the end
     save_total_limit: int | None = None  # keep only the newest N training checkpoints (None: all)
+    save_weights: str = "full"  # the final model: full | trainable (what the spec's sources do not provide)
     max_shard_size: str = "50GB"  # the final model's weights split into shards past this (transformers' default)
     eval_every: int = 0
     log_every: int = 1
@@ -120,6 +121,13 @@ class TrainConfig:
             raise InputError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.save_weights not in ("full", "trainable"):
+            raise InputError(f"--save must be 'full' or 'trainable', got {self.save_weights!r}")
+        if self.save_weights == "trainable" and self.merge_lora:
+            raise InputError(
+                "--merge-lora folds LoRA into the LLM's weights, which --save trainable leaves to their source: "
+                "use one or the other"
+            )
         if self.save_dtype not in SAVE_DTYPES:
             raise InputError(f"--save-dtype must be one of {list(SAVE_DTYPES)}, got {self.save_dtype!r}")
         names = [t.value for t in SchedulerType]
@@ -521,7 +529,15 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if eng.main:
         cast = master if cfg.save_dtype == "spec" else {}
-        _save_final(model, out, state_dict=full, merge=cfg.merge_lora, cast=cast, max_shard_size=cfg.max_shard_size)
+        _save_final(
+            model,
+            out,
+            state_dict=full,
+            merge=cfg.merge_lora,
+            cast=cast,
+            max_shard_size=cfg.max_shard_size,
+            weights=cfg.save_weights,
+        )
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     eng.barrier()
     return summary
@@ -552,6 +568,7 @@ def _save_final(
     merge: bool = False,
     cast: dict | None = None,
     max_shard_size: str | int | None = None,
+    weights: str = "full",
 ) -> None:
     """The final model as a composer checkpoint in ``out`` itself (next to checkpoints/ and
     metrics.jsonl): written to a temp dir, then each entry moved into place with SIGINT/SIGTERM
@@ -567,7 +584,7 @@ def _save_final(
             merge_lora(model)
         if cast:
             state_dict = cast_weights(model, state_dict, cast)
-        model.save_pretrained(tmp / "m", state_dict=state_dict, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp / "m", state_dict=state_dict, max_shard_size=max_shard_size, weights=weights)
         if merge and state_dict is not None:  # a sharded model cannot merge in place: merge the saved one
             full = load_pretrained(tmp / "m")
             merge_lora(full)
