@@ -202,7 +202,12 @@ def plan(
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option(
+    "--grad-accum",
+    type=int,
+    default=None,
+    help="Micro-batches per optimizer step (default: the accelerate config's gradient_accumulation_steps, else 1).",
+)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--warmup-ratio", type=float, default=0.03, show_default=True)
@@ -290,7 +295,7 @@ def train(
     epochs: int,
     max_steps: int | None,
     batch_size: int,
-    grad_accum: int,
+    grad_accum: int | None,
     lr: float,
     weight_decay: float,
     warmup_ratio: float,

@@ -303,6 +303,28 @@ def test_data_sharding_covers_every_record_once():
             assert all(len(rank_share(c, r, world)) <= bs for c in chunks for r in range(world))
 
 
+def test_grad_accum_from_the_accelerate_config(monkeypatch, caplog):
+    """Issue 19, item 5: without --grad-accum, accelerate's exported gradient_accumulation_steps
+    (ACCELERATE_GRADIENT_ACCUMULATION_STEPS) is used; a flag that disagrees wins, with a warning;
+    a non-integer is one error naming the variable."""
+    from composer.train.loop import launcher_grad_accum
+
+    monkeypatch.delenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", raising=False)
+    assert launcher_grad_accum(None) == 1 and launcher_grad_accum(3) == 3
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    cfg = TrainConfig(data="d.jsonl", output="o")
+    cfg.check()
+    assert cfg.grad_accum == 4
+    with caplog.at_level("WARNING", logger="composer.train"):
+        assert launcher_grad_accum(2) == 2
+    assert "--grad-accum 2 overrides the accelerate config's gradient_accumulation_steps 4" in caplog.text
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto")
+    assert launcher_grad_accum(None) == 1
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "four")
+    with pytest.raises(InputError, match="ACCELERATE_GRADIENT_ACCUMULATION_STEPS='four'"):
+        launcher_grad_accum(None)
+
+
 def test_strategy_from_accelerate_config(monkeypatch):
     for var in (
         "ACCELERATE_USE_FSDP",

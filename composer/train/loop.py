@@ -61,7 +61,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs
     batch_size: int = 4
-    grad_accum: int = 1
+    grad_accum: int | None = None  # None: the accelerate config's gradient_accumulation_steps, else 1
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -92,8 +92,10 @@ class TrainConfig:
 
     def check(self) -> None:
         """One ``InputError`` naming the option for a value that would train nothing or silently
-        wrong (checked before any output is touched)."""
+        wrong (checked before any output is touched). Resolves ``grad_accum`` from the launcher."""
         from transformers import SchedulerType
+
+        self.grad_accum = launcher_grad_accum(self.grad_accum)
 
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs}
         positive.update(
@@ -133,6 +135,29 @@ class TrainConfig:
         names = [t.value for t in SchedulerType]
         if self.scheduler not in names:
             raise InputError(f"--scheduler must be one of {names}, got {self.scheduler!r}")
+
+
+def launcher_grad_accum(flag: int | None) -> int:
+    """``--grad-accum`` when given, else what ``accelerate launch`` exports from its config
+    (``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``: a DeepSpeed config's ``gradient_accumulation_steps``),
+    else 1. A flag that disagrees with the config wins, with a warning."""
+    import os
+
+    raw = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "").strip()
+    env = None
+    if raw and raw.lower() != "auto":
+        try:
+            env = int(raw)
+        except ValueError:
+            raise InputError(
+                f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={raw!r} (the accelerate config's gradient_accumulation_steps) "
+                "is not an integer"
+            ) from None
+    if flag is None:
+        return 1 if env is None else env
+    if env is not None and env != flag:
+        log.warning("--grad-accum %d overrides the accelerate config's gradient_accumulation_steps %d", flag, env)
+    return flag
 
 
 def apply_stage(model, stage: int | None) -> None:
