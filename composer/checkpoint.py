@@ -238,7 +238,17 @@ def _drop_tied(model, state_dict: dict) -> dict:
             drop.add(name)
         else:
             seen[id(p)] = name
-    return {k: v.contiguous() for k, v in state_dict.items() if k not in drop}
+    return {k: _owning(v) for k, v in state_dict.items() if k not in drop}
+
+
+def _owning(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor that covers its whole storage: safetensors (through huggingface_hub)
+    refuses to write a view into a larger buffer, which the full tensors gathered from FSDP
+    shards can be."""
+    t = t.contiguous()
+    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
 
 
 def _untied(model, missing: list[str]) -> list[str]:

@@ -9,7 +9,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
-from helpers import make_model
+from helpers import GGUF, make_model
+
+
+@pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory):
+    """SmolLM2 dequantized once, saved as a plain HF checkpoint (config, safetensors, tokenizer)."""
+    import torch
+
+    from composer.gguf import load_gguf_llm, load_gguf_tokenizer, resolve_gguf
+
+    path = resolve_gguf(GGUF, None, "llm.model")
+    out = tmp_path_factory.mktemp("smollm2")
+    load_gguf_llm(path, "llm.model", dtype=torch.float32, attn_implementation="sdpa").save_pretrained(out)
+    load_gguf_tokenizer(path, "llm.model").save_pretrained(out)
+    return out
 
 
 @pytest.fixture

