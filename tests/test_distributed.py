@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import spec_dict
+from helpers import SMOL_VISION, spec_dict
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -226,17 +226,6 @@ def test_fsdp_bf16_mixed_precision_tracks_one_process(setup):
     assert trained and {saved[k].dtype for k in trained} == {torch.bfloat16}
     ref_w = load_file(str(setup / "ref_bf16" / "model.safetensors"))
     assert max(float((saved[k].float() - ref_w[k].float()).abs().max()) for k in trained) <= 4 * 1e-2
-
-
-SMOL_VISION = {  # the ViT of test_real_llm: 32-pixel pictures, 16 tokens
-    "model_type": "clip_vision_model",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "image_size": 32,
-    "patch_size": 8,
-}
 
 
 def test_real_llm_stage_1_under_ddp_and_fsdp_resumes_exactly(setup, smol_dir):

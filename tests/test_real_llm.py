@@ -10,21 +10,13 @@ import numpy as np
 import pytest
 import torch
 from helpers import GGUF, ROOT, images, reference_logits, split_rows
+from helpers import SMOL_VISION as VISION
 
 from composer.builder import build
 from composer.errors import InputError
 from composer.spec import parse_spec
 
 TOL = 1e-4  # fp32 logits, max abs
-VISION = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "image_size": 32,
-    "patch_size": 8,
-}
 
 
 def _spec(llm_model: str, insert_at: int, attn: str = "sdpa") -> dict:
