@@ -39,7 +39,7 @@ def resolve_source(
         check_confined(value, base_dir, where)
     if base_dir is not None and not Path(value).is_absolute() and (base_dir / value).exists():
         return os.path.abspath(base_dir / value)  # not resolve(): HF cache files are symlinks to suffix-less blobs
-    if root is not None and not _names_a_hub_repo(value):
+    if root is not None and not names_a_hub_repo(value):
         # a spec from the Hub naming a file its repo does not have: never fall back to the CWD
         raise SpecError(
             f"{where or 'spec'}: {value!r} is not in the Hub repo the spec came from ({root}); a spec from the "
@@ -53,7 +53,7 @@ def resolve_source(
     return value
 
 
-def _names_a_hub_repo(value: str) -> bool:
+def names_a_hub_repo(value: str) -> bool:
     """``owner/name`` or ``owner/name@rev`` (a repo, not a file in one)."""
     from composer.hf_weights import is_hub_id
 
@@ -104,7 +104,7 @@ def _config_error(where: str, e: Exception) -> SpecError:
     return SpecError(f"{path}: {text.splitlines()[-1].strip()}")
 
 
-def _hub_fields(spec: Spec):
+def hub_fields(spec: Spec):
     """(field path, owning section, attribute) of every spec field that may name a Hub id."""
     yield "llm.model", spec.llm, "model"
     if spec.llm.tokenizer is not None:
@@ -124,13 +124,13 @@ def pin_revisions(spec: Spec, offline: bool = False) -> Spec:
         local = value is not None and (Path(value).exists() or (base is not None and (base / value).exists()))
         return value is not None and not local and split_revision(value)[1] is not None
 
-    if not any(pinned(getattr(obj, attr)) for _, obj, attr in _hub_fields(spec)):
+    if not any(pinned(getattr(obj, attr)) for _, obj, attr in hub_fields(spec)):
         return spec
     from composer.hub.sources import resolve_revision
 
     spec = spec.model_copy(deep=True)  # keeps the source dir
     seen: dict[str, str] = {}
-    for where, obj, attr in _hub_fields(spec):
+    for where, obj, attr in hub_fields(spec):
         value = getattr(obj, attr)
         if pinned(value):
             if value not in seen:

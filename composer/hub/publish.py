@@ -70,7 +70,7 @@ def _check_sources_portable(root: Path) -> None:
     one whose sources are local paths (they would not exist where it is pulled)."""
     import json
 
-    from composer.builder import _hub_fields, _names_a_hub_repo
+    from composer.builder import hub_fields, names_a_hub_repo
     from composer.spec import load_yaml, parse_spec
 
     try:
@@ -80,9 +80,9 @@ def _check_sources_portable(root: Path) -> None:
     if not isinstance(meta, dict) or meta.get("weights") != "trainable":
         return
     spec = parse_spec(load_yaml((root / "spec.yaml").read_text(), str(root / "spec.yaml")), str(root / "spec.yaml"))
-    for field, obj, attr in _hub_fields(spec):
+    for field, obj, attr in hub_fields(spec):
         value = getattr(obj, attr)
-        if value and not value.startswith("package:") and not _names_a_hub_repo(value):
+        if value and not value.startswith("package:") and not names_a_hub_repo(value):
             raise InputError(
                 f"{root}: a trainable-only checkpoint whose {field} is the local path {value!r} would not load "
                 "where it is pulled; save the full weights (compose train --save full) or name Hub ids in the spec"
