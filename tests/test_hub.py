@@ -207,6 +207,24 @@ def test_trainable_only_checkpoint_over_hub_sources(hub, cache, tmp_path):
         push_to_hub(local, "alice/adapter-local")
 
 
+def test_pickles_are_left_out_of_pushes(hub, cache, tmp_path):
+    """Issue 21, item 3: torch pickles lying in a checkpoint's or a bundle's folders (a stray
+    optimizer.pt, a tokenizer's .bin) are never uploaded; everything else is."""
+    from composer.hub.sources import PICKLE_SUFFIXES
+
+    model = make_model("llama", insert_at=1)
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    stray = [f"tokenizer/extra{s}" for s in PICKLE_SUFFIXES] + [f"processors/image/state{s}" for s in PICKLE_SUFFIXES]
+    for rel in stray:
+        (ckpt / rel).write_bytes(b"\x80\x04 pickled")
+    push_to_hub(ckpt, "alice/no-pickles")
+    files = set(hub.files("alice/no-pickles"))
+    assert not files & set(stray) and not any(f.endswith(PICKLE_SUFFIXES) for f in files)
+    assert {"model.safetensors", "spec.yaml", "composer.json"} <= files and any(
+        f.startswith("tokenizer/") for f in files
+    )
+
+
 def test_sharded_checkpoint_pushes_and_pulls(hub, cache, tmp_path):
     """Issue 19, item 4: a checkpoint saved in shards pushes every shard and the index, and pulls
     and loads back bit-identically."""
