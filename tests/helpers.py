@@ -138,6 +138,19 @@ if hook == "save_model":  # build: model.safetensors is written, tokenizer and p
         stall()
 
     hh.save_torch_state_dict = save_torch_state_dict
+elif hook == "train_save":  # train: checkpoint 1 is complete, checkpoint 2 half-written (no RNG files yet)
+    import composer.train.checkpoints as ck
+
+    real = ck.rng_state
+    calls = []
+
+    def rng_state():
+        calls.append(1)
+        if len(calls) == 2:
+            stall()
+        return real()
+
+    ck.rng_state = rng_state
 elif hook == "export":  # export: the first graph is written, the others and the manifest are not
     import composer.export.exporter as ex
 
@@ -166,9 +179,10 @@ def siblings(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir())
 
 
-def interrupt(tmp_path: Path, hook: str, sig: int, *args) -> tuple[int, str]:
+def interrupt(tmp_path: Path, hook: str, sig: int, *args, partial=None) -> tuple[int, str]:
     """Start `compose *args` with ``hook`` stalling a write; once it stalls, check that the partial
-    output lies in a temp sibling of OUT (the last arg after -o), send ``sig``, wait for the exit."""
+    output lies in a temp sibling of OUT (the last arg after -o; ``partial(OUT)``: another check
+    instead), send ``sig``, wait for the exit."""
     driver, marker = tmp_path / "driver.py", tmp_path / "stalled"
     driver.write_text(DRIVER)
     env = {**os.environ, "COMPOSER_TEST_MARKER": str(marker), "COMPOSER_TEST_HOOK": hook, "HF_HUB_OFFLINE": "1"}
@@ -187,8 +201,11 @@ def interrupt(tmp_path: Path, hook: str, sig: int, *args) -> tuple[int, str]:
             assert proc.poll() is None, f"exited early ({proc.returncode}): {proc.stderr.read()}"
             assert time.monotonic() < deadline, "the write never started"
             time.sleep(0.05)
-        temps = list(out.parent.glob(f".{out.name}.tmp-*"))
-        assert len(temps) == 1 and any(temps[0].iterdir()), siblings(out)  # half-written, in the temp dir
+        if partial is not None:
+            partial(out)
+        else:
+            temps = list(out.parent.glob(f".{out.name}.tmp-*"))
+            assert len(temps) == 1 and any(temps[0].iterdir()), siblings(out)  # half-written, in the temp dir
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:

@@ -20,6 +20,35 @@ from composer.errors import InputError
 from composer.model import ComposedModel
 
 
+def test_train_interrupted_by_a_real_signal_keeps_its_last_checkpoint_and_resumes(tmp_path):
+    """Issue 21, item 3: SIGINT to `compose train` while it writes its second checkpoint: exit 130
+    with one line, the first checkpoint intact, the half-written second one gone, and `--resume`
+    finishes the run with the same losses as an uninterrupted run."""
+    data = train_data(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", TINY, "--data", data, "--max-steps", "3", "--batch-size", "2", "--save-every", "1"]
+
+    def half_written(out: Path):
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".step-000002.tmp", "step-000001"]
+
+    code, err = interrupt(tmp_path, "train_save", signal.SIGINT, *args, "-o", out, partial=half_written)
+    assert (code, err.strip().splitlines()[-1]) == (130, "error: interrupted"), err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
+    from composer.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*map(str, args), "-o", str(out), "--resume"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main([*map(str, args), "-o", str(tmp_path / "straight")])
+    assert e.value.code == 0
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(out) == losses(tmp_path / "straight") and len(losses(out)) == 3
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_build_interrupted_while_writing_leaves_nothing_or_the_previous_output(tmp_path, sig):
     out = tmp_path / "work" / "ckpt"
