@@ -444,16 +444,22 @@ def _load_shards(model, files: list[Path]) -> None:
             raise InputError(f"{file}: cannot load ({str(e).splitlines()[0]})") from None
 
 
-def load_any(target: str | Path, shape_only: bool = False, offline: bool = False) -> ComposedModel:
+def load_any(
+    target: str | Path, shape_only: bool = False, offline: bool = False, overrides: tuple[str, ...] = ()
+) -> ComposedModel:
     """A spec file or a composed checkpoint dir -> ``ComposedModel`` (what every command that
-    takes ``SPEC|DIR`` loads). ``shape_only``/``offline``: see ``composer.builder.build``."""
+    takes ``SPEC|DIR`` loads). ``shape_only``/``offline``: see ``composer.builder.build``.
+    ``overrides``: ``dotted.key=value`` settings on a spec file (``spec.apply_overrides``)."""
     from composer.builder import build
+    from composer.spec import load_spec
 
     p = Path(target)
     if p.is_dir():
         if not is_checkpoint(p):
             raise InputError(f"{p}: not a composer checkpoint (no composer.json) nor a spec file")
+        if overrides:
+            raise InputError(f"{p}: overrides ({' '.join(overrides)}) apply to spec files, not to a built checkpoint")
         return load_pretrained(p)
     if not p.exists():
         raise InputError(f"{p}: no such spec file or checkpoint directory")
-    return build(p, shape_only=shape_only, offline=offline)
+    return build(load_spec(p, overrides), shape_only=shape_only, offline=offline)

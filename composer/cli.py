@@ -44,6 +44,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1)
 @click.option(
     "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Checkpoint directory to write."
 )
@@ -54,22 +55,25 @@ def cli(ctx: click.Context, debug: bool) -> None:
     show_default=True,
     help="Weights past this size are written as model-0000i-of-0000N.safetensors shards with an index.",
 )
-def build(spec: Path, out: Path, overwrite: bool, max_shard_size: str) -> None:
-    """Resolve SPEC, instantiate the model, save a composed checkpoint to OUTPUT.
+def build(spec: Path, overrides: tuple[str, ...], out: Path, overwrite: bool, max_shard_size: str) -> None:
+    """Resolve SPEC (with OVERRIDES: `dotted.key=value` settings, YAML values), instantiate the
+    model, save a composed checkpoint to OUTPUT (its spec.yaml records the overrides' result).
 
     \b
     Example:
       compose build specs/tiny/llava.yaml -o out/tiny-llava
+      compose build specs/tiny/llava.yaml modalities.image.insert_at=3 llm.dtype=bfloat16 -o out/tiny-k3
     """
     from composer.analysis.summary import render, summarize
     from composer.builder import build as build_model
     from composer.checkpoint import atomic_dir  # noqa: F401  (fail early on a non-empty OUTPUT)
+    from composer.spec import load_spec
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: exists and is not empty (pass --overwrite)")
     con = _console()
     with con.status(f"building {spec}"):
-        model = build_model(spec)
+        model = build_model(load_spec(spec, overrides))
     render(*summarize(model), con)
     with con.status(f"saving to {out}"):
         model.save_pretrained(out, overwrite=overwrite, max_shard_size=max_shard_size)
@@ -78,12 +82,13 @@ def build(spec: Path, out: Path, overwrite: bool, max_shard_size: str) -> None:
 
 @cli.command()
 @click.argument("target")
+@click.argument("overrides", nargs=-1)
 @click.option("--text-tokens", default=64, show_default=True, help="Text length assumed by the FLOPs estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
 @click.option(
     "--offline", is_flag=True, help="No network: configs from local dirs, the HF cache or composer's embedded configs."
 )
-def inspect(target: str, text_tokens: int, as_json: bool, offline: bool) -> None:
+def inspect(target: str, overrides: tuple[str, ...], text_tokens: int, as_json: bool, offline: bool) -> None:
     """Components, parameters (trainable/frozen), insertion layers, FLOPs saving of TARGET
     (a spec file or a composed checkpoint). A spec is inspected on the meta device: no weights load.
 
@@ -96,7 +101,7 @@ def inspect(target: str, text_tokens: int, as_json: bool, offline: bool) -> None
 
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    model = load_any(target, shape_only=True, offline=offline)
+    model = load_any(target, shape_only=True, offline=offline, overrides=overrides)
     rows, facts = summarize(model, text_tokens)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
@@ -106,6 +111,7 @@ def inspect(target: str, text_tokens: int, as_json: bool, offline: bool) -> None
 
 @cli.command()
 @click.argument("target")
+@click.argument("overrides", nargs=-1)
 @click.option("--text-tokens", default=64, show_default=True, help="Text tokens in the prompt.")
 @click.option("--mm-tokens", type=int, default=None, help="MM tokens in the prompt (default: one item per modality).")
 @click.option("--offline", is_flag=True, help="No network: configs from local dirs, the HF cache or embedded configs.")
@@ -118,7 +124,13 @@ def inspect(target: str, text_tokens: int, as_json: bool, offline: bool) -> None
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def plan(
-    target: str, text_tokens: int, mm_tokens: int | None, offline: bool, plot_path: str | None, as_json: bool
+    target: str,
+    overrides: tuple[str, ...],
+    text_tokens: int,
+    mm_tokens: int | None,
+    offline: bool,
+    plot_path: str | None,
+    as_json: bool,
 ) -> None:
     """Analytic prefill FLOPs, per-token decode FLOPs and KV-cache memory for every insertion
     layer k of TARGET (a spec or checkpoint), with the saving vs k = 0.
@@ -132,7 +144,7 @@ def plan(
 
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    model = load_any(target, shape_only=True, offline=offline)
+    model = load_any(target, shape_only=True, offline=offline, overrides=overrides)
     shape = model.adapter.shape
     mm = mm_tokens if mm_tokens is not None else sum(model.num_tokens(m) for m in model.encoders)
     rows = make_plan(shape, text_tokens, mm, DTYPE_BYTES[model.spec.llm.dtype])
@@ -181,6 +193,7 @@ def plan(
 
 @cli.command()
 @click.argument("target")
+@click.argument("overrides", nargs=-1)
 @click.option(
     "--data", required=True, type=click.Path(dir_okay=False), help="Training JSONL (LLaVA, LTU or generic records)."
 )
@@ -288,6 +301,7 @@ def plan(
 )
 def train(
     target: str,
+    overrides: tuple[str, ...],
     data: str,
     out: str,
     eval_data: str | None,
@@ -376,7 +390,7 @@ def train(
         for line in profile_training(target, cfg):
             con.print(line)
         return
-    model = load_any(target)
+    model = load_any(target, overrides=overrides)
     summary = run_train(model, cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -663,6 +677,7 @@ def pull(repo_id: str, out: Path, revision: str | None, overwrite: bool) -> None
 
 @cli.command()
 @click.argument("target")
+@click.argument("overrides", nargs=-1)
 @click.option(
     "--insert-at",
     "insert_at",
@@ -711,6 +726,7 @@ def pull(repo_id: str, out: Path, revision: str | None, overwrite: bool) -> None
 )
 def bench(
     target: str,
+    overrides: tuple[str, ...],
     insert_at: tuple[int, ...],
     runtimes: tuple[str, ...],
     text_tokens: int,
@@ -753,7 +769,7 @@ def bench(
     )
     con = _console()
     with con.status(f"loading {target}") as status:
-        model = load_any(target)
+        model = load_any(target, overrides=overrides)
         result = run_bench(model, cfg, progress=status.update)
     render(result, con)
     if json_path:
@@ -775,6 +791,7 @@ def _int_list(values: tuple[str, ...], option: str) -> list[int] | None:
 
 @cli.command()
 @click.argument("target")
+@click.argument("overrides", nargs=-1)
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="JSONL records (LLaVA, LTU or generic).")
 @click.option("--layers", multiple=True, help="Layers to probe and candidate k, e.g. 0,4,8,12 (default: every layer).")
 @click.option("--max-records", default=64, show_default=True, help="Use the first N records.")
@@ -805,6 +822,7 @@ def _int_list(values: tuple[str, ...], option: str) -> list[int] | None:
 )
 def probe(
     target: str,
+    overrides: tuple[str, ...],
     data: str,
     layers: tuple[str, ...],
     max_records: int,
@@ -836,7 +854,7 @@ def probe(
     )
     con = _console()
     with con.status(f"loading {target}") as status:
-        model = load_any(target)
+        model = load_any(target, overrides=overrides)
         result = run_probe(model, data, cfg, progress=status.update)
     render(result, con)
     if json_path:

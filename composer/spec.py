@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import reprlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -564,8 +565,39 @@ def load_yaml(text: str, source: str) -> Any:
         raise SpecError(_one_line(f"{source}: invalid YAML value ({type(e).__name__}: {str(e)[:120]})")) from None
 
 
-def load_spec(path: str | os.PathLike[str]) -> Spec:
-    """Read and validate a YAML spec file (`yaml.safe_load`: no Python object tags)."""
+def apply_overrides(data: Any, overrides: Sequence[str], source: str) -> Any:
+    """torchtune-style overrides on a spec's YAML tree: each ``dotted.key=value`` sets that key
+    (intermediate mappings are created), the value parsed as YAML (``4``, ``bfloat16``,
+    ``[q_proj, v_proj]``, ``{r: 8}``). Returns a new tree; ``SpecError`` naming the override for
+    a malformed one. The result is validated like the file (``parse_spec``)."""
+    import copy
+
+    if not overrides:
+        return data
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: the spec must be a mapping to take overrides")
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(part.strip() for part in parts):
+            raise SpecError(f"override {item!r}: expected dotted.key=value, e.g. modalities.image.insert_at=4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise SpecError(f"override {item!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping in the spec")
+        node[parts[-1]] = value
+    return data
+
+
+def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Spec:
+    """Read and validate a YAML spec file (`yaml.safe_load`: no Python object tags), with
+    ``apply_overrides`` applied first; an invalid overridden field's error names the override."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{p}: spec file not found")
@@ -575,7 +607,14 @@ def load_spec(path: str | os.PathLike[str]) -> Spec:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise SpecError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    data = load_yaml(text, str(p))
-    spec = parse_spec(data, str(p))
+    data = apply_overrides(load_yaml(text, str(p)), overrides, str(p))
+    try:
+        spec = parse_spec(data, str(p))
+    except SpecError as e:
+        field = str(e).removeprefix(f"{p}: ").split(":", 1)[0]
+        hit = [o for o in overrides if field == (k := o.partition("=")[0].strip()) or field.startswith(k + ".")]
+        if hit:
+            raise SpecError(f"{e} (set by the override {hit[-1]!r})") from None
+        raise
     spec._source_dir = Path(os.path.abspath(p)).parent  # not resolve(): HF cache files are symlinks into blobs/
     return spec

@@ -26,6 +26,46 @@ def compose_subprocess(*args, cwd=None):  # the entry point itself, in a fresh i
     )
 
 
+def test_spec_overrides_on_the_command_line(tmp_path):
+    """Issue 20, item 3: torchtune-style `dotted.key=value` overrides (YAML values) after a spec,
+    validated like the file; the saved spec.yaml records the result; a bad override is one line
+    naming it, exit 2, nothing written; a built checkpoint takes none."""
+    from composer.errors import SpecError
+    from composer.spec import apply_overrides
+
+    out = tmp_path / "k3"
+    r = compose("build", TINY, "modalities.image.insert_at=3", "llm.dtype=bfloat16", "name=tiny k3", "-o", out)
+    assert r.returncode == 0, r.stderr
+    saved = yaml.safe_load((out / "spec.yaml").read_text())
+    assert (saved["modalities"]["image"]["insert_at"], saved["llm"]["dtype"], saved["name"]) == (
+        3,
+        "bfloat16",
+        "tiny k3",
+    )
+    r = compose("inspect", TINY, "modalities.image.insert_at=1", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["insert_at"] == {"image": 1}
+    cases = {
+        "modalities.image.insert_at=99": "modalities.image.insert_at: must be < the LLM's 4 layers, got 99 "
+        "(set by the override 'modalities.image.insert_at=99')",
+        "llm.bogus=1": "llm.bogus: unknown field (set by the override 'llm.bogus=1')",
+        "insert_at": "override 'insert_at': expected dotted.key=value",
+        "name.first=x": "override 'name.first=x': name is not a mapping in the spec",
+        "llm.lora={r: 4": "override 'llm.lora={r: 4': the value is not YAML",
+    }
+    for override, msg in cases.items():
+        r = compose("build", TINY, override, "-o", tmp_path / "bad")
+        assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / "bad").exists()
+    r = compose("inspect", out, "llm.dtype=float32")
+    assert r.returncode == 2 and "overrides (llm.dtype=float32) apply to spec files" in r.stderr
+    tree = {"llm": {"lora": {"r": 4}}}
+    assert apply_overrides(tree, ["llm.lora.target_modules=[q_proj, v_proj]", "llm.train=lora"], "s") == {
+        "llm": {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "train": "lora"}
+    } and tree == {"llm": {"lora": {"r": 4}}}  # a copy
+    with pytest.raises(SpecError, match="expected dotted.key=value"):
+        apply_overrides(tree, ["llm..r=1"], "s")
+
+
 def test_build_and_inspect_tiny_spec(tmp_path):
     out = tmp_path / "ckpt"
     r = compose("build", TINY, "-o", out)
