@@ -18,6 +18,15 @@ def build(spec, **kwargs):
     return _build(spec, **kwargs)
 
 
+def pipeline(target, **kwargs):
+    """Text and media in, generated text out: ``composer.pipeline("out/model.onnx")("What is it?",
+    image="a.png")``, for a checkpoint dir, an ONNX bundle, a Hub id or a spec file (see
+    ``composer.text_pipeline.Pipeline``)."""
+    from composer.text_pipeline import pipeline as _pipeline
+
+    return _pipeline(target, **kwargs)
+
+
 def __getattr__(name):
     # torch-heavy names load lazily so `import composer` and spec validation stay instant
     if name == "ComposedModel":
@@ -27,4 +36,14 @@ def __getattr__(name):
     raise AttributeError(f"module 'composer' has no attribute {name!r}")
 
 
-__all__ = ["ComposedModel", "ComposerError", "InputError", "Spec", "SpecError", "build", "load_spec", "parse_spec"]
+__all__ = [
+    "ComposedModel",
+    "ComposerError",
+    "InputError",
+    "Spec",
+    "SpecError",
+    "build",
+    "load_spec",
+    "parse_spec",
+    "pipeline",
+]

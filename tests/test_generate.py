@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import images, make_model
+from helpers import ROOT, images, make_model
+
+from composer.model import ComposedModel
 
 N_NEW = 12
 
@@ -142,3 +144,23 @@ def test_generate_and_train_step_print_no_warnings(family):
         labels = batch["input_ids"].clone()
         model(**batch, labels=labels, return_logits=False).loss.backward()
     assert [str(w.message) for w in caught] == []
+
+
+def test_pipeline_one_liner_over_checkpoint_bundle_and_spec(llama_k1_export, tmp_path):
+    """Issue 20, item 7: composer.pipeline(TARGET)(text, image=...) gives the decoded greedy answer
+    of the model's own generate, for a checkpoint dir (torch), its ONNX bundle (the same text)
+    and a spec file; a list of prompts gives a list."""
+    import composer
+
+    ckpt, bundle = llama_k1_export
+    img = str(ROOT / "specs/tiny/assets/red_circle.png")
+    model = ComposedModel.from_pretrained(ckpt)
+    batch = model.prepare([model.format_prompt("What shape is it?")], image=[img])
+    want = model.tokenizer.decode(model.generate(**batch, max_new_tokens=6)[0], skip_special_tokens=True).strip()
+    torch_pipe, onnx_pipe = composer.pipeline(ckpt), composer.pipeline(bundle)
+    assert torch_pipe("What shape is it?", image=img, max_new_tokens=6) == want
+    assert onnx_pipe("What shape is it?", image=img, max_new_tokens=6) == want
+    both = onnx_pipe(["What shape is it?", "And this?"], image=[img, img], max_new_tokens=6)
+    assert isinstance(both, list) and len(both) == 2 and both[0] == want
+    spec_pipe = composer.pipeline(ROOT / "specs/tiny/llava.yaml")
+    assert isinstance(spec_pipe("hi", image=img, max_new_tokens=2), str)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from fake_hub import FakeHub
-from helpers import CLIP, LLAMA, images, make_model, spec_dict
+from helpers import CLIP, LLAMA, ROOT, images, make_model, spec_dict
 
 from composer.builder import build
 from composer.cli import main
@@ -128,6 +128,11 @@ def test_checkpoint_push_card_and_pull_round_trip(pushed, hub, cache, tmp_path, 
     (l1, g1), (l2, g2) = _outputs(model), _outputs(again)
     assert torch.equal(l1, l2) and torch.equal(g1, g2)
     assert (cache / "models--alice--tiny-llava" / "snapshots" / info.oid / "model.safetensors").is_file()
+    import composer  # the one-liner takes Hub ids too (issue 20, item 7)
+
+    img = str(ROOT / "specs/tiny/assets/red_circle.png")
+    hub_answer = composer.pipeline("alice/tiny-llava")("What is it?", image=img, max_new_tokens=4)
+    assert hub_answer == composer.pipeline(ckpt)("What is it?", image=img, max_new_tokens=4)
 
     out = tmp_path / "pulled"
     with pytest.raises(SystemExit) as e:

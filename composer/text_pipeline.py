@@ -1,0 +1,81 @@
+"""``composer.pipeline(TARGET)``: text and media in, generated text out, whatever TARGET is.
+
+    import composer
+
+    pipe = composer.pipeline("out/smol-demo.onnx")          # an ONNX bundle (ONNX Runtime)
+    pipe("What shape is it?", image="specs/smol/assets/red_circle.png")   # -> "circle"
+    composer.pipeline("out/smol-demo")                        # a composed checkpoint (torch)
+    composer.pipeline("alice/smol-demo@v1")                   # a checkpoint on the Hub
+    composer.pipeline("specs/tiny/llava.yaml")                # a spec, built (random weights unless sourced)
+
+The prompt goes through the model's prompt template (the spec's, else the tokenizer's chat
+template), with the media placeholders where the template puts them; ``raw=True`` passes it as
+written. Greedy by default; ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+``top_p`` and ``seed`` as in ``compose generate``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class Pipeline:
+    """A loaded model (``model``: a ``ComposedModel`` or an ``OnnxPipeline``) as a callable."""
+
+    def __init__(self, target: str | Path, *, provider: str = "cpu", revision: str | None = None):
+        from composer.export.manifest import is_bundle
+
+        target = str(target)
+        if is_bundle(target):
+            from composer.export.runtime import OnnxPipeline
+
+            self.model = OnnxPipeline(target, provider=provider)
+        elif Path(target).is_file():
+            from composer.builder import build
+
+            self.model = build(target).eval()
+        else:  # a checkpoint dir or a Hub id
+            from composer.model import ComposedModel
+
+            self.model = ComposedModel.from_pretrained(target, revision=revision)
+
+    def __call__(
+        self,
+        text: str | list[str],
+        *,
+        raw: bool = False,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        **media: Any,
+    ) -> str | list[str]:
+        """Generate for ``text`` (one prompt, or a list: one answer each). ``media``: per modality
+        the items in prompt order (one item, or a list; for a list of prompts, one flat list over
+        all of them), e.g. ``image="a.png"`` or ``audio=["a.wav", "b.wav"]``."""
+        import torch
+
+        texts = [text] if isinstance(text, str) else list(text)
+        prompts = texts if raw else [self.model.format_prompt(t) for t in texts]
+        items = {m: v if isinstance(v, (list, tuple)) else [v] for m, v in media.items()}
+        batch = self.model.prepare(prompts, **items)
+        ids = self.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        out = [s.strip() for s in self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return out[0] if isinstance(text, str) else out
+
+
+def pipeline(target: str | Path, *, provider: str = "cpu", revision: str | None = None) -> Pipeline:
+    """``Pipeline(target)``: a composed checkpoint dir, an ONNX bundle dir, a Hub id
+    (``owner/name``, ``owner/name@rev``) or a spec file, as a text-generation callable."""
+    return Pipeline(target, provider=provider, revision=revision)
