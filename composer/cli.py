@@ -537,6 +537,9 @@ def _print_quantized_report(con, r: dict) -> None:
 @click.option("--temperature", type=float, default=None)
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
+@click.option("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (transformers').")
+@click.option("--no-repeat-ngram-size", type=int, default=None, help="Never repeat an n-gram of this size.")
+@click.option("--min-new-tokens", type=int, default=None, help="EOS is banned before this many new tokens.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option(
     "--provider",
@@ -556,6 +559,9 @@ def generate(
     temperature: float | None,
     top_k: int | None,
     top_p: float | None,
+    repetition_penalty: float | None,
+    no_repeat_ngram_size: int | None,
+    min_new_tokens: int | None,
     seed: int,
     provider: str,
 ) -> None:
@@ -596,6 +602,9 @@ def generate(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        min_new_tokens=min_new_tokens,
         generator=torch.Generator().manual_seed(seed),
         streamer=streamer,
     )

@@ -2,7 +2,9 @@
 
 A backend supplies ``step(out) -> logits (B, V)`` (prefill on the first call, one decode step
 after); this module chooses tokens (greedy, or sampling through transformers' logits
-warpers), bans placeholder ids, stops at EOS / ``max_new_tokens`` and pads finished rows.
+warpers, after transformers' logits processors for ``repetition_penalty``,
+``no_repeat_ngram_size`` and ``min_new_tokens``, in the order ``generate`` applies them), bans
+placeholder ids, stops at EOS / ``max_new_tokens`` and pads finished rows.
 """
 
 from __future__ import annotations
@@ -20,17 +22,31 @@ class Sampling:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
 
     @classmethod
-    def from_spec(cls, gen, **overrides) -> Sampling:
-        """The spec's ``generation`` settings with the call's overrides, validated as the spec is
-        (``max_new_tokens > 0``, ``temperature > 0`` and finite, ``top_k > 0``, ``0 < top_p <= 1``)."""
+    def from_spec(cls, gen, generation_config=None, **overrides) -> Sampling:
+        """The spec's ``generation`` settings, then what a transformers ``GenerationConfig`` sets
+        (its values that differ from GenerationConfig's defaults), then the call's keyword
+        overrides, validated as the spec is (``max_new_tokens > 0``, ``temperature > 0`` and
+        finite, ``top_k > 0``, ``0 < top_p <= 1``, ``repetition_penalty > 0``, ...). A
+        GenerationConfig setting composer does not implement is one error naming it."""
         from pydantic import ValidationError
 
         from composer.errors import InputError
         from composer.spec import GenerationSpec
 
-        values = {k: getattr(gen, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")}
+        fields = list(GenerationSpec.model_fields)
+        values = {k: getattr(gen, k) for k in fields}
+        if generation_config is not None:
+            set_ = generation_config.to_diff_dict()
+            ignored = {"transformers_version", "eos_token_id", "pad_token_id", "bos_token_id", "_from_model_config"}
+            unknown = sorted(k for k in set_ if k not in fields and k not in ignored)
+            if unknown:
+                raise InputError(f"generation_config: {unknown} not supported (composer implements {fields})")
+            values.update({k: v for k, v in set_.items() if k in fields and v is not None})
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             GenerationSpec.model_validate(values)
@@ -55,6 +71,25 @@ class Sampling:
                 w.append(TopPLogitsWarper(self.top_p))
         return w
 
+    def processors(self, prompt_length: int, eos: list[int]):
+        """transformers' logits processors for the settings that apply to greedy and sampled
+        decoding alike (before the warpers, as ``generate`` orders them)."""
+        from transformers import (
+            LogitsProcessorList,
+            MinNewTokensLengthLogitsProcessor,
+            NoRepeatNGramLogitsProcessor,
+            RepetitionPenaltyLogitsProcessor,
+        )
+
+        p = LogitsProcessorList()
+        if self.min_new_tokens and eos:
+            p.append(MinNewTokensLengthLogitsProcessor(prompt_length, self.min_new_tokens, eos))
+        if self.repetition_penalty != 1.0:
+            p.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if self.no_repeat_ngram_size:
+            p.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size))
+        return p
+
 
 def decode_loop(
     step: Callable[[torch.Tensor], torch.Tensor],
@@ -70,6 +105,7 @@ def decode_loop(
     """Run ``step`` until every row hit EOS or ``max_new_tokens``; -> new ids (B, n)."""
     B = input_ids.shape[0]
     warpers = sampling.warpers()
+    processors = sampling.processors(input_ids.shape[1], eos)
     out = torch.empty((B, 0), dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool)
     eos_t = torch.tensor(eos, dtype=torch.long)
@@ -83,10 +119,13 @@ def decode_loop(
                 f"the model produced NaN logits at new token {i} (rows {bad.nonzero().flatten().tolist()}): "
                 "its weights or inputs hold NaN or overflow in this dtype"
             )
+        seq = torch.cat([input_ids.cpu(), out], 1)
+        if processors:
+            logits = processors(seq, logits)
         if banned:
             logits[:, banned] = float("-inf")
         if sampling.do_sample:
-            scores = warpers(torch.cat([input_ids.cpu(), out], 1), logits)
+            scores = warpers(seq, logits)
             nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
             nxt = logits.argmax(-1)

@@ -265,6 +265,10 @@ class ComposedModel(nn.Module):
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        min_new_tokens: int | None = None,
+        generation_config=None,
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
@@ -272,6 +276,11 @@ class ComposedModel(nn.Module):
         **modality_inputs,
     ) -> torch.Tensor:
         """Greedy or sampled generation; returns the new token ids (B, n), padded after EOS.
+
+        Settings: the spec's ``generation`` section, then a transformers ``GenerationConfig``
+        (``generation_config``: the values it sets), then these keyword arguments;
+        ``repetition_penalty``, ``no_repeat_ngram_size`` and ``min_new_tokens`` run through
+        transformers' own logits processors (as ``generate`` orders them).
 
         ``use_cache=False`` recomputes the whole sequence every step (the reference the cached
         path is tested against). Inputs must be left-padded. ``streamer`` follows HF's
@@ -282,8 +291,12 @@ class ComposedModel(nn.Module):
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
+            generation_config=generation_config,
             top_k=top_k,
             top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            min_new_tokens=min_new_tokens,
         )
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)

@@ -285,6 +285,9 @@ class GenerationSpec(_Strict):
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)  # transformers' RepetitionPenaltyLogitsProcessor
+    no_repeat_ngram_size: int = Field(0, ge=0)  # NoRepeatNGramLogitsProcessor
+    min_new_tokens: int = Field(0, ge=0)  # MinNewTokensLengthLogitsProcessor: EOS banned before
 
 
 class Spec(_Strict):

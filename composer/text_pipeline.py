@@ -11,7 +11,8 @@
 The prompt goes through the model's prompt template (the spec's, else the tokenizer's chat
 template), with the media placeholders where the template puts them; ``raw=True`` passes it as
 written. Greedy by default; ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
-``top_p`` and ``seed`` as in ``compose generate``.
+``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, a transformers
+``generation_config`` and ``seed`` as in ``ComposedModel.generate``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class Pipeline:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        min_new_tokens: int | None = None,
+        generation_config=None,
         seed: int = 0,
         **media: Any,
     ) -> str | list[str]:
@@ -69,6 +74,10 @@ class Pipeline:
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            min_new_tokens=min_new_tokens,
+            generation_config=generation_config,
             generator=torch.Generator().manual_seed(seed),
         )
         out = [s.strip() for s in self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -427,6 +427,10 @@ class OnnxPipeline:
         temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        min_new_tokens: int | None = None,
+        generation_config=None,
         eos_token_id=None,
         generator: torch.Generator | None = None,
         streamer=None,
@@ -436,14 +440,18 @@ class OnnxPipeline:
         from composer.spec import GenerationSpec
 
         g = self.manifest["generation"]
-        spec_g = GenerationSpec(**{k: g[k] for k in GenerationSpec.model_fields})
+        spec_g = GenerationSpec(**{k: g[k] for k in GenerationSpec.model_fields if k in g})
         sampling = Sampling.from_spec(
             spec_g,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
+            generation_config=generation_config,
             top_k=top_k,
             top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            min_new_tokens=min_new_tokens,
         )
         input_ids = torch.as_tensor(input_ids)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)

@@ -164,3 +164,62 @@ def test_pipeline_one_liner_over_checkpoint_bundle_and_spec(llama_k1_export, tmp
     assert isinstance(both, list) and len(both) == 2 and both[0] == want
     spec_pipe = composer.pipeline(ROOT / "specs/tiny/llava.yaml")
     assert isinstance(spec_pipe("hi", image=img, max_new_tokens=2), str)
+
+
+SETTINGS = [
+    {"repetition_penalty": 1.5},
+    {"no_repeat_ngram_size": 2},
+    {"min_new_tokens": 8, "repetition_penalty": 0.7},
+]
+
+
+@pytest.mark.parametrize("kw", SETTINGS, ids=["repetition", "ngram", "min_new+penalty"])
+def test_generation_settings_equal_transformers_generate(kw, llama_k1_export):
+    """Issue 20, item 1: repetition_penalty, no_repeat_ngram_size and min_new_tokens run through
+    transformers' logits processors: on a text-only batch (left-padded) composer's greedy tokens
+    equal the HF LLM's own `generate` with the same settings; the ONNX bundle gives the torch
+    tokens with an image too; a transformers GenerationConfig gives the same as the keywords."""
+    from transformers import GenerationConfig
+
+    from composer.export.runtime import OnnxPipeline
+
+    model = make_model("llama", insert_at=1)
+    tok = model.tokenizer
+    prompts = ["abab abab abab", "the cat sat on the mat, the cat"]
+    batch = model.prepare(prompts)  # no template: text only
+    eos = tok.eos_token_id
+    ours = model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=eos, **kw)
+    with torch.no_grad():
+        hf = model.llm.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=N_NEW,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=model.pad_token_id,
+            suppress_tokens=model.banned_token_ids or None,
+            **kw,
+        )[:, batch["input_ids"].shape[1] :]
+    assert torch.equal(ours, hf[:, : ours.shape[1]]) and not bool((hf[:, ours.shape[1] :] != model.pad_token_id).any())
+    assert not torch.equal(ours, model.generate(**batch, max_new_tokens=N_NEW, eos_token_id=eos))  # settings bite
+    cfg = GenerationConfig(max_new_tokens=N_NEW, **kw)
+    assert torch.equal(model.generate(**batch, generation_config=cfg, eos_token_id=eos), ours)
+    with_image = model.prepare([model.format_prompt(p) for p in prompts], image=list(images(2)))
+    pipe = OnnxPipeline(llama_k1_export[1])
+    assert torch.equal(
+        torch.as_tensor(pipe.generate(**with_image, max_new_tokens=N_NEW, eos_token_id=eos, **kw)),
+        model.generate(**with_image, max_new_tokens=N_NEW, eos_token_id=eos, **kw),
+    )
+
+
+def test_unsupported_generation_config_settings_are_named():
+    from transformers import GenerationConfig
+
+    from composer.errors import InputError
+
+    model = make_model("llama", insert_at=1)
+    batch = model.prepare(["hi"])
+    with pytest.raises(InputError, match=r"generation_config: \['num_beams'\] not supported"):
+        model.generate(**batch, generation_config=GenerationConfig(num_beams=4))
+    with pytest.raises(InputError, match="repetition_penalty: input should be greater than 0"):
+        model.generate(**batch, repetition_penalty=0.0)
