@@ -25,6 +25,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0
+    stop_strings: list[str] | None = None
 
     @classmethod
     def from_spec(cls, gen, generation_config=None, **overrides) -> Sampling:
@@ -101,9 +102,17 @@ def decode_loop(
     banned: list[int],
     generator: torch.Generator | None = None,
     streamer=None,
+    tokenizer=None,
 ) -> torch.Tensor:
-    """Run ``step`` until every row hit EOS or ``max_new_tokens``; -> new ids (B, n)."""
+    """Run ``step`` until every row hit EOS, one of ``sampling.stop_strings`` (transformers'
+    ``StopStringCriteria`` over ``tokenizer``; the row keeps the tokens that spell it) or
+    ``max_new_tokens``; -> new ids (B, n)."""
     B = input_ids.shape[0]
+    stop = None
+    if sampling.stop_strings:
+        from transformers import StopStringCriteria
+
+        stop = StopStringCriteria(tokenizer, sampling.stop_strings)
     warpers = sampling.warpers()
     processors = sampling.processors(input_ids.shape[1], eos)
     out = torch.empty((B, 0), dtype=torch.long)
@@ -135,8 +144,10 @@ def decode_loop(
             streamer.put(nxt)
         if eos:
             done |= torch.isin(nxt, eos_t)
-            if bool(done.all()):
-                break
+        if stop is not None:
+            done |= stop(torch.cat([seq, nxt[:, None]], 1), None).to(done.device)
+        if (eos or stop is not None) and bool(done.all()):
+            break
     if streamer is not None:
         streamer.end()
     return out

@@ -268,6 +268,7 @@ class ComposedModel(nn.Module):
         repetition_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
         min_new_tokens: int | None = None,
+        stop_strings: str | list[str] | None = None,
         generation_config=None,
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
@@ -297,6 +298,7 @@ class ComposedModel(nn.Module):
             repetition_penalty=repetition_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size,
             min_new_tokens=min_new_tokens,
+            stop_strings=[stop_strings] if isinstance(stop_strings, str) else stop_strings,
         )
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
@@ -325,6 +327,7 @@ class ComposedModel(nn.Module):
             banned=self.banned_token_ids,
             generator=generator,
             streamer=streamer,
+            tokenizer=self.tokenizer,
         ).to(self.device)
 
     @property

@@ -288,6 +288,7 @@ class GenerationSpec(_Strict):
     repetition_penalty: float = Field(1.0, gt=0)  # transformers' RepetitionPenaltyLogitsProcessor
     no_repeat_ngram_size: int = Field(0, ge=0)  # NoRepeatNGramLogitsProcessor
     min_new_tokens: int = Field(0, ge=0)  # MinNewTokensLengthLogitsProcessor: EOS banned before
+    stop_strings: list[Annotated[str, Field(min_length=1)]] | None = None  # transformers' StopStringCriteria
 
 
 class Spec(_Strict):

@@ -430,6 +430,7 @@ class OnnxPipeline:
         repetition_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
         min_new_tokens: int | None = None,
+        stop_strings: str | list[str] | None = None,
         generation_config=None,
         eos_token_id=None,
         generator: torch.Generator | None = None,
@@ -452,6 +453,7 @@ class OnnxPipeline:
             repetition_penalty=repetition_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size,
             min_new_tokens=min_new_tokens,
+            stop_strings=[stop_strings] if isinstance(stop_strings, str) else stop_strings,
         )
         input_ids = torch.as_tensor(input_ids)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
@@ -482,6 +484,7 @@ class OnnxPipeline:
             banned=g["banned_token_ids"],
             generator=generator,
             streamer=streamer,
+            tokenizer=self.tokenizer,
         )
 
     def _mm_tokens(self, slot_masks, modality_inputs) -> dict[str, np.ndarray]:

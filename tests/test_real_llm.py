@@ -307,3 +307,27 @@ def test_gguf_refuses_an_unsupported_architecture_and_a_missing_reader(tmp_path,
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if the reader were not installed
     with pytest.raises(InputError, match=r"needs the `gguf` package \(pip install gguf"):
         gguf_config(other, "llm.model")
+
+
+def test_stop_strings_equal_transformers_generate(smol15):
+    """Issue 20, item 1: stop_strings through transformers' StopStringCriteria on SmolLM2: the
+    row stops after the tokens that spell the string (kept, as HF keeps them); the same tokens as
+    the HF LLM's generate(stop_strings=...) on the same text-only chat prompt."""
+    tok = smol15.tokenizer
+    batch = smol15.prepare(messages=[[{"role": "user", "content": "Write one sentence about cats."}]])
+    free = smol15.generate(**batch, max_new_tokens=16)
+    words = tok.decode(free[0], skip_special_tokens=True).split()
+    stop = words[2]  # the third word of the free answer
+    ours = smol15.generate(**batch, max_new_tokens=16, stop_strings=stop)
+    with torch.no_grad():
+        hf = smol15.llm.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=16,
+            do_sample=False,
+            stop_strings=stop,
+            tokenizer=tok,
+            pad_token_id=tok.pad_token_id,
+        )[:, batch["input_ids"].shape[1] :]
+    assert torch.equal(ours, hf), (ours, hf)
+    assert ours.shape[1] < free.shape[1] and tok.decode(ours[0]).rstrip().endswith(stop)
