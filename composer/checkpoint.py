@@ -34,7 +34,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from composer.errors import InputError, first_line, read_versioned_json
+from composer.errors import InputError, read_versioned_json
 from composer.spec import load_yaml, parse_spec
 
 if TYPE_CHECKING:
@@ -283,13 +283,12 @@ def weight_files(root: Path) -> list[Path]:
         return [single]
     if not index.is_file():
         raise InputError(f"{single}: missing (and no {WEIGHTS_INDEX} of shards)")
+    from composer.hf_weights import read_index
+
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map must map tensor names to file names")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{index}: not a weights index ({type(e).__name__}: {first_line(e)})") from None
-    names = sorted(set(weight_map.values()))
+        names = sorted(set(read_index(index).values()))
+    except ValueError as e:  # it names the index
+        raise InputError(str(e)) from None
     for name in names:
         if not _SHARD_NAME.fullmatch(name):  # never a path out of the checkpoint
             raise InputError(f"{index}: {name!r} is not a shard name (model-0000i-of-0000N.safetensors)")
@@ -354,8 +353,6 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
     """Rebuild the architecture from the saved configs (no download, no weight init), then load
     ``model.safetensors`` strictly. ``shape_only``: the architecture on the meta device, no
     weights read (parameter counts and FLOPs for model cards)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
     from transformers import AutoConfig
 
     from composer.adapters import ENCODER_ADAPTERS
@@ -401,28 +398,10 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
     if shape_only:
         return model
     files = weight_files(root)
-    if trainable_only:
-        check_weights(model, files, may_lack=lambda k: from_source(spec, k))
-        _load_shards(model, files)
-        return _checked_placeholders(model, root, meta)
-    check_weights(model, files)  # keys and shapes from the headers: nothing loads half-way
-    if len(files) == 1:
-        try:
-            missing, unexpected = load_model(model, str(files[0]), strict=False)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise InputError(f"{files[0]}: cannot load ({str(e).splitlines()[0]})") from None
-        missing = _untied(model, missing)
-        if missing or unexpected:
-            raise InputError(
-                f"{files[0]}: does not match the spec (missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]})"
-            )
-    else:
-        _load_shards(model, files)
-    return _checked_placeholders(model, root, meta)
-
-
-def _checked_placeholders(model, root: Path, meta: dict) -> ComposedModel:
+    # names, shapes and dtypes from the headers first: nothing loads half-way; a trainable-only
+    # checkpoint lacks what its sources gave the model
+    check_weights(model, files, may_lack=(lambda k: from_source(spec, k)) if trainable_only else None)
+    _load_files(model, files)
     if model.placeholder_ids != meta["placeholder_ids"]:
         raise InputError(
             f"{root / 'tokenizer'}: placeholder ids {model.placeholder_ids} differ from composer.json "
@@ -431,8 +410,8 @@ def _checked_placeholders(model, root: Path, meta: dict) -> ComposedModel:
     return model.eval()
 
 
-def _load_shards(model, files: list[Path]) -> None:
-    """Copy each shard's tensors into ``model`` (names and shapes already checked), one shard in
+def _load_files(model, files: list[Path]) -> None:
+    """Copy each file's tensors into ``model`` (names and shapes already checked), one file in
     memory at a time."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

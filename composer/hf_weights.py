@@ -86,7 +86,7 @@ class CheckpointFiles:
         for name in INDEX_FILES:
             index = self._find(name)
             if index is not None:
-                return _read_index(index)
+                return read_index(index)
         for name in SINGLE_FILES:
             single = self._find(name)
             if single is not None:
@@ -143,7 +143,7 @@ def _hub_file(repo: str, name: str) -> Path | None:
         raise ValueError(f"{repo}: cannot fetch {name} from the Hub ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def _read_index(path: Path) -> dict[str, str]:
+def read_index(path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:

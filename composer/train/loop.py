@@ -239,16 +239,6 @@ def _label_count(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def local_batch(examples, chunk: list[int], collate, eng) -> tuple[dict, bool]:
-    """This rank's part of a global micro-batch, collated, and whether it is real. A rank whose
-    part is empty (the epoch's last, short micro-batch) runs the micro-batch's first record, to
-    be weighted 0, so that every rank takes part in the collectives and nothing counts twice."""
-    from composer.train.distributed import rank_share
-
-    mine = rank_share(chunk, eng.rank, eng.world)
-    return collate([examples[i] for i in (mine or chunk[:1])]), bool(mine)
-
-
 @dataclass
 class _Failed:
     message: str
@@ -269,8 +259,10 @@ class _WorkerCollate:
 
 
 def batch_stream(examples, micro: list[list[int]], collate, eng, workers: int = 0, prefetch: int = 2):
-    """(batch, real) for each global micro-batch of ``micro``, in order (``local_batch``'s part of
-    each for this rank), collated by a ``DataLoader``: in ``workers`` processes that prepare
+    """(batch, real) for each global micro-batch of ``micro``, in order: this rank's part of each
+    (``rank_share``; a rank whose part is empty, in an epoch's last, short micro-batch, runs the
+    micro-batch's first record, to be weighted 0, so that every rank takes part in the collectives
+    and nothing counts twice), collated by a ``DataLoader``: in ``workers`` processes that prepare
     ``prefetch`` batches each ahead while the model trains (0: in this process, on demand), into
     pinned memory on CUDA. The order is the precomputed one, so resuming and the record-exact
     sharding over ranks do not depend on the number of workers."""

@@ -60,7 +60,7 @@ def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
     and the report has a row per rank."""
     from composer.checkpoint import load_any
     from composer.train import distributed
-    from composer.train.loop import apply_stage, chunks, local_batch
+    from composer.train.loop import apply_stage, batch_stream, chunks
 
     eng = distributed.setup(cfg.strategy)
     ok = False
@@ -73,7 +73,7 @@ def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
         examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
         collate = Collator(model, cfg.max_length)
         groups = chunks(list(range(len(examples))), cfg.batch_size * eng.world)[:steps]
-        batches = [local_batch(examples, group, collate, eng) for group in groups]
+        batches = list(batch_stream(examples, groups, collate, eng))
         mine_only = [b for b, real in batches if real] or [batches[0][0]]
         f_k = statistics.mean(_step_flops(model, b) for b in mine_only)
         f_0 = statistics.mean(_step_flops(base, b) for b in mine_only)
