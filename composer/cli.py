@@ -644,6 +644,98 @@ def _modality_args(args: list[str], text_ok: set[str] = frozenset()) -> dict[str
 
 
 @cli.command()
+@click.argument("target")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--model-name", default=None, help="The model id clients send (default: the spec's name).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Requests per batch (1: off).")
+@click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0), help="Wait for more.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1), help="Waiting requests; 429 past.")
+@click.option(
+    "--max-tokens", default=1024, show_default=True, type=click.IntRange(1), help="Most tokens a request gets."
+)
+@click.option("--max-body-mb", default=20.0, show_default=True, type=click.FloatRange(0), help="Request body limit.")
+@click.option("--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1))
+@click.option("--max-audio-seconds", default=30.0, show_default=True, type=click.FloatRange(0))
+@click.option(
+    "--media-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Local image/audio paths in requests must lie under it (default: data: URLs only).",
+)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Bundles only.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per graph (bundles only).")
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
+def serve(
+    target: str,
+    host: str,
+    port: int,
+    model_name: str | None,
+    max_batch: int,
+    batch_wait_ms: float,
+    max_queue: int,
+    max_tokens: int,
+    max_body_mb: float,
+    max_image_pixels: int,
+    max_audio_seconds: float,
+    media_root: Path | None,
+    provider: str,
+    threads: int | None,
+    log_level: str,
+) -> None:
+    """Serve TARGET (an ONNX bundle, or a composed checkpoint run with torch) over HTTP with
+    OpenAI's chat-completions API, batching concurrent requests. SIGTERM or Ctrl-C finish the
+    requests in flight, then exit. Needs the serve extra: pip install 'mm-composer[serve]'.
+
+    \b
+    Example:
+      compose serve out/smol-demo.onnx --port 8000
+      curl localhost:8000/v1/models
+    """
+    import signal
+    import threading
+
+    from composer.serve.protocol import Limits
+
+    try:
+        import uvicorn
+
+        from composer.serve.app import create_app
+    except ImportError as e:
+        raise ComposerError(f"compose serve needs {e.name}: pip install 'mm-composer[serve]'") from None
+    from composer.export.manifest import is_bundle
+
+    if is_bundle(target):
+        from composer.export.runtime import OnnxPipeline, default_session_options
+
+        runtime = OnnxPipeline(target, provider=provider, session_options=default_session_options(threads=threads))
+    else:
+        from composer.checkpoint import load_pretrained
+
+        runtime = load_pretrained(_checkpoint_dir(target)).eval()
+    limits = Limits(
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_image_pixels=max_image_pixels,
+        max_audio_seconds=max_audio_seconds,
+        max_tokens=max_tokens,
+        max_queue=max_queue,
+        media_root=media_root,
+    )
+    app = create_app(runtime, name=model_name, limits=limits, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000)
+    # uvicorn handles SIGINT/SIGTERM (stop accepting, finish in-flight requests) and raises the
+    # signal again once done: a no-op handler then lets `compose serve` exit 0 after a clean drain
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@cli.command()
 @click.argument("target", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")

@@ -9,7 +9,7 @@ placeholder ids, stops at EOS / ``max_new_tokens`` and pads finished rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,30 +95,42 @@ class Sampling:
 def decode_loop(
     step: Callable[[torch.Tensor], torch.Tensor],
     input_ids: torch.Tensor,
-    sampling: Sampling,
+    sampling: Sampling | Sequence[Sampling],
     *,
     eos: list[int],
     pad: int,
     banned: list[int],
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
     streamer=None,
     tokenizer=None,
+    on_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run ``step`` until every row hit EOS, one of ``sampling.stop_strings`` (transformers'
-    ``StopStringCriteria`` over ``tokenizer``; the row keeps the tokens that spell it) or
-    ``max_new_tokens``; -> new ids (B, n)."""
-    B = input_ids.shape[0]
-    stop = None
-    if sampling.stop_strings:
-        from transformers import StopStringCriteria
+    """Run ``step`` until every row hit EOS, one of its stop strings (transformers'
+    ``StopStringCriteria`` over ``tokenizer``; the row keeps the tokens that spell it) or its
+    ``max_new_tokens``; -> new ids (B, n), finished rows padded with ``pad``.
 
-        stop = StopStringCriteria(tokenizer, sampling.stop_strings)
-    warpers = sampling.warpers()
-    processors = sampling.processors(input_ids.shape[1], eos)
+    ``sampling`` is one ``Sampling`` for the whole batch, or one per row (a server's batch of
+    independent requests: each row its own settings, stop strings, length and ``generator``, so
+    that a row's tokens do not depend on the rows batched with it). ``on_step(tokens, done)``, if
+    given, sees each step's tokens (B,) and the rows done after it, and may return a (B,) bool
+    mask of rows to stop now (a client that went away)."""
+    B, L = input_ids.shape
+    if isinstance(sampling, Sampling):  # one group: all rows share settings and one generator
+        groups = [_Group(list(range(B)), sampling, generator, 0, L, eos, tokenizer)]
+    else:
+        if len(sampling) != B:
+            raise ValueError(f"{len(sampling)} sampling settings for {B} rows")
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * B
+        lead = [0] * B if attention_mask is None else (attention_mask == 0).sum(1).tolist()
+        groups = [_Group([i], s, gens[i], lead[i], L, eos, tokenizer) for i, s in enumerate(sampling)]
+    limit = torch.zeros(B, dtype=torch.long)
+    for g in groups:
+        limit[g.rows] = g.sampling.max_new_tokens
     out = torch.empty((B, 0), dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool)
     eos_t = torch.tensor(eos, dtype=torch.long)
-    for i in range(sampling.max_new_tokens):
+    for i in range(int(limit.max())):
         logits = step(out).float().cpu().clone()  # the backend may hand out its own buffer
         bad = torch.isnan(logits).any(-1) & ~done  # rows still generating
         if bool(bad.any()):
@@ -129,28 +141,57 @@ def decode_loop(
                 "its weights or inputs hold NaN or overflow in this dtype"
             )
         seq = torch.cat([input_ids.cpu(), out], 1)
-        if processors:
-            logits = processors(seq, logits)
-        if banned:
-            logits[:, banned] = float("-inf")
-        if sampling.do_sample:
-            scores = warpers(seq, logits)
-            nxt = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            nxt = logits.argmax(-1)
+        nxt = torch.empty(B, dtype=torch.long)
+        stopped = torch.zeros(B, dtype=torch.bool)
+        for g in groups:
+            nxt[g.rows], stopped[g.rows] = g.choose(seq[g.rows], logits[g.rows], banned)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out = torch.cat([out, nxt[:, None]], 1)
         if streamer is not None:
             streamer.put(nxt)
         if eos:
             done |= torch.isin(nxt, eos_t)
-        if stop is not None:
-            done |= stop(torch.cat([seq, nxt[:, None]], 1), None).to(done.device)
-        if (eos or stop is not None) and bool(done.all()):
+        done |= stopped | (limit <= i + 1)
+        if on_step is not None:
+            cancel = on_step(nxt, done.clone())
+            if cancel is not None:
+                done |= cancel
+        if bool(done.all()):
             break
     if streamer is not None:
         streamer.end()
     return out
+
+
+class _Group:
+    """Rows of a batch that share sampling settings: their logits processors, warpers, stop
+    criteria and generator."""
+
+    def __init__(self, rows: list[int], sampling: Sampling, generator, lead: int, width: int, eos, tokenizer):
+        self.rows, self.sampling, self.generator, self.lead = rows, sampling, generator, lead  # lead: padding
+        self.processors = sampling.processors(width - lead, eos)
+        self.warpers = sampling.warpers()
+        self.stop = None
+        if sampling.stop_strings:
+            from transformers import StopStringCriteria
+
+            self.stop = StopStringCriteria(tokenizer, sampling.stop_strings)
+
+    def choose(self, seq: torch.Tensor, logits: torch.Tensor, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the next token of each row, whether a stop string ends the row with it)."""
+        seq = seq[:, self.lead :]
+        if self.processors:
+            logits = self.processors(seq, logits)
+        if banned:
+            logits[:, banned] = float("-inf")
+        if self.sampling.do_sample:
+            scores = self.warpers(seq, logits)
+            nxt = torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(1)
+        else:
+            nxt = logits.argmax(-1)
+        if self.stop is None:
+            return nxt, torch.zeros_like(nxt, dtype=torch.bool)
+        return nxt, self.stop(torch.cat([seq, nxt[:, None]], 1), None).cpu()
 
 
 def eos_ids(eos_token_id, generation_config, tokenizer) -> list[int]:

@@ -167,7 +167,7 @@ class ComposedModel(nn.Module):
         """Run all layers over a laid-out prompt; returns final hidden states (B, L, d)."""
         B, L = input_ids.shape
         check_context(attention_mask, 0, self.context_length)
-        check_window(L, 0, self.adapter.sliding_window)
+        check_window(L, 0, self.sliding_window)
         slot_masks = self._slot_masks(input_ids)
         mm = self._mm_tokens(slot_masks, modality_inputs)
         layout = Layout.build(attention_mask, slot_masks, self.insert_at, self.num_layers)
@@ -305,9 +305,30 @@ class ComposedModel(nn.Module):
         if not bool(attention_mask[:, -1].all()):
             raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
         check_context(attention_mask, sampling.max_new_tokens, self.context_length)
-        check_window(input_ids.shape[1], sampling.max_new_tokens, self.adapter.sliding_window)
+        check_window(input_ids.shape[1], sampling.max_new_tokens, self.sliding_window)
+        step = self.decoder(input_ids, attention_mask, modality_inputs, use_cache=use_cache)
+        return decode_loop(
+            step,
+            input_ids,
+            sampling,
+            eos=self.eos_token_ids if eos_token_id is None else eos_ids(eos_token_id, None, self.tokenizer),
+            pad=self.pad_token_id,
+            banned=self.banned_token_ids,
+            generator=generator,
+            streamer=streamer,
+            tokenizer=self.tokenizer,
+        ).to(self.device)
+
+    def decoder(
+        self, input_ids, attention_mask, modality_inputs: dict[str, Any], *, use_cache: bool = True, reserve: int = 0
+    ):
+        """``decode_loop``'s ``step`` over one left-padded batch: its first call (no new tokens yet)
+        runs the prefill and fills this batch's KV caches, each later call one decode step;
+        -> logits (B, V). ``use_cache=False`` recomputes the whole sequence every call.
+        ``reserve`` (decode steps to make room for) is the ONNX pipeline's; the torch caches grow."""
         state = KVState(cache=_new_cache(), key_slot=[], key_ok=[], next_slot=0, next_pos=None)
 
+        @torch.no_grad()
         def step(out: torch.Tensor) -> torch.Tensor:
             out = out.to(self.device)
             if not use_cache:
@@ -318,17 +339,22 @@ class ComposedModel(nn.Module):
                 return self.adapter.head(self._prefill(input_ids, attention_mask, modality_inputs, state)[:, -1])
             return self._decode_step(out[:, -1:], state)
 
-        return decode_loop(
-            step,
-            input_ids,
-            sampling,
-            eos=eos_ids(eos_token_id, self.llm.generation_config, self.tokenizer),
-            pad=self.pad_token_id,
-            banned=self.banned_token_ids,
-            generator=generator,
-            streamer=streamer,
-            tokenizer=self.tokenizer,
-        ).to(self.device)
+        return step
+
+    @property
+    def generation_spec(self):
+        """The spec's ``generation`` section (the defaults of ``generate``)."""
+        return self.spec.generation
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The LLM's sliding attention window (None: full attention); see ``check_window``."""
+        return self.adapter.sliding_window
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The ids that end generation: the LLM's generation config's, else the tokenizer's EOS."""
+        return eos_ids(None, self.llm.generation_config, self.tokenizer)
 
     @property
     def pad_token_id(self) -> int:

@@ -311,9 +311,7 @@ def export_onnx(
 
 
 def _eos(model) -> list[int]:
-    from composer.generation import eos_ids
-
-    return eos_ids(None, model.llm.generation_config, model.tokenizer)
+    return model.eos_token_ids
 
 
 def bundle_size(path: Path) -> int:

@@ -438,12 +438,8 @@ class OnnxPipeline:
         **modality_inputs,
     ) -> torch.Tensor:
         """Same contract as ``ComposedModel.generate``: new token ids (B, n), left padding."""
-        from composer.spec import GenerationSpec
-
-        g = self.manifest["generation"]
-        spec_g = GenerationSpec(**{k: g[k] for k in GenerationSpec.model_fields if k in g})
         sampling = Sampling.from_spec(
-            spec_g,
+            self.generation_spec,
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
@@ -460,32 +456,62 @@ class OnnxPipeline:
         if not bool(attention_mask[:, -1].all()):
             raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
         check_context(attention_mask, sampling.max_new_tokens, self.context_length)
-        check_window(input_ids.shape[1], sampling.max_new_tokens, self.manifest["llm"].get("sliding_window"))
-        state: dict = {}
-
-        def step(out: torch.Tensor) -> torch.Tensor:
-            if out.shape[1] == 0:
-                logits, st = self.prefill(input_ids, attention_mask, modality_inputs, reserve=sampling.max_new_tokens)
-                state.update(st)
-                return torch.from_numpy(np.asarray(logits))
-            return torch.from_numpy(np.asarray(self.decode_step(out[:, -1:].numpy(), state)))
-
+        check_window(input_ids.shape[1], sampling.max_new_tokens, self.sliding_window)
         eos = (
-            g["eos_token_id"]
+            self.eos_token_ids
             if eos_token_id is None
             else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         )
         return decode_loop(
-            step,
+            self.decoder(input_ids, attention_mask, modality_inputs, reserve=sampling.max_new_tokens),
             input_ids,
             sampling,
             eos=eos,
-            pad=g["pad_token_id"],
-            banned=g["banned_token_ids"],
+            pad=self.pad_token_id,
+            banned=self.banned_token_ids,
             generator=generator,
             streamer=streamer,
             tokenizer=self.tokenizer,
         )
+
+    def decoder(self, input_ids, attention_mask, modality_inputs: dict[str, Any], *, reserve: int = 0):
+        """``decode_loop``'s ``step`` over one left-padded batch: its first call (no new tokens yet)
+        runs the prefill (KV buffers with room for ``reserve`` decode steps), each later call one
+        decode step; -> logits (B, V)."""
+        state: dict = {}
+
+        def step(out: torch.Tensor) -> torch.Tensor:
+            if out.shape[1] == 0:
+                logits, st = self.prefill(input_ids, attention_mask, modality_inputs, reserve=reserve)
+                state.update(st)
+                return torch.from_numpy(np.asarray(logits))
+            return torch.from_numpy(np.asarray(self.decode_step(out[:, -1:].numpy(), state)))
+
+        return step
+
+    @property
+    def generation_spec(self):
+        """The spec's ``generation`` section, as the manifest records it (the defaults of ``generate``)."""
+        from composer.spec import GenerationSpec
+
+        g = self.manifest["generation"]
+        return GenerationSpec(**{k: g[k] for k in GenerationSpec.model_fields if k in g})
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.manifest["llm"].get("sliding_window")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.manifest["generation"]["eos_token_id"])
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.manifest["generation"]["pad_token_id"]
+
+    @property
+    def banned_token_ids(self) -> list[int]:
+        return list(self.manifest["generation"]["banned_token_ids"])
 
     def _mm_tokens(self, slot_masks, modality_inputs) -> dict[str, np.ndarray]:
         unknown = sorted(set(modality_inputs) - set(self.encoders))

@@ -4,12 +4,16 @@ that interrupts `compose` mid-write with a real signal. No network, CPU only."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,3 +342,40 @@ def run_cli(*args, cwd: Path | None = None) -> CliResult:
     finally:
         os.chdir(before)
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+# -- a server in this process ------------------------------------------------------------------------
+@contextlib.contextmanager
+def serving(runtime, lifespan: str = "on", **kwargs):
+    """``create_app(runtime, **kwargs)`` under uvicorn on a free 127.0.0.1 port, in a thread: -> (base URL, app)."""
+    import uvicorn
+
+    from composer.serve import create_app
+
+    app = create_app(runtime, **kwargs)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def client(url: str, **kw):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, **kw)
+
+
+def data_url(path: Path | bytes, kind: str = "image/png") -> str:
+    raw = path if isinstance(path, bytes) else Path(path).read_bytes()
+    return f"data:{kind};base64," + base64.b64encode(raw).decode()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import GGUF, ROOT, images, reference_logits, split_rows
+from helpers import GGUF, ROOT, client, data_url, images, reference_logits, run_cli, serving, split_rows
 from helpers import SMOL_VISION as VISION
 
 from composer.builder import build
@@ -204,16 +204,21 @@ def test_the_demo_model_answers_from_the_picture(demo):
     assert got[("two_shapes.png", "What colour is the square?")] == "blue"
 
 
-def test_onnx_bundle_at_15_gives_the_torch_greedy_tokens(demo, tmp_path):
+@pytest.fixture(scope="module")
+def demo_bundle(demo, tmp_path_factory):
+    from composer.export.exporter import export_onnx
+
+    return export_onnx(demo, tmp_path_factory.mktemp("demo") / "b")
+
+
+def test_onnx_bundle_at_15_gives_the_torch_greedy_tokens(demo, demo_bundle):
     """The demo model's bundle: a batch of 3 left-padded prompts of different lengths, one without an
     image, gives torch's greedy tokens and last-position logits (1e-4 relative); the demo answers."""
     from PIL import Image
 
-    from composer.export.exporter import export_onnx
     from composer.export.runtime import OnnxPipeline
 
-    bundle = export_onnx(demo, tmp_path / "b")
-    pipe = OnnxPipeline(bundle)
+    pipe = OnnxPipeline(demo_bundle)
     msgs = [
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}],
         [{"role": "user", "content": "Name a fruit."}],
@@ -234,6 +239,36 @@ def test_onnx_bundle_at_15_gives_the_torch_greedy_tokens(demo, tmp_path):
     assert np.abs(np.asarray(logits) - ref.numpy()).max() < TOL * max(1.0, scale)
     answers = [_answer(t) for t in pipe.decode(pipe.generate(**pbatch, max_new_tokens=4))]
     assert answers[0] == "circle" and answers[2] == "two"
+
+
+def test_served_demo_answers_an_image_sent_as_a_data_url(demo_bundle):
+    """Issue 18: the demo bundle behind `compose serve`'s app, asked through the `openai` client with
+    the picture as a data: URL (the chat template formats it), answers as `compose generate` does
+    on the same bundle, streamed and not; a system message is taken."""
+    from composer.export.runtime import OnnxPipeline
+
+    picture = ASSETS / "red_circle.png"
+    cli = run_cli("generate", demo_bundle, "--image", picture, "--prompt", "What shape is it?")
+    assert cli.returncode == 0, cli.stderr
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(picture)}},
+                {"type": "text", "text": "What shape is it?"},
+            ],
+        }
+    ]
+    with serving(OnnxPipeline(demo_bundle)) as (url, _):
+        c = client(url)
+        r = c.chat.completions.create(model="smol-llava-demo", messages=msgs, temperature=0)
+        chunks = c.chat.completions.create(model="smol-llava-demo", messages=msgs, temperature=0, stream=True)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        sys_msg = [{"role": "system", "content": "Answer in one word."}, *msgs]
+        with_system = c.chat.completions.create(model="smol-llava-demo", messages=sys_msg, temperature=0)
+    assert r.choices[0].message.content.strip() == cli.stdout.strip() == streamed.strip()
+    assert _answer(r.choices[0].message.content) == "circle"
+    assert with_system.choices[0].finish_reason in ("stop", "length")
 
 
 def test_chat_messages_cannot_forge_a_turn(smol15):

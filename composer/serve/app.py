@@ -1,0 +1,256 @@
+"""``compose serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over a bundle or a checkpoint.
+
+Routes: ``POST /v1/chat/completions`` (``stream: true``: server-sent events), ``GET /v1/models``,
+``GET /health``. Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``:
+400 a bad request (``param`` names the field), 404 an unknown model, 413 a body over the limit,
+429 the queue is full, 500 a generation that failed (that request only), 503 shutting down.
+SIGTERM/SIGINT (uvicorn's graceful shutdown) stop accepting connections and let the requests in
+flight finish before the process exits.
+
+    from composer.serve import create_app
+    app = create_app(OnnxPipeline("out/smol-demo.onnx"))   # any ASGI server runs it
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from composer.errors import ComposerError, first_line
+from composer.serve.engine import Batcher, Job, QueueFull
+from composer.serve.protocol import (
+    Limits,
+    RequestError,
+    TextStream,
+    chunk,
+    completion,
+    completion_id,
+    parse_request,
+    to_inputs,
+    usage,
+)
+
+log = logging.getLogger("composer.serve")
+
+
+def model_name(runtime) -> str:
+    return runtime.manifest["name"] if hasattr(runtime, "manifest") else runtime.spec.name
+
+
+def create_app(
+    runtime,
+    *,
+    name: str | None = None,
+    limits: Limits | None = None,
+    max_batch: int = 8,
+    batch_wait_s: float = 0.01,
+):
+    """The ASGI app serving ``runtime`` (an ``OnnxPipeline`` or a ``ComposedModel``) as ``name``
+    (default: the spec's name). The batcher's thread starts and stops with the app's lifespan."""
+    import threading
+
+    limits = limits or Limits()
+    name = name or model_name(runtime)
+    batcher = Batcher(runtime, max_batch=max_batch, batch_wait_s=batch_wait_s, max_queue=limits.max_queue)
+    prepare_lock = threading.Lock()  # one tokenizer / processor user at a time
+    started = time.time()
+    state = {"closing": False}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        log.info("serving %s (max batch %d, wait %.0f ms)", name, max_batch, batch_wait_s * 1000)
+        try:
+            yield
+        finally:
+            state["closing"] = True
+            await run_in_threadpool(batcher.close)
+
+    app = FastAPI(title="composer", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    def error(e: RequestError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "closing" if state["closing"] else "ok",
+            "model": name,
+            "waiting": batcher.waiting,
+            "batches": batcher.batches,
+            "rows": batcher.rows,
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": int(started), "owned_by": "composer"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        try:
+            req = parse_request(await _read_json(request, limits.max_body_bytes))
+            if req.model != name:
+                raise RequestError(
+                    f"model: {req.model!r} is not served here (this server serves {name!r})",
+                    param="model",
+                    status=404,
+                    kind="not_found_error",
+                )
+            if state["closing"]:
+                raise RequestError("the server is shutting down", status=503, kind="server_error")
+            job = await run_in_threadpool(_job, req, runtime, limits, prepare_lock)
+        except RequestError as e:
+            return error(e)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job.emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            return error(RequestError(f"server busy: {e}; retry later", status=429, kind="rate_limit_error"))
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        text = TextStream(runtime.tokenizer, stops)
+        cid = completion_id()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(job, events, text, cid, name, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            pieces, finish, n = [], None, 0
+            while finish is None:
+                ev = await _next(events, request, job)
+                if ev[0] == "token":
+                    n += 1
+                    pieces.append(text.push(ev[1]))
+                    if text.stopped:  # the stop string is out: the tokens after it are not returned
+                        finish = "stop"
+                elif ev[0] == "end":
+                    finish = ev[1]
+                else:
+                    return error(RequestError(ev[1], status=500))
+            pieces.append(text.finish())
+            finish = "stop" if text.stopped else finish
+            return completion(cid, name, "".join(pieces), finish, job.prompt_tokens, n)
+        finally:
+            job.cancelled = True  # stops the row if it still runs (the client left, or a stop string ended it)
+
+    return app
+
+
+async def _read_json(request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"request body of {declared} bytes exceeds the limit of {limit} bytes", status=413)
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise RequestError(f"request body exceeds the limit of {limit} bytes", status=413)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"invalid JSON body: {e}") from None
+
+
+def _job(req, runtime, limits: Limits, lock) -> Job:
+    """Validate and prepare one request (in a worker thread of the event loop): media decoded and
+    checked, the prompt tokenized and preprocessed, the settings resolved."""
+    import torch
+
+    from composer.generation import Sampling
+    from composer.prompting import check_context, check_window
+
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        raise RequestError(f"{param}: {max_tokens} exceeds this server's limit of {limits.max_tokens}", param=param)
+    prompt, media = to_inputs(req, runtime, limits)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    greedy = req.temperature == 0
+    try:
+        sampling = Sampling.from_spec(
+            runtime.generation_spec,
+            max_new_tokens=max_tokens,
+            do_sample=None if req.temperature is None else not greedy,
+            temperature=None if req.temperature is None or greedy else req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            repetition_penalty=req.repetition_penalty,
+            stop_strings=stops or None,
+        )
+    except ComposerError as e:
+        field = str(e).split(":", 1)[0]
+        raise RequestError(str(e), param={"max_new_tokens": "max_tokens"}.get(field, field)) from None
+    if sampling.max_new_tokens > limits.max_tokens:
+        sampling.max_new_tokens = limits.max_tokens  # the spec's default, capped
+    try:
+        with lock:
+            batch = runtime.prepare(**prompt, **media)
+        check_context(batch["attention_mask"], sampling.max_new_tokens, runtime.context_length)
+        check_window(batch["input_ids"].shape[1], sampling.max_new_tokens, runtime.sliding_window)
+    except ComposerError as e:
+        raise RequestError(first_line(e), param="messages") from None
+    generator = None
+    if sampling.do_sample:
+        seed = req.seed if req.seed is not None else int.from_bytes(__import__("os").urandom(6), "little")
+        generator = torch.Generator().manual_seed(seed)
+    return Job(batch=batch, sampling=sampling, emit=lambda ev: None, generator=generator)
+
+
+async def _next(events: asyncio.Queue, request, job: Job) -> tuple:
+    """The job's next event; a client that disconnected cancels the job."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled = True
+                return ("error", "the client disconnected")
+
+
+async def _sse(job: Job, events: asyncio.Queue, text: TextStream, cid: str, name: str, include_usage: bool):
+    def sse(obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    n = 0
+    try:
+        yield sse(chunk(cid, name, {"role": "assistant", "content": ""}))
+        finish = None
+        while finish is None:
+            ev = await events.get()
+            if ev[0] == "token":
+                n += 1
+                piece = text.push(ev[1])
+                if piece:
+                    yield sse(chunk(cid, name, {"content": piece}))
+                if text.stopped:
+                    finish = "stop"
+            elif ev[0] == "end":
+                finish = ev[1]
+            else:
+                yield sse({"error": {"message": ev[1], "type": "server_error", "param": None, "code": None}})
+                return
+        rest = text.finish()
+        if rest:
+            yield sse(chunk(cid, name, {"content": rest}))
+        yield sse(chunk(cid, name, {}, "stop" if text.stopped else finish))
+        if include_usage:
+            yield sse(chunk(cid, name, {}, usage_=usage(job.prompt_tokens, n)))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = True  # a client that went away (the generator is closed early) frees its row

@@ -1,0 +1,392 @@
+"""The OpenAI chat-completions protocol as composer serves it: request schema, message -> prompt
+and media, limits, response objects and streamed text.
+
+A request's ``messages`` are OpenAI's: ``content`` a string or parts ``{"type": "text", "text"}``,
+``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`` and
+``{"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}``. Image URLs are
+``data:`` URLs or, when the server was given a media root, local files under it (``file://`` URLs
+or plain paths); nothing is fetched from the network. Each bad field is one ``RequestError``
+whose ``param`` names it as OpenAI does (``messages[0].content[1].image_url``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from composer.errors import InputError, first_line
+
+VISION_ENCODERS = ("clip_vision", "siglip_vision", "blip2_vision")
+AUDIO_ENCODERS = ("ast_audio",)
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status``, OpenAI error ``type``, the field (``param``)."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400, kind: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+# -- request schema ----------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted, ignored: the encoder fixes the resolution
+
+
+class InputAudio(_Strict):
+    data: str
+    format: str = "wav"
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class AudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+Part = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(_Strict):
+    """``POST /v1/chat/completions``. Sampling: ``temperature`` 0 is greedy, > 0 samples;
+    unset, the model's spec ``generation`` settings apply. ``top_k`` and ``repetition_penalty`` are
+    the vLLM extensions of the same name."""
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+
+def parse_request(raw: Any) -> ChatRequest:
+    """A decoded JSON body -> ChatRequest; the first invalid field as one RequestError naming it."""
+    try:
+        req = ChatRequest.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (not supported by this server)"
+        elif err["type"] == "missing":
+            msg = "required"
+        raise RequestError(f"{param or 'body'}: {msg}", param=param) from None
+    if req.n != 1:
+        raise RequestError("n: only n = 1 is supported", param="n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name) not in (None, 0, 0.0):
+            raise RequestError(f"{name}: not supported (use repetition_penalty)", param=name)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 16 or any(not s for s in stops):
+        raise RequestError("stop: at most 16 non-empty strings", param="stop")
+    return req
+
+
+# pydantic puts a union member's name in an error's location (``content.list[...]``, ``str``)
+_UNION_TAGS = {"str", "list[tagged-union[TextPart,ImagePart,AudioPart]]", "text", "image_url", "input_audio"}
+
+
+# -- limits and media ----------------------------------------------------------------------------------
+@dataclass
+class Limits:
+    """What one request may ask for. ``media_root``: the directory local image/audio paths must lie
+    under (None: local paths refused, data: URLs only)."""
+
+    max_body_bytes: int = 20 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    max_audio_seconds: float = 30.0
+    max_tokens: int = 1024
+    max_queue: int = 64
+    media_root: Path | None = None
+
+
+def _data_url(url: str, where: str) -> bytes:
+    head, sep, payload = url.partition(",")
+    if not sep or ";base64" not in head:
+        raise RequestError(f"{where}: want a base64 data URL (data:<type>;base64,<data>)", param=where)
+    return _b64(payload, where)
+
+
+def _b64(payload: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{where}: invalid base64 data", param=where) from None
+
+
+def _local_file(url: str, limits: Limits, where: str) -> Path:
+    if url.startswith(("http://", "https://", "ftp://")):
+        raise RequestError(
+            f"{where}: this server fetches nothing from the network; send the file as a data: URL", param=where
+        )
+    if limits.media_root is None:
+        raise RequestError(
+            f"{where}: local files are not allowed (start the server with --media-root DIR); send a data: URL",
+            param=where,
+        )
+    path = Path(url.removeprefix("file://")).expanduser()
+    full = (path if path.is_absolute() else limits.media_root / path).resolve()
+    root = limits.media_root.resolve()
+    if not full.is_relative_to(root):
+        raise RequestError(f"{where}: {url!r} is outside the allowed media root", param=where)
+    if not full.is_file():
+        raise RequestError(f"{where}: {url!r}: no such file under the media root", param=where)
+    return full
+
+
+def load_image(url: str, limits: Limits, where: str):
+    """An ``image_url`` -> an RGB PIL image; refused past ``limits.max_image_pixels`` before decoding."""
+    from PIL import Image
+
+    from composer.adapters.vision import to_rgb
+
+    if url.startswith("data:"):
+        src: Any = io.BytesIO(_data_url(url, where))
+    else:
+        src = _local_file(url, limits, where)
+    try:
+        with Image.open(src) as im:
+            w, h = im.size
+            if w * h > limits.max_image_pixels:
+                raise RequestError(
+                    f"{where}: image of {w} x {h} pixels exceeds this server's limit of {limits.max_image_pixels} "
+                    "pixels",
+                    param=where,
+                )
+            return to_rgb(im)
+    except RequestError:
+        raise
+    except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
+        raise RequestError(f"{where}: cannot read image ({first_line(e)})", param=where) from None
+
+
+def load_audio(part: InputAudio, limits: Limits, where: str):
+    """``input_audio`` -> (mono waveform, rate), through composer's audio reader; refused past
+    ``limits.max_audio_seconds``."""
+    from composer.adapters.audio import read_audio
+
+    data = _b64(part.data, f"{where}.data")
+    fmt = "".join(c for c in part.format.lower() if c.isalnum())[:8] or "wav"
+    fd, tmp = tempfile.mkstemp(suffix=f".{fmt}", prefix="composer-audio-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        wave, rate = read_audio(tmp)
+    except InputError as e:
+        raise RequestError(f"{where}: {str(e).replace(tmp + ': ', '')}", param=where) from None
+    finally:
+        os.unlink(tmp)
+    if len(wave) / rate > limits.max_audio_seconds:
+        raise RequestError(
+            f"{where}: {len(wave) / rate:.1f} s of audio exceeds this server's limit of {limits.max_audio_seconds} s",
+            param=where,
+        )
+    return wave, rate
+
+
+# -- messages -> prompt ----------------------------------------------------------------------------------
+def encoder_types(runtime) -> dict[str, str]:
+    """Modality -> encoder type of a ``ComposedModel`` or an ``OnnxPipeline``."""
+    if hasattr(runtime, "manifest"):
+        return {m: e["type"] for m, e in runtime.encoders.items()}
+    from composer.adapters import encoder_type_of
+
+    return {m: encoder_type_of(enc) for m, enc in runtime.encoders.items()}
+
+
+def _modality(types: dict[str, str], accepted: tuple[str, ...], part: str, where: str) -> str:
+    found = [m for m, t in types.items() if t in accepted]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise RequestError(f"{where}: this model has {what} modality for {part} parts", param=where)
+    return found[0]
+
+
+def to_inputs(req: ChatRequest, runtime, limits: Limits) -> tuple[dict, dict[str, list]]:
+    """The request's messages -> (``prepare`` keywords: ``messages`` for a model with a chat template,
+    ``prompts`` for one with a spec ``prompt.template``; media per modality, in prompt order)."""
+    from composer.prompting import format_instruction
+
+    types = encoder_types(runtime)
+    media: dict[str, list] = {}
+    convo = []
+    for i, msg in enumerate(req.messages):
+        parts: list[dict] = []
+        if isinstance(msg.content, str):
+            parts.append({"type": "text", "text": msg.content})
+        for j, part in enumerate(msg.content if isinstance(msg.content, list) else []):
+            where = f"messages[{i}].content[{j}]"
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+                continue
+            if msg.role != "user":
+                raise RequestError(f"{where}: media parts are allowed in user messages only", param=where)
+            if isinstance(part, ImagePart):
+                m = _modality(types, VISION_ENCODERS, "image_url", where)
+                media.setdefault(m, []).append(load_image(part.image_url.url, limits, f"{where}.image_url"))
+            else:
+                m = _modality(types, AUDIO_ENCODERS, "input_audio", where)
+                media.setdefault(m, []).append(load_audio(part.input_audio, limits, f"{where}.input_audio"))
+            parts.append({"type": m})
+        convo.append({"role": "system" if msg.role == "developer" else msg.role, "content": parts})
+    template = runtime.prompt_template
+    if template is None:
+        return {"messages": [convo]}, media
+    # a spec prompt.template: one user message; its media fill the template's placeholders
+    if len(convo) != 1 or convo[0]["role"] != "user":
+        raise RequestError(
+            "messages: this model formats prompts with its spec's prompt.template: send one user message",
+            param="messages",
+        )
+    for m, ph in runtime.placeholders.items():
+        want, got = template.count(ph), len(media.get(m, []))
+        if want != got:
+            raise RequestError(
+                f"messages[0].content: this model's prompt template takes {want} {m} item(s), the message has {got}",
+                param="messages[0].content",
+            )
+    text = " ".join(p["text"] for p in convo[0]["content"] if p["type"] == "text")
+    try:
+        prompt = format_instruction(runtime.tokenizer, template, runtime.placeholders, text)
+    except InputError as e:
+        raise RequestError(f"messages[0].content: {e}", param="messages[0].content") from None
+    return {"prompts": [prompt]}, media
+
+
+# -- responses -----------------------------------------------------------------------------------------
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion(cid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chunk(cid: str, model: str, delta: dict, finish: str | None = None, usage_: dict | None = None) -> dict:
+    out = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [] if usage_ is not None else [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+class TextStream:
+    """Token ids in, text out as it becomes final: a piece is held back while it ends in an
+    incomplete UTF-8 sequence or could be the start of a stop string; the text ends before the
+    first stop string (OpenAI's ``stop``: the stop sequence is not returned)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.sent = 0  # characters handed out
+        self.stopped = False
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        """-> the new text that is final (may be empty)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        text = self._text()
+        if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+            return ""
+        cut = self._stop_at(text)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(text, cut)
+        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(text, len(text) - hold)
+
+    def finish(self) -> str:
+        """-> the rest of the text, once generation ended."""
+        if self.stopped:
+            return ""
+        text = self._text()
+        cut = self._stop_at(text)
+        self.stopped = cut is not None
+        return self._emit(text, len(text) if cut is None else cut)
+
+    def _stop_at(self, text: str) -> int | None:
+        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
+        return min(hits) if hits else None
+
+    def _emit(self, text: str, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent : upto], upto
+        return piece
