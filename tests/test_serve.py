@@ -409,3 +409,8 @@ def test_sigterm_drains_the_requests_in_flight(pipe, llama_k1_export, tmp_path):
             proc.kill()
     assert "".join(c.choices[0].delta.content or "" for c in rest if c.choices) == want
     assert "Waiting for connections to close" in (tmp_path / "serve.log").read_text()
+
+
+def test_serve_refuses_a_target_that_is_neither_a_checkpoint_nor_a_bundle(tmp_path):
+    r = run_cli("serve", tmp_path)
+    assert r.returncode == 2 and "neither a composer checkpoint" in r.stderr and r.stderr.count("\n") == 1
