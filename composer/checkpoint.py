@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from composer.errors import InputError, read_versioned_json
+from composer.generation import read_generation_config, write_generation_config
 from composer.spec import load_yaml, parse_spec
 
 if TYPE_CHECKING:
@@ -206,6 +207,9 @@ def save_pretrained(
             )
         except ValueError as e:  # an unparsable max_shard_size
             raise InputError(f"max_shard_size: {e}") from None
+        write_generation_config(
+            tmp, model.spec.generation, model.eos_token_ids, model.pad_token_id, model.tokenizer.bos_token_id
+        )
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
         for m, proc in model.processors.items():
             proc.save_pretrained(str(tmp / "processors" / m))
@@ -369,6 +373,7 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{spec_file}: cannot read ({type(e).__name__}: {e})") from None
     _check_consistent(spec, meta, meta_file)
+    spec.generation, eos = read_generation_config(root, spec.generation)  # its edits are the defaults
     # A local checkpoint never reaches the network: a missing part is named here, before any
     # loader could take the path for a Hub repo id.
     for part in [root / "tokenizer", *(root / "processors" / m for m in spec.modalities)]:
@@ -402,6 +407,8 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
     # checkpoint lacks what its sources gave the model
     check_weights(model, files, may_lack=(lambda k: from_source(spec, k)) if trainable_only else None)
     _load_files(model, files)
+    if eos is not None:
+        model.llm.generation_config.eos_token_id = eos
     if model.placeholder_ids != meta["placeholder_ids"]:
         raise InputError(
             f"{root / 'tokenizer'}: placeholder ids {model.placeholder_ids} differ from composer.json "

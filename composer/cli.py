@@ -530,7 +530,22 @@ def _print_quantized_report(con, r: dict) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("target")
-@click.option("--prompt", required=True, help="Instruction; wrapped in the spec's prompt template unless --raw.")
+@click.option("--prompt", default=None, help="Instruction; wrapped in the spec's prompt template unless --raw.")
+@click.option(
+    "--input",
+    "input_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help='JSONL of {"prompt": ..., "<modality>": path} records to answer (instead of --prompt).',
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="With --input.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Records per batch (--input).")
+@click.option(
+    "--media-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Media paths of --input records resolve under it (default: the input file's directory).",
+)
 @click.option("--raw", is_flag=True, help="Use PROMPT as the full prompt (it must contain the placeholders).")
 @click.option("--max-new-tokens", type=int, default=None, help="Default: the spec's generation.max_new_tokens.")
 @click.option("--sample/--greedy", "do_sample", default=None, help="Sampling or greedy (default: the spec's).")
@@ -548,11 +563,22 @@ def _print_quantized_report(con, r: dict) -> None:
     show_default=True,
     help="ONNX Runtime provider (bundles only).",
 )
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (checkpoints only; default cpu).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Run a checkpoint in this dtype (default: as saved).",
+)
 @click.pass_context
 def generate(
     ctx: click.Context,
     target: str,
-    prompt: str,
+    prompt: str | None,
+    input_file: Path | None,
+    output: Path | None,
+    batch_size: int,
+    media_root: Path | None,
     raw: bool,
     max_new_tokens: int | None,
     do_sample: bool | None,
@@ -564,15 +590,20 @@ def generate(
     min_new_tokens: int | None,
     seed: int,
     provider: str,
+    device: str | None,
+    dtype: str | None,
 ) -> None:
     """Generate text from TARGET, a composed checkpoint (torch) or an ONNX bundle (ONNX Runtime);
     one `--<modality> FILE` per item (a SMILES string for a molecule encoder: `--molecule CCO`).
-    Tokens are printed as they are produced.
+    Tokens are printed as they are produced. With `--input FILE -o OUT`, every record of a JSONL
+    file is answered in batches (`--batch-size`) and written to OUT, one line per record: its
+    `answer`, or the `error` that record has (the other records still run).
 
     \b
     Example:
       compose generate out/tiny-llava --image specs/tiny/assets/red_circle.png --prompt "What shape is it?"
       compose generate out/tiny-llava.onnx --image specs/tiny/assets/red_circle.png --prompt "What shape is it?"
+      compose generate out/tiny-llava --input questions.jsonl -o answers.jsonl --batch-size 16
     """
     import torch
     from transformers import TextStreamer
@@ -580,23 +611,21 @@ def generate(
     from composer.checkpoint import load_pretrained
     from composer.export.manifest import is_bundle
 
+    if (prompt is None) == (input_file is None):
+        raise InputError("give --prompt, or --input FILE with -o OUT")
+    if input_file is not None and output is None:
+        raise InputError("--input needs -o OUT (the answers' JSONL file)")
     items = _modality_args(ctx.args, text_ok=_text_modalities(target))
     if is_bundle(target):
         from composer.export.runtime import OnnxPipeline
 
+        if device is not None or dtype is not None:
+            raise InputError("--device/--dtype apply to checkpoints; a bundle runs on --provider in its exported dtype")
         model = OnnxPipeline(target, provider=provider)
     else:
         model = load_pretrained(_checkpoint_dir(target))
-    unknown = sorted(set(items) - set(model.encoders))
-    if unknown:
-        raise InputError(
-            f"unknown option(s) {['--' + u for u in unknown]}; this model takes {['--' + m for m in model.encoders]}"
-        )
-    text = prompt if raw else model.format_prompt(prompt)
-    batch = model.prepare([text], **items)
-    streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
-    model.generate(
-        **batch,
+        model = model.to(device=_torch_device(device), dtype=getattr(torch, dtype) if dtype else None)
+    settings = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         temperature=temperature,
@@ -606,8 +635,42 @@ def generate(
         no_repeat_ngram_size=no_repeat_ngram_size,
         min_new_tokens=min_new_tokens,
         generator=torch.Generator().manual_seed(seed),
-        streamer=streamer,
     )
+    if input_file is not None:
+        from composer.batch import generate_jsonl
+
+        if items:
+            raise InputError("with --input, media come from the records, not --<modality> options")
+        counts = generate_jsonl(
+            model, input_file, output, batch_size=batch_size, raw=raw, media_root=media_root, **settings
+        )
+        click.echo(f"wrote {output}: {counts['answered']} answered, {counts['failed']} failed", err=True)
+        return
+    unknown = sorted(set(items) - set(model.encoders))
+    if unknown:
+        raise InputError(
+            f"unknown option(s) {['--' + u for u in unknown]}; this model takes {['--' + m for m in model.encoders]}"
+        )
+    text = prompt if raw else model.format_prompt(prompt)
+    batch = model.prepare([text], **items)
+    streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
+    model.generate(**batch, streamer=streamer, **settings)
+
+
+def _torch_device(device: str | None):
+    import torch
+
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r}: want cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: want cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine")
+    return dev
 
 
 def _text_modalities(target: str) -> set[str]:
@@ -641,6 +704,35 @@ def _modality_args(args: list[str], text_ok: set[str] = frozenset()) -> dict[str
         items.setdefault(name, []).append(value)
         i += 2
     return items
+
+
+@cli.command(name="ls")
+def ls_() -> None:
+    """List the specs and accelerate configs shipped with composer, with what each is. Any command
+    that takes a spec takes a shipped name (`compose build tiny/llava -o out/x`)."""
+    from composer import shipped
+
+    for kind, name, _, about in shipped.catalog():
+        click.echo(f"{kind:<6} {name:<32} {about}")
+
+
+@cli.command(name="cp")
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace files that exist at DEST.")
+def cp_(name: str, dest: Path, overwrite: bool) -> None:
+    """Copy the shipped spec or config NAME (see `compose ls`) to DEST (a file or a directory) to
+    edit, with the local files it names (trained weights, assets) next to it.
+
+    \b
+    Example:
+      compose cp tiny/llava my_spec.yaml
+      compose cp accelerate/fsdp_8gpu configs/
+    """
+    from composer import shipped
+
+    for path in shipped.copy(name, dest, overwrite=overwrite):
+        click.echo(f"wrote {path}")
 
 
 @cli.command()

@@ -26,6 +26,7 @@ class Sampling:
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0
     stop_strings: list[str] | None = None
+    num_return_sequences: int = 1
 
     @classmethod
     def from_spec(cls, gen, generation_config=None, **overrides) -> Sampling:
@@ -57,6 +58,11 @@ class Sampling:
             raise InputError(f"{field}: {err['msg'].lower()}, got {err.get('input')!r}") from None
         if values["temperature"] != values["temperature"] or values["temperature"] == float("inf"):
             raise InputError(f"temperature: must be a finite number > 0, got {values['temperature']!r}")
+        if values["num_return_sequences"] > 1 and not values["do_sample"]:
+            raise InputError(
+                f"num_return_sequences: {values['num_return_sequences']} sequences per prompt need do_sample "
+                "(greedy decoding gives the same one each time)"
+            )
         return cls(**values)
 
     def warpers(self):
@@ -202,3 +208,85 @@ def eos_ids(eos_token_id, generation_config, tokenizer) -> list[int]:
     if eos_token_id is None:
         return []
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+# -- generation_config.json ----------------------------------------------------------------------------
+GENERATION_CONFIG = "generation_config.json"
+_IDS = ("eos_token_id", "pad_token_id", "bos_token_id")
+
+
+def write_generation_config(directory, gen, eos: list[int], pad: int | None, bos: int | None) -> None:
+    """The spec's ``generation`` section and the special-token ids as transformers'
+    ``generation_config.json`` (what checkpoints and bundles carry, as HF models do)."""
+    from transformers import GenerationConfig
+
+    values = {k: v for k, v in gen.model_dump().items() if v is not None}
+    cfg = GenerationConfig(**values, eos_token_id=eos or None, pad_token_id=pad, bos_token_id=bos)
+    cfg.save_pretrained(str(directory))
+
+
+def read_generation_config(directory, gen):
+    """``directory``'s ``generation_config.json`` over the spec's ``generation`` section (it is the
+    default a user edits, as with transformers) -> (GenerationSpec, its EOS ids or None). Without
+    the file: (``gen``, None). A setting composer does not implement (other than at its
+    transformers default) or an invalid value is one InputError naming the file and the key."""
+    import json
+    from pathlib import Path
+
+    from pydantic import ValidationError
+    from transformers import GenerationConfig
+
+    from composer.errors import InputError
+    from composer.spec import GenerationSpec
+
+    path = Path(directory) / GENERATION_CONFIG
+    if not path.is_file():
+        return gen, None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read ({e})") from None
+    fields = set(GenerationSpec.model_fields)
+    defaults = GenerationConfig().to_dict()
+    values = gen.model_dump()
+    for k, v in raw.items():
+        if k in fields:
+            values[k] = v
+        elif k not in (*_IDS, "transformers_version", "_from_model_config") and not _neutral(k, v, defaults):
+            raise InputError(f"{path}: {k} = {v!r} is not supported (composer implements {sorted(fields)})")
+    try:
+        out = GenerationSpec.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg'].lower()}") from None
+    eos = raw.get("eos_token_id")
+    eos = None if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return out, eos
+
+
+# settings that leave transformers' generate as it is without them (what saved configs often spell out)
+_NEUTRAL = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "use_cache": True,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+    "diversity_penalty": 0.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "encoder_repetition_penalty": 1.0,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "return_dict_in_generate": False,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+}
+
+
+def _neutral(key: str, value, defaults: dict) -> bool:
+    return value is None or (key in defaults and defaults[key] == value) or _NEUTRAL.get(key, object()) == value

@@ -28,7 +28,14 @@ from composer.adapters.llm import LLMAdapter, llm_adapter_for
 from composer.errors import InputError
 from composer.generation import Sampling, decode_loop, eos_ids
 from composer.layout import KVState, Layout, additive_mask
-from composer.prompting import check_context, check_window, format_instruction, prepare_batch, resolve_prompts
+from composer.prompting import (
+    check_context,
+    check_window,
+    format_instruction,
+    prepare_batch,
+    repeat_rows,
+    resolve_prompts,
+)
 
 IGNORE_INDEX = -100
 
@@ -270,6 +277,7 @@ class ComposedModel(nn.Module):
         min_new_tokens: int | None = None,
         stop_strings: str | list[str] | None = None,
         generation_config=None,
+        num_return_sequences: int | None = None,
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
@@ -282,6 +290,7 @@ class ComposedModel(nn.Module):
         (``generation_config``: the values it sets), then these keyword arguments;
         ``repetition_penalty``, ``no_repeat_ngram_size`` and ``min_new_tokens`` run through
         transformers' own logits processors (as ``generate`` orders them).
+        ``num_return_sequences`` n (sampling): B * n rows out, a prompt's n together.
 
         ``use_cache=False`` recomputes the whole sequence every step (the reference the cached
         path is tested against). Inputs must be left-padded. ``streamer`` follows HF's
@@ -299,11 +308,20 @@ class ComposedModel(nn.Module):
             no_repeat_ngram_size=no_repeat_ngram_size,
             min_new_tokens=min_new_tokens,
             stop_strings=[stop_strings] if isinstance(stop_strings, str) else stop_strings,
+            num_return_sequences=num_return_sequences,
         )
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         if not bool(attention_mask[:, -1].all()):
             raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
+        input_ids, attention_mask, modality_inputs = repeat_rows(
+            input_ids,
+            attention_mask,
+            modality_inputs,
+            self.placeholder_ids,
+            {m: self.num_tokens(m) for m in modality_inputs},
+            sampling.num_return_sequences,
+        )
         check_context(attention_mask, sampling.max_new_tokens, self.context_length)
         check_window(input_ids.shape[1], sampling.max_new_tokens, self.sliding_window)
         step = self.decoder(input_ids, attention_mask, modality_inputs, use_cache=use_cache)

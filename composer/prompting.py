@@ -167,6 +167,29 @@ def _collect(tokenizer, prompts, rows, row_counts, items_of, *, max_positions, *
     return Prepared(batch, keep, failed)
 
 
+def repeat_rows(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    modality_inputs: dict[str, Any],
+    placeholder_ids: dict[str, int],
+    num_tokens: dict[str, int],
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Each row ``n`` times in a row (``num_return_sequences``), with its media items: -> the
+    batch of B * n rows, rows of a prompt together (as transformers groups them)."""
+    if n == 1:
+        return input_ids, attention_mask, modality_inputs
+    out = {}
+    for m, x in modality_inputs.items():
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"num_return_sequences > 1 with {m} inputs (a multi-input encoder): repeat the prompt")
+        per_row = ((input_ids == placeholder_ids[m]).sum(1) // num_tokens[m]).tolist()
+        starts = [sum(per_row[:i]) for i in range(len(per_row))]
+        idx = [j for s, c in zip(starts, per_row, strict=True) for _ in range(n) for j in range(s, s + c)]
+        out[m] = x[torch.tensor(idx, dtype=torch.long, device=x.device)]
+    return input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0), out
+
+
 def check_window(width: int, max_new_tokens: int, window: int | None) -> None:
     """Sliding-window attention (Mistral v0.1's 4096, Qwen2/3 with ``use_sliding_window``) lets a
     token see only the last ``window`` positions of the padded sequence. composer's layers attend

@@ -289,6 +289,7 @@ class GenerationSpec(_Strict):
     no_repeat_ngram_size: int = Field(0, ge=0)  # NoRepeatNGramLogitsProcessor
     min_new_tokens: int = Field(0, ge=0)  # MinNewTokensLengthLogitsProcessor: EOS banned before
     stop_strings: list[Annotated[str, Field(min_length=1)]] | None = None  # transformers' StopStringCriteria
+    num_return_sequences: int = Field(1, gt=0)  # sampled sequences per prompt (rows grouped per prompt)
 
 
 class Spec(_Strict):
@@ -602,9 +603,11 @@ def apply_overrides(data: Any, overrides: Sequence[str], source: str) -> Any:
 def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Spec:
     """Read and validate a YAML spec file (`yaml.safe_load`: no Python object tags), with
     ``apply_overrides`` applied first; an invalid overridden field's error names the override."""
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{p}: spec file not found")
+    from composer import shipped
+
+    p = shipped.spec_path(str(path))
+    if p is None:
+        raise SpecError(f"{path}: spec file not found (nor a shipped spec: `compose ls` lists them)")
     if p.stat().st_size > MAX_SPEC_BYTES:
         raise SpecError(f"{p}: spec file is larger than {MAX_SPEC_BYTES} bytes")
     try:

@@ -36,6 +36,7 @@ from composer.checkpoint import atomic_dir
 from composer.errors import ComposerError, InputError
 from composer.export.graphs import EXAMPLE_SIZES, KV_OPSET, ONNX_TRANSLATIONS, EarlyText, EncoderGraph, LateStage
 from composer.export.manifest import FORMAT_VERSION, MANIFEST, late_graph_name
+from composer.generation import write_generation_config
 from composer.layout import graph_stages
 
 # torch.onnx logs a warning per missing torchvision op at its first use: not our concern.
@@ -306,6 +307,7 @@ def export_onnx(
             },
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_generation_config(tmp, g, _eos(m), m.pad_token_id, tok.bos_token_id)
     say(f"wrote {out_dir}")
     return out_dir
 

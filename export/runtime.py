@@ -29,7 +29,14 @@ from composer.export.graphs import early_io, kv_names, late_io
 from composer.export.manifest import read_manifest
 from composer.generation import Sampling, decode_loop
 from composer.layout import baseline_positions_np, compact_np
-from composer.prompting import check_context, check_window, format_instruction, prepare_batch, resolve_prompts
+from composer.prompting import (
+    check_context,
+    check_window,
+    format_instruction,
+    prepare_batch,
+    repeat_rows,
+    resolve_prompts,
+)
 
 _NP = {"fp32": np.float32, "fp16": np.float16}
 
@@ -432,6 +439,7 @@ class OnnxPipeline:
         min_new_tokens: int | None = None,
         stop_strings: str | list[str] | None = None,
         generation_config=None,
+        num_return_sequences: int | None = None,
         eos_token_id=None,
         generator: torch.Generator | None = None,
         streamer=None,
@@ -450,11 +458,20 @@ class OnnxPipeline:
             no_repeat_ngram_size=no_repeat_ngram_size,
             min_new_tokens=min_new_tokens,
             stop_strings=[stop_strings] if isinstance(stop_strings, str) else stop_strings,
+            num_return_sequences=num_return_sequences,
         )
         input_ids = torch.as_tensor(input_ids)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
         if not bool(attention_mask[:, -1].all()):
             raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
+        input_ids, attention_mask, modality_inputs = repeat_rows(
+            input_ids,
+            attention_mask,
+            {m: torch.as_tensor(x) if isinstance(x, np.ndarray) else x for m, x in modality_inputs.items()},
+            self.placeholder_ids,
+            {m: e["tokens_per_item"] for m, e in self.encoders.items()},
+            sampling.num_return_sequences,
+        )
         check_context(attention_mask, sampling.max_new_tokens, self.context_length)
         check_window(input_ids.shape[1], sampling.max_new_tokens, self.sliding_window)
         eos = (
@@ -489,13 +506,20 @@ class OnnxPipeline:
 
         return step
 
-    @property
-    def generation_spec(self):
-        """The spec's ``generation`` section, as the manifest records it (the defaults of ``generate``)."""
+    @functools.cached_property
+    def _generation(self):
+        from composer.generation import read_generation_config
         from composer.spec import GenerationSpec
 
         g = self.manifest["generation"]
-        return GenerationSpec(**{k: g[k] for k in GenerationSpec.model_fields if k in g})
+        spec = GenerationSpec(**{k: g[k] for k in GenerationSpec.model_fields if k in g})
+        return read_generation_config(self.root, spec)
+
+    @property
+    def generation_spec(self):
+        """The defaults of ``generate``: the spec's ``generation`` section as the manifest records it,
+        under the bundle's ``generation_config.json`` (edit it to change them)."""
+        return self._generation[0]
 
     @property
     def sliding_window(self) -> int | None:
@@ -503,7 +527,8 @@ class OnnxPipeline:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        return list(self.manifest["generation"]["eos_token_id"])
+        eos = self._generation[1]
+        return list(self.manifest["generation"]["eos_token_id"]) if eos is None else eos
 
     @property
     def pad_token_id(self) -> int:

@@ -28,7 +28,14 @@ def test_round_trip_is_bit_identical(tmp_path, family, k):
     model = make_model(family, insert_at=k)
     model.save_pretrained(tmp_path / "ckpt")
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert names == ["composer.json", "model.safetensors", "processors", "spec.yaml", "tokenizer"]
+    assert names == [
+        "composer.json",
+        "generation_config.json",
+        "model.safetensors",
+        "processors",
+        "spec.yaml",
+        "tokenizer",
+    ]
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "ckpt").rglob("*"))
     again = ComposedModel.from_pretrained(tmp_path / "ckpt")
     for (a_name, a), (b_name, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):

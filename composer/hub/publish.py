@@ -28,7 +28,14 @@ from composer.errors import ComposerError, InputError
 from composer.hub.sources import PICKLE_SUFFIXES, api, check_repo_id, hub_error, snapshot
 from composer.spec import split_revision
 
-CHECKPOINT_FILES = ("spec.yaml", "composer.json", "model.safetensors", "metrics.jsonl", "README.md")
+CHECKPOINT_FILES = (
+    "spec.yaml",
+    "composer.json",
+    "generation_config.json",
+    "model.safetensors",
+    "metrics.jsonl",
+    "README.md",
+)
 CHECKPOINT_DIRS = ("tokenizer", "processors")
 KEEP_REMOTE = (".gitattributes",)
 

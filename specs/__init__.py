@@ -1,0 +1,1 @@
+"""The specs composer ships (package data: `compose ls` lists them, `compose cp` copies one)."""
