@@ -833,19 +833,56 @@ def serve(
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
 @click.option("--revision", default=None, help="Branch to push to (created from main if needed).")
 @click.option("-m", "--message", default=None, help="Commit message.")
-def push(target: Path, repo_id: str, private: bool, revision: str | None, message: str | None) -> None:
+@click.option("--create-pr", is_flag=True, help="Open a pull request against REVISION (default main) instead.")
+@click.option("--include", multiple=True, help="Also push the files matching this glob (repeatable).")
+@click.option(
+    "--exclude", multiple=True, help="Leave out optional files matching this glob (metrics.jsonl, README.md)."
+)
+@click.option("--license", "license_", default=None, help="Model-card license (an SPDX-style Hub id: apache-2.0).")
+@click.option(
+    "--dataset", "datasets", multiple=True, help="Model-card training dataset (a Hub dataset id; repeatable)."
+)
+def push(
+    target: Path,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    message: str | None,
+    create_pr: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    license_: str | None,
+    datasets: tuple[str, ...],
+) -> None:
     """Push TARGET (a composer checkpoint or an ONNX bundle) to the Hub repo REPO_ID in one commit,
-    with a generated model card. Token: HF_TOKEN or `hf auth login`; HF_ENDPOINT is respected.
+    with a generated model card and a config.json the Hub reads. Token: HF_TOKEN or `hf auth
+    login`; HF_ENDPOINT is respected.
 
     \b
     Example:
-      compose push out/tiny-llava alice/tiny-llava
+      compose push out/tiny-llava alice/tiny-llava --license apache-2.0
       compose push out/tiny-llava.onnx alice/tiny-llava-onnx --private
+      compose push out/tiny-llava alice/tiny-llava --create-pr --exclude metrics.jsonl
     """
     from composer.hub.publish import push_to_hub
 
-    info = push_to_hub(target, repo_id, private=private, revision=revision, commit_message=message)
-    click.echo(f"pushed {target} to {repo_id}" + (f"@{revision}" if revision else "") + f" (commit {info.oid})")
+    info = push_to_hub(
+        target,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=message,
+        create_pr=create_pr,
+        include=include,
+        exclude=exclude,
+        license=license_,
+        datasets=list(datasets),
+    )
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    if create_pr:
+        click.echo(f"opened a pull request on {where}: {info.pr_url} (commit {info.oid})")
+    else:
+        click.echo(f"pushed {target} to {where} (commit {info.oid})")
 
 
 @cli.command()

@@ -270,7 +270,7 @@ def _handler(hub: FakeHub):
                 ]
                 return self._json(200, {"files": out})
             if m == "POST" and rest[:1] == ["commit"] and len(rest) >= 2:
-                return self._commit(repo_id, repo, "/".join(rest[1:]), self._body())
+                return self._commit(repo_id, repo, "/".join(rest[1:]), self._body(), "create_pr" in query)
             self._error(404, f"no route for {m} {self.path}")
 
         def _tree_entry(self, repo: Repo, sha: str, path: str, data: bytes) -> dict:
@@ -293,10 +293,15 @@ def _handler(hub: FakeHub):
                 objects.append(obj)
             self._json(200, {"transfer": "basic", "objects": objects})
 
-        def _commit(self, repo_id: str, repo: Repo, rev: str, body: bytes) -> None:
+        def _commit(self, repo_id: str, repo: Repo, rev: str, body: bytes, create_pr: bool = False) -> None:
             if rev not in repo.refs:
                 return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
             parent = repo.refs[rev]
+            pr = None
+            if create_pr:  # the commit goes to a new refs/pr/N branch off rev, as the Hub does
+                pr = 1 + sum(r.startswith("refs/pr/") for r in repo.refs)
+                rev = f"refs/pr/{pr}"
+                repo.refs[rev] = parent
             files = dict(repo.commits[parent])
             lfs = set(repo.lfs_paths[parent])
             for line in body.splitlines():
@@ -316,9 +321,8 @@ def _handler(hub: FakeHub):
                     files = {k: v for k, v in files.items() if not k.startswith(value["path"].rstrip("/") + "/")}
             sha = hub.new_commit(repo, parent, files, lfs & set(files))
             repo.refs[rev] = sha
-            self._json(
-                200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
-            )
+            url = f"{hub.url}/{repo_id}/discussions/{pr}" if pr else None
+            self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": url})
 
         def _resolve(self, repo_id: str, rev: str, path: str) -> None:
             repo = self._repo(repo_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -107,7 +108,10 @@ def test_checkpoint_push_card_and_pull_round_trip(pushed, hub, cache, tmp_path, 
     repo = hub.repos["alice/tiny-llava"]
     assert repo.refs["main"] == info.oid
     files = hub.files("alice/tiny-llava")
-    assert set(files) == set(before) | {"README.md", ".gitattributes"}
+    assert set(files) == set(before) | {"README.md", ".gitattributes", "config.json"}
+    config = json.loads(files["config.json"])  # what the Hub shows as the architecture (issue 20, item 5)
+    assert config["architectures"] == ["ComposedModel"] and config["modalities"]["image"]["insert_at"] == 2
+    assert config["llm"]["model_type"] == "llama" and config["llm"]["num_hidden_layers"] == 4
     assert all(files[p] == before[p] for p in before)
     assert "model.safetensors" in repo.lfs_paths[info.oid]  # the large-file path (LFS batch + PUT + verify)
     writes = [
@@ -135,12 +139,14 @@ def test_checkpoint_push_card_and_pull_round_trip(pushed, hub, cache, tmp_path, 
     assert hub_answer == composer.pipeline(ckpt)("What is it?", image=img, max_new_tokens=4)
 
     out = tmp_path / "pulled"
+    shutil.rmtree(cache)  # the pull writes into OUT only: no second copy in the HF cache (issue 20, item 5)
     with pytest.raises(SystemExit) as e:
         main(["pull", "alice/tiny-llava", "-o", str(out)])
     assert e.value.code == 0, capsys.readouterr().err
     assert info.oid in capsys.readouterr().out
-    assert tree(out) == {**before, "README.md": files["README.md"]}
-    assert [p.name for p in tmp_path.iterdir()] == ["hf-cache", "pulled"]  # no temp dirs left
+    assert tree(out) == {**before, "README.md": files["README.md"], "config.json": files["config.json"]}
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["pulled"], ["hf-cache", "pulled"])  # no temp dirs left
     with pytest.raises(InputError, match="exists and is not empty"):
         pull("alice/tiny-llava", out)
 
@@ -266,7 +272,24 @@ def test_bundle_push_pull_same_greedy_tokens(hub, cache, bundle, tmp_path, capsy
 
     out, sha = pull("alice/tiny-llava-onnx", tmp_path / "pulled")
     assert sha == repo.refs["main"]
-    assert {k: v for k, v in tree(out).items() if k != "README.md"} == before
+    assert {k: v for k, v in tree(out).items() if k not in ("README.md", "config.json")} == before
+    assert json.loads((out / "config.json").read_text())["composer_format"] == "bundle"
+
+    # issue 20, item 5: a pull request with card metadata; excluding a file the bundle needs is refused
+    main_before = repo.refs["main"]
+    with pytest.raises(SystemExit) as e:
+        main(["push", str(path), "alice/tiny-llava-onnx", "--create-pr", "--license", "apache-2.0",
+              "--dataset", "alice/shapes", "--exclude", "README.md"])  # fmt: skip
+    assert e.value.code == 0
+    assert "opened a pull request on alice/tiny-llava-onnx: " in capsys.readouterr().out
+    assert repo.refs["main"] == main_before and "refs/pr/1" in repo.refs
+    pr_files, main_files = hub.files("alice/tiny-llava-onnx", "refs/pr/1"), hub.files("alice/tiny-llava-onnx")
+    assert pr_files["README.md"] == main_files["README.md"]  # --exclude README.md: no new card
+    push_to_hub(path, "alice/tiny-llava-onnx", create_pr=True, license="apache-2.0", datasets=["alice/shapes"])
+    pr_card = _card(hub.files("alice/tiny-llava-onnx", "refs/pr/2")["README.md"].decode())
+    assert pr_card.data.license == "apache-2.0" and pr_card.data.datasets == ["alice/shapes"]
+    with pytest.raises(InputError, match=r"--exclude \S+\.onnx: the bundle needs it"):
+        push_to_hub(path, "alice/tiny-llava-onnx", exclude=("*.onnx",))
     batch = model.prepare([model.format_prompt("tell me about it"), model.format_prompt("hi")], image=list(images(2)))
     want = model.generate(**batch, max_new_tokens=8, eos_token_id=[])
     got = OnnxPipeline(out).generate(**batch, max_new_tokens=8, eos_token_id=[])
@@ -326,8 +349,10 @@ def _compose(*args, env):
 
 
 def test_cli_pull_with_env_and_offline_from_cache(pushed, hub, tmp_path):
-    """A fresh process: HF_ENDPOINT is read by huggingface_hub at import; then HF_HUB_OFFLINE=1 pulls
-    from the cache alone (no request reaches the server)."""
+    """A fresh process: HF_ENDPOINT is read by huggingface_hub at import; the online pull writes OUT
+    alone (snapshot_download(local_dir=...)), leaving the HF cache empty; once the repo is in the
+    cache (here: huggingface_hub's own download), HF_HUB_OFFLINE=1 pulls from the cache alone (no
+    request reaches the server)."""
     _, _, before, info = pushed
     env = {
         **os.environ,
@@ -340,6 +365,10 @@ def test_cli_pull_with_env_and_offline_from_cache(pushed, hub, tmp_path):
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
     r = _compose("pull", f"alice/tiny-llava@{info.oid}", "-o", tmp_path / "a", env=env)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "cache").exists() or not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    fill = "from huggingface_hub import snapshot_download as s; s('alice/tiny-llava', revision=" + f"'{info.oid}')"
+    r = subprocess.run([sys.executable, "-c", fill], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     n = len(hub.requests)
     r = _compose(

@@ -2,7 +2,8 @@
 
 YAML metadata (huggingface_hub ``ModelCardData``): ``library_name``, ``tags`` (composer,
 deepinsert, multimodal, the modality names; onnx for bundles), ``base_model`` (the LLM and
-encoder Hub ids, pins dropped), ``pipeline_tag``. The body: the components table, where each
+encoder Hub ids, pins dropped) and ``base_model_relation``, ``license`` and ``datasets`` when
+given, ``pipeline_tag``. The body: the components table, where each
 modality enters (insert_at), the estimated prefill FLOPs saving, the training run when the
 directory holds ``train_config.json`` from ``compose train``, and how to load the model.
 
@@ -49,16 +50,43 @@ def _pipeline_tag(encoder_types: dict[str, str]) -> str:
     return "any-to-any"
 
 
-def card_data(spec: Spec, encoder_types: dict[str, str], *, bundle: bool = False):
-    """huggingface_hub ``ModelCardData`` for a composed model."""
+def card_data(
+    spec: Spec,
+    encoder_types: dict[str, str],
+    *,
+    bundle: bool = False,
+    relation: str | None = None,
+    license: str | None = None,
+    datasets: list[str] | None = None,
+):
+    """huggingface_hub ``ModelCardData`` for a composed model: ``base_model`` the LLM and encoder
+    Hub ids, ``base_model_relation`` how this repo derives from them (``relation``), ``license``
+    and ``datasets`` (Hub dataset ids) as given."""
     from huggingface_hub import ModelCardData
 
     base = [_hub_id(spec.llm.model)] + [_hub_id(m.encoder.model) for m in spec.modalities.values()]
     base = list(dict.fromkeys(b for b in base if b))  # LLM first, no duplicates (BLIP-2 style repos)
     tags = ["composer", "deepinsert", "multimodal", *spec.modalities, *(["onnx"] if bundle else [])]
     return ModelCardData(
-        library_name=LIBRARY_NAME, tags=tags, base_model=base or None, pipeline_tag=_pipeline_tag(encoder_types)
+        library_name=LIBRARY_NAME,
+        tags=tags,
+        base_model=base or None,
+        base_model_relation=relation if base else None,
+        license=license,
+        datasets=datasets or None,
+        pipeline_tag=_pipeline_tag(encoder_types),
     )
+
+
+def base_model_relation(root: Path, bundle: bool) -> str:
+    """How a composer repo relates to its base models, in the Hub's terms: ``quantized`` for a
+    quantized bundle, ``adapter`` for a trainable-only checkpoint (it needs the base weights),
+    else ``finetune`` (new encoders/projectors trained around them, or their weights changed)."""
+    if bundle:
+        manifest = json.loads((root / "manifest.json").read_text())
+        return "quantized" if manifest.get("quantization") else "finetune"
+    meta = json.loads((root / "composer.json").read_text())
+    return "adapter" if meta.get("weights") == "trainable" else "finetune"
 
 
 def _table(rows) -> list[str]:
@@ -137,7 +165,7 @@ def _recorded_summary(root: Path, bundle: bool) -> dict | None:
         return None
 
 
-def model_card(root: Path, repo_id: str) -> str:
+def model_card(root: Path, repo_id: str, *, license: str | None = None, datasets: list[str] | None = None) -> str:
     """README.md text for the checkpoint or bundle in ``root``, from the facts it records (its
     spec, ``composer.json`` or manifest, training files): no model is built."""
     from huggingface_hub import ModelCard
@@ -154,7 +182,8 @@ def model_card(root: Path, repo_id: str) -> str:
         encoder_types = {m: e["type"] for m, e in manifest["encoders"].items()}
     else:
         encoder_types = json.loads((root / "composer.json").read_text())["encoder_types"]
-    data = card_data(spec, encoder_types, bundle=bundle)
+    relation = base_model_relation(root, bundle)
+    data = card_data(spec, encoder_types, bundle=bundle, relation=relation, license=license, datasets=datasets)
     body = [GENERATED, "", f"# {spec.name}", ""]
     kind = "an ONNX bundle (split graphs for ONNX Runtime)" if bundle else "a composer checkpoint (safetensors)"
     body += [
@@ -212,3 +241,29 @@ def model_card(root: Path, repo_id: str) -> str:
     else:
         body += ["Prompts are formatted with the tokenizer's chat template (`model.prepare(messages=...)`).", ""]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)))
+
+
+def hub_config(root: Path, kind: str) -> str:
+    """The ``config.json`` a pushed repo carries at its root: what the Hub reads a model repo's
+    architecture from (and counts downloads by). composer itself never reads it."""
+    spec = _spec(root)
+    if kind == "bundle":
+        manifest = json.loads((root / "manifest.json").read_text())
+        llm, insert_at = manifest["llm"], manifest["insert_at"]
+        llm = {"model_type": llm["family"], "num_hidden_layers": llm["num_layers"], "hidden_size": llm["hidden_size"]}
+    else:
+        meta = json.loads((root / "composer.json").read_text())
+        cfg, insert_at = meta["llm_config"], meta["insert_at"]
+        llm = {k: cfg.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size")}
+    config = {
+        "architectures": ["ComposedModel"],
+        "model_type": "composer",
+        "composer_format": kind,
+        "name": spec.name,
+        "llm": {"source": spec.llm.model, **llm},
+        "modalities": {
+            m: {"encoder": mod.encoder.type, "source": mod.encoder.model, "insert_at": insert_at.get(m)}
+            for m, mod in spec.modalities.items()
+        },
+    }
+    return json.dumps(config, indent=2) + "\n"
