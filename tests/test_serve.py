@@ -303,6 +303,8 @@ def test_bad_requests_get_the_documented_4xx(pipe, tmp_path):
             (json.dumps(part(data_url(b"not a png"))).encode(), 400, "messages[0].content[0].image_url", "cannot read"),
             (json.dumps({**ok, "messages": [{"role": "robot", "content": "x"}]}).encode(), 400, "messages[0].role", ""),
             (b"{" + b" " * 300_000 + b"}", 413, None, "exceeds the limit"),
+            (b"[" * 100_000 + b"]" * 100_000, 400, None, "nested too deeply"),
+            (b"[1, 2]", 400, None, "valid dictionary"),
         ]
         for body, status, param, words in cases:
             got, err = post(url, body)

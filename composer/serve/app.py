@@ -113,6 +113,9 @@ def create_app(
             job = await run_in_threadpool(_job, req, runtime, limits, prepare_lock)
         except RequestError as e:
             return error(e)
+        except Exception as e:  # noqa: BLE001 - a bug in preparing one request: that request's 500, as JSON
+            log.exception("preparing a request failed")
+            return error(RequestError(f"internal error: {type(e).__name__}: {first_line(e)}", status=500))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job.emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
@@ -165,6 +168,8 @@ async def _read_json(request, limit: int) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"invalid JSON body: {e}") from None
+    except RecursionError:
+        raise RequestError("invalid JSON body: nested too deeply") from None
 
 
 def _job(req, runtime, limits: Limits, lock) -> Job:
