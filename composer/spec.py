@@ -40,6 +40,9 @@ DType = Literal["float32", "bfloat16", "float16"]
 # Closed registries: a spec names a type from these lists, never a dotted import path.
 LLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
 ENCODER_TYPES = ("clip_vision", "siglip_vision", "blip2_vision", "ast_audio", "gin")
+# what each encoder type reads (model cards' pipeline_tag, the server's content parts)
+IMAGE_ENCODERS = frozenset({"clip_vision", "siglip_vision", "blip2_vision"})
+AUDIO_ENCODERS = frozenset({"ast_audio"})
 # HF `model_type` of an inline/saved config -> encoder type (used when `type` is omitted).
 ENCODER_MODEL_TYPES = {
     "clip_vision_model": "clip_vision",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -123,8 +124,7 @@ def create_app(
             batcher.submit(job)
         except QueueFull as e:
             return error(RequestError(f"server busy: {e}; retry later", status=429, kind="rate_limit_error"))
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        text = TextStream(runtime.tokenizer, stops)
+        text = TextStream(runtime.tokenizer, req.stops)
         cid = completion_id()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -185,7 +185,6 @@ def _job(req, runtime, limits: Limits, lock) -> Job:
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         raise RequestError(f"{param}: {max_tokens} exceeds this server's limit of {limits.max_tokens}", param=param)
     prompt, media = to_inputs(req, runtime, limits)
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     greedy = req.temperature == 0
     try:
         sampling = Sampling.from_spec(
@@ -196,7 +195,7 @@ def _job(req, runtime, limits: Limits, lock) -> Job:
             top_p=req.top_p,
             top_k=req.top_k,
             repetition_penalty=req.repetition_penalty,
-            stop_strings=stops or None,
+            stop_strings=req.stops or None,
         )
     except ComposerError as e:
         field = str(e).split(":", 1)[0]
@@ -212,7 +211,7 @@ def _job(req, runtime, limits: Limits, lock) -> Job:
         raise RequestError(first_line(e), param="messages") from None
     generator = None
     if sampling.do_sample:
-        seed = req.seed if req.seed is not None else int.from_bytes(__import__("os").urandom(6), "little")
+        seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "little")
         generator = torch.Generator().manual_seed(seed)
     return Job(batch=batch, sampling=sampling, emit=lambda ev: None, generator=generator)
 

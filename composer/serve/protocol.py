@@ -25,9 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from composer.errors import InputError, first_line
-
-VISION_ENCODERS = ("clip_vision", "siglip_vision", "blip2_vision")
-AUDIO_ENCODERS = ("ast_audio",)
+from composer.spec import AUDIO_ENCODERS, IMAGE_ENCODERS
 
 
 class RequestError(Exception):
@@ -107,6 +105,11 @@ class ChatRequest(_Strict):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
 
+    @property
+    def stops(self) -> list[str]:
+        """``stop`` as a list (OpenAI takes a string or a list)."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
 
 def parse_request(raw: Any) -> ChatRequest:
     """A decoded JSON body -> ChatRequest; the first invalid field as one RequestError naming it."""
@@ -127,8 +130,7 @@ def parse_request(raw: Any) -> ChatRequest:
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise RequestError(f"{name}: not supported (use repetition_penalty)", param=name)
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > 16 or any(not s for s in stops):
+    if len(req.stops) > 16 or any(not s for s in req.stops):
         raise RequestError("stop: at most 16 non-empty strings", param="stop")
     return req
 
@@ -245,7 +247,7 @@ def encoder_types(runtime) -> dict[str, str]:
     return {m: encoder_type_of(enc) for m, enc in runtime.encoders.items()}
 
 
-def _modality(types: dict[str, str], accepted: tuple[str, ...], part: str, where: str) -> str:
+def _modality(types: dict[str, str], accepted: frozenset[str], part: str, where: str) -> str:
     found = [m for m, t in types.items() if t in accepted]
     if len(found) != 1:
         what = "no" if not found else f"{len(found)}"
@@ -273,7 +275,7 @@ def to_inputs(req: ChatRequest, runtime, limits: Limits) -> tuple[dict, dict[str
             if msg.role != "user":
                 raise RequestError(f"{where}: media parts are allowed in user messages only", param=where)
             if isinstance(part, ImagePart):
-                m = _modality(types, VISION_ENCODERS, "image_url", where)
+                m = _modality(types, IMAGE_ENCODERS, "image_url", where)
                 media.setdefault(m, []).append(load_image(part.image_url.url, limits, f"{where}.image_url"))
             else:
                 m = _modality(types, AUDIO_ENCODERS, "input_audio", where)
