@@ -312,6 +312,14 @@ class ASTAudioEncoder(HFEncoder):
     def _wrap(cls, hf, spec):
         return cls(hf, feature_layer=spec.feature_layer, select=spec.select)
 
+    @classmethod
+    def check_config(cls, config) -> None:
+        for size in ("num_mel_bins", "max_length"):  # the spectrogram must hold one patch each way
+            if getattr(config, size) < config.patch_size:
+                raise ValueError(
+                    f"config.{size} ({getattr(config, size)}) must be at least config.patch_size ({config.patch_size})"
+                )
+
     @staticmethod
     def default_processor_kwargs(config) -> dict[str, Any]:
         return {"num_mel_bins": config.num_mel_bins, "max_length": config.max_length, "sampling_rate": 16000}

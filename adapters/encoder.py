@@ -35,6 +35,11 @@ class EncoderAdapter(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def check_config(cls, config) -> None:
+        """Raise ValueError (naming the ``config.`` field) for sizes the encoder cannot run with; the
+        builder calls it before ``create``, so the error is the spec's, not a failure deep in torch."""
+
+    @classmethod
     def create(cls, config, spec, *, src: str | None, dtype: torch.dtype | None, load_weights: bool) -> EncoderAdapter:
         """An instance: pretrained weights from ``src`` when ``load_weights``, else random/no init."""
         raise NotImplementedError

@@ -60,13 +60,20 @@ class VisionEncoder(HFEncoder):
         super().__init__(model)
         n = model.config.num_hidden_layers
         if not -(n + 1) <= feature_layer <= n:
-            raise ValueError(f"must be in [-{n + 1}, {n}] for a {n}-layer encoder, got {feature_layer}")
+            raise ValueError(f"feature_layer must be in [-{n + 1}, {n}] for a {n}-layer encoder, got {feature_layer}")
         self.feature_layer = feature_layer
         self.select = select
 
     @classmethod
     def _wrap(cls, hf, spec):
         return cls(hf, feature_layer=spec.feature_layer, select=spec.select)
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.image_size < config.patch_size:  # not one patch: the patch convolution cannot run
+            raise ValueError(
+                f"config.image_size ({config.image_size}) must be at least config.patch_size ({config.patch_size})"
+            )
 
     preprocess = staticmethod(load_images)
 

@@ -272,12 +272,18 @@ def build_encoder(
             raise _hf_error(f"{where}.model", src, e) from None
     dtype = DTYPES[spec.dtype] if spec.dtype else None
     try:
+        adapter.check_config(config)
+    except ValueError as e:
+        raise SpecError(f"{where}: {e}" if src is None else f"{where}.model: {src}: {e}") from None
+    try:
         enc = adapter.create(config, spec, src=src, dtype=dtype, load_weights=load_weights)
     except ValueError as e:
         if src is not None and load_weights:
             raise _hf_error(f"{where}.model", src, e) from None
         raise SpecError(f"{where}: {e}") from None
     except (OSError, RuntimeError) as e:
+        if src is None:  # an inline config torch cannot build (e.g. a negative size it derives)
+            raise _config_error(f"{where}.config", e) from None
         raise _hf_error(f"{where}.model", str(src), e) from None
     if not load_processor:
         return enc, None

@@ -239,6 +239,24 @@ def positions_ref(mask: torch.Tensor) -> torch.Tensor:
 
 
 # -- an independent DeepInsert reference (per prompt, no padding) ------------------------------------
+ATTENTION = ["eager", "sdpa"]  # the model under test runs either; references always run eager
+
+
+@contextlib.contextmanager
+def eager(module: torch.nn.Module):
+    """Run ``module`` (an HF model, or a composed model's LLM) with eager attention inside the block:
+    references compute attention as plain matmul + softmax, whatever the model under test uses."""
+    configs = [m.config for m in module.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")]
+    saved = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = "eager"
+    try:
+        yield module
+    finally:
+        for c, a in zip(configs, saved, strict=True):
+            c._attn_implementation = a
+
+
 def _causal(n: int) -> torch.Tensor:
     m = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)
     return m[None, None]
@@ -258,6 +276,11 @@ def reference_logits(model, family, ids, mm_rows):
     """DeepInsert written independently of composer.layout: one unpadded prompt ``ids`` (L,), text
     alone through layers [0, k), splice each modality's tokens ``mm_rows`` (n_slots, d) at its
     layer, then [k, N); causal attention, positions 0..L-1. -> logits (L, V)."""
+    with eager(model.llm):
+        return _reference_logits(model, family, ids, mm_rows)
+
+
+def _reference_logits(model, family, ids, mm_rows):
     llm = model.llm
     L = ids.shape[0]
     pos = torch.arange(L)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import images, positions_ref
+from helpers import ATTENTION, eager, images, positions_ref
 
 from composer.builder import build
 from composer.errors import InputError
@@ -22,11 +22,11 @@ TINY = yaml.safe_load((ROOT / "specs/tiny/blip2.yaml").read_text())
 TOL = 1e-5  # fp32, max abs logit difference
 
 
-def _spec(insert_at: int | None = None, **image) -> dict:
-    """The tiny twin as a dict (eager attention, as the reference); ``image`` overrides
-    ``modalities.image.{encoder,projector}`` fields."""
+def _spec(insert_at: int | None = None, attn: str = "eager", **image) -> dict:
+    """The tiny twin as a dict (eager attention, as the reference, unless ``attn``); ``image``
+    overrides ``modalities.image.{encoder,projector}`` fields."""
     d = copy.deepcopy(TINY)
-    d["llm"]["attn_implementation"] = "eager"
+    d["llm"]["attn_implementation"] = attn
     mod = d["modalities"]["image"]
     if insert_at is not None:
         mod["insert_at"] = insert_at
@@ -84,7 +84,7 @@ def _batch(model, padding_side: str = "left"):
 
 def _hf_logits(ref, batch) -> torch.Tensor:
     mask = batch["attention_mask"]
-    with torch.no_grad():
+    with torch.no_grad(), eager(ref):
         return ref(
             input_ids=batch["input_ids"],
             attention_mask=mask,
@@ -117,8 +117,10 @@ def test_tiny_twin_trains_generates_and_reloads(tmp_path):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_insert_at_0_matches_hf_blip2(padding_side):
-    model = build(parse_spec(_spec(insert_at=0))).eval()
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_insert_at_0_matches_hf_blip2(padding_side, attn):
+    model = build(parse_spec(_spec(insert_at=0, attn=attn))).eval()
+    assert model.llm.config._attn_implementation == attn  # the reference runs eager
     ref = _hf_blip2(model)
     batch = _batch(model, padding_side)
     with torch.no_grad():

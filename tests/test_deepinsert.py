@@ -1,11 +1,12 @@
 """DeepInsert at k > 0 against a straightforward reference written here, independently of
-composer.layout: per prompt, no padding, text alone through layers [0, k), splice, [k, N)."""
+composer.layout: per prompt, no padding, text alone through layers [0, k), splice, [k, N). The
+model runs eager or sdpa attention (sdpa is the default); the reference always runs eager."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import images, make_model, positions_ref, reference_logits, split_rows
+from helpers import ATTENTION, images, make_model, positions_ref, reference_logits, split_rows
 
 TOL = 1e-5
 
@@ -22,8 +23,10 @@ CASES = [
 
 @pytest.mark.parametrize("family,insert_at,mods", CASES)
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_matches_reference(family, insert_at, mods, padding_side):
-    model = make_model(family, insert_at=insert_at, modalities=mods)
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_matches_reference(family, insert_at, mods, padding_side, attn):
+    model = make_model(family, insert_at=insert_at, modalities=mods, attn_implementation=attn)
+    assert model.llm.config._attn_implementation == attn  # the reference below always runs eager
     # row 0: every modality once; row 1: no second modality but two images, shorter text
     p0 = model.format_prompt("describe both")
     p1 = "USER: <image> and <image> please"

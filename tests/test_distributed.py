@@ -103,10 +103,18 @@ def _reference(root: Path) -> tuple[list[float], dict]:
 
 
 def _launch(
-    root: Path, out: str, *args: str, config: str | None = None, init: str = "init", first_rank_step: int = 1
+    root: Path,
+    out: str,
+    *args: str,
+    config: str | None = None,
+    init: str = "init",
+    first_rank_step: int = 1,
+    driver: Path | None = None,
+    env: dict | None = None,
 ) -> list[float]:
-    """2 ranks on this machine: torchrun, or accelerate launch with one of the shipped configs."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    """2 ranks on this machine: torchrun, or accelerate launch with one of the shipped configs;
+    each rank runs ``compose train`` (or ``driver``, a script that ends by calling the CLI)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     if config is None:
         launcher = [
             sys.executable,
@@ -137,8 +145,7 @@ def _launch(
         ]
     cmd = [
         *launcher,
-        "-m",
-        "composer.cli",
+        *(["-m", "composer.cli"] if driver is None else [str(driver)]),
         "train",
         str(root / init),
         "--data",
@@ -339,6 +346,75 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(setup):
     )  # steps 1-2 were logged by the 1-process run
     np.testing.assert_allclose(losses[2:], ref[2:], atol=TOL, rtol=0)
     assert _max_diff(load_file(str(out / "model.safetensors")), ref_w) < TOL
+
+
+# Each rank records its LoRA dropout masks: the first 256 keep/drop bits of every dropout call
+# (one line per call: step-independent order, so two runs can be compared call by call).
+DROPOUT_DRIVER = """
+import os, sys
+import torch
+import torch.nn.functional as F
+
+from composer.cli import main
+
+log = open(os.environ["DROPOUT_LOG"] + "-rank" + os.environ["RANK"], "w")
+orig = F.dropout
+
+
+def dropout(x, p=0.5, training=True, inplace=False):
+    y = orig(x, p, training, inplace)
+    if training and p > 0:
+        dropped = ((y == 0) & (x != 0)).flatten()[:256]
+        log.write(str(torch.initial_seed()) + " " + "".join("01"[int(b)] for b in dropped) + "\\n")
+        log.flush()
+    return y
+
+
+F.dropout = dropout
+sys.argv[0] = "compose"
+main()
+"""
+
+
+def test_lora_dropout_draws_per_rank_masks_and_resumes_exactly(setup):
+    """Issue 21, item 3: with LoRA dropout 0.3 on 2 DDP ranks, each rank draws its own dropout
+    masks (seeded ``seed + rank``, not one stream copied to every rank), and a run resumed from
+    its step-2 checkpoint on 2 ranks restores each rank's RNG stream: the same masks and the
+    same losses (within 1e-6) as the uninterrupted run."""
+    d = _spec()
+    d["llm"]["lora"]["dropout"] = 0.3
+    build(parse_spec(d)).save_pretrained(setup / "init_dropout")
+    driver = setup / "dropout_driver.py"
+    driver.write_text(DROPOUT_DRIVER)
+    common = ("--strategy", "ddp", "--batch-size", "1", "--grad-accum", "2", "--save-every", "2")
+
+    def run(out, *extra, first_rank_step=1):
+        log = setup / f"{out}-masks"
+        losses = _launch(
+            setup,
+            out,
+            *common,
+            *extra,
+            init="init_dropout",
+            driver=driver,
+            env={"DROPOUT_LOG": str(log)},
+            first_rank_step=first_rank_step,
+        )
+        masks = [[ln.split() for ln in Path(f"{log}-rank{r}").read_text().splitlines()] for r in (0, 1)]
+        return losses, masks
+
+    losses, (m0, m1) = run("dropout")
+    assert {s for s, _ in m0} == {"0"} and {s for s, _ in m1} == {"1"}  # seed + rank
+    assert len(m0) == len(m1) > 0 and all("1" in bits for _, bits in m0 + m1)  # dropout is on
+    assert m0[0][1] != m1[0][1]  # the first masks differ: one stream per rank
+    assert not set(bits for _, bits in m0) & set(bits for _, bits in m1)
+
+    _from_step_2(setup, "dropout", "dropout_resumed")
+    rest, (r0, r1) = run("dropout_resumed", "--resume", first_rank_step=3)
+    np.testing.assert_allclose(rest[2:], losses[2:], atol=1e-6, rtol=0)
+    half = len(m0) // 2  # steps 3-4 draw the second half of each rank's masks
+    assert len(r0) == len(r1) == half
+    assert [b for _, b in r0] == [b for _, b in m0[half:]] and [b for _, b in r1] == [b for _, b in m1[half:]]
 
 
 def test_profile_reports_each_rank_under_fsdp(setup):

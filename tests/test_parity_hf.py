@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CLIP, LLAMA, OPT, images, make_model
-
-from composer.layout import baseline_positions
+from helpers import ATTENTION, CLIP, LLAMA, OPT, eager, images, make_model, positions_ref
 
 TOL = 1e-5  # fp32, max abs logit difference
 
@@ -33,31 +31,34 @@ def _hf_llava(model):
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_insert_at_0_matches_hf_llava(padding_side):
-    model = make_model("llama", insert_at=0)
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_insert_at_0_matches_hf_llava(padding_side, attn):
+    model = make_model("llama", insert_at=0, attn_implementation=attn)
+    assert model.llm.config._attn_implementation == attn  # the reference runs eager
     ref = _hf_llava(model)
     prompts = [model.format_prompt("What is in the picture?"), model.format_prompt("Hi")]
     batch = model.prepare(prompts, image=list(images(2)), padding_side=padding_side)
     mask = batch["attention_mask"]
     assert (mask == 0).any(), "the batch must contain padding"
-    with torch.no_grad():
+    with torch.no_grad(), eager(ref):
         ours = model(**batch).logits
         theirs = ref(
             input_ids=batch["input_ids"],
             attention_mask=mask,
             pixel_values=batch["image"],
-            position_ids=baseline_positions(mask),
+            position_ids=positions_ref(mask),
         ).logits
     real = mask.bool()
     diff = (ours - theirs).abs()[real].max().item()
     assert diff < TOL, diff
 
 
-def test_insert_at_0_opt_matches_hf_opt_with_spliced_embeddings():
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_insert_at_0_opt_matches_hf_opt_with_spliced_embeddings(attn):
     """OPT (learned positions): our k=0 equals OPTForCausalLM fed the spliced input embeddings."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    model = make_model("opt", insert_at=0)
+    model = make_model("opt", insert_at=0, attn_implementation=attn)
     ref = OPTForCausalLM(OPTConfig(**{k: v for k, v in OPT.items() if k != "model_type"})).eval()
     ref.config._attn_implementation = "eager"
     ref.load_state_dict({k[len("llm.") :]: v for k, v in model.state_dict().items() if k.startswith("llm.")})
@@ -66,7 +67,7 @@ def test_insert_at_0_opt_matches_hf_opt_with_spliced_embeddings():
     )
     ids, mask = batch["input_ids"], batch["attention_mask"]
     slots = ids == model.placeholder_ids["image"]
-    with torch.no_grad():
+    with torch.no_grad(), eager(ref):
         emb = ref.get_input_embeddings()(ids.masked_fill(slots, 0))
         emb[slots] = model.encode("image", batch["image"]).reshape(-1, emb.shape[-1])
         theirs = ref(inputs_embeds=emb, attention_mask=mask).logits

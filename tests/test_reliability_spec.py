@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -225,10 +226,33 @@ def test_mismatched_widths_and_layers_fail_as_field_errors_when_building(tree, s
         assert "\n" not in str(e) and str(e).startswith("s.yaml: ")
         return
     try:
-        build(spec, shape_only=shape_only)
+        model = build(spec, shape_only=shape_only)
     except (SpecError, InputError) as e:
         msg = str(e)
         assert "\n" not in msg and msg.split(".", 1)[0].split(":", 1)[0] in ("llm", "modalities", "projector"), msg
+        return
+    if not shape_only:  # a spec that builds also runs: one forward pass over a 2-row batch
+        _forward_once(model.eval())
+
+
+def _forward_once(model) -> None:
+    from composer.analysis.bench import bench_inputs
+    from composer.errors import InputError
+
+    for text_tokens in (8, 32, 128, 512):  # the shortest prompt the template allows
+        try:
+            batch = bench_inputs(model, text_tokens, batch=2)
+            break
+        except InputError as e:
+            assert "the prompt template alone has" in str(e), e
+    with torch.no_grad():
+        try:
+            logits = model(**batch).logits
+        except InputError as e:  # e.g. a context (max_position_embeddings) too short for the prompt
+            assert "\n" not in str(e) and "max_position_embeddings" in str(e), e
+            return
+    assert logits.shape == (*batch["input_ids"].shape, model.llm.config.vocab_size)
+    assert torch.isfinite(logits).all()
 
 
 # -- text and byte mutations -------------------------------------------------------------------------------
@@ -450,3 +474,31 @@ def test_rich_markup_in_a_name_is_printed_as_text(tmp_path, capsys):
         main(["inspect", str(spec)])
     assert e.value.code == 0
     assert "x[/bold] [red]y" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "seed,path,value,expected",
+    [
+        (  # found by the fuzzer: a Q-Former over the CLS token alone built, then the patch conv failed
+            "tiny/blip2.yaml",
+            ("modalities", "image", "encoder", "config", "image_size"),
+            1,
+            "modalities.image.encoder: config.image_size (1) must be at least config.patch_size (8)",
+        ),
+        (
+            "tiny/ltu_audio.yaml",
+            ("modalities", "audio", "encoder", "config", "num_mel_bins"),
+            2,
+            "modalities.audio.encoder: config.num_mel_bins (2) must be at least config.patch_size",
+        ),
+    ],
+)
+def test_an_input_smaller_than_one_patch_is_a_build_error(seed, path, value, expected):
+    from composer.builder import build
+    from composer.spec import parse_spec
+
+    d = copy.deepcopy(SEEDS[seed])
+    _get(d, path[:-1])[path[-1]] = value
+    with pytest.raises(SpecError) as e:
+        build(parse_spec(d, "s.yaml"))
+    assert expected in str(e.value) and "\n" not in str(e.value)
