@@ -334,7 +334,12 @@ def set_trainable(module: nn.Module, mode: str) -> None:
 
 # -- the whole model ------------------------------------------------------------------------------
 def build(
-    spec: Spec | str | Path, *, saved: dict[str, Any] | None = None, shape_only: bool = False, offline: bool = False
+    spec: Spec | str | Path,
+    *,
+    saved: dict[str, Any] | None = None,
+    shape_only: bool = False,
+    offline: bool = False,
+    meta_weights: bool = False,
 ) -> ComposedModel:
     """Build a trainable ``ComposedModel`` from a spec (or a spec file path).
 
@@ -343,14 +348,16 @@ def build(
     ``shape_only``: the architecture on the meta device (no weights, no tokenizer download), for
     counting parameters and FLOPs (``compose inspect``); with ``offline`` configs come from a
     local dir, the HF cache or composer's embedded configs (``config_source``).
+    ``meta_weights``: the architecture on the meta device with the real tokenizer and processors,
+    no weights read: the ranks but 0 of a low-memory distributed load (``Engine.wrap`` fills them).
     """
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
     if saved is None:
         spec = pin_revisions(spec, offline=offline)  # `owner/name@rev` -> `owner/name@<commit hash>`
-    if shape_only:
+    if shape_only or meta_weights:
         with torch.device("meta"):
-            return _build(spec, saved, load=False, shape_only=True, offline=offline)
+            return _build(spec, saved, load=False, shape_only=shape_only, offline=offline)
     return _build(spec, saved, load=saved is None, shape_only=False, offline=False)
 
 

@@ -353,10 +353,12 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "composer.json").is_file()
 
 
-def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedModel:
+def load_pretrained(path: str | Path, *, shape_only: bool = False, meta_weights: bool = False) -> ComposedModel:
     """Rebuild the architecture from the saved configs (no download, no weight init), then load
     ``model.safetensors`` strictly. ``shape_only``: the architecture on the meta device, no
-    weights read (parameter counts and FLOPs for model cards)."""
+    weights read (parameter counts and FLOPs for model cards). ``meta_weights``: the same with
+    the real tokenizer and processors, the weight files' headers checked but not read (the ranks
+    but 0 of a low-memory distributed load)."""
     from transformers import AutoConfig
 
     from composer.adapters import ENCODER_ADAPTERS
@@ -397,16 +399,17 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
     trainable_only = meta.get("weights") == "trainable"
     if trainable_only:  # the frozen weights from the spec's sources, as when it was first built
         spec._source_dir = Path(meta["source_dir"]) if meta.get("source_dir") else root
-        model = build(spec, shape_only=shape_only)
+        model = build(spec, shape_only=shape_only, meta_weights=meta_weights)
     else:
-        model = build(spec, saved=saved, shape_only=shape_only)
+        model = build(spec, saved=saved, shape_only=shape_only, meta_weights=meta_weights)
     if shape_only:
         return model
     files = weight_files(root)
     # names, shapes and dtypes from the headers first: nothing loads half-way; a trainable-only
     # checkpoint lacks what its sources gave the model
     check_weights(model, files, may_lack=(lambda k: from_source(spec, k)) if trainable_only else None)
-    _load_files(model, files)
+    if not meta_weights:
+        _load_files(model, files)
     if eos is not None:
         model.llm.generation_config.eos_token_id = eos
     if model.placeholder_ids != meta["placeholder_ids"]:
@@ -418,23 +421,35 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False) -> ComposedMo
 
 
 def _load_files(model, files: list[Path]) -> None:
-    """Copy each file's tensors into ``model`` (names and shapes already checked), one file in
-    memory at a time."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Copy the files' tensors into ``model`` (names, shapes and dtypes already checked) one tensor
+    at a time: peak host memory is the model plus its largest tensor, not plus a whole file. The
+    file is opened (memory-mapped) anew for each tensor: the pages a mapping has touched count in
+    the process's resident memory until it is closed, so one mapping over the whole file would
+    double the peak (measured: 3.2 GB vs 1.8 GB loading a 1.4 GB checkpoint)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
 
+    state = model.state_dict()  # detached views of the parameters and buffers: copies land in them
     for file in files:
         try:
-            model.load_state_dict(load_file(str(file)), strict=False)
+            with safe_open(str(file), framework="pt") as f:
+                keys = list(f.keys())
+            for k in keys:
+                with safe_open(str(file), framework="pt") as f, torch.no_grad():
+                    state[k].copy_(f.get_tensor(k))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise InputError(f"{file}: cannot load ({str(e).splitlines()[0]})") from None
 
 
 def load_any(
-    target: str | Path, shape_only: bool = False, offline: bool = False, overrides: tuple[str, ...] = ()
+    target: str | Path,
+    shape_only: bool = False,
+    offline: bool = False,
+    overrides: tuple[str, ...] = (),
+    meta_weights: bool = False,
 ) -> ComposedModel:
     """A spec file or a composed checkpoint dir -> ``ComposedModel`` (what every command that
-    takes ``SPEC|DIR`` loads). ``shape_only``/``offline``: see ``composer.builder.build``.
+    takes ``SPEC|DIR`` loads). ``shape_only``/``offline``/``meta_weights``: see ``composer.builder.build``.
     ``overrides``: ``dotted.key=value`` settings on a spec file (``spec.apply_overrides``)."""
     from composer.builder import build
     from composer.spec import load_spec
@@ -445,7 +460,7 @@ def load_any(
             raise InputError(f"{p}: not a composer checkpoint (no composer.json) nor a spec file")
         if overrides:
             raise InputError(f"{p}: overrides ({' '.join(overrides)}) apply to spec files, not to a built checkpoint")
-        return load_pretrained(p)
+        return load_pretrained(p, meta_weights=meta_weights)
     if not p.exists():
         raise InputError(f"{p}: no such spec file or checkpoint directory")
-    return build(load_spec(p, overrides), shape_only=shape_only, offline=offline)
+    return build(load_spec(p, overrides), shape_only=shape_only, offline=offline, meta_weights=meta_weights)

@@ -299,6 +299,13 @@ def plan(
     show_default=True,
     help="Under torchrun/accelerate launch: DDP, FSDP or DeepSpeed (auto: the accelerate config's, else DDP).",
 )
+@click.option(
+    "--low-memory/--no-low-memory",
+    default=True,
+    show_default=True,
+    help="Under torchrun/accelerate launch: only rank 0 reads the weights; the other ranks build the model on "
+    "the meta device and receive them (under FSDP, straight into their shards: no rank but 0 holds the full model).",
+)
 def train(
     target: str,
     overrides: tuple[str, ...],
@@ -332,6 +339,7 @@ def train(
     seed: int,
     profile: bool,
     strategy: str,
+    low_memory: bool,
 ) -> None:
     """Train TARGET (a spec or a composed checkpoint) on --data; the result in OUTPUT reloads
     with `ComposedModel.from_pretrained(OUTPUT)` and exports with `compose export OUTPUT`.
@@ -390,7 +398,9 @@ def train(
         for line in profile_training(target, cfg):
             con.print(line)
         return
-    model = load_any(target, overrides=overrides)
+    from composer.train.distributed import rank_zero_loads
+
+    model = load_any(target, overrides=overrides, meta_weights=low_memory and not rank_zero_loads())
     summary = run_train(model, cfg)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -402,6 +412,10 @@ def train(
             f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
             + (f", eval loss {summary['eval_loss']:.4f}" if "eval_loss" in summary else "")
         )
+    peaks = summary.get("peak_host_memory_mib")
+    if peaks:
+        per_rank = lambda ms: ", ".join(f"{m:,.0f}" for m in ms)  # noqa: E731
+        con.print(f"peak host memory per rank: loading {per_rank(peaks['load'])} MiB; run {per_rank(peaks['run'])} MiB")
     con.print(f"saved the trained model to {out} (metrics: {out}/metrics.jsonl)")
 
 

@@ -111,6 +111,8 @@ def _launch(
     first_rank_step: int = 1,
     driver: Path | None = None,
     env: dict | None = None,
+    output: bool = False,
+    steps: int = 4,
 ) -> list[float]:
     """2 ranks on this machine: torchrun, or accelerate launch with one of the shipped configs;
     each rank runs ``compose train`` (or ``driver``, a script that ends by calling the CLI)."""
@@ -153,7 +155,7 @@ def _launch(
         "-o",
         str(root / out),
         "--max-steps",
-        "4",
+        str(steps),
         "--lr",
         "1e-2",
         "--warmup-ratio",
@@ -168,10 +170,10 @@ def _launch(
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    if "--profile" in args:
+    if "--profile" in args or output:
         return r.stdout
     recs = [json.loads(ln) for ln in (root / out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in recs] == [1, 2, 3, 4]  # logged once (rank 0), not once per rank
+    assert [x["step"] for x in recs] == list(range(1, steps + 1))  # logged once (rank 0), not once per rank
     assert all(x["world_size"] == 2 for x in recs if x["step"] >= first_rank_step)  # earlier: a resumed run's
     return [x["loss"] for x in recs]
 
@@ -193,9 +195,17 @@ def test_ddp_two_ranks_match_one_process(setup):
     assert ref[-1] < ref[0]
 
 
+def _fsdp_run(root: Path) -> list[float]:
+    """The 2-rank FSDP run (accelerate's fsdp_8gpu.yaml, 2 records per rank, checkpoints after steps
+    2 and 4), launched by whichever test needs it first (the tests run in any order). -> losses"""
+    if not (root / "fsdp" / "model.safetensors").is_file():
+        _launch(root, "fsdp", "--batch-size", "2", "--save-every", "2", config="fsdp_8gpu.yaml")
+    return [json.loads(ln)["loss"] for ln in (root / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_fsdp_two_ranks_match_one_process_and_resume_in_one(setup):
     ref, ref_w = _reference(setup)
-    losses = _launch(setup, "fsdp", "--batch-size", "2", "--save-every", "2", config="fsdp_8gpu.yaml")
+    losses = _fsdp_run(setup)
     np.testing.assert_allclose(losses, ref, atol=TOL, rtol=0)
     np.testing.assert_allclose(_eval_losses(setup / "fsdp"), _eval_losses(setup / "ref"), atol=TOL, rtol=0)
     # the final model: gathered from the shards, written once by rank 0, a normal checkpoint
@@ -241,9 +251,11 @@ def test_real_llm_stage_1_under_ddp_and_fsdp_resumes_exactly(setup, smol_dir):
     """Issue 19, item 7: a stage-1 run (ViT + projector trained, SmolLM2-135M frozen, image tokens
     at layer 15 of 30) on 2 CPU ranks under DDP and under FSDP (accelerate's fsdp_8gpu.yaml)
     matches the 1-process run step by step and its loss falls; the FSDP run's step-2 checkpoint
-    resumes in 1 process into the reference's steps 3-4. Tolerance 1e-4 on losses of 5-7.5 (fp32;
-    the ranks sum in another order through 30 layers; measured 3.1e-5 DDP, 2.5e-5 FSDP and resumed;
-    the reference's 4 losses: 6.77, 7.50, 5.00, 6.53). The final model gathered from FSDP shards
+    resumes in 1 process into the reference's steps 3-4. Tolerance 5e-4 on losses of 5-7.5 (fp32;
+    the ranks sum in another order through 30 layers, each rank runs 1 thread and the reference 2,
+    and 4 steps of a fully trained ViT at lr 1e-3 amplify it: measured 3.1e-5 DDP, 2.5e-5 FSDP and
+    resumed on one machine, 1.1e-4 DDP at step 4 on an AVX-512/AMX Xeon; the reference's 4 losses:
+    6.77, 7.50, 5.00, 6.53). The final model gathered from FSDP shards
     is written by huggingface_hub's safetensors writer (which refused views into the gathered
     buffers until ``checkpoint._owning``)."""
     import yaml
@@ -266,12 +278,12 @@ def test_real_llm_stage_1_under_ddp_and_fsdp_resumes_exactly(setup, smol_dir):
     assert ref[-1] < ref[0], ref
     common = ("--stage", "1", "--lr", "1e-3", "--batch-size", "2")
     ddp = _launch(setup, "smol_ddp", *common, "--strategy", "ddp", init="smol.yaml")
-    np.testing.assert_allclose(ddp, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ddp, ref, atol=5e-4, rtol=0)
     fsdp = _launch(setup, "smol_fsdp", *common, "--save-every", "2", config="fsdp_8gpu.yaml", init="smol.yaml")
-    np.testing.assert_allclose(fsdp, ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(fsdp, ref, atol=5e-4, rtol=0)
     _from_step_2(setup, "smol_fsdp", "smol_resumed")
     rest = train(build(setup / "smol.yaml"), _cfg(setup, "smol_resumed", resume=True, **kw))["losses"]
-    np.testing.assert_allclose(rest, ref[2:], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(rest, ref[2:], atol=5e-4, rtol=0)
 
 
 def _from_step_2(root: Path, src: str, dst: str) -> Path:
@@ -316,8 +328,7 @@ def test_deepspeed_zero3_with_offload_resumes_an_fsdp_checkpoint(setup):
     finishes it as the reference does."""
     pytest.importorskip("deepspeed")
     ref, ref_w = _reference(setup)
-    if not (setup / "fsdp" / "checkpoints" / "step-000002").is_dir():
-        _launch(setup, "fsdp", "--batch-size", "2", "--save-every", "2", config="fsdp_8gpu.yaml")
+    _fsdp_run(setup)
     out = _from_step_2(setup, "fsdp", "zero3")
     losses = _launch(
         setup, "zero3", "--batch-size", "2", "--resume", "--grad-checkpointing", config="deepspeed_zero3_8gpu.yaml"
@@ -415,6 +426,93 @@ def test_lora_dropout_draws_per_rank_masks_and_resumes_exactly(setup):
     half = len(m0) // 2  # steps 3-4 draw the second half of each rank's masks
     assert len(r0) == len(r1) == half
     assert [b for _, b in r0] == [b for _, b in m0[half:]] and [b for _, b in r1] == [b for _, b in m1[half:]]
+
+
+# Each rank logs the name of every tensor it reads from a safetensors file (headers are not counted).
+READS_DRIVER = """
+import os, sys
+import safetensors
+
+from composer.cli import main
+
+log = open(os.environ["READS_LOG"] + "-rank" + os.environ["RANK"], "w")
+real = safetensors.safe_open
+
+
+class Counting:
+    def __init__(self, *args, **kwargs):
+        self.f = real(*args, **kwargs)
+
+    def __enter__(self):
+        self.f.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+    def __getattr__(self, name):  # keys, get_slice, metadata
+        return getattr(self.f, name)
+
+    def get_tensor(self, key):
+        log.write(key + "\\n")
+        log.flush()
+        return self.f.get_tensor(key)
+
+
+safetensors.safe_open = Counting
+sys.argv[0] = "compose"
+main()
+"""
+
+
+def test_low_memory_load_keeps_the_full_model_off_the_other_ranks(setup):
+    """Issue 19, item 5: under FSDP only rank 0 reads the checkpoint; rank 1 builds on the meta device
+    and receives its shards: it reads no tensor, and its peak host memory while loading is about
+    half a model lower than with --no-low-memory, where it loads the whole checkpoint as rank 0
+    does. Both runs train alike. The model: a 65k-token vocabulary (untied 512-wide embedding and
+    head) makes the LLM ~70M parameters (~300 MiB in fp32), next to ~0.5 GB of Python and torch."""
+    import re
+
+    d = _spec()
+    d["llm"]["config"].update(vocab_size=65536, hidden_size=512, intermediate_size=1024, num_attention_heads=8)
+    d["llm"]["config"]["num_key_value_heads"] = 8
+    model = build(parse_spec(d))
+    mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    model.save_pretrained(setup / "init_big")
+    del model
+
+    driver = setup / "reads_driver.py"
+    driver.write_text(READS_DRIVER)
+    n_tensors = len(load_file(str(setup / "init_big" / "model.safetensors")))
+
+    def run(out, *extra):
+        log = setup / f"{out}-reads"
+        text = _launch(
+            setup,
+            out,
+            "--strategy",
+            "fsdp",
+            "--batch-size",
+            "2",
+            *extra,
+            init="init_big",
+            output=True,
+            steps=2,
+            driver=driver,
+            env={"READS_LOG": str(log)},
+        )
+        peaks = re.search(r"peak host memory per rank: loading ([\d,]+), ([\d,]+) MiB", text)
+        assert peaks, text
+        losses = [json.loads(ln)["loss"] for ln in (setup / out / "metrics.jsonl").read_text().splitlines()]
+        reads = [len(Path(f"{log}-rank{r}").read_text().splitlines()) for r in (0, 1)]
+        return [float(p.replace(",", "")) for p in peaks.groups()], losses, reads
+
+    (low0, low1), losses, low_reads = run("big_low")
+    (full0, full1), full_losses, full_reads = run("big_full", "--no-low-memory")
+    np.testing.assert_allclose(losses, full_losses, atol=TOL, rtol=0)
+    assert low_reads == [n_tensors, 0] and full_reads == [n_tensors, n_tensors]  # rank 1 read no weights
+    # rank 1 holds its half of the model, not the whole (measured: 658 vs 794 MiB, the model 297 MiB)
+    assert full1 - low1 > 0.3 * mib, (low1, full1, mib)
 
 
 def test_profile_reports_each_rank_under_fsdp(setup):

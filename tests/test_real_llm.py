@@ -140,7 +140,9 @@ def test_insert_at_15_equals_an_independent_reference(smol15):
         ours = smol15(**batch).logits
         for b, (real, ids, rows) in enumerate(split_rows(smol15, batch)):
             want = reference_logits(smol15, "llama", ids, rows)
-            assert (ours[b][real] - want).abs().max().item() < TOL, b
+            # the model runs sdpa, the reference eager attention: 1.5e-4 measured over 30 layers on
+            # logits up to ~30 (the same attention on both sides: < 1e-4)
+            assert (ours[b][real] - want).abs().max().item() < 5e-4, b
 
 
 def test_messages_equal_the_handwritten_chatml(smol15):

@@ -211,13 +211,20 @@ class Engine:
         not distributed). Build the optimizer after this (FSDP swaps the parameters).
         ``compute_dtype`` (bf16/fp16 training): FSDP gathers the parameters in it and reduces
         gradients in fp32 (``MixedPrecisionPolicy``)."""
-        model.to(self.device)
         if not self.distributed:
-            return model
-        with torch.no_grad():  # rank 0's initialisation everywhere (random projectors, LoRA)
-            for t in [*model.parameters(), *model.buffers()]:
-                if t.device.type == "meta":
-                    continue
+            return model.to(self.device)
+        # A low-memory load (``rank_zero_loads``): only rank 0 read the weights, the other ranks hold
+        # the architecture on the meta device. Every rank must take the same path.
+        from_rank0 = max(self.gather(float(any(t.is_meta for t in [*model.parameters(), *model.buffers()])))) > 0
+        if from_rank0 and any(t.is_meta for t in model.parameters()) == self.main:
+            raise RuntimeError("a low-memory load needs rank 0's model in memory and the others' on the meta device")
+        if from_rank0 and self.strategy == "fsdp":
+            return self._fully_shard_from_rank0(model, compute_dtype)
+        if from_rank0 and not self.main:
+            to_empty(model, self.device)  # filled by the broadcast below
+        model.to(self.device)
+        with torch.no_grad():  # rank 0's weights everywhere (random projectors and LoRA; all of them
+            for t in [*model.parameters(), *model.buffers()]:  # after a low-memory load)
                 dist.broadcast(t.data, src=0)
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
@@ -241,6 +248,26 @@ class Engine:
             model=model, optimizer=opt, config=self.deepspeed.config(world=self.world, **config)
         )
         return engine
+
+    def _fully_shard_from_rank0(self, model: nn.Module, compute_dtype: torch.dtype | None) -> nn.Module:
+        """FSDP without a full copy per rank: shard the architecture on the meta device, allocate
+        each rank's shards, then fill them from rank 0's weights one tensor at a time
+        (``set_model_state_dict(broadcast_from_rank0=True)``). Buffers (rotary frequencies,
+        position ids: some are not in the state dict) are broadcast from rank 0 as they are."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = model.state_dict() if self.main else {}  # rank 0's tensors, kept past the meta move below
+        buffers = list(model.buffers()) if self.main else []
+        to_empty(model, torch.device("meta"))  # rank 0 drops its copy too: its shards are allocated like the others'
+        self._fully_shard(model, compute_dtype)
+        to_empty(model, self.device)
+        with torch.no_grad():
+            for i, b in enumerate(model.buffers()):
+                if self.main:
+                    b.copy_(buffers[i])
+                dist.broadcast(b, src=0)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        return model
 
     def _fully_shard(self, model: nn.Module, compute_dtype: torch.dtype | None = None) -> nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -301,6 +328,21 @@ class Engine:
             net.backward(loss, scale_wrt_gas=False)  # composer normalises by the step's label tokens
         else:
             (scaler.scale(loss) if scaler else loss).backward()
+
+
+def to_empty(model: nn.Module, device: torch.device) -> None:
+    """``model.to_empty(device=...)`` that keeps tied parameters tied: moving a plain tensor between
+    the meta device and another makes a new ``Parameter`` per module, which would turn a tied
+    embedding and LM head into two parameters (and the ranks' parameter lists would differ)."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((m, name))
+    model.to_empty(device=device)
+    for (m0, n0), *rest in places.values():
+        for m, n in rest:
+            m._parameters[n] = m0._parameters[n0]
 
 
 def wrap_class_names(model: nn.Module) -> set[str]:
@@ -367,6 +409,25 @@ def setup(strategy: str = "auto") -> Engine:
     if dist.get_world_size() != world:
         raise InputError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} ranks")
     return eng
+
+
+def rank_zero_loads() -> bool:
+    """False on the ranks but 0 of a distributed launch (``WORLD_SIZE`` > 1): they build the model
+    on the meta device and get rank 0's weights when it is wrapped (``Engine.wrap``), so that the
+    checkpoint is read once and, under FSDP, no rank but 0 ever holds the full model."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+    except ValueError as e:
+        raise InputError(f"WORLD_SIZE/RANK must be integers ({e})") from None
+
+
+def peak_host_memory_mib() -> float:
+    """This process's peak resident set size so far (``getrusage``), in MiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def rank_share(chunk: list[int], rank: int, world: int) -> list[int]:

@@ -412,6 +412,9 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     # DDP must be told when a step can leave a trainable module unused (a record without some modality)
     partial = any(set(ex.items) != set(model.encoders) for ex in examples)
     net = eng.wrap(model, find_unused=partial, compute_dtype=compute_dtype)
+    from composer.train.distributed import peak_host_memory_mib
+
+    load_peak = peak_host_memory_mib()  # through loading, wrapping and sharding: before any step
     if scaler is not None and eng.strategy == "deepspeed":
         raise InputError("--precision fp16 (with a loss scaler) is not supported under DeepSpeed: use bf16")
     params = [p for p in net.parameters() if p.requires_grad]
@@ -556,6 +559,7 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             weights=cfg.save_weights,
         )
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    summary["peak_host_memory_mib"] = {"load": eng.gather(load_peak), "run": eng.gather(peak_host_memory_mib())}
     eng.barrier()
     return summary
 
