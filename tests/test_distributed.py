@@ -247,6 +247,77 @@ def test_fsdp_bf16_mixed_precision_tracks_one_process(setup):
     assert max(float((saved[k].float() - ref_w[k].float()).abs().max()) for k in trained) <= 4 * 1e-2
 
 
+# Each rank logs the dtype of the projector's weights that each training forward pass computes with.
+DTYPE_DRIVER = """
+import os, sys
+
+from composer.cli import main
+from composer.model import ComposedModel
+
+log = open(os.environ["DTYPE_LOG"] + "-rank" + os.environ["RANK"], "w")
+forward = ComposedModel.forward
+
+
+def logged(self, *args, **kwargs):
+    if self.training:
+        log.write(str(next(self.projectors.parameters()).dtype) + "\\n")
+        log.flush()
+    return forward(self, *args, **kwargs)
+
+
+ComposedModel.forward = logged
+sys.argv[0] = "compose"
+main()
+"""
+
+
+def test_deepspeed_bf16_keeps_fp32_masters_and_tracks_one_process(setup):
+    """Issue 19, item 1: a bf16 model under DeepSpeed ZeRO-2 with ``--precision bf16`` runs in
+    DeepSpeed's own bf16 mode (the module in bf16, fp32 master weights in ZeRO's partitions) and
+    follows the 1-process bf16-autocast run (losses within 2e-3, as FSDP's bf16 run); the saved
+    trainable weights come from the fp32 masters (``--save-dtype float32``), not from the
+    module's bf16 copies; the checkpoint resumes in 1 process."""
+    pytest.importorskip("deepspeed")
+    d = _spec(dtype="bfloat16")
+    d["modalities"]["image"]["encoder"]["dtype"] = "bfloat16"  # every frozen weight bf16
+    build(parse_spec(d)).save_pretrained(setup / "init_all_bf16")
+    driver = setup / "dtype_driver.py"
+    driver.write_text(DTYPE_DRIVER)
+    ref = train(load_pretrained(setup / "init_all_bf16"), _cfg(setup, "ref_all_bf16", precision="bf16"))["losses"]
+    losses = _launch(
+        setup,
+        "ds_bf16",
+        "--strategy",
+        "deepspeed",
+        "--batch-size",
+        "2",
+        "--precision",
+        "bf16",
+        "--save-dtype",
+        "float32",
+        "--save-every",
+        "2",
+        init="init_all_bf16",
+        driver=driver,
+        env={"DTYPE_LOG": str(setup / "ds_bf16-dtypes")},
+    )
+    np.testing.assert_allclose(losses, ref, atol=2e-3, rtol=0)
+    for r in (0, 1):  # DeepSpeed's bf16 mode: the module computes with bf16 copies of the trained weights
+        assert set(Path(f"{setup}/ds_bf16-dtypes-rank{r}").read_text().split()) == {"torch.bfloat16"}
+    saved = load_file(str(setup / "ds_bf16" / "model.safetensors"))
+    trained = [k for k in saved if k.startswith("projectors.") or "lora_" in k]
+    assert trained and {saved[k].dtype for k in trained} == {torch.float32}
+    # the fp32 masters moved by less than bf16 can hold: not all of them are bf16 values
+    assert any(not torch.equal(saved[k], saved[k].bfloat16().float()) for k in trained)
+    frozen = [k for k in saved if k not in trained and saved[k].is_floating_point()]
+    assert {saved[k].dtype for k in frozen} == {torch.bfloat16}
+    # resumed in 1 process from DeepSpeed's step-2 checkpoint: steps 3-4 as the bf16 reference
+    _from_step_2(setup, "ds_bf16", "ds_bf16_resumed")
+    cfg = _cfg(setup, "ds_bf16_resumed", precision="bf16", resume=True)
+    rest = train(load_pretrained(setup / "init_all_bf16"), cfg)["losses"]
+    np.testing.assert_allclose(rest, ref[2:], atol=2e-3, rtol=0)
+
+
 def test_real_llm_stage_1_under_ddp_and_fsdp_resumes_exactly(setup, smol_dir):
     """Issue 19, item 7: a stage-1 run (ViT + projector trained, SmolLM2-135M frozen, image tokens
     at layer 15 of 30) on 2 CPU ranks under DDP and under FSDP (accelerate's fsdp_8gpu.yaml)

@@ -236,6 +236,17 @@ def _ds_trainable(net) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in sorted(net.module.named_parameters()) if p.requires_grad}
 
 
+def deepspeed_fp32_masters(net) -> dict[str, torch.Tensor]:
+    """The trainable parameters' full fp32 master weights of a DeepSpeed engine, by state-dict name
+    (on the CPU; gathered from ZeRO's partitions: every rank must call it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {
+        n: safe_get_full_fp32_param(p).detach().to("cpu", torch.float32).reshape(_full_shape(p)).contiguous()
+        for n, p in _ds_trainable(net).items()
+    }
+
+
 def _full_shape(p) -> tuple:
     return tuple(getattr(p, "ds_shape", p.shape))
 

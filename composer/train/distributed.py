@@ -118,12 +118,15 @@ class DeepSpeedOptions:
                 )
         return o
 
-    def config(self, *, micro_batch: int, grad_accum: int, world: int, max_grad_norm: float) -> dict:
-        """The DeepSpeed config of a run: batch sizes and clipping are compose train's. DeepSpeed's
-        own bf16/fp16 blocks stay off: the trainable weights reach it as fp32 master weights
-        (``loop.keep_master_weights``; frozen ones in the spec's dtype), the optimizer state is
-        fp32, and compose train's autocast does the bf16 compute, as under DDP and FSDP (so the
-        strategies agree numerically and checkpoints move between them)."""
+    def config(
+        self, *, micro_batch: int, grad_accum: int, world: int, max_grad_norm: float, bf16: bool = False
+    ) -> dict:
+        """The DeepSpeed config of a run: batch sizes and clipping are compose train's. ``bf16``
+        (a bf16 run): DeepSpeed's own ``bf16`` block, i.e. the module held in bf16 and the
+        optimizer's fp32 master weights in ZeRO's partitions (``safe_get_full_fp32_param``);
+        compose train's autocast still wraps the forward. Otherwise the trainable weights reach
+        DeepSpeed as fp32 (``loop.keep_master_weights``; frozen ones in the spec's dtype). fp16
+        runs are refused under DeepSpeed (its loss scaler is not wired)."""
         zero: dict = {"stage": self.zero_stage}
         if self.offload_optimizer == "cpu":
             zero["offload_optimizer"] = {"device": "cpu"}
@@ -135,7 +138,7 @@ class DeepSpeedOptions:
             "train_batch_size": micro_batch * grad_accum * world,
             "gradient_clipping": max_grad_norm,
             "zero_optimization": zero,
-            "bf16": {"enabled": False},
+            "bf16": {"enabled": bf16},
             "fp16": {"enabled": False},
             "zero_allow_untested_optimizer": True,
             "zero_force_ds_cpu_optimizer": False,  # composer's torch AdamW, also with optimizer offload

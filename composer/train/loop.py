@@ -408,6 +408,13 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     if cfg.grad_checkpointing or eng.fsdp.activation_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     autocast, scaler, precision, compute_dtype = _autocast(model, cfg.precision, eng.device)
+    # DeepSpeed's own bf16 mode (bf16 module, fp32 masters in its optimizer) when the frozen weights are
+    # bf16 already; on an fp32 model it would round them, so autocast over fp32 masters as elsewhere
+    ds_bf16 = (
+        eng.strategy == "deepspeed"
+        and compute_dtype == torch.bfloat16
+        and all(p.dtype == torch.bfloat16 for p in model.parameters() if p.is_floating_point() and not p.requires_grad)
+    )
     master = keep_master_weights(model)  # before wrapping: DDP/FSDP/DeepSpeed see the fp32 masters
     # DDP must be told when a step can leave a trainable module unused (a record without some modality)
     partial = any(set(ex.items) != set(model.encoders) for ex in examples)
@@ -423,7 +430,12 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if eng.strategy == "deepspeed":
         net = eng.wrap_deepspeed(
-            model, opt, micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm
+            model,
+            opt,
+            micro_batch=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            max_grad_norm=cfg.max_grad_norm,
+            bf16=ds_bf16,
         )
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
     global_batch = cfg.batch_size * cfg.grad_accum * eng.world
@@ -547,6 +559,10 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             full = net._zero3_consolidated_16bit_state_dict()  # gathered layer by layer (a collective), on rank 0
         elif eng.main:
             full = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if ds_bf16:  # the module holds bf16 copies: the fp32 masters are the optimizer's
+            masters = ckpts.deepspeed_fp32_masters(net)  # a collective: every rank
+            if eng.main:
+                full.update(masters)
     if eng.main:
         cast = master if cfg.save_dtype == "spec" else {}
         _save_final(
