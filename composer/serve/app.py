@@ -221,7 +221,7 @@ async def _next(events: asyncio.Queue, request, job: Job) -> tuple:
     while True:
         try:
             return await asyncio.wait_for(events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if await request.is_disconnected():
                 job.cancelled = True
                 return ("error", "the client disconnected")
