@@ -17,7 +17,7 @@ from composer.adapters import ENCODER_ADAPTERS
 from composer.adapters.encoder import maybe_no_init
 from composer.adapters.llm import LLM_ADAPTERS, llm_adapter_for
 from composer.errors import InputError, SpecError, first_line
-from composer.gguf import gguf_config, is_gguf, load_gguf_llm, load_gguf_tokenizer, resolve_gguf
+from composer.gguf import gguf_config, is_gguf, load_gguf_llm, load_gguf_tokenizer, resolve_gguf, split_hub_gguf
 from composer.model import ComposedModel
 from composer.projectors import build_projector, load_projector_weights
 from composer.spec import ENCODER_MODEL_TYPES, EncoderSpec, LLMSpec, LoraSpec, Spec, load_spec, split_revision
@@ -120,11 +120,17 @@ def pin_revisions(spec: Spec, offline: bool = False) -> Spec:
     loaded. ``spec`` itself when nothing is pinned. A local path of the same spelling is not a pin."""
     base = spec.source_dir
 
-    def pinned(value: str | None) -> bool:
-        local = value is not None and (Path(value).exists() or (base is not None and (base / value).exists()))
-        return value is not None and not local and split_revision(value)[1] is not None
+    def pin(value: str | None) -> tuple[str, str, str] | None:
+        """(repo, revision, what follows the revision: "" or "/file.gguf") of a pinned Hub value."""
+        if value is None or Path(value).exists() or (base is not None and (base / value).exists()):
+            return None  # a local path of the same spelling is not a pin
+        if is_gguf(value):
+            hub = split_hub_gguf(value)
+            return (hub[0], hub[1], "/" + hub[2]) if hub is not None and hub[1] is not None else None
+        repo, rev = split_revision(value)
+        return (repo, rev, "") if rev is not None else None
 
-    if not any(pinned(getattr(obj, attr)) for _, obj, attr in hub_fields(spec)):
+    if not any(pin(getattr(obj, attr)) for _, obj, attr in hub_fields(spec)):
         return spec
     from composer.hub.sources import resolve_revision
 
@@ -132,10 +138,11 @@ def pin_revisions(spec: Spec, offline: bool = False) -> Spec:
     seen: dict[str, str] = {}
     for where, obj, attr in hub_fields(spec):
         value = getattr(obj, attr)
-        if pinned(value):
+        parts = pin(value)
+        if parts is not None:
             if value not in seen:
-                repo, rev = split_revision(value)
-                seen[value] = f"{repo}@{resolve_revision(repo, rev, where=where, offline=offline)}"
+                repo, rev, rest = parts
+                seen[value] = f"{repo}@{resolve_revision(repo, rev, where=where, offline=offline)}{rest}"
             setattr(obj, attr, seen[value])
     return spec
 

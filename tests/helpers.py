@@ -402,3 +402,77 @@ def client(url: str, **kw):
 def data_url(path: Path | bytes, kind: str = "image/png") -> str:
     raw = path if isinstance(path, bytes) else Path(path).read_bytes()
     return f"data:{kind};base64," + base64.b64encode(raw).decode()
+
+
+# -- a tiny GGUF LLM ------------------------------------------------------------------------------------
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-to-unicode table: the 256 symbols of a byte-level BPE vocabulary."""
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
+
+
+def write_tiny_gguf(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """A valid llama-architecture GGUF file (fp32 tensors, ~0.4 MB) written with ``gguf.GGUFWriter``:
+    random weights, grouped-query attention, tied embeddings, a byte-level BPE tokenizer (3
+    ChatML special tokens + 256 bytes, no merges) with a ChatML chat template."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_byte_level_alphabet()]
+    ffn, hd = 2 * hidden, hidden // heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * 256)  # control tokens, then normal ones
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges([])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+    def rand(*shape):
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", rand(len(tokens), hidden))
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.attn_q.weight", rand(hidden, hidden))
+        w.add_tensor(f"blk.{i}.attn_k.weight", rand(kv_heads * hd, hidden))
+        w.add_tensor(f"blk.{i}.attn_v.weight", rand(kv_heads * hd, hidden))
+        w.add_tensor(f"blk.{i}.attn_output.weight", rand(hidden, hidden))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(ffn, hidden))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(ffn, hidden))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(hidden, ffn))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from fake_hub import FakeHub
-from helpers import CLIP, LLAMA, ROOT, images, make_model, spec_dict
+from helpers import CLIP, LLAMA, ROOT, images, make_model, spec_dict, write_tiny_gguf
 
 from composer.builder import build
 from composer.cli import main
@@ -452,6 +452,52 @@ def test_pinned_revisions_resolve_and_are_saved(hub, cache, tmp_path, monkeypatc
     d["llm"]["model"] = "org/tiny-llm@nope"
     with pytest.raises(InputError, match=r"^llm.model: org/tiny-llm@nope: revision not found on http://127.0.0.1"):
         build(parse_spec(d))
+
+
+def test_gguf_llm_from_a_hub_repo_file(hub, cache, tmp_path, monkeypatch):
+    """Issue 15: ``owner/name/file.gguf`` downloads the file into the HF cache and builds the same
+    model as the local file; ``owner/name@v1/file.gguf`` takes the tagged commit's file and is
+    saved pinned to its hash; offline, both build from the cache without a request; a file the
+    repo lacks is one error naming the field."""
+    from huggingface_hub import HfApi, constants
+
+    from composer.builder import build
+
+    pytest.importorskip("gguf")
+    v1, v2 = write_tiny_gguf(tmp_path / "v1.gguf", seed=0), write_tiny_gguf(tmp_path / "v2.gguf", seed=1)
+    api = HfApi(endpoint=hub.url)
+    api.create_repo("org/tiny-gguf")
+    api.upload_file(path_or_fileobj=v1, path_in_repo="tiny.F32.gguf", repo_id="org/tiny-gguf")
+    api.create_tag("org/tiny-gguf", tag="v1")
+    api.upload_file(path_or_fileobj=v2, path_in_repo="tiny.F32.gguf", repo_id="org/tiny-gguf")  # main moves on
+    sha_v1 = hub.repos["org/tiny-gguf"].refs["v1"]
+
+    def spec(model: str):
+        d = spec_dict("llama", 1)
+        d["llm"] = {"model": model}
+        return parse_spec(d)
+
+    main = build(spec("org/tiny-gguf/tiny.F32.gguf"))
+    assert _same_weights(main, build(spec(str(v2))))
+    assert main.tokenizer.chat_template.startswith("{% for m in messages %}")
+    tagged = build(spec("org/tiny-gguf@v1/tiny.F32.gguf"))
+    assert _same_weights(tagged, build(spec(str(v1)))) and not _same_weights(tagged, main)
+    assert tagged.spec.llm.model == f"org/tiny-gguf@{sha_v1}/tiny.F32.gguf"
+    assert main.spec.llm.model == "org/tiny-gguf/tiny.F32.gguf"
+    assert len(list(cache.rglob("tiny.F32.gguf"))) == 2  # one snapshot per commit, in the HF cache
+    tagged.push_to_hub("alice/from-gguf")  # the card names the GGUF's repo as the base model
+    assert _card(hub.files("alice/from-gguf")["README.md"].decode()).data.base_model == ["org/tiny-gguf"]
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n = len(hub.requests)
+    assert _same_weights(build(spec("org/tiny-gguf@v1/tiny.F32.gguf")), tagged)
+    assert _same_weights(build(spec("org/tiny-gguf/tiny.F32.gguf")), main)
+    assert len(hub.requests) == n
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(InputError, match=r"^llm.model: org/tiny-gguf/other.gguf"):
+        build(spec("org/tiny-gguf/other.gguf"))
 
 
 @pytest.mark.parametrize(

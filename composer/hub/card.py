@@ -31,10 +31,14 @@ def _spec(root: Path) -> Spec:
 
 def _hub_id(value: str | None) -> str | None:
     """The bare ``owner/name`` of a Hub source (a pin is dropped); None for local paths and inline configs."""
+    from composer.gguf import is_gguf, split_hub_gguf
     from composer.hf_weights import is_hub_id
 
     if value is None:
         return None
+    if is_gguf(value):  # owner/name[@rev]/file.gguf; a local or package file has no Hub id
+        hub = split_hub_gguf(value)
+        return hub[0] if hub is not None and is_hub_id(hub[0]) and not Path(value).exists() else None
     repo = split_revision(value)[0]
     return repo if is_hub_id(repo) else None
 

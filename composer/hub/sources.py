@@ -71,6 +71,7 @@ def hub_error(e: Exception, what: str, *, write: bool = False) -> ComposerError:
         HfHubHTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -93,6 +94,8 @@ def hub_error(e: Exception, what: str, *, write: bool = False) -> ComposerError:
         return InputError(f"{what}: revision not found on {host}")
     if isinstance(e, RepositoryNotFoundError):
         return InputError(f"{what}: no such repo on {host} (or it is private and the token cannot read it)")
+    if isinstance(e, RemoteEntryNotFoundError):
+        return InputError(f"{what}: no such file in the repo on {host}")
     if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
         return InputError(
             f"{what}: not in the Hugging Face cache ({cache_dir() or 'default'}) and offline mode is on"
