@@ -15,6 +15,12 @@ from dataclasses import dataclass
 import torch
 
 
+def first_validation_error(e) -> str:
+    """A pydantic ``ValidationError`` as one line: ``field: message, got value`` (its first error)."""
+    err = e.errors()[0]
+    return f"{'.'.join(map(str, err['loc']))}: {err['msg'].lower()}, got {err.get('input')!r}"
+
+
 @dataclass
 class Sampling:
     max_new_tokens: int = 32
@@ -53,9 +59,7 @@ class Sampling:
         try:
             GenerationSpec.model_validate(values)
         except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise InputError(f"{field}: {err['msg'].lower()}, got {err.get('input')!r}") from None
+            raise InputError(first_validation_error(e)) from None
         if values["temperature"] != values["temperature"] or values["temperature"] == float("inf"):
             raise InputError(f"temperature: must be a finite number > 0, got {values['temperature']!r}")
         if values["num_return_sequences"] > 1 and not values["do_sample"]:
@@ -259,8 +263,7 @@ def read_generation_config(directory, gen):
     try:
         out = GenerationSpec.model_validate(values)
     except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg'].lower()}") from None
+        raise InputError(f"{path}: {first_validation_error(e)}") from None
     eos = raw.get("eos_token_id")
     eos = None if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return out, eos
