@@ -173,7 +173,9 @@ def load_gguf_llm(path: Path, where: str, *, dtype, attn_implementation: str | N
     from transformers import AutoModelForCausalLM
 
     cfg = gguf_config(path, where)
-    try:  # config= spares transformers a second parse of the GGUF metadata (8 s of 23 s on SmolLM2)
+    # config= (a copy of its own: from_pretrained edits what it is given) spares transformers a second
+    # parse of the GGUF metadata (8 s of 23 s on SmolLM2)
+    try:
         loaded = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype, config=gguf_config(path, where)
         )

@@ -102,6 +102,25 @@ def _reference(root: Path) -> tuple[list[float], dict]:
     return json.loads((root / "ref_losses.json").read_text()), load_file(str(root / "ref" / "model.safetensors"))
 
 
+# A ``patch`` runs in each rank's process before ``compose train`` starts; it may write lines to
+# ``log``, that rank's log file (read back with ``_rank_logs``).
+DRIVER = """
+import os, sys
+
+from composer.cli import main
+
+log = open(os.environ["COMPOSER_TEST_RANK_LOG"] + "-rank" + os.environ["RANK"], "w")
+{patch}
+sys.argv[0] = "compose"
+main()
+"""
+
+
+def _rank_logs(root: Path, out: str) -> list[list[str]]:
+    """The lines each rank of run ``out`` wrote to its ``log`` (rank 0, rank 1)."""
+    return [(root / f"{out}-log-rank{r}").read_text().splitlines() for r in (0, 1)]
+
+
 def _launch(
     root: Path,
     out: str,
@@ -109,14 +128,19 @@ def _launch(
     config: str | None = None,
     init: str = "init",
     first_rank_step: int = 1,
-    driver: Path | None = None,
-    env: dict | None = None,
+    patch: str | None = None,
     output: bool = False,
     steps: int = 4,
 ) -> list[float]:
     """2 ranks on this machine: torchrun, or accelerate launch with one of the shipped configs;
-    each rank runs ``compose train`` (or ``driver``, a script that ends by calling the CLI)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    each rank runs ``compose train``, after ``patch`` when given (see ``DRIVER``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    entry = ["-m", "composer.cli"]
+    if patch is not None:
+        driver = root / f"{out}-driver.py"
+        driver.write_text(DRIVER.replace("{patch}", patch))
+        env["COMPOSER_TEST_RANK_LOG"] = str(root / f"{out}-log")
+        entry = [str(driver)]
     if config is None:
         launcher = [
             sys.executable,
@@ -147,7 +171,7 @@ def _launch(
         ]
     cmd = [
         *launcher,
-        *(["-m", "composer.cli"] if driver is None else [str(driver)]),
+        *entry,
         "train",
         str(root / init),
         "--data",
@@ -248,13 +272,9 @@ def test_fsdp_bf16_mixed_precision_tracks_one_process(setup):
 
 
 # Each rank logs the dtype of the projector's weights that each training forward pass computes with.
-DTYPE_DRIVER = """
-import os, sys
-
-from composer.cli import main
+DTYPE_PATCH = """
 from composer.model import ComposedModel
 
-log = open(os.environ["DTYPE_LOG"] + "-rank" + os.environ["RANK"], "w")
 forward = ComposedModel.forward
 
 
@@ -266,8 +286,6 @@ def logged(self, *args, **kwargs):
 
 
 ComposedModel.forward = logged
-sys.argv[0] = "compose"
-main()
 """
 
 
@@ -281,8 +299,6 @@ def test_deepspeed_bf16_keeps_fp32_masters_and_tracks_one_process(setup):
     d = _spec(dtype="bfloat16")
     d["modalities"]["image"]["encoder"]["dtype"] = "bfloat16"  # every frozen weight bf16
     build(parse_spec(d)).save_pretrained(setup / "init_all_bf16")
-    driver = setup / "dtype_driver.py"
-    driver.write_text(DTYPE_DRIVER)
     ref = train(load_pretrained(setup / "init_all_bf16"), _cfg(setup, "ref_all_bf16", precision="bf16"))["losses"]
     losses = _launch(
         setup,
@@ -298,12 +314,11 @@ def test_deepspeed_bf16_keeps_fp32_masters_and_tracks_one_process(setup):
         "--save-every",
         "2",
         init="init_all_bf16",
-        driver=driver,
-        env={"DTYPE_LOG": str(setup / "ds_bf16-dtypes")},
+        patch=DTYPE_PATCH,
     )
     np.testing.assert_allclose(losses, ref, atol=2e-3, rtol=0)
-    for r in (0, 1):  # DeepSpeed's bf16 mode: the module computes with bf16 copies of the trained weights
-        assert set(Path(f"{setup}/ds_bf16-dtypes-rank{r}").read_text().split()) == {"torch.bfloat16"}
+    for dtypes in _rank_logs(setup, "ds_bf16"):  # DeepSpeed's bf16 mode: the module computes with bf16 copies
+        assert set(dtypes) == {"torch.bfloat16"}
     saved = load_file(str(setup / "ds_bf16" / "model.safetensors"))
     trained = [k for k in saved if k.startswith("projectors.") or "lora_" in k]
     assert trained and {saved[k].dtype for k in trained} == {torch.float32}
@@ -432,14 +447,10 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(setup):
 
 # Each rank records its LoRA dropout masks: the first 256 keep/drop bits of every dropout call
 # (one line per call: step-independent order, so two runs can be compared call by call).
-DROPOUT_DRIVER = """
-import os, sys
+DROPOUT_PATCH = """
 import torch
 import torch.nn.functional as F
 
-from composer.cli import main
-
-log = open(os.environ["DROPOUT_LOG"] + "-rank" + os.environ["RANK"], "w")
 orig = F.dropout
 
 
@@ -453,8 +464,6 @@ def dropout(x, p=0.5, training=True, inplace=False):
 
 
 F.dropout = dropout
-sys.argv[0] = "compose"
-main()
 """
 
 
@@ -466,24 +475,13 @@ def test_lora_dropout_draws_per_rank_masks_and_resumes_exactly(setup):
     d = _spec()
     d["llm"]["lora"]["dropout"] = 0.3
     build(parse_spec(d)).save_pretrained(setup / "init_dropout")
-    driver = setup / "dropout_driver.py"
-    driver.write_text(DROPOUT_DRIVER)
     common = ("--strategy", "ddp", "--batch-size", "1", "--grad-accum", "2", "--save-every", "2")
 
     def run(out, *extra, first_rank_step=1):
-        log = setup / f"{out}-masks"
         losses = _launch(
-            setup,
-            out,
-            *common,
-            *extra,
-            init="init_dropout",
-            driver=driver,
-            env={"DROPOUT_LOG": str(log)},
-            first_rank_step=first_rank_step,
+            setup, out, *common, *extra, init="init_dropout", patch=DROPOUT_PATCH, first_rank_step=first_rank_step
         )
-        masks = [[ln.split() for ln in Path(f"{log}-rank{r}").read_text().splitlines()] for r in (0, 1)]
-        return losses, masks
+        return losses, [[ln.split() for ln in lines] for lines in _rank_logs(setup, out)]
 
     losses, (m0, m1) = run("dropout")
     assert {s for s, _ in m0} == {"0"} and {s for s, _ in m1} == {"1"}  # seed + rank
@@ -500,13 +498,9 @@ def test_lora_dropout_draws_per_rank_masks_and_resumes_exactly(setup):
 
 
 # Each rank logs the name of every tensor it reads from a safetensors file (headers are not counted).
-READS_DRIVER = """
-import os, sys
+READS_PATCH = """
 import safetensors
 
-from composer.cli import main
-
-log = open(os.environ["READS_LOG"] + "-rank" + os.environ["RANK"], "w")
 real = safetensors.safe_open
 
 
@@ -531,8 +525,6 @@ class Counting:
 
 
 safetensors.safe_open = Counting
-sys.argv[0] = "compose"
-main()
 """
 
 
@@ -552,12 +544,9 @@ def test_low_memory_load_keeps_the_full_model_off_the_other_ranks(setup):
     model.save_pretrained(setup / "init_big")
     del model
 
-    driver = setup / "reads_driver.py"
-    driver.write_text(READS_DRIVER)
     n_tensors = len(load_file(str(setup / "init_big" / "model.safetensors")))
 
     def run(out, *extra):
-        log = setup / f"{out}-reads"
         text = _launch(
             setup,
             out,
@@ -569,13 +558,12 @@ def test_low_memory_load_keeps_the_full_model_off_the_other_ranks(setup):
             init="init_big",
             output=True,
             steps=2,
-            driver=driver,
-            env={"READS_LOG": str(log)},
+            patch=READS_PATCH,
         )
         peaks = re.search(r"peak host memory per rank: loading ([\d,]+), ([\d,]+) MiB", text)
         assert peaks, text
         losses = [json.loads(ln)["loss"] for ln in (setup / out / "metrics.jsonl").read_text().splitlines()]
-        reads = [len(Path(f"{log}-rank{r}").read_text().splitlines()) for r in (0, 1)]
+        reads = [len(lines) for lines in _rank_logs(setup, out)]
         return [float(p.replace(",", "")) for p in peaks.groups()], losses, reads
 
     (low0, low1), losses, low_reads = run("big_low")

@@ -380,14 +380,19 @@ def resolve_strategy(strategy: str, world: int) -> str:
     return strategy
 
 
-def setup(strategy: str = "auto") -> Engine:
-    """The engine for this process: from the launcher's environment, or a single process."""
+def _launch_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) from the launcher's environment; (1, 0, 0) without one."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        return world, rank, int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError as e:
         raise InputError(f"WORLD_SIZE/RANK/LOCAL_RANK must be integers ({e})") from None
+
+
+def setup(strategy: str = "auto") -> Engine:
+    """The engine for this process: from the launcher's environment, or a single process."""
+    world, rank, local_rank = _launch_env()
     strategy = resolve_strategy(strategy, world)
     cuda = torch.cuda.is_available() and not _flag("ACCELERATE_USE_CPU")
     device = torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
@@ -418,10 +423,8 @@ def rank_zero_loads() -> bool:
     """False on the ranks but 0 of a distributed launch (``WORLD_SIZE`` > 1): they build the model
     on the meta device and get rank 0's weights when it is wrapped (``Engine.wrap``), so that the
     checkpoint is read once and, under FSDP, no rank but 0 ever holds the full model."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
-    except ValueError as e:
-        raise InputError(f"WORLD_SIZE/RANK must be integers ({e})") from None
+    world, rank, _ = _launch_env()
+    return world <= 1 or rank == 0
 
 
 def peak_host_memory_mib() -> float:

@@ -380,6 +380,7 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     from transformers import get_scheduler
 
     from composer.train import checkpoints as ckpts
+    from composer.train.distributed import peak_host_memory_mib
 
     cfg.check()
     out = Path(cfg.output)
@@ -419,8 +420,6 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     # DDP must be told when a step can leave a trainable module unused (a record without some modality)
     partial = any(set(ex.items) != set(model.encoders) for ex in examples)
     net = eng.wrap(model, find_unused=partial, compute_dtype=compute_dtype)
-    from composer.train.distributed import peak_host_memory_mib
-
     load_peak = peak_host_memory_mib()  # through loading, wrapping and sharding: before any step
     if scaler is not None and eng.strategy == "deepspeed":
         raise InputError("--precision fp16 (with a loss scaler) is not supported under DeepSpeed: use bf16")
