@@ -47,11 +47,18 @@ def default_session_options(spinning: bool = False, threads: int | None = None):
     just ran busy-wait while the next graph runs and take cores from it, so composer turns it off.
     Measured on 2 cores with another process busy on one (24 layers, d=1024, k=12, default
     threads): about 3 decode tokens/s with spinning, 9 without (``compose bench --ort-spinning``
-    compares). ``threads``: intra-op threads per session (None: ONNX Runtime's default)."""
+    compares). ``threads``: intra-op threads per session (None: ONNX Runtime's default).
+
+    Denormal floats are flushed to zero: a masked attention score (the mask adds the float32
+    minimum) makes ``exp`` underflow through the denormal range, which x86 computes ~100x slower;
+    ONNX Runtime's CPU softmax took 6.1 ms instead of 1.0 ms on SmolLM2's (9, 640, 656) prefill
+    scores, and its attention half of the prefill (``benchmarks/ort_profile.py``). The values
+    flushed are below 1.2e-38, so the outputs do not change beyond float32 rounding."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
     so.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default (the physical cores)
     return so
 

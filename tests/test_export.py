@@ -257,16 +257,15 @@ def test_cuda_provider_without_gpu_is_a_clear_error(small_bundle):
         OnnxPipeline(small_bundle, provider="cuda")
 
 
-def test_sessions_do_not_spin_between_graphs(small_bundle):
+def test_sessions_do_not_spin_between_graphs_and_flush_denormals(small_bundle):
     """Each graph has its own intra-op pool; spinning pools would take cores from the graph that
-    runs next, so the pipeline turns spinning off unless given other session options."""
+    runs next, so the pipeline turns spinning off unless given other session options. Denormals
+    are flushed to zero (masked attention scores underflow through them, ~6x slower softmax)."""
     import onnxruntime as ort
 
     pipe = OnnxPipeline(small_bundle)
-    assert {
-        s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
-        for s in pipe.sessions.values()
-    } == {"0"}
+    for key, want in (("session.intra_op.allow_spinning", "0"), ("session.set_denormal_as_zero", "1")):
+        assert {s.get_session_options().get_session_config_entry(key) for s in pipe.sessions.values()} == {want}
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     spinning = OnnxPipeline(small_bundle, session_options=so)
