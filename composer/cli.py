@@ -432,15 +432,18 @@ def train(
     "--quantize",
     type=click.Choice(list(QUANT_SCHEMES)),
     default=None,
-    help="Block-wise weight quantization (ONNX Runtime MatMulNBits) of the LLM graphs' linear layers.",
+    help="Quantize the LLM graphs' linear layers: int8/int4 weights block-wise (ONNX Runtime MatMulNBits); "
+    "w8a8 int8 weights x per-token int8 activations, SmoothQuant-calibrated (fast CPU prefill).",
 )
-@click.option("--block-size", type=int, default=32, show_default=True, help="With --quantize: weights per scale.")
+@click.option(
+    "--block-size", type=int, default=32, show_default=True, help="With --quantize int8/int4: weights per scale."
+)
 @click.option(
     "--accuracy-level",
     type=int,
     default=4,
     show_default=True,
-    help="With --quantize: MatMulNBits activation precision (4: int8, fast on CPU; 1: fp32, slow).",
+    help="With --quantize int8/int4: MatMulNBits activation precision (4: int8, fast on CPU; 1: fp32, slow).",
 )
 @click.option("--keep-head", is_flag=True, help="With --quantize: leave the LM head in full precision.")
 @click.option(

@@ -146,7 +146,8 @@ def export_onnx(
 
     ``quantize`` ("int8" or "int4"): the LLM graphs' weight MatMuls become block-wise quantized
     ``MatMulNBits`` (``composer.export.quantize``; ``block_size``, ``accuracy_level``, and
-    ``keep_head`` to leave the LM head in full precision), recorded in the manifest.
+    ``keep_head`` to leave the LM head in full precision), recorded in the manifest; "w8a8": int8
+    weights x per-token int8 activations, SmoothQuant-calibrated (fast prefill GEMMs on CPU).
 
     Example::
 
@@ -260,6 +261,7 @@ def export_onnx(
                 block_size=block_size,
                 accuracy_level=accuracy_level,
                 keep_head=keep_head,
+                model=m,
                 say=say,
             )
         # tokenizer, processors, spec, manifest

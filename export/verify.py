@@ -34,24 +34,26 @@ PROMPTS = (
 MIN_TOP1 = 0.95  # default --min-top1 for a quantized bundle
 
 
-def sample_batch(model, pipe: OnnxPipeline, instructions=PROMPTS[:2]):
-    """Left-padded prompts of different lengths, each placeholder with a random example item."""
+def sample_batch(model, instructions=PROMPTS[:2]):
+    """Left-padded prompts of different lengths (``model.format_prompt``), each placeholder with a
+    random example item (seeded: the same batch every call)."""
     from composer.prompting import adds_special_tokens, prepare_batch
 
     torch.manual_seed(0)
-    prompts = [pipe.format_prompt(text) for text in instructions]
-    counts = {m: sum(p.count(e["placeholder"]) for p in prompts) for m, e in pipe.encoders.items()}
+    prompts = [model.format_prompt(text) for text in instructions]
+    placeholders = model.placeholders
+    counts = {m: sum(p.count(ph) for p in prompts) for m, ph in placeholders.items()}
     return prepare_batch(
         model.tokenizer,
         prompts,
         placeholder_ids=model.placeholder_ids,
         num_tokens={m: model.num_tokens(m) for m in model.encoders},
-        placeholders={m: e["placeholder"] for m, e in pipe.encoders.items()},
+        placeholders=placeholders,
         preprocess={
             m: (lambda items, enc=enc: _single(enc, enc.example_inputs(len(items))))
             for m, enc in model.encoders.items()
         },
-        add_special_tokens=adds_special_tokens(model.tokenizer, pipe.prompt_template),
+        add_special_tokens=adds_special_tokens(model.tokenizer, model.prompt_template),
         **{m: [None] * n for m, n in counts.items()},
     )
 
@@ -113,7 +115,7 @@ def verify_bundle(
             model, pipe, steps=steps, min_top1=MIN_TOP1 if min_top1 is None else min_top1, atol=atol
         )
     ref = merged_for_export(model, DTYPES[manifest["dtype"]])
-    batch = sample_batch(ref, pipe)
+    batch = sample_batch(ref)
     mm = {m: batch[m] for m in model.encoders if m in batch}
     pipe.recorder = []
     ort_ids = pipe.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=steps, eos_token_id=[], **mm)
@@ -156,7 +158,7 @@ def verify_quantized(model, pipe: OnnxPipeline, *, steps: int, min_top1: float, 
     share of text positions whose top-1 next token agrees, the max logit difference there, and
     the share of ``steps`` greedy tokens per prompt that agree (reported, not gated)."""
     ref = merged_for_export(model, torch.float32)
-    batch = sample_batch(ref, pipe, PROMPTS)
+    batch = sample_batch(ref, PROMPTS)
     mm = {m: batch[m] for m in model.encoders if m in batch}
     logits, _ = pipe.prefill(batch["input_ids"], batch["attention_mask"], mm, all_logits=True)
     with torch.no_grad():

@@ -118,17 +118,25 @@ def test_bench_onnx_runtime(tmp_path, capsys):
         40,
         "--quantize",
         "int8",
+        "--quantize",
+        "w8a8",
         "--json",
         out,
     )
     assert code == 0, err
     result = json.loads(out.read_text())
-    assert {(r["runtime"], r["k"]) for r in result["results"]} == {("onnx", "0"), ("onnx-int8", "0"), ("torch", "0")}
+    assert {(r["runtime"], r["k"]) for r in result["results"]} == {
+        ("onnx", "0"),
+        ("onnx-int8", "0"),
+        ("onnx-w8a8", "0"),
+        ("torch", "0"),
+    }
     assert result["settings"]["text_tokens"] == 40
     _check_numbers(result)
     assert _row(result, "onnx", "0")["tokens_match_torch"] is True
     assert _row(result, "onnx", "0")["token_agreement_vs_torch"] == 1.0
-    assert 0.0 <= _row(result, "onnx-int8", "0")["token_agreement_vs_torch"] <= 1.0
+    for scheme in ("int8", "w8a8"):
+        assert 0.0 <= _row(result, f"onnx-{scheme}", "0")["token_agreement_vs_torch"] <= 1.0
 
 
 def test_hf_reference_generates_like_torch_at_k0():

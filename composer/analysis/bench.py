@@ -54,12 +54,12 @@ import torch
 
 from composer.analysis.flops import saving
 from composer.errors import ComposerError, InputError
+from composer.export.quantize import SCHEMES as QUANT_SCHEMES
 
 RUNTIMES = ("onnx", "torch", "hf")
 LABELS = {
     "onnx": "ONNX Runtime",
-    "onnx-int8": "ONNX Runtime int8",
-    "onnx-int4": "ONNX Runtime int4",
+    **{f"onnx-{scheme}": f"ONNX Runtime {scheme}" for scheme in QUANT_SCHEMES},
     "torch": "torch eager",
     "hf": "HF Llava",
 }
@@ -78,7 +78,9 @@ class BenchConfig:
     ort_spinning: bool = False  # ONNX Runtime's intra-op threads busy-wait after each graph run (its default)
     threads: int | None = None  # intra-op threads of torch and ONNX Runtime (None: their defaults)
     seed: int = 0
-    quantize: tuple[str, ...] = ()  # also bench ONNX bundles quantized so ("int8", "int4"; runtime "onnx-int8", ...)
+    quantize: tuple[
+        str, ...
+    ] = ()  # also bench ONNX bundles quantized so ("int8", "int4", "w8a8"; runtime "onnx-int8", ...)
 
 
 @dataclass
