@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec")
     ap.add_argument("--insert-at", type=int, default=0)
-    ap.add_argument("--quantize", choices=("int8", "int4"), default=None)
+    ap.add_argument("--quantize", choices=("int8", "int4", "w8a8"), default=None)
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)

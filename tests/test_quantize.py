@@ -1,4 +1,4 @@
-"""`compose export --quantize int8|int4` (issue 17, item 1): the LLM graphs' weight MatMuls become
+"""`compose export --quantize int8|int4|w8a8` (issue 17, item 1): the LLM graphs' weight MatMuls become
 ONNX Runtime MatMulNBits (block-wise, symmetric), the encoders and embeddings stay fp32, the manifest
 records the scheme; `--verify` gates a quantized bundle on top-1 agreement with the fp32 torch model
 (`--min-top1`, default 0.95) and optionally the max logit difference (`--atol`). `--quantize w8a8`: int8
