@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,28 @@ def default_session_options(spinning: bool = False, threads: int | None = None):
     so.add_session_config_entry("session.set_denormal_as_zero", "1")
     so.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default (the physical cores)
     return so
+
+
+def _flushes_denormals() -> bool:
+    """Whether the calling thread flushes denormal float results to zero (x86 FTZ)."""
+    return float(np.float32(1e-38) / np.float32(10.0)) == 0.0
+
+
+@contextlib.contextmanager
+def _denormal_mode(flush: bool | None):
+    """Run the block with the calling thread flushing denormals (``flush``; None: as it is) and put
+    the thread's mode back afterwards. ONNX Runtime sets flush-to-zero on the thread that creates a
+    session with ``set_denormal_as_zero`` and leaves it set, which would change every later float
+    computation of the caller's thread (torch, numpy); its session runs, where the calling thread
+    does part of the work, need it set again."""
+    before = _flushes_denormals()
+    if flush is not None and flush != before:
+        torch.set_flush_denormal(flush)
+    try:
+        yield
+    finally:
+        if _flushes_denormals() != before:
+            torch.set_flush_denormal(before)
 
 
 class StageCache:
@@ -158,11 +181,15 @@ class OnnxPipeline:
         self.sessions = {}
         if session_options is None:
             session_options = default_session_options()
+        entries = session_options.get_session_config_entry  # raises for a key never set
+        with contextlib.suppress(Exception):
+            self._flush_denormals = entries("session.set_denormal_as_zero") == "1" or None
         for name in self.manifest["graphs"]:
             try:
-                self.sessions[name] = ort.InferenceSession(
-                    str(self.root / name), sess_options=session_options, providers=providers
-                )
+                with _denormal_mode(None):
+                    self.sessions[name] = ort.InferenceSession(
+                        str(self.root / name), sess_options=session_options, providers=providers
+                    )
             except Exception as e:  # ORT raises its own exception types for corrupt graphs/data
                 raise InputError(f"{self.root / name}: cannot load ({str(e).strip().splitlines()[0][:200]})") from None
         self.inputs = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
@@ -260,7 +287,13 @@ class OnnxPipeline:
         self.recorder.append((graph, before, kept))  # --verify replays the call through torch
         return out
 
+    _flush_denormals: bool | None = None  # the sessions' set_denormal_as_zero (None: not set)
+
     def _run_session(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+        with _denormal_mode(self._flush_denormals):
+            return self._run_session_now(graph, feeds)
+
+    def _run_session_now(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
         sess = self.sessions[graph]
         feeds = {k: v for k, v in feeds.items() if k in self.inputs[graph]}
         names = [o.name for o in sess.get_outputs()]
