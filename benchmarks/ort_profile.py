@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from composer.export.quantize import SCHEMES
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec")
     ap.add_argument("--insert-at", type=int, default=0)
-    ap.add_argument("--quantize", choices=("int8", "int4", "w8a8"), default=None)
+    ap.add_argument("--quantize", choices=sorted(SCHEMES), default=None)
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -57,7 +59,7 @@ def main() -> None:
             pipe.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=1, eos_token_id=[], **mm)
             return time.perf_counter() - t
 
-        prefill()  # warm-up, included in the profile below and subtracted by the per-run mean of the rest
+        prefill()  # warm-up: its nodes are in the profile too, so the per-graph means below are over repeats + 1
         walls = [prefill() for _ in range(args.repeats)]
         n = args.repeats + 1
         print(

@@ -253,16 +253,14 @@ def quantize_graph_w8a8(
         ]
         if uses[n.input[1]] == 1:
             drop.add(n.input[1])
-        nodes.append(
+        nodes += [
             oh.make_node(
                 "MatMulIntegerToFloat",
                 [p + "q", q + ".weight", c + "one", q + ".scale", c + "zero_point"],
                 [q + "/cols"],
                 domain="com.microsoft",
                 name=q,
-            )
-        )
-        nodes += [
+            ),
             oh.make_node("Mul", [q + "/cols", p + "row_scale"], [q + "/flat"]),
             oh.make_node("Concat", [p + "lead", q + ".width"], [q + "/shape"], axis=0),
             oh.make_node("Reshape", [q + "/flat", q + "/shape"], [n.output[0]]),

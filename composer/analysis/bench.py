@@ -78,9 +78,8 @@ class BenchConfig:
     ort_spinning: bool = False  # ONNX Runtime's intra-op threads busy-wait after each graph run (its default)
     threads: int | None = None  # intra-op threads of torch and ONNX Runtime (None: their defaults)
     seed: int = 0
-    quantize: tuple[
-        str, ...
-    ] = ()  # also bench ONNX bundles quantized so ("int8", "int4", "w8a8"; runtime "onnx-int8", ...)
+    # also bench ONNX bundles quantized so (QUANT_SCHEMES: "int8", ...; runtime "onnx-int8", ...)
+    quantize: tuple[str, ...] = ()
 
 
 @dataclass
