@@ -12,16 +12,31 @@ token, computed at run time, as ``MatMulIntegerToFloat`` (ONNX Runtime's u8 x s8
 on AMX/VNNI): on SmolLM2's 640-row prefill its GEMMs ran ~7x faster than fp32 ``MatMul``, where
 8-bit ``MatMulNBits`` is no faster than fp32 (its CPU kernel is tuned for one-row decode steps).
 One activation scale per token (not per block of 32) is coarse where a few input channels are
-much larger than the rest, so the scheme applies SmoothQuant (Xiao et al., 2023): per input
-channel ``j``, ``s_j = max|x_j|^alpha / max|W_j|^(1-alpha)`` from a calibration pass of the fp32
-model over ``CALIBRATION_PROMPTS`` (each with the encoders' example inputs), weights multiplied by
-``s``, activations divided by it before quantization (``x W = (x / s)(s W)``, exact in real
-numbers). Measured on SmolLM2-135M (the demo checkpoint, ``--verify``'s 8 prompts): top-1 agreement
-83% without smoothing, 90% / 92% / 92% / 79% at alpha 0.5 / 0.65 / 0.8 / 0.9; int8
-``MatMulNBits`` keeps 98%. Use w8a8 where ``--verify`` passes on your model. The fused
-``MatMulIntegerToFloat`` (int32 product scaled per column in the GEMM's output stage) beat
-``MatMulInteger`` + ``Cast`` + ``Mul`` on the SmolLM2 shape at k = 15 in prefill (0.278 vs 0.308 s)
-and in decode (45.8 vs 41.7 tokens/s; 2 threads, median of 4).
+much larger than the rest (LLMs' outlier channels), so a calibration pass of the fp32 model over
+``CALIBRATION_PROMPTS`` (one at a time, each with the encoders' example inputs) records each
+input channel's largest |x|, and per shared activation (q/k/v; gate/up; o; down; the head):
+
+- its ``OUTLIER_CHANNELS`` (16) largest channels stay fp32: gathered and multiplied by their fp32
+  weight rows in a small ``MatMul`` added to the int8 product, and zeroed in the int8 path (the
+  mixed-precision decomposition of LLM.int8(), Dettmers et al., 2022, with the channels fixed at
+  calibration instead of found per batch);
+- the other channels get SmoothQuant (Xiao et al., 2023) with alpha 0.5: ``s_j = max|x_j|^alpha /
+  max|W_j|^(1-alpha)``, weights multiplied by ``s``, activations divided by it before
+  quantization (``x W = (x / s)(s W)``, exact in real numbers).
+
+Measured on SmolLM2-135M (the demo checkpoint, ``--verify``'s 8 prompts, 298 positions; mean KL of
+the quantized next-token distribution from fp32's): int8 ``MatMulNBits`` (block 32) 98.0% top-1,
+KL 0.014; w8a8 as shipped 97.7%, KL 0.011 (32 fp32 channels: 97.7%, 0.0086); SmoothQuant alone
+(alpha 0.8, no fp32 channels) 87.6%, KL 0.066. ``benchmarks/w8a8_emulation.py`` (the arithmetic in
+torch, one piece switched at a time) puts the pieces apart (KL): per-token activations alone (fp32
+weights, alpha 0.8) 0.008, per-channel weights alone 0.010, both at alpha 0.8 0.059 (smoothing a
+few huge channels into the weights spoils their per-output-channel scales), at alpha 0.5 0.038;
+8 / 16 / 32 fp32 channels at alpha 0.5: 0.012 / 0.010 / 0.010. The fp32 channels cost ~15% of the
+late graph's time at k = 15 (``benchmarks/ort_profile.py``: ``MatMul`` + ``Add`` + ``Gather``
+~50 of 390 ms); accumulating them with ``Gemm`` instead was slower.
+The fused ``MatMulIntegerToFloat`` (int32 product scaled per column in the GEMM's output stage)
+beat ``MatMulInteger`` + ``Cast`` + ``Mul`` on the SmolLM2 shape at k = 15 in prefill (0.278 vs
+0.308 s) and in decode (45.8 vs 41.7 tokens/s; 2 threads, median of 4).
 
 Why not ``quantize_dynamic`` (``MatMulInteger``, one activation scale per tensor): measured on
 SmolLM2-135M, whose MLP inputs reach ~3,000 in two layers (massive activations) against an RMS
@@ -45,7 +60,8 @@ W8A8_METHOD = (
     "MatMulIntegerToFloat: int8 weights per output channel x uint8 activations per token (dynamic, zero point 128), "
     "SmoothQuant-calibrated"
 )
-SMOOTH_ALPHA = 0.8  # the best of 0.5 / 0.65 / 0.8 / 0.9 on SmolLM2-135M (module docstring)
+SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (module docstring)
+OUTLIER_CHANNELS = 16  # per shared activation: its largest calibration channels stay fp32 (module docstring)
 # Calibration prompts of w8a8's smoothing pass: not the prompts --verify checks (composer.export.verify.PROMPTS)
 CALIBRATION_PROMPTS = (
     "What do you see in this picture?",
@@ -141,8 +157,8 @@ def _weight_key(w) -> str:
 
 
 def activation_ranges(model, prompts=CALIBRATION_PROMPTS) -> dict:
-    """Per ``nn.Linear`` of the LLM, the largest |input| per input channel over one fp32 forward
-    pass of ``prompts`` (each with the encoders' seeded example inputs): {weight key: (in,) numpy
+    """Per ``nn.Linear`` of the LLM, the largest |input| per input channel over fp32 forward
+    passes of ``prompts`` (each with the encoders' seeded example inputs): {weight key: (in,) numpy
     array}.
     ``model``: the model being exported (LoRA merged), whose weights the graphs hold."""
     import numpy as np
@@ -163,7 +179,8 @@ def activation_ranges(model, prompts=CALIBRATION_PROMPTS) -> dict:
             hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(**sample_batch(model, prompts))
+            for prompt in prompts:  # one at a time: no padding rows in the statistics
+                model(**sample_batch(model, [prompt]))
     finally:
         for h in hooks:
             h.remove()
@@ -171,7 +188,12 @@ def activation_ranges(model, prompts=CALIBRATION_PROMPTS) -> dict:
 
 
 def quantize_graph_w8a8(
-    path: Path, *, ranges: dict, alpha: float = SMOOTH_ALPHA, exclude: list[str] | None = None
+    path: Path,
+    *,
+    ranges: dict,
+    alpha: float = SMOOTH_ALPHA,
+    outliers: int = OUTLIER_CHANNELS,
+    exclude: list[str] | None = None,
 ) -> dict:
     """Rewrite the weight MatMuls of ``path`` (an ONNX graph with external data) in place as int8
     x int8 GEMMs with per-token activation scales (module docstring). The MatMuls reading the same
@@ -207,7 +229,7 @@ def quantize_graph_w8a8(
     ]
     first = {ns[0].name: x for x, ns in groups.items()}
     target_names = {n.name for n in targets}
-    nodes, drop, smoothed = [], set(), 0
+    nodes, drop, smoothed, fp32_rows = [], set(), 0, {}
     for n in g.node:
         if n.name not in target_names:
             nodes.append(n)
@@ -225,12 +247,22 @@ def quantize_graph_w8a8(
             src = p + "flat"
             if all(r is not None for r in stats):
                 act = np.maximum(np.max(stats, 0), 1e-5)
-                wmax = np.maximum(np.max([np.abs(weights[m.name]).max(1) for m in groups[x]], 0), 1e-5)
+                outl = np.sort(np.argsort(-act, kind="stable")[: outliers if K >= 4 * outliers else 0])
+                keep = np.ones(K, bool)
+                keep[outl] = False
+                wmax = np.max([np.abs(weights[m.name]).max(1) for m in groups[x]], 0)
+                wmax = np.maximum(np.where(keep, wmax, 0), 1e-5)
                 smooth = np.clip(act**alpha / wmax ** (1 - alpha), 1e-4, 1e4).astype(np.float32)
                 for m in groups[x]:
-                    weights[m.name] = weights[m.name] * smooth[:, None]
-                new_inits.append(nh.from_array((1 / smooth).astype(np.float32), p + "inv_smooth"))
+                    if len(outl):
+                        fp32_rows[m.name] = weights[m.name][outl]
+                    weights[m.name] = weights[m.name] * (smooth * keep)[:, None]
+                inv = np.where(keep, 1 / smooth, 0).astype(np.float32)  # outlier channels: 0 in the int8 GEMM
+                new_inits.append(nh.from_array(inv, p + "inv_smooth"))
                 nodes.append(oh.make_node("Mul", [src, p + "inv_smooth"], [p + "smoothed"]))
+                if len(outl):
+                    new_inits.append(nh.from_array(np.asarray(outl, np.int64), p + "outlier_channels"))
+                    nodes.append(oh.make_node("Gather", [src, p + "outlier_channels"], [p + "outliers"], axis=1))
                 src, smoothed = p + "smoothed", smoothed + len(groups[x])
             nodes += [
                 oh.make_node("Abs", [src], [p + "abs"]),
@@ -261,7 +293,17 @@ def quantize_graph_w8a8(
                 domain="com.microsoft",
                 name=q,
             ),
-            oh.make_node("Mul", [q + "/cols", p + "row_scale"], [q + "/flat"]),
+        ]
+        if n.name in fp32_rows:  # the outlier channels' share, in fp32
+            new_inits.append(nh.from_array(fp32_rows[n.name].astype(np.float32), q + ".outlier_weight"))
+            nodes += [
+                oh.make_node("Mul", [q + "/cols", p + "row_scale"], [q + "/int8"]),
+                oh.make_node("MatMul", [p + "outliers", q + ".outlier_weight"], [q + "/fp32"], name=q + "/outliers"),
+                oh.make_node("Add", [q + "/int8", q + "/fp32"], [q + "/flat"]),
+            ]
+        else:
+            nodes.append(oh.make_node("Mul", [q + "/cols", p + "row_scale"], [q + "/flat"]))
+        nodes += [
             oh.make_node("Concat", [p + "lead", q + ".width"], [q + "/shape"], axis=0),
             oh.make_node("Reshape", [q + "/flat", q + "/shape"], [n.output[0]]),
         ]
@@ -273,7 +315,12 @@ def quantize_graph_w8a8(
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(oh.make_opsetid("com.microsoft", 1))
     _save_over(model, path)
-    return {"quantized": len(targets), "kept": [n.name for n in candidates if n.name in exclude], "smoothed": smoothed}
+    return {
+        "quantized": len(targets),
+        "kept": [n.name for n in candidates if n.name in exclude],
+        "smoothed": smoothed,
+        "outlier_channels": sum(len(r) for r in fp32_rows.values()),
+    }
 
 
 def _save_over(model, path: Path) -> None:
@@ -341,6 +388,10 @@ def quantize_bundle_graphs(
             block_size=None,
             accuracy_level=None,
             method=W8A8_METHOD,
-            smoothing={"alpha": SMOOTH_ALPHA, "calibration_prompts": len(CALIBRATION_PROMPTS)},
+            smoothing={
+                "alpha": SMOOTH_ALPHA,
+                "outlier_channels": OUTLIER_CHANNELS,
+                "calibration_prompts": len(CALIBRATION_PROMPTS),
+            },
         )
     return record
