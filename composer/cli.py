@@ -447,6 +447,19 @@ def train(
 )
 @click.option("--keep-head", is_flag=True, help="With --quantize: leave the LM head in full precision.")
 @click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --quantize w8a8: calibrate on this JSONL file (the training formats, with real images/audio) "
+    "instead of the built-in prompts.",
+)
+@click.option(
+    "--calibration-samples",
+    type=int,
+    default=None,
+    help="With --calibration: how many of its first records to run (default 32).",
+)
+@click.option(
     "--min-top1",
     type=float,
     default=None,
@@ -466,6 +479,8 @@ def export(
     block_size: int,
     accuracy_level: int,
     keep_head: bool,
+    calibration: Path | None,
+    calibration_samples: int | None,
     min_top1: float | None,
     atol: float | None,
 ) -> None:
@@ -475,6 +490,7 @@ def export(
     Examples:
       compose export out/tiny-llava -o out/tiny-llava.onnx --verify
       compose export out/tiny-llava -o out/tiny-llava.int8.onnx --quantize int8 --verify
+      compose export out/tiny-llava -o out/tiny-llava.w8a8.onnx --quantize w8a8 --calibration data.jsonl --verify
     """
     from composer.checkpoint import load_pretrained
     from composer.export.exporter import export_onnx
@@ -498,6 +514,8 @@ def export(
             block_size=block_size,
             accuracy_level=accuracy_level,
             keep_head=keep_head,
+            calibration=calibration,
+            calibration_samples=calibration_samples,
         )
     from composer.export.manifest import read_manifest
 

@@ -141,13 +141,17 @@ def export_onnx(
     block_size: int = 32,
     accuracy_level: int = 4,
     keep_head: bool = False,
+    calibration: str | Path | None = None,
+    calibration_samples: int | None = None,
 ) -> Path:
     """Export ``model`` (a ``ComposedModel``) as a split ONNX bundle; returns the bundle path.
 
     ``quantize`` ("int8" or "int4"): the LLM graphs' weight MatMuls become block-wise quantized
     ``MatMulNBits`` (``composer.export.quantize``; ``block_size``, ``accuracy_level``, and
     ``keep_head`` to leave the LM head in full precision), recorded in the manifest; "w8a8": int8
-    weights x per-token int8 activations, SmoothQuant-calibrated (fast prefill GEMMs on CPU).
+    weights x per-token int8 activations, calibrated on built-in prompts or on the first
+    ``calibration_samples`` records of ``calibration`` (a training-format JSONL file with real media)
+    (fast prefill GEMMs on CPU).
 
     Example::
 
@@ -162,6 +166,8 @@ def export_onnx(
         from composer.export.quantize import check_options
 
         check_options(quantize, dtype, block_size, accuracy_level)
+    if (calibration is not None or calibration_samples is not None) and quantize != "w8a8":
+        raise InputError("--calibration / --calibration-samples calibrate w8a8: use them with --quantize w8a8")
     if opset is not None:
         import onnx
 
@@ -174,6 +180,13 @@ def export_onnx(
     say = progress or (lambda s: None)
     tdt = DTYPES[dtype]
     m = merged_for_export(model, tdt)
+    calib = None
+    if calibration is not None:  # read and checked before anything is written
+        from composer.export.quantize import CALIBRATION_SAMPLES, calibration_batches
+
+        say(f"reading calibration data {calibration}")
+        n = CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples
+        calib = (Path(calibration).name, calibration_batches(m, calibration, n))
     shape = m.adapter.shape
     N = shape.num_layers
     out_dir = Path(out_dir)
@@ -262,6 +275,7 @@ def export_onnx(
                 accuracy_level=accuracy_level,
                 keep_head=keep_head,
                 model=m,
+                calibration=calib,
                 say=say,
             )
         # tokenizer, processors, spec, manifest

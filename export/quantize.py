@@ -63,6 +63,7 @@ W8A8_METHOD = (
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (module docstring)
 OUTLIER_CHANNELS = 16  # per shared activation: its largest calibration channels stay fp32 (module docstring)
 # Calibration prompts of w8a8's smoothing pass: not the prompts --verify checks (composer.export.verify.PROMPTS)
+CALIBRATION_SAMPLES = 32  # records of a --calibration file used (the first ones)
 CALIBRATION_PROMPTS = (
     "What do you see in this picture?",
     "Tell me a short story about a dragon.",
@@ -156,15 +157,36 @@ def _weight_key(w) -> str:
     return hashlib.sha1(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest()
 
 
-def activation_ranges(model, prompts=CALIBRATION_PROMPTS) -> dict:
+def calibration_batches(model, path: str | Path, samples: int = CALIBRATION_SAMPLES) -> list[dict]:
+    """The first ``samples`` records of a JSONL file in the training formats (``composer.train.data``:
+    LLaVA, LTU or generic records, media paths relative to the file), one batch each: prompt and
+    response in the spec's template, with the records' own images or audio. Read and preprocessed
+    up front, so a bad record or missing media file is an InputError before anything is exported."""
+    from composer.train.data import Collator, read_jsonl
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InputError(f"--calibration-samples must be a positive integer, got {samples!r}")
+    collate = Collator(model)
+    batches = []
+    for ex in read_jsonl(path, dict(model.placeholders))[:samples]:
+        batch = collate([ex])
+        batch.pop("labels")
+        batches.append(batch)
+    return batches
+
+
+def activation_ranges(model, prompts=CALIBRATION_PROMPTS, *, batches=None, progress=lambda s: None) -> dict:
     """Per ``nn.Linear`` of the LLM, the largest |input| per input channel over fp32 forward
-    passes of ``prompts`` (each with the encoders' seeded example inputs): {weight key: (in,) numpy
-    array}.
+    passes of ``prompts`` (each with the encoders' seeded example inputs), or of ``batches``
+    (``calibration_batches``) when given: {weight key: (in,) numpy array}.
     ``model``: the model being exported (LoRA merged), whose weights the graphs hold."""
     import numpy as np
     import torch
 
     from composer.export.verify import sample_batch
+
+    if batches is None:
+        batches = [sample_batch(model, [prompt]) for prompt in prompts]  # one at a time: no padding rows
 
     ranges: dict[str, np.ndarray] = {}
     hooks = []
@@ -179,8 +201,9 @@ def activation_ranges(model, prompts=CALIBRATION_PROMPTS) -> dict:
             hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for prompt in prompts:  # one at a time: no padding rows in the statistics
-                model(**sample_batch(model, [prompt]))
+            for i, batch in enumerate(batches):
+                progress(f"calibrating w8a8: {i + 1}/{len(batches)}")
+                model(**batch)
     finally:
         for h in hooks:
             h.remove()
@@ -347,10 +370,12 @@ def quantize_bundle_graphs(
     accuracy_level: int = 4,
     keep_head: bool = False,
     model=None,
+    calibration: tuple[str, list[dict]] | None = None,
     say=lambda s: None,
 ) -> dict:
     """Quantize every LLM graph of a bundle being written under ``root``; -> the manifest's
-    ``quantization`` record. ``model`` (the merged model being exported): w8a8's calibration pass."""
+    ``quantization`` record. ``model`` (the merged model being exported): w8a8's calibration pass,
+    over ``calibration`` = (file name, ``calibration_batches``) or else ``CALIBRATION_PROMPTS``."""
     import onnx
 
     bits = SCHEMES[scheme]
@@ -358,8 +383,9 @@ def quantize_bundle_graphs(
     if scheme == "w8a8":
         if model is None:
             raise ValueError("w8a8 needs the model for its calibration pass")
-        say(f"calibrating w8a8 on {len(CALIBRATION_PROMPTS)} prompts")
-        ranges = activation_ranges(model)
+        source, batches = calibration or ("built-in prompts", None)
+        ranges = activation_ranges(model, batches=batches, progress=say)
+        samples = len(batches) if batches is not None else len(CALIBRATION_PROMPTS)
     graphs = {}
     for st in stages:
         path = root / st["graph"]
@@ -391,7 +417,7 @@ def quantize_bundle_graphs(
             smoothing={
                 "alpha": SMOOTH_ALPHA,
                 "outlier_channels": OUTLIER_CHANNELS,
-                "calibration_prompts": len(CALIBRATION_PROMPTS),
+                "calibration": {"data": source, "samples": samples},
             },
         )
     return record

@@ -7,6 +7,7 @@ weights x per-token int8 activations (MatMulIntegerToFloat), SmoothQuant-calibra
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -111,6 +112,9 @@ def test_cli_quantized_verify_gates_on_top1_and_atol(model, tmp_path, capsys):
         ({"quantize": "int3"}, "--quantize must be one of"),
         ({"quantize": "int4", "block_size": 24}, "--block-size must be a power of two"),
         ({"quantize": "int4", "accuracy_level": 7}, "--accuracy-level must be 0-4"),
+        ({"quantize": "int8", "calibration": "data.jsonl"}, "use them with --quantize w8a8"),
+        ({"calibration_samples": 4}, "use them with --quantize w8a8"),
+        ({"quantize": "w8a8", "calibration": "missing.jsonl"}, "missing.jsonl: data file not found"),
     ],
 )
 def test_bad_quantize_options_are_refused_before_writing(model, tmp_path, kwargs, match):
@@ -222,7 +226,11 @@ def test_w8a8_bundle_rewrites_every_llm_linear_and_passes_verify(model, w8a8):
     keep fp32; ORT prefill logits within 0.05 of fp32 torch and --verify's top-1 gate passes."""
     q = json.loads((w8a8 / "manifest.json").read_text())["quantization"]
     assert (q["scheme"], q["bits"], q["block_size"]) == ("w8a8", 8, None)
-    assert q["smoothing"] == {"alpha": 0.5, "outlier_channels": 16, "calibration_prompts": 8}
+    assert q["smoothing"] == {
+        "alpha": 0.5,
+        "outlier_channels": 16,
+        "calibration": {"data": "built-in prompts", "samples": 8},
+    }
     for graph, layers in {"early_text.onnx": 1, "late_multimodal.onnx": model.num_layers - 1}.items():
         want = 7 * layers + (graph == "late_multimodal.onnx")
         assert all(n.name.endswith("/w8a8/outliers") for n in _weight_matmuls(w8a8 / graph))
@@ -262,3 +270,58 @@ def test_w8a8_bundle_agrees_with_the_torch_emulation_of_its_arithmetic(model, w8
     error = np.abs(logits - fp32)[real].max()
     assert error > 1e-3  # quantized: the comparison below means something
     assert np.abs(logits - emulated)[real].max() < 0.05 * error
+
+
+def _calibration_file(tmp_path, lines: list[str]) -> Path:
+    from PIL import Image
+
+    for i in range(3):
+        rgb = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(tmp_path / f"img{i}.png")
+    path = tmp_path / "calib.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _calibration_records(n: int) -> list[str]:
+    return [
+        json.dumps({"image": f"img{i}.png", "prompt": f"What is in picture {i}?", "response": "A shape."})
+        for i in range(n)
+    ]
+
+
+def _inv_smooth(bundle) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    g = onnx.load(str(bundle / "late_multimodal.onnx")).graph
+    return {i.name: numpy_helper.to_array(i) for i in g.initializer if i.name.endswith("inv_smooth")}
+
+
+def test_w8a8_calibrates_on_a_training_format_file_with_its_images(model, w8a8, tmp_path):
+    """--calibration: the first N records of a JSONL file (training formats, media relative to the
+    file) replace the built-in prompts: the manifest names the file and the count, the smoothing
+    factors differ from the built-in calibration's (the file's images and text were used), and
+    the bundle passes --verify."""
+    data = _calibration_file(tmp_path, _calibration_records(3))
+    b = export_onnx(model, tmp_path / "b", quantize="w8a8", calibration=data, calibration_samples=2)
+    q = json.loads((b / "manifest.json").read_text())["quantization"]
+    assert q["smoothing"]["calibration"] == {"data": "calib.jsonl", "samples": 2}
+    mine, builtin = _inv_smooth(b), _inv_smooth(w8a8)
+    assert mine.keys() == builtin.keys() and len(mine) == 4 * (model.num_layers - 1) + 1
+    assert any(not np.array_equal(mine[k], builtin[k]) for k in mine)
+    report = verify_bundle(model, b)
+    assert report["ok"] and report["top1_agreement"] >= 0.95
+
+
+def test_cli_bad_calibration_data_is_one_error_and_no_bundle(model, tmp_path, capsys):
+    """A bad record or a missing image in --calibration: exit 2 naming file and line, nothing written."""
+    from composer.cli import main
+
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    bad = _calibration_records(2) + ['{"image": "img9.png", "prompt": "q", "response": "a"}']
+    for lines, want in ((bad, "calib.jsonl:3: image file not found"), (["{not json"], "calib.jsonl:1:")):
+        data = _calibration_file(tmp_path, lines)
+        with pytest.raises(SystemExit) as e:
+            main(["export", str(ckpt), "-o", str(tmp_path / "out"), "--quantize", "w8a8", "--calibration", str(data)])
+        assert e.value.code == 2 and want in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
