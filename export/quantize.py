@@ -58,7 +58,7 @@ SCHEMES = {"int8": 8, "int4": 4, "w8a8": 8}
 METHOD = "MatMulNBits, symmetric round-to-nearest, block-wise (onnxruntime.quantization.matmul_nbits_quantizer)"
 W8A8_METHOD = (
     "MatMulIntegerToFloat: int8 weights per output channel x uint8 activations per token (dynamic, zero point 128), "
-    "SmoothQuant-calibrated"
+    "SmoothQuant-calibrated, the largest calibration channels of each input in fp32"
 )
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (module docstring)
 OUTLIER_CHANNELS = 16  # per shared activation: its largest calibration channels stay fp32 (module docstring)

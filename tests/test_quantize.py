@@ -2,7 +2,8 @@
 ONNX Runtime MatMulNBits (block-wise, symmetric), the encoders and embeddings stay fp32, the manifest
 records the scheme; `--verify` gates a quantized bundle on top-1 agreement with the fp32 torch model
 (`--min-top1`, default 0.95) and optionally the max logit difference (`--atol`). `--quantize w8a8`: int8
-weights x per-token int8 activations (MatMulIntegerToFloat), SmoothQuant-calibrated."""
+weights x per-token int8 activations (MatMulIntegerToFloat), SmoothQuant + fp32 outlier channels, calibrated
+on built-in prompts or a --calibration file."""
 
 from __future__ import annotations
 
