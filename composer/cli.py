@@ -433,7 +433,7 @@ def train(
     type=click.Choice(list(QUANT_SCHEMES)),
     default=None,
     help="Quantize the LLM graphs' linear layers: int8/int4 weights block-wise (ONNX Runtime MatMulNBits); "
-    "w8a8 int8 weights x per-token int8 activations, calibrated (SmoothQuant, largest channels fp32; fast CPU prefill).",
+    "w8a8 int8 weights x per-token int8 activations, calibrated (SmoothQuant, top channels fp32; fast CPU prefill).",
 )
 @click.option(
     "--block-size", type=int, default=32, show_default=True, help="With --quantize int8/int4: weights per scale."
