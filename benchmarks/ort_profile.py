@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("spec")
     ap.add_argument("--insert-at", type=int, default=0)
     ap.add_argument("--quantize", choices=sorted(SCHEMES), default=None)
+    ap.add_argument("--fp32-channels", type=int, default=None, help="w8a8: as compose export --fp32-channels")
+    ap.add_argument("--smooth-alpha", type=float, default=None, help="w8a8: as compose export --smooth-alpha")
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -46,7 +48,14 @@ def main() -> None:
     batch = bench_inputs(model, args.text_tokens, 1)
     mm = {m: batch[m] for m in model.encoders if m in batch}
     with tempfile.TemporaryDirectory(prefix="ort-profile-") as tmp:
-        bundle = export_onnx(model, Path(tmp) / "bundle", dtype="fp32", quantize=args.quantize)
+        w8a8 = {"fp32_channels": args.fp32_channels, "smooth_alpha": args.smooth_alpha}
+        bundle = export_onnx(
+            model,
+            Path(tmp) / "bundle",
+            dtype="fp32",
+            quantize=args.quantize,
+            **{k: v for k, v in w8a8.items() if v is not None},
+        )
         so = default_session_options(False, args.threads)
         if args.no_flush_denormals:
             so.add_session_config_entry("session.set_denormal_as_zero", "0")

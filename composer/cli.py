@@ -460,6 +460,18 @@ def train(
     help="With --calibration: how many of its first records to run (default 32).",
 )
 @click.option(
+    "--fp32-channels",
+    type=int,
+    default=None,
+    help="With --quantize w8a8: the largest calibration channels of each input kept in fp32 (default 16; 0: none).",
+)
+@click.option(
+    "--smooth-alpha",
+    type=float,
+    default=None,
+    help="With --quantize w8a8: SmoothQuant's migration strength on the other channels, 0-1 (default 0.5).",
+)
+@click.option(
     "--min-top1",
     type=float,
     default=None,
@@ -481,6 +493,8 @@ def export(
     keep_head: bool,
     calibration: Path | None,
     calibration_samples: int | None,
+    fp32_channels: int | None,
+    smooth_alpha: float | None,
     min_top1: float | None,
     atol: float | None,
 ) -> None:
@@ -516,6 +530,8 @@ def export(
             keep_head=keep_head,
             calibration=calibration,
             calibration_samples=calibration_samples,
+            fp32_channels=fp32_channels,
+            smooth_alpha=smooth_alpha,
         )
     from composer.export.manifest import read_manifest
 

@@ -143,15 +143,18 @@ def export_onnx(
     keep_head: bool = False,
     calibration: str | Path | None = None,
     calibration_samples: int | None = None,
+    fp32_channels: int | None = None,
+    smooth_alpha: float | None = None,
 ) -> Path:
     """Export ``model`` (a ``ComposedModel``) as a split ONNX bundle; returns the bundle path.
 
     ``quantize`` ("int8" or "int4"): the LLM graphs' weight MatMuls become block-wise quantized
     ``MatMulNBits`` (``composer.export.quantize``; ``block_size``, ``accuracy_level``, and
     ``keep_head`` to leave the LM head in full precision), recorded in the manifest; "w8a8": int8
-    weights x per-token int8 activations, calibrated on built-in prompts or on the first
-    ``calibration_samples`` records of ``calibration`` (a training-format JSONL file with real media)
-    (fast prefill GEMMs on CPU).
+    weights x per-token int8 activations (fast prefill GEMMs on CPU), calibrated on built-in prompts
+    or on the first ``calibration_samples`` records of ``calibration`` (a training-format JSONL file
+    with real media); ``fp32_channels`` (16) largest channels per input kept in fp32, SmoothQuant
+    ``smooth_alpha`` (0.5) on the rest.
 
     Example::
 
@@ -166,8 +169,17 @@ def export_onnx(
         from composer.export.quantize import check_options
 
         check_options(quantize, dtype, block_size, accuracy_level)
-    if (calibration is not None or calibration_samples is not None) and quantize != "w8a8":
-        raise InputError("--calibration / --calibration-samples calibrate w8a8: use them with --quantize w8a8")
+    w8a8_options = {"calibration": calibration, "calibration_samples": calibration_samples}
+    w8a8_options.update(fp32_channels=fp32_channels, smooth_alpha=smooth_alpha)
+    if quantize != "w8a8" and any(v is not None for v in w8a8_options.values()):
+        given = ", ".join("--" + k.replace("_", "-") for k, v in w8a8_options.items() if v is not None)
+        raise InputError(f"{given}: options of w8a8, use them with --quantize w8a8")
+    if quantize == "w8a8":
+        from composer.export.quantize import FP32_CHANNELS, SMOOTH_ALPHA, check_w8a8_options
+
+        fp32_channels = FP32_CHANNELS if fp32_channels is None else fp32_channels
+        smooth_alpha = SMOOTH_ALPHA if smooth_alpha is None else smooth_alpha
+        check_w8a8_options(fp32_channels, smooth_alpha)
     if opset is not None:
         import onnx
 
@@ -276,6 +288,7 @@ def export_onnx(
                 keep_head=keep_head,
                 model=m,
                 calibration=calib,
+                **({"fp32_channels": fp32_channels, "smooth_alpha": smooth_alpha} if quantize == "w8a8" else {}),
                 say=say,
             )
         # tokenizer, processors, spec, manifest

@@ -16,7 +16,7 @@ much larger than the rest (LLMs' outlier channels), so a calibration pass of the
 ``CALIBRATION_PROMPTS`` (one at a time, each with the encoders' example inputs) records each
 input channel's largest |x|, and per shared activation (q/k/v; gate/up; o; down; the head):
 
-- its ``OUTLIER_CHANNELS`` (16) largest channels stay fp32: gathered and multiplied by their fp32
+- its ``FP32_CHANNELS`` (16) largest channels stay fp32: gathered and multiplied by their fp32
   weight rows in a small ``MatMul`` added to the int8 product, and zeroed in the int8 path (the
   mixed-precision decomposition of LLM.int8(), Dettmers et al., 2022, with the channels fixed at
   calibration instead of found per batch);
@@ -61,7 +61,7 @@ W8A8_METHOD = (
     "SmoothQuant-calibrated, the largest calibration channels of each input in fp32"
 )
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (module docstring)
-OUTLIER_CHANNELS = 16  # per shared activation: its largest calibration channels stay fp32 (module docstring)
+FP32_CHANNELS = 16  # per shared activation: its largest calibration channels stay fp32 (module docstring)
 # Calibration prompts of w8a8's smoothing pass: not the prompts --verify checks (composer.export.verify.PROMPTS)
 CALIBRATION_SAMPLES = 32  # records of a --calibration file used (the first ones)
 CALIBRATION_PROMPTS = (
@@ -157,6 +157,14 @@ def _weight_key(w) -> str:
     return hashlib.sha1(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest()
 
 
+def check_w8a8_options(fp32_channels, smooth_alpha) -> None:
+    """One InputError naming the option, before anything is exported."""
+    if isinstance(fp32_channels, bool) or not isinstance(fp32_channels, int) or fp32_channels < 0:
+        raise InputError(f"--fp32-channels must be an integer >= 0, got {fp32_channels!r}")
+    if isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, int | float) or not 0 <= smooth_alpha <= 1:
+        raise InputError(f"--smooth-alpha must be in [0, 1], got {smooth_alpha!r}")
+
+
 def calibration_batches(model, path: str | Path, samples: int = CALIBRATION_SAMPLES) -> list[dict]:
     """The first ``samples`` records of a JSONL file in the training formats (``composer.train.data``:
     LLaVA, LTU or generic records, media paths relative to the file), one batch each: prompt and
@@ -215,14 +223,17 @@ def quantize_graph_w8a8(
     *,
     ranges: dict,
     alpha: float = SMOOTH_ALPHA,
-    outliers: int = OUTLIER_CHANNELS,
+    fp32_channels: int = FP32_CHANNELS,
     exclude: list[str] | None = None,
 ) -> dict:
     """Rewrite the weight MatMuls of ``path`` (an ONNX graph with external data) in place as int8
     x int8 GEMMs with per-token activation scales (module docstring). The MatMuls reading the same
-    activation (q/k/v; gate/up) share its smoothing and quantization. A weight without calibration
-    statistics in ``ranges`` (``activation_ranges``) is quantized unsmoothed.
-    -> {"quantized": n, "kept": [names left in full precision], "smoothed": n}."""
+    activation (q/k/v; gate/up) share its smoothing, quantization and ``fp32_channels`` channels
+    (the activation's largest in ``ranges``; none where the input is narrower than 4 x
+    ``fp32_channels``). A weight without calibration statistics in ``ranges`` (``activation_ranges``)
+    is quantized unsmoothed, with no fp32 channels.
+    -> {"quantized": n, "kept": [names left in full precision], "smoothed": n, "fp32_channels":
+    fp32 input channels summed over the rewritten MatMuls}."""
     import numpy as np
     import onnx
     from onnx import helper as oh
@@ -270,7 +281,7 @@ def quantize_graph_w8a8(
             src = p + "flat"
             if all(r is not None for r in stats):
                 act = np.maximum(np.max(stats, 0), 1e-5)
-                outl = np.sort(np.argsort(-act, kind="stable")[: outliers if K >= 4 * outliers else 0])
+                outl = np.sort(np.argsort(-act, kind="stable")[: fp32_channels if K >= 4 * fp32_channels else 0])
                 keep = np.ones(K, bool)
                 keep[outl] = False
                 wmax = np.max([np.abs(weights[m.name]).max(1) for m in groups[x]], 0)
@@ -342,7 +353,7 @@ def quantize_graph_w8a8(
         "quantized": len(targets),
         "kept": [n.name for n in candidates if n.name in exclude],
         "smoothed": smoothed,
-        "outlier_channels": sum(len(r) for r in fp32_rows.values()),
+        "fp32_channels": sum(len(r) for r in fp32_rows.values()),
     }
 
 
@@ -371,6 +382,8 @@ def quantize_bundle_graphs(
     keep_head: bool = False,
     model=None,
     calibration: tuple[str, list[dict]] | None = None,
+    fp32_channels: int = FP32_CHANNELS,
+    smooth_alpha: float = SMOOTH_ALPHA,
     say=lambda s: None,
 ) -> dict:
     """Quantize every LLM graph of a bundle being written under ``root``; -> the manifest's
@@ -395,7 +408,9 @@ def quantize_bundle_graphs(
         head = head_nodes(onnx.load(str(path), load_external_data=False), vocab_size) if st["last"] else []
         exclude = head if keep_head else []
         if ranges is not None:
-            graphs[st["graph"]] = quantize_graph_w8a8(path, ranges=ranges, exclude=exclude)
+            graphs[st["graph"]] = quantize_graph_w8a8(
+                path, ranges=ranges, alpha=smooth_alpha, fp32_channels=fp32_channels, exclude=exclude
+            )
         else:
             graphs[st["graph"]] = quantize_graph(
                 path, bits=bits, block_size=block_size, accuracy_level=accuracy_level, exclude=exclude
@@ -415,8 +430,8 @@ def quantize_bundle_graphs(
             accuracy_level=None,
             method=W8A8_METHOD,
             smoothing={
-                "alpha": SMOOTH_ALPHA,
-                "outlier_channels": OUTLIER_CHANNELS,
+                "alpha": smooth_alpha,
+                "fp32_channels": fp32_channels,
                 "calibration": {"data": source, "samples": samples},
             },
         )

@@ -116,6 +116,9 @@ def test_cli_quantized_verify_gates_on_top1_and_atol(model, tmp_path, capsys):
         ({"quantize": "int8", "calibration": "data.jsonl"}, "use them with --quantize w8a8"),
         ({"calibration_samples": 4}, "use them with --quantize w8a8"),
         ({"quantize": "w8a8", "calibration": "missing.jsonl"}, "missing.jsonl: data file not found"),
+        ({"quantize": "int4", "smooth_alpha": 0.5}, "--smooth-alpha: options of w8a8"),
+        ({"quantize": "w8a8", "fp32_channels": -1}, "--fp32-channels must be an integer >= 0"),
+        ({"quantize": "w8a8", "smooth_alpha": 1.5}, r"--smooth-alpha must be in \[0, 1\]"),
     ],
 )
 def test_bad_quantize_options_are_refused_before_writing(model, tmp_path, kwargs, match):
@@ -199,8 +202,8 @@ def test_w8a8_graph_matches_a_numpy_emulation_and_smoothing_tames_an_outlier_cha
         where = tmp_path / f"{smoothed}{outliers}"
         where.mkdir()
         path = _two_matmul_graph(where, w1, w2)
-        rec = quantize_graph_w8a8(path, ranges=ranges if smoothed else {}, alpha=0.5, outliers=outliers)
-        assert rec == {"quantized": 2, "kept": [], "smoothed": 2 * smoothed, "outlier_channels": 2 * outliers}
+        rec = quantize_graph_w8a8(path, ranges=ranges if smoothed else {}, alpha=0.5, fp32_channels=outliers)
+        assert rec == {"quantized": 2, "kept": [], "smoothed": 2 * smoothed, "fp32_channels": 2 * outliers}
         ops = _ops(path)
         assert ops.count("MatMulIntegerToFloat") == 2 and ops.count("QuantizeLinear") == 1
         assert ops.count("MatMul") == 2 * bool(outliers)  # the outlier channels' fp32 share
@@ -229,7 +232,7 @@ def test_w8a8_bundle_rewrites_every_llm_linear_and_passes_verify(model, w8a8):
     assert (q["scheme"], q["bits"], q["block_size"]) == ("w8a8", 8, None)
     assert q["smoothing"] == {
         "alpha": 0.5,
-        "outlier_channels": 16,
+        "fp32_channels": 16,
         "calibration": {"data": "built-in prompts", "samples": 8},
     }
     for graph, layers in {"early_text.onnx": 1, "late_multimodal.onnx": model.num_layers - 1}.items():
@@ -237,7 +240,7 @@ def test_w8a8_bundle_rewrites_every_llm_linear_and_passes_verify(model, w8a8):
         assert all(n.name.endswith("/w8a8/outliers") for n in _weight_matmuls(w8a8 / graph))
         assert _ops(w8a8 / graph).count("MatMulIntegerToFloat") == want
         # every input is >= 64 wide: 16 channels of each stay fp32 (one fp32 MatMul per rewritten one)
-        assert q["graphs"][graph] == {"quantized": want, "kept": [], "smoothed": want, "outlier_channels": 16 * want}
+        assert q["graphs"][graph] == {"quantized": want, "kept": [], "smoothed": want, "fp32_channels": 16 * want}
         assert len(_weight_matmuls(w8a8 / graph)) == want
     assert "MatMulIntegerToFloat" not in _ops(w8a8 / "encoder.image.onnx")
     report = verify_bundle(model, w8a8)
@@ -252,7 +255,7 @@ def test_w8a8_bundle_agrees_with_the_torch_emulation_of_its_arithmetic(model, w8
     from pathlib import Path
 
     from composer.export.exporter import merged_for_export
-    from composer.export.quantize import CALIBRATION_PROMPTS, OUTLIER_CHANNELS, SMOOTH_ALPHA
+    from composer.export.quantize import CALIBRATION_PROMPTS, FP32_CHANNELS, SMOOTH_ALPHA
     from composer.export.verify import PROMPTS, sample_batch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -261,7 +264,7 @@ def test_w8a8_bundle_agrees_with_the_torch_emulation_of_its_arithmetic(model, w8
     ref = merged_for_export(model, torch.float32)
     batch = sample_batch(ref, PROMPTS[:3])
     amax = emu.calibrate(ref, CALIBRATION_PROMPTS)
-    emulated = emu.emulate(ref, batch, amax, alpha=SMOOTH_ALPHA, fp32_channels=OUTLIER_CHANNELS).numpy()
+    emulated = emu.emulate(ref, batch, amax, alpha=SMOOTH_ALPHA, fp32_channels=FP32_CHANNELS).numpy()
     logits, _ = OnnxPipeline(w8a8).prefill(
         batch["input_ids"], batch["attention_mask"], {"image": batch["image"]}, all_logits=True
     )
@@ -312,6 +315,15 @@ def test_w8a8_calibrates_on_a_training_format_file_with_its_images(model, w8a8, 
     assert any(not np.array_equal(mine[k], builtin[k]) for k in mine)
     report = verify_bundle(model, b)
     assert report["ok"] and report["top1_agreement"] >= 0.95
+
+
+def test_w8a8_options_reach_the_graphs_and_the_manifest(model, tmp_path):
+    """--fp32-channels 0 --smooth-alpha 0.8: SmoothQuant alone, as recorded; no fp32 MatMul left."""
+    b = export_onnx(model, tmp_path / "b", quantize="w8a8", fp32_channels=0, smooth_alpha=0.8)
+    q = json.loads((b / "manifest.json").read_text())["quantization"]
+    assert (q["smoothing"]["alpha"], q["smoothing"]["fp32_channels"]) == (0.8, 0)
+    assert all(g["fp32_channels"] == 0 for g in q["graphs"].values())
+    assert _weight_matmuls(b / "late_multimodal.onnx") == []
 
 
 def test_cli_bad_calibration_data_is_one_error_and_no_bundle(model, tmp_path, capsys):
