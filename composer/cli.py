@@ -570,7 +570,8 @@ def export(
 def _print_quantized_report(con, r: dict) -> None:
     con.print(
         f"  {r['quantization']} vs fp32 torch on {r['prompts']} prompts ({r['positions']} text positions): "
-        f"top-1 agreement {r['top1_agreement']:.1%}, max logit difference {r['max_logit_diff']:.3g}, "
+        f"top-1 agreement {r['top1_agreement']:.2%} ({round(r['top1_agreement'] * r['positions'])} of "
+        f"{r['positions']}), max logit difference {r['max_logit_diff']:.3g}, "
         f"mean KL {r['mean_kl']:.2g} nats, "
         f"greedy tokens equal {r['greedy_agreement']:.1%} ({r['greedy_tokens']} per prompt)"
     )

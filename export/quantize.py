@@ -25,8 +25,8 @@ input channel's largest |x|, and per shared activation (q/k/v; gate/up; o; down;
   quantization (``x W = (x / s)(s W)``, exact in real numbers).
 
 Measured on SmolLM2-135M (the demo checkpoint, ``--verify``'s 8 prompts, 298 positions; mean KL of
-the quantized next-token distribution from fp32's): int8 ``MatMulNBits`` (block 32) 98.0% top-1,
-KL 0.014; w8a8 as shipped 97.7%, KL 0.011 (32 fp32 channels: 97.7%, 0.0086); SmoothQuant alone
+the quantized next-token distribution from fp32's): int8 ``MatMulNBits`` (block 32) 97.99% top-1 (292 of 298),
+KL 0.014; w8a8 as shipped 97.65% (291), KL 0.011 (32 fp32 channels: 291, 0.0086); SmoothQuant alone
 (alpha 0.8, no fp32 channels) 87.6%, KL 0.066. ``benchmarks/w8a8_emulation.py`` (the arithmetic in
 torch, one piece switched at a time) puts the pieces apart (KL): per-token activations alone (fp32
 weights, alpha 0.8) 0.008, per-channel weights alone 0.010, both at alpha 0.8 0.059 (smoothing a
