@@ -56,27 +56,15 @@ def _groups(linears: dict) -> dict[str, list[str]]:
 
 
 def calibrate(model, prompts) -> dict[str, torch.Tensor]:
-    """Largest |input| per input channel of each LLM Linear over ``prompts``, one at a time."""
-    from composer.export.verify import sample_batch
+    """Largest |input| per input channel of each LLM Linear over ``prompts``, one at a time: the
+    export's own calibration pass (``activation_ranges``), keyed by Linear name."""
+    from composer.export.quantize import _weight_key, activation_ranges
 
-    amax: dict[str, torch.Tensor] = {}
-
-    def record(name):
-        def hook(mod, inputs, out):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(0)
-            amax[name] = torch.maximum(amax[name], x) if name in amax else x
-
-        return hook
-
-    hooks = [m.register_forward_hook(record(n)) for n, m in _linears(model).items()]
-    try:
-        with torch.no_grad():
-            for prompt in prompts:
-                model(**sample_batch(model, [prompt]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return amax
+    ranges = activation_ranges(model, prompts)
+    return {
+        name: torch.from_numpy(ranges[_weight_key(lin.weight.detach().float().T.numpy())])
+        for name, lin in _linears(model).items()
+    }
 
 
 def _linears(model) -> dict:
@@ -126,7 +114,7 @@ def main(argv=None) -> int:
 
     from composer.export.exporter import merged_for_export
     from composer.export.quantize import CALIBRATION_PROMPTS
-    from composer.export.verify import PROMPTS, sample_batch
+    from composer.export.verify import PROMPTS, _kl, sample_batch
     from composer.model import ComposedModel
 
     model = merged_for_export(ComposedModel.from_pretrained(args.checkpoint), torch.float32).eval()
@@ -136,13 +124,12 @@ def main(argv=None) -> int:
         ref = model(**batch).logits.float()
     ids = batch["input_ids"].numpy()
     text = batch["attention_mask"].bool().numpy() & ~np.isin(ids, list(model.placeholder_ids.values()))
-    ref_lp = ref.log_softmax(-1)
     linears = _linears(model)
     print(f"{args.checkpoint}: {len(linears)} Linears in {len(_groups(linears))} groups, {int(text.sum())} positions")
     print(f"{'':50} {'top-1':>7} {'mean KL':>9} {'max diff':>9}")
     for label, alpha, n_fp32, qa, qw in ROWS:
         got = emulate(model, batch, amax, alpha=alpha, fp32_channels=n_fp32, quant_act=qa, quant_weight=qw)
-        kl = (ref_lp.exp() * (ref_lp - got.log_softmax(-1))).sum(-1).numpy()[text].mean()
+        kl = _kl(ref.numpy(), got.numpy())[text].mean()
         top1 = (got.argmax(-1) == ref.argmax(-1)).numpy()[text].mean()
         diff = (got - ref).abs().numpy()[text].max()
         print(f"{label:50} {top1:7.1%} {kl:9.4f} {diff:9.2f}", flush=True)

@@ -169,8 +169,12 @@ def export_onnx(
         from composer.export.quantize import check_options
 
         check_options(quantize, dtype, block_size, accuracy_level)
-    w8a8_options = {"calibration": calibration, "calibration_samples": calibration_samples}
-    w8a8_options.update(fp32_channels=fp32_channels, smooth_alpha=smooth_alpha)
+    w8a8_options = {
+        "calibration": calibration,
+        "calibration_samples": calibration_samples,
+        "fp32_channels": fp32_channels,
+        "smooth_alpha": smooth_alpha,
+    }
     if quantize != "w8a8" and any(v is not None for v in w8a8_options.values()):
         given = ", ".join("--" + k.replace("_", "-") for k, v in w8a8_options.items() if v is not None)
         raise InputError(f"{given}: options of w8a8, use them with --quantize w8a8")
