@@ -453,14 +453,14 @@ def load_any(
     ``overrides``: ``dotted.key=value`` settings on a spec file (``spec.apply_overrides``)."""
     from composer.builder import build
     from composer.spec import load_spec
+    from composer.targets import resolve
 
-    p = Path(target)
-    if p.is_dir():
-        if not is_checkpoint(p):
-            raise InputError(f"{p}: not a composer checkpoint (no composer.json) nor a spec file")
+    t = resolve(target, accept=("spec", "checkpoint"))
+    if t.kind == "checkpoint":
         if overrides:
-            raise InputError(f"{p}: overrides ({' '.join(overrides)}) apply to spec files, not to a built checkpoint")
-        return load_pretrained(p, meta_weights=meta_weights)
-    if not p.exists():
-        raise InputError(f"{p}: no such spec file or checkpoint directory")
+            raise InputError(
+                f"{t.ref}: overrides ({' '.join(overrides)}) apply to spec files, not to a built checkpoint"
+            )
+        return load_pretrained(t.path, meta_weights=meta_weights)
+    p = t.path
     return build(load_spec(p, overrides), shape_only=shape_only, offline=offline, meta_weights=meta_weights)

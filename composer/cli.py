@@ -508,6 +508,7 @@ def export(
     """
     from composer.checkpoint import load_pretrained
     from composer.export.exporter import export_onnx
+    from composer.targets import resolve
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: exists and is not empty (pass --overwrite)")
@@ -515,7 +516,7 @@ def export(
     from composer.checkpoint import check_output_apart
 
     check_output_apart(out, {"checkpoint": checkpoint})
-    model = load_pretrained(_checkpoint_dir(str(checkpoint)))
+    model = load_pretrained(resolve(checkpoint, accept=("checkpoint",)).path)
     with con.status("exporting") as status:
         export_onnx(
             model,
@@ -662,21 +663,22 @@ def generate(
     from transformers import TextStreamer
 
     from composer.checkpoint import load_pretrained
-    from composer.export.manifest import is_bundle
+    from composer.targets import resolve
 
     if (prompt is None) == (input_file is None):
         raise InputError("give --prompt, or --input FILE with -o OUT")
     if input_file is not None and output is None:
         raise InputError("--input needs -o OUT (the answers' JSONL file)")
+    kind = resolve(target, accept=("checkpoint", "bundle")).kind
     items = _modality_args(ctx.args, text_ok=_text_modalities(target))
-    if is_bundle(target):
+    if kind == "bundle":
         from composer.export.runtime import OnnxPipeline
 
         if device is not None or dtype is not None:
             raise InputError("--device/--dtype apply to checkpoints; a bundle runs on --provider in its exported dtype")
         model = OnnxPipeline(target, provider=provider)
     else:
-        model = load_pretrained(_checkpoint_dir(target))
+        model = load_pretrained(target)
         model = model.to(device=_torch_device(device), dtype=getattr(torch, dtype) if dtype else None)
     settings = dict(
         max_new_tokens=max_new_tokens,
@@ -850,16 +852,16 @@ def serve(
         from composer.serve.app import create_app
     except ImportError as e:
         raise ComposerError(f"compose serve needs {e.name}: pip install 'mm-composer[serve]'") from None
-    from composer.export.manifest import is_bundle
+    from composer.targets import resolve
 
-    if is_bundle(target):
+    if resolve(target, accept=("checkpoint", "bundle")).kind == "bundle":
         from composer.export.runtime import OnnxPipeline, default_session_options
 
         runtime = OnnxPipeline(target, provider=provider, session_options=default_session_options(threads=threads))
     else:
         from composer.checkpoint import load_pretrained
 
-        runtime = load_pretrained(_checkpoint_dir(target)).eval()
+        runtime = load_pretrained(target).eval()
     limits = Limits(
         max_body_bytes=int(max_body_mb * 2**20),
         max_image_pixels=max_image_pixels,
@@ -1143,15 +1145,6 @@ def probe(
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))
         con.print(f"wrote {json_path}")
-
-
-def _checkpoint_dir(target: str) -> Path:
-    from composer.checkpoint import is_checkpoint
-
-    p = Path(target)
-    if not is_checkpoint(p):
-        raise InputError(f"{p}: neither a composer checkpoint (composer.json) nor an ONNX bundle (manifest.json)")
-    return p
 
 
 class _Terminated(KeyboardInterrupt):

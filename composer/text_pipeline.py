@@ -20,26 +20,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from composer.errors import InputError
+
 
 class Pipeline:
     """A loaded model (``model``: a ``ComposedModel`` or an ``OnnxPipeline``) as a callable."""
 
     def __init__(self, target: str | Path, *, provider: str = "cpu", revision: str | None = None):
-        from composer.export.manifest import is_bundle
+        from composer.targets import resolve
 
-        target = str(target)
-        if is_bundle(target):
+        t = resolve(target)
+        if revision is not None and t.kind != "hub":
+            raise InputError(f"{target}: revision={revision!r} applies to Hub repos; this is a local {t.kind}")
+        if t.kind == "bundle":
             from composer.export.runtime import OnnxPipeline
 
-            self.model = OnnxPipeline(target, provider=provider)
-        elif Path(target).is_file():
+            self.model = OnnxPipeline(t.path, provider=provider)
+        elif t.kind == "spec":
             from composer.builder import build
 
-            self.model = build(target).eval()
-        else:  # a checkpoint dir or a Hub id
+            self.model = build(t.path).eval()
+        else:  # a checkpoint dir or a Hub repo
             from composer.model import ComposedModel
 
-            self.model = ComposedModel.from_pretrained(target, revision=revision)
+            self.model = ComposedModel.from_pretrained(t.path or t.ref, revision=revision)
 
     def __call__(
         self,
@@ -86,5 +90,6 @@ class Pipeline:
 
 def pipeline(target: str | Path, *, provider: str = "cpu", revision: str | None = None) -> Pipeline:
     """``Pipeline(target)``: a composed checkpoint dir, an ONNX bundle dir, a Hub id
-    (``owner/name``, ``owner/name@rev``) or a spec file, as a text-generation callable."""
+    (``owner/name``, ``owner/name@rev``), a spec file or a shipped spec name (``tiny/llava``), as a
+    text-generation callable; ``composer.targets`` says how TARGET is read."""
     return Pipeline(target, provider=provider, revision=revision)
