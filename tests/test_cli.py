@@ -129,9 +129,9 @@ def test_build_refuses_non_empty_output(tmp_path):
 
 def test_inspect_missing_target_and_usage_errors(tmp_path):
     r = compose("inspect", tmp_path / "nope.yaml")
-    assert r.returncode == 2 and "no such spec file" in r.stderr
+    assert r.returncode == 2 and "nope.yaml: no such file or directory; expected a spec file" in r.stderr
     r = compose("inspect", tmp_path)
-    assert r.returncode == 2 and "not a composer checkpoint" in r.stderr
+    assert r.returncode == 2 and "neither a composer checkpoint" in r.stderr
     r = compose("build", TINY)  # missing -o
     assert r.returncode == 2 and "Missing option" in r.stderr
 
