@@ -48,7 +48,7 @@ WINDOW, HOP = 400, 160
 # -- reading and resampling audio --------------------------------------------------------------------
 
 
-def read_audio(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
+def read_audio(path: str | os.PathLike[str], max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """An audio file -> (mono float32 waveform, sampling rate), through ``soundfile`` (libsndfile,
     whose wheels bundle the library): WAV of every common encoding (PCM 8/16/24/32-bit, IEEE
     float 32/64, A-law/mu-law, WAVE_FORMAT_EXTENSIBLE), FLAC, OGG/Vorbis/Opus, AIFF. Channels are
@@ -56,18 +56,35 @@ def read_audio(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
 
     Raises ``InputError`` naming the file when it is missing, unreadable, truncated (a WAV whose
     data chunk declares more frames than the file holds; libsndfile alone would read the rest
-    silently), empty, outside [MIN_RATE, MAX_RATE] Hz, or holds NaN/infinite samples.
+    silently), empty, outside [MIN_RATE, MAX_RATE] Hz, or holds NaN/infinite samples; and, with
+    ``max_seconds``, longer than that: refused from the header's frame count before any sample is
+    decoded, and never more than ``max_seconds`` of samples read (a header may lie or say nothing).
     """
     if not os.path.isfile(path):
         raise InputError(f"{path}: audio file not found")
     try:
         import soundfile as sf
     except (ImportError, OSError):  # OSError: the wheel's libsndfile cannot be loaded
-        return read_wav(path)
+        wave, rate = read_wav(path)
+        if max_seconds is not None and len(wave) > max_seconds * rate:
+            _too_long(path, len(wave) / rate, max_seconds)
+        return wave, rate
     try:
         with sf.SoundFile(str(path)) as f:
             rate = f.samplerate
-            data = f.read(dtype="float32", always_2d=True)
+            if max_seconds is not None:
+                if not MIN_RATE <= rate <= MAX_RATE:
+                    raise InputError(
+                        f"{path}: sampling rate {rate} Hz in the file header is outside [{MIN_RATE}, {MAX_RATE}] Hz"
+                    )
+                limit = int(max_seconds * rate)
+                if f.frames > limit:  # libsndfile reports the header's count (unknown: a huge one or 0)
+                    _too_long(path, f.frames / rate, max_seconds)
+                data = f.read(frames=limit + 1, dtype="float32", always_2d=True)
+                if len(data) > limit:
+                    _too_long(path, None, max_seconds)
+            else:
+                data = f.read(dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, ValueError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1].replace(f"Error opening {str(path)!r}: ", "")
         raise InputError(f"{path}: cannot read audio ({reason})") from None
@@ -81,6 +98,11 @@ def read_audio(path: str | os.PathLike[str]) -> tuple[np.ndarray, int]:
     if not np.isfinite(data).all():
         raise InputError(f"{path}: audio contains NaN or infinite samples")
     return data.mean(axis=1, dtype=np.float64).astype(np.float32), rate
+
+
+def _too_long(path, seconds: float | None, limit: float):
+    held = f"{seconds:.1f} s of audio" if seconds is not None else "audio longer than the limit"
+    raise InputError(f"{path}: {held} exceeds the limit of {float(limit):g} s")
 
 
 def _riff_frames(path: str | os.PathLike[str]) -> int | None:

@@ -805,6 +805,10 @@ def cp_(name: str, dest: Path, overwrite: bool) -> None:
 @click.option("--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1))
 @click.option("--max-audio-seconds", default=30.0, show_default=True, type=click.FloatRange(0))
 @click.option(
+    "--max-media-items", default=8, show_default=True, type=click.IntRange(0), help="Image/audio parts per request."
+)
+@click.option("--max-stop-chars", default=128, show_default=True, type=click.IntRange(1), help="Per stop string.")
+@click.option(
     "--media-root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
@@ -827,6 +831,8 @@ def serve(
     max_body_mb: float,
     max_image_pixels: int,
     max_audio_seconds: float,
+    max_media_items: int,
+    max_stop_chars: int,
     media_root: Path | None,
     provider: str,
     threads: int | None,
@@ -866,6 +872,8 @@ def serve(
         max_body_bytes=int(max_body_mb * 2**20),
         max_image_pixels=max_image_pixels,
         max_audio_seconds=max_audio_seconds,
+        max_media_items=max_media_items,
+        max_stop_chars=max_stop_chars,
         max_tokens=max_tokens,
         max_queue=max_queue,
         media_root=media_root,

@@ -31,6 +31,7 @@ from composer.serve.protocol import (
     Limits,
     RequestError,
     TextStream,
+    check_limits,
     chunk,
     completion,
     completion_id,
@@ -102,6 +103,7 @@ def create_app(
     async def chat(request: Request):
         try:
             req = parse_request(await _read_json(request, limits.max_body_bytes))
+            check_limits(req, limits)
             if req.model != name:
                 raise RequestError(
                     f"model: {req.model!r} is not served here (this server serves {name!r})",
@@ -184,7 +186,6 @@ def _job(req, runtime, limits: Limits, lock) -> Job:
     if max_tokens is not None and max_tokens > limits.max_tokens:
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         raise RequestError(f"{param}: {max_tokens} exceeds this server's limit of {limits.max_tokens}", param=param)
-    prompt, media = to_inputs(req, runtime, limits)
     greedy = req.temperature == 0
     try:
         sampling = Sampling.from_spec(
@@ -203,7 +204,8 @@ def _job(req, runtime, limits: Limits, lock) -> Job:
     if sampling.max_new_tokens > limits.max_tokens:
         sampling.max_new_tokens = limits.max_tokens  # the spec's default, capped
     try:
-        with lock:
+        with lock:  # media decoded and tokenized one request at a time: memory bounded by one request's limits
+            prompt, media = to_inputs(req, runtime, limits)
             batch = runtime.prepare(**prompt, **media)
         check_context(batch["attention_mask"], sampling.max_new_tokens, runtime.context_length)
         check_window(batch["input_ids"].shape[1], sampling.max_new_tokens, runtime.sliding_window)

@@ -130,9 +130,12 @@ def parse_request(raw: Any) -> ChatRequest:
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise RequestError(f"{name}: not supported (use repetition_penalty)", param=name)
-    if len(req.stops) > 16 or any(not s for s in req.stops):
-        raise RequestError("stop: at most 16 non-empty strings", param="stop")
+    if len(req.stops) > MAX_STOPS or any(not s for s in req.stops):
+        raise RequestError(f"stop: at most {MAX_STOPS} non-empty strings", param="stop")
     return req
+
+
+MAX_STOPS = 16  # stop strings per request (OpenAI takes up to 4)
 
 
 # pydantic puts a union member's name in an error's location (``content.list[...]``, ``str``)
@@ -151,6 +154,30 @@ class Limits:
     max_tokens: int = 1024
     max_queue: int = 64
     media_root: Path | None = None
+    max_media_items: int = 8  # image and audio parts per request, counted before any is decoded
+    max_stop_chars: int = 128  # characters per stop string
+
+
+def check_limits(req: ChatRequest, limits: Limits) -> None:
+    """What a request asks for, against ``limits``, before anything is decoded or tokenized: the
+    stop strings' lengths and the number of media parts (each decoded image may hold
+    ``max_image_pixels`` x 4 bytes)."""
+    for i, stop in enumerate(req.stops):
+        if len(stop) > limits.max_stop_chars:
+            param = "stop" if isinstance(req.stop, str) else f"stop[{i}]"
+            raise RequestError(
+                f"{param}: a stop string of {len(stop)} characters exceeds this server's limit of "
+                f"{limits.max_stop_chars}",
+                param=param,
+            )
+    items = sum(
+        not isinstance(part, TextPart) for msg in req.messages if isinstance(msg.content, list) for part in msg.content
+    )
+    if items > limits.max_media_items:
+        raise RequestError(
+            f"messages: {items} image/audio parts exceed this server's limit of {limits.max_media_items} per request",
+            param="messages",
+        )
 
 
 def _data_url(url: str, where: str) -> bytes:
@@ -224,16 +251,12 @@ def load_audio(part: InputAudio, limits: Limits, where: str):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        wave, rate = read_audio(tmp)
+        wave, rate = read_audio(tmp, max_seconds=limits.max_audio_seconds)
     except InputError as e:
-        raise RequestError(f"{where}: {str(e).replace(tmp + ': ', '')}", param=where) from None
+        msg = str(e).replace(tmp + ": ", "").replace("exceeds the limit", "exceeds this server's limit")
+        raise RequestError(f"{where}: {msg}", param=where) from None
     finally:
         os.unlink(tmp)
-    if len(wave) / rate > limits.max_audio_seconds:
-        raise RequestError(
-            f"{where}: {len(wave) / rate:.1f} s of audio exceeds this server's limit of {limits.max_audio_seconds} s",
-            param=where,
-        )
     return wave, rate
 
 
@@ -371,8 +394,7 @@ class TextStream:
         if cut is not None:
             self.stopped = True
             return self._emit(text, cut)
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._emit(text, len(text) - hold)
+        return self._emit(text, len(text) - self._held(text))
 
     def finish(self) -> str:
         """-> the rest of the text, once generation ended."""
@@ -382,6 +404,20 @@ class TextStream:
         cut = self._stop_at(text)
         self.stopped = cut is not None
         return self._emit(text, len(text) if cut is None else cut)
+
+    def _held(self, text: str) -> int:
+        """The length of the longest end of ``text`` that is a proper prefix of a stop string (it
+        may become that stop string): at most len(stop) - 1 candidate ends per stop, each compared
+        by ``str.startswith`` (stop strings are length-limited by the server's ``Limits``)."""
+        hold = 0
+        for s in self.stops:
+            n = min(len(s) - 1, len(text))
+            tail = text[len(text) - n :]
+            for i in range(n - hold):  # longest first; shorter than the current hold cannot matter
+                if s.startswith(tail[i:]):
+                    hold = n - i
+                    break
+        return hold
 
     def _stop_at(self, text: str) -> int | None:
         hits = [i for s in self.stops if (i := text.find(s)) >= 0]
