@@ -1,4 +1,4 @@
-"""ONNX graph optimizations measured, not assumed (issue 17, item 2).
+"""ONNX graph optimizations measured, not assumed.
 
 One fp32 bundle per k is exported once; then, side by side in one run and on the same inputs,
 each variant below generates ``--new-tokens`` greedy tokens ``--repeats`` times:

@@ -1,4 +1,4 @@
-"""Load on `compose serve` (issue 18, item 3): requests/s, time to first token and end-to-end latency
+"""Load on `compose serve`: requests/s, time to first token and end-to-end latency
 at several client concurrencies, with dynamic batching on and off, measured side by side in one run.
 
 For each ``--max-batch`` value (1 = batching off) a `compose serve BUNDLE` process starts on a free

@@ -1,5 +1,5 @@
-"""Training step time with the LM head over every position vs over the labelled positions only
-(issue 19, item 6), measured side by side in one run on the real-LLM spec.
+"""Training step time with the LM head over every position vs over the labelled positions only,
+measured side by side in one run on the real-LLM spec.
 
 ``forward(..., labels=..., return_logits=False)`` (what ``compose train`` runs) applies the LM head
 (576 x 49152 on SmolLM2) to the positions that have a label; ``return_logits=True`` (the classic

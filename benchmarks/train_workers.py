@@ -1,5 +1,5 @@
-"""Training step time with the batches collated in the training process vs in DataLoader workers
-(issue 19, item 2), measured side by side in one run.
+"""Training step time with the batches collated in the training process vs in DataLoader workers,
+measured side by side in one run.
 
 A media-heavy tiny run: the 4-layer LLaVA twin (``specs/tiny/llava.yaml``, a 32-pixel ViT) on
 records whose pictures are large noise PNGs (``--size`` pixels square; decoding and resizing one

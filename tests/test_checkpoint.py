@@ -129,7 +129,7 @@ def test_builds_from_locally_saved_hf_checkpoints(tmp_path):
 
 
 def test_trainable_only_checkpoint_rebuilds_the_frozen_parts_from_their_sources(tmp_path):
-    """Issue 19, item 4: `weights="trainable"` saves the LoRA adapters and the projector only
+    """`weights="trainable"` saves the LoRA adapters and the projector only
     (the LLM and ViT come from their local sources, named relative to the original spec's dir);
     loading rebuilds the model from the sources and is bit-identical to the saved model, with
     changed (trained) LoRA and projector weights; removing a source is an error naming it."""
@@ -180,7 +180,7 @@ def test_tied_embeddings_llama_round_trip(tmp_path):
 
 
 def test_sharded_save_reloads_bit_identically_and_bad_indexes_are_named(tmp_path):
-    """Issue 19, item 4: past max_shard_size the weights are written as Hugging Face shards
+    """Past max_shard_size the weights are written as Hugging Face shards
     (model-0000i-of-0000N.safetensors + model.safetensors.index.json, huggingface_hub's writer),
     reload bit-identically (tied embeddings included), and a broken index is one error naming it."""
     d = spec_dict("llama", 2)

@@ -27,7 +27,7 @@ def compose_subprocess(*args, cwd=None):  # the entry point itself, in a fresh i
 
 
 def test_spec_overrides_on_the_command_line(tmp_path):
-    """Issue 20, item 3: torchtune-style `dotted.key=value` overrides (YAML values) after a spec,
+    """Torchtune-style `dotted.key=value` overrides (YAML values) after a spec,
     validated like the file; the saved spec.yaml records the result; a bad override is one line
     naming it, exit 2, nothing written; a built checkpoint takes none."""
     from composer.errors import SpecError

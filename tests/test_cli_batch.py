@@ -1,4 +1,4 @@
-"""Issue 20, items 4 and 6: shipped specs (`compose ls`, `compose cp`, shipped names where a spec
+"""Shipped specs (`compose ls`, `compose cp`, shipped names where a spec
 path goes) and batch generation from the CLI (`compose generate --input FILE -o OUT`, `--device`,
 `--dtype`, `--batch-size`)."""
 

@@ -120,7 +120,7 @@ def test_right_padding_is_refused():
 
 
 def test_nan_weights_are_an_error_not_empty_text():
-    """Issue 22, item 6: a model (or bundle) whose weights are NaN generated empty text, exit 0."""
+    """A model whose weights are NaN is an error naming the token step and rows, not empty text."""
     from composer.errors import ComposerError
 
     model = make_model("llama", insert_at=2)
@@ -147,7 +147,7 @@ def test_generate_and_train_step_print_no_warnings(family):
 
 
 def test_pipeline_one_liner_over_checkpoint_bundle_and_spec(llama_k1_export, tmp_path):
-    """Issue 20, item 7: composer.pipeline(TARGET)(text, image=...) gives the decoded greedy answer
+    """composer.pipeline(TARGET)(text, image=...) gives the decoded greedy answer
     of the model's own generate, for a checkpoint dir (torch), its ONNX bundle (the same text)
     and a spec file; a list of prompts gives a list."""
     import composer
@@ -175,7 +175,7 @@ SETTINGS = [
 
 @pytest.mark.parametrize("kw", SETTINGS, ids=["repetition", "ngram", "min_new+penalty"])
 def test_generation_settings_equal_transformers_generate(kw, llama_k1_export):
-    """Issue 20, item 1: repetition_penalty, no_repeat_ngram_size and min_new_tokens run through
+    """repetition_penalty, no_repeat_ngram_size and min_new_tokens run through
     transformers' logits processors: on a text-only batch (left-padded) composer's greedy tokens
     equal the HF LLM's own `generate` with the same settings; the ONNX bundle gives the torch
     tokens with an image too; a transformers GenerationConfig gives the same as the keywords."""

@@ -1,4 +1,4 @@
-"""Issue 20, item 1 (rest): generation_config.json in checkpoints and bundles as the editable default
+"""generation_config.json in checkpoints and bundles as the editable default
 of generate, and num_return_sequences on both runtimes."""
 
 from __future__ import annotations

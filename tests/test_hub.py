@@ -64,8 +64,8 @@ def cache(hub, tmp_path, monkeypatch):
 
 @pytest.fixture
 def deny(hub):
-    """The fake Hub's refusals for this test only: the server is shared by the module, and a refusal
-    left behind made a later test fail with 403 (issue 21, item 4)."""
+    """The fake Hub's refusals for this test only: the server is shared by the module, so a refusal
+    left behind would make a later test fail with 403."""
     hub.deny.clear()
     yield hub.deny
     hub.deny.clear()
@@ -109,7 +109,7 @@ def test_checkpoint_push_card_and_pull_round_trip(pushed, hub, cache, tmp_path, 
     assert repo.refs["main"] == info.oid
     files = hub.files("alice/tiny-llava")
     assert set(files) == set(before) | {"README.md", ".gitattributes", "config.json"}
-    config = json.loads(files["config.json"])  # what the Hub shows as the architecture (issue 20, item 5)
+    config = json.loads(files["config.json"])  # what the Hub shows as the architecture
     assert config["architectures"] == ["ComposedModel"] and config["modalities"]["image"]["insert_at"] == 2
     assert config["llm"]["model_type"] == "llama" and config["llm"]["num_hidden_layers"] == 4
     assert all(files[p] == before[p] for p in before)
@@ -132,14 +132,14 @@ def test_checkpoint_push_card_and_pull_round_trip(pushed, hub, cache, tmp_path, 
     (l1, g1), (l2, g2) = _outputs(model), _outputs(again)
     assert torch.equal(l1, l2) and torch.equal(g1, g2)
     assert (cache / "models--alice--tiny-llava" / "snapshots" / info.oid / "model.safetensors").is_file()
-    import composer  # the one-liner takes Hub ids too (issue 20, item 7)
+    import composer  # the one-liner takes Hub ids too
 
     img = str(ROOT / "specs/tiny/assets/red_circle.png")
     hub_answer = composer.pipeline("alice/tiny-llava")("What is it?", image=img, max_new_tokens=4)
     assert hub_answer == composer.pipeline(ckpt)("What is it?", image=img, max_new_tokens=4)
 
     out = tmp_path / "pulled"
-    shutil.rmtree(cache)  # the pull writes into OUT only: no second copy in the HF cache (issue 20, item 5)
+    shutil.rmtree(cache)  # the pull writes into OUT only: no second copy in the HF cache
     with pytest.raises(SystemExit) as e:
         main(["pull", "alice/tiny-llava", "-o", str(out)])
     assert e.value.code == 0, capsys.readouterr().err
@@ -188,7 +188,7 @@ def test_model_push_to_branch_with_training_card_and_stale_files(hub, cache, tmp
 
 
 def test_trainable_only_checkpoint_over_hub_sources(hub, cache, tmp_path):
-    """Issue 19, item 4: a spec whose LLM and ViT are Hub repos (pinned to a revision) saves a
+    """A spec whose LLM and ViT are Hub repos (pinned to a revision) saves a
     trainable-only checkpoint (LoRA + projector), which pushes, pulls into a fresh dir and loads
     bit-identically, its frozen weights fetched from the pinned sources; the same checkpoint over
     local sources is refused at push (it would not load where pulled)."""
@@ -219,7 +219,7 @@ def test_trainable_only_checkpoint_over_hub_sources(hub, cache, tmp_path):
 
 
 def test_pickles_are_left_out_of_pushes(hub, cache, tmp_path):
-    """Issue 21, item 3: torch pickles lying in a checkpoint's or a bundle's folders (a stray
+    """Torch pickles lying in a checkpoint's or a bundle's folders (a stray
     optimizer.pt, a tokenizer's .bin) are never uploaded; everything else is."""
     from composer.hub.sources import PICKLE_SUFFIXES
 
@@ -237,7 +237,7 @@ def test_pickles_are_left_out_of_pushes(hub, cache, tmp_path):
 
 
 def test_sharded_checkpoint_pushes_and_pulls(hub, cache, tmp_path):
-    """Issue 19, item 4: a checkpoint saved in shards pushes every shard and the index, and pulls
+    """A checkpoint saved in shards pushes every shard and the index, and pulls
     and loads back bit-identically."""
     model = make_model("llama", insert_at=2)
     ckpt = model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
@@ -275,7 +275,7 @@ def test_bundle_push_pull_same_greedy_tokens(hub, cache, bundle, tmp_path, capsy
     assert {k: v for k, v in tree(out).items() if k not in ("README.md", "config.json")} == before
     assert json.loads((out / "config.json").read_text())["composer_format"] == "bundle"
 
-    # issue 20, item 5: a pull request with card metadata; excluding a file the bundle needs is refused
+    # a pull request with card metadata; excluding a file the bundle needs is refused
     main_before = repo.refs["main"]
     with pytest.raises(SystemExit) as e:
         main(["push", str(path), "alice/tiny-llava-onnx", "--create-pr", "--license", "apache-2.0",
@@ -455,7 +455,7 @@ def test_pinned_revisions_resolve_and_are_saved(hub, cache, tmp_path, monkeypatc
 
 
 def test_gguf_llm_from_a_hub_repo_file(hub, cache, tmp_path, monkeypatch):
-    """Issue 15: ``owner/name/file.gguf`` downloads the file into the HF cache and builds the same
+    """``owner/name/file.gguf`` downloads the file into the HF cache and builds the same
     model as the local file; ``owner/name@v1/file.gguf`` takes the tagged commit's file and is
     saved pinned to its hash; offline, both build from the cache without a request; a file the
     repo lacks is one error naming the field."""

@@ -143,8 +143,9 @@ FILE_FORMATS = [
 
 @pytest.mark.parametrize("fmt,subtype,tol", FILE_FORMATS, ids=[f"{f}-{s}" for f, s, _ in FILE_FORMATS])
 def test_audio_file_formats_are_read(model, tmp_path, fmt, subtype, tol):
-    """Issue 19, item 3: WAV of every common encoding, FLAC and OGG read through soundfile
-    (a float WAV was refused before: "unknown format: 3"); stereo files are averaged to mono."""
+    """WAV of every common encoding (float WAV included), FLAC and OGG are read through soundfile
+    to float32 at the file's rate, within each encoding's resolution; stereo files are averaged
+    to mono."""
     import soundfile as sf
 
     from composer.adapters.audio import read_audio
@@ -208,9 +209,9 @@ def test_bad_audio_is_a_one_line_input_error(model, tmp_path):
         with pytest.raises(InputError, match=msg) as e:
             model.prepare([model.format_prompt("q")], audio=[path])
         assert "\n" not in str(e.value)
-    with pytest.raises(InputError, match=r"audio item 0: empty audio \(0 samples\)"):
+    with pytest.raises(InputError, match=r"audio item[ ]0: empty audio \(0 samples\)"):
         model.prepare([model.format_prompt("q")], audio=[np.zeros(0, np.float32)])
-    with pytest.raises(InputError, match=r"audio item 1: waveform contains NaN"):
+    with pytest.raises(InputError, match=r"audio item[ ]1: waveform contains NaN"):
         model.prepare([model.format_prompt("q")] * 2, audio=[tone(16000), np.full(100, np.nan)])
 
 

@@ -69,7 +69,7 @@ def test_bad_molecules_are_one_line_input_errors(item, match):
 def test_max_atoms():
     with pytest.raises(InputError, match=re.escape(f"molecule {ASPIRIN!r} has 13 atoms; this processor allows 8")):
         MoleculeProcessor(max_atoms=8)(["CCO", ASPIRIN])
-    # issue 22, item 4: a default limit (a 120k-atom SMILES parsed for 111 s, then asked for 230 GB)
+    # a default limit: a 120k-atom SMILES would take minutes to parse and hundreds of GB to encode
     with pytest.raises(InputError, match="has 600 atoms; this processor allows 512 .max_atoms."):
         MoleculeProcessor()(["C" * 600])
     with pytest.raises(InputError, match="SMILES of 120000 characters: longer than any molecule of at most 512"):

@@ -118,13 +118,13 @@ def test_broken_metadata_files_name_the_file(saved, tmp_path, no_load):
 @pytest.mark.parametrize(
     "content, reason",
     [
-        ('{"model": {"type": "BPE"}}', "a tokenizer file lacks the key 'added_tokens'"),  # was: KeyError, exit 1
+        ('{"model": {"type": "BPE"}}', "a tokenizer file lacks the key 'added_tokens'"),
         ('{"version": "1.0", "added_tokens": [], "model": {"type": "Nope"}}', "Exception: data did not match"),
         ("[1, 2]", "TypeError"),
     ],
 )
 def test_a_tokenizer_json_of_the_wrong_schema_names_the_tokenizer(saved, tmp_path, content, reason):
-    """Issue 22, item 7: valid JSON that is not a tokenizer is one error naming the directory."""
+    """Valid JSON that is not a tokenizer is one error naming the directory."""
     c = _copy(saved[0], tmp_path)
     (c / "tokenizer" / "tokenizer.json").write_text(content)
     msg = _error(c)
@@ -327,7 +327,7 @@ def test_checkpoint_and_bundle_hold_no_pickles(saved, exported):
     ],
 )
 def test_a_tampered_trainer_state_names_the_field(tmp_path, edit, match):
-    """Issue 22, item 7: a trainer_state.json with wrong types ended in a traceback on --resume."""
+    """A trainer_state.json with wrong types is one error naming the field, not a traceback."""
     import json
 
     from composer.train.checkpoints import CKPT_FORMAT, read_meta

@@ -21,7 +21,7 @@ from composer.model import ComposedModel
 
 
 def test_train_interrupted_by_a_real_signal_keeps_its_last_checkpoint_and_resumes(tmp_path):
-    """Issue 21, item 3: SIGINT to `compose train` while it writes its second checkpoint: exit 130
+    """SIGINT to `compose train` while it writes its second checkpoint: exit 130
     with one line, the first checkpoint intact, the half-written second one gone, and `--resume`
     finishes the run with the same losses as an uninterrupted run."""
     data = train_data(tmp_path)
@@ -241,7 +241,7 @@ def test_pull_failing_mid_copy_leaves_nothing_or_the_previous_output(tmp_path, m
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_outputs_honour_the_umask(tmp_path, mask):
-    """Issue 22, item 8: a checkpoint's dir and files get the modes of any file the user writes."""
+    """A checkpoint's dir and files get the modes of any file the user writes."""
     import os
     import stat
 
@@ -257,7 +257,8 @@ def test_outputs_honour_the_umask(tmp_path, mask):
 
 
 def test_a_dir_created_at_output_during_the_write_is_not_clobbered(tmp_path):
-    """Issue 22, item 3: the swap replaced whatever had appeared at -o meanwhile, without --overwrite."""
+    """Without --overwrite, whatever appears at -o while the command writes is kept: the swap is
+    refused, naming the path, and the new output is not left beside it."""
     out = tmp_path / "out"
     with pytest.raises(InputError, match=rf"{out}: was created while this command ran; not replaced"):
         with atomic_dir(out, overwrite=False) as tmp:
@@ -268,7 +269,8 @@ def test_a_dir_created_at_output_during_the_write_is_not_clobbered(tmp_path):
 
 
 def test_export_and_train_refuse_an_output_that_overlaps_their_input(tmp_path):
-    """Issue 22, item 3: `compose export m -o m --overwrite` destroyed its own input."""
+    """An -o that is, contains or lies inside the command's input (even with --overwrite) is
+    refused with exit 2, and the input is left byte for byte as it was."""
     from composer.cli import main
 
     ckpt = make_model("llama", 1).save_pretrained(tmp_path / "m")

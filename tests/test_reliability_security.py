@@ -177,7 +177,7 @@ def test_hub_spec_llm_dir_outside_the_repo_is_refused_and_local_specs_are_truste
 
 @pytest.mark.parametrize("part", ["tokenizer", "processors/image"])
 def test_a_local_checkpoint_missing_a_part_never_reaches_the_network(tmp_path, monkeypatch, part):
-    """Issue 22, item 2: with HF_HUB_OFFLINE unset and every socket connect failing loudly, a
+    """With HF_HUB_OFFLINE unset and every socket connect failing loudly, a
     checkpoint without tokenizer/ (or a processor dir) is one error naming the missing dir."""
     import shutil
     import socket
@@ -241,7 +241,8 @@ def _manifest(tmp_path, **over):
     ],
 )
 def test_a_bundle_names_only_its_own_files(tmp_path, over, named):
-    """Issue 22, item 5: graphs, tokenizer and processors named with `..` or absolute paths."""
+    """A manifest naming graphs, tokenizer or processors with `..` or absolute paths is refused,
+    naming the entry."""
     from composer.errors import InputError
     from composer.export.manifest import read_manifest
 
@@ -277,8 +278,8 @@ def test_a_symlink_out_of_the_bundle_and_outside_external_data_are_refused(tmp_p
 
 
 def test_hub_spec_naming_a_file_its_repo_lacks_never_reads_the_cwd(tmp_path, monkeypatch):
-    """Issue 22, item 1: `private/mm_projector.safetensors`, absent from the repo, was read from the
-    user's working directory."""
+    """A Hub spec naming `private/mm_projector.safetensors`, absent from its repo, is refused: the
+    file of that name in the user's working directory is never read."""
     spec_file = _hub_spec(tmp_path, monkeypatch, "private/mm_projector.safetensors")
     cwd = tmp_path / "work"
     (cwd / "private").mkdir(parents=True)
@@ -293,7 +294,8 @@ def test_hub_spec_naming_a_file_its_repo_lacks_never_reads_the_cwd(tmp_path, mon
 
 
 def test_hub_spec_in_a_cache_reached_through_a_symlink_is_still_confined(tmp_path, monkeypatch):
-    """Issue 22, item 1: with HF_HUB_CACHE a symlink, the check was skipped and /etc/passwd opened."""
+    """With HF_HUB_CACHE reached through a symlink, a Hub spec is still confined to its repo:
+    naming /etc/passwd is refused."""
     real = tmp_path / "real"
     real.mkdir()
     spec_file = _hub_spec(real, monkeypatch, "/etc/passwd")
@@ -305,7 +307,8 @@ def test_hub_spec_in_a_cache_reached_through_a_symlink_is_still_confined(tmp_pat
 
 
 def test_a_float_tensor_whose_header_says_int_is_refused(tmp_path):
-    """Issue 22, item 6: a header edited from F32 to I32 loaded and turned a norm weight into ~1e9."""
+    """A safetensors header edited from F32 to I32 is refused, naming the tensor and both
+    dtypes, instead of loading the bytes as integers (a norm weight of ~1e9)."""
     import json
     import struct
 
@@ -338,7 +341,7 @@ def test_a_float_tensor_whose_header_says_int_is_refused(tmp_path):
     ],
 )
 def test_a_malformed_manifest_names_the_field(tmp_path, edit, match, llama_k1_export):
-    """Issue 22, item 7: `llm: {}`, empty `stages`, an unknown dtype were a KeyError/traceback."""
+    """`llm: {}`, empty `stages`, an unknown dtype: each one error naming the field, not a traceback."""
     import json
     import shutil
 
@@ -355,7 +358,7 @@ def test_a_malformed_manifest_names_the_field(tmp_path, edit, match, llama_k1_ex
 
 
 def test_user_text_cannot_inject_special_tokens(tmp_path, capsys):
-    """Issue 22, item 9: an instruction (or a chat message) with a special-token string is refused:
+    """An instruction (or a chat message) with a special-token string is refused:
     `</s>` typed by a user would end the sequence early, `<|im_end|>` would forge another role's turn.
     The modality placeholder is allowed; a fully formatted prompt string is tokenized as written."""
     from helpers import make_model

@@ -443,8 +443,8 @@ def test_mismatched_widths_and_layers_are_field_errors():
 
 
 def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
-    """Issue 22, item 6: PyYAML keeps the last of two equal keys; a spec must not build what its
-    reader did not see."""
+    """A key given twice is refused with its line: PyYAML would keep the last of the two, and a
+    spec must not build what its reader did not see."""
     import yaml as _yaml
     from helpers import spec_dict
 
@@ -459,8 +459,8 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
 
 
 def test_rich_markup_in_a_name_is_printed_as_text(tmp_path, capsys):
-    """Issue 22, item 7: `name: "x[/bold]"` crashed the table printer (and export then reported
-    failure after writing the bundle)."""
+    """`name: "x[/bold] [red]y"` is printed as text by the table printer (no markup error), and
+    the command succeeds."""
     import yaml as _yaml
     from helpers import spec_dict
 

@@ -184,7 +184,7 @@ def test_a_spec_without_a_prompt_section_is_valid_and_formats_without_a_template
 
 
 def test_an_absurd_size_names_the_field():
-    """Issue 22, item 7: vocab_size 10**30 ended as the message `llm.config: "`."""
+    """vocab_size 10**30 is one error naming llm.config.vocab_size and its allowed range."""
     d = spec_dict()
     d["llm"]["config"]["vocab_size"] = 10**30
     with pytest.raises(SpecError, match=r"llm.config.vocab_size: must be a positive integer up to 2147483647, got 1"):
