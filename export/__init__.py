@@ -1,5 +1,5 @@
 """composer.export: split ONNX export (early text graph, late multimodal graph) and the ONNX
-Runtime pipeline. See docs/architecture.md and the README "ONNX bundle".
+Runtime pipeline. See docs/architecture.md and docs/export.md.
 
 ``from composer.export import export_onnx, OnnxPipeline, verify_bundle`` (imported on first use:
 ``import composer.export`` alone loads neither onnx nor onnxruntime)."""

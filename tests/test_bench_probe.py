@@ -95,6 +95,7 @@ def test_bench_torch_and_hf_on_the_tiny_twin(tmp_path, capsys):
     assert _row(result, "torch", "2")["tokens"] != torch0["tokens"]  # k = 2 is a different model (untrained)
 
 
+@pytest.mark.slow
 def test_bench_onnx_runtime(tmp_path, capsys):
     """ONNX Runtime fp32 and int8 (two exports) next to torch at k = 0."""
     out = tmp_path / "bench.json"

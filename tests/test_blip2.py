@@ -254,6 +254,7 @@ def exported(tmp_path_factory):
     return model, export_onnx(model, tmp_path_factory.mktemp("onnx") / "bundle")
 
 
+@pytest.mark.slow
 def test_onnx_bundle_verifies(exported):
     from composer.export.verify import verify_bundle
 

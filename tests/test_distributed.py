@@ -37,6 +37,7 @@ from composer.spec import parse_spec
 from composer.train.distributed import DeepSpeedOptions, FsdpOptions, rank_share, resolve_strategy, wrap_class_names
 from composer.train.loop import TrainConfig, micro_batches, train
 
+pytestmark = pytest.mark.slow  # distributed launches: 2 ranks under torchrun / accelerate launch
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 TOL = 2e-5
 N_RECORDS = 7  # odd: the epoch's last global micro-batch leaves a rank without records

@@ -401,6 +401,7 @@ def bundle(tmp_path_factory):
     return m, export_onnx(m, tmp_path_factory.mktemp("ltu") / "bundle")
 
 
+@pytest.mark.slow
 def test_onnx_bundle_verifies_and_generates_from_a_wav(bundle, tmp_path):
     from composer.export.runtime import OnnxPipeline
     from composer.export.verify import verify_bundle
@@ -420,6 +421,7 @@ def test_onnx_bundle_verifies_and_generates_from_a_wav(bundle, tmp_path):
     assert torch.equal(pipe.generate(**batch, max_new_tokens=6, eos_token_id=[]), want)
 
 
+@pytest.mark.slow
 def test_cli_generate_with_audio(bundle, capsys):
     from composer.cli import main
 

@@ -321,6 +321,7 @@ def exported(twin, tmp_path_factory):
     return export_onnx(twin.eval(), tmp_path_factory.mktemp("molca") / "bundle")
 
 
+@pytest.mark.slow
 def test_onnx_bundle_verifies(twin, exported):
     from composer.cli import _text_modalities
     from composer.export.verify import verify_bundle
@@ -330,6 +331,7 @@ def test_onnx_bundle_verifies(twin, exported):
     assert _text_modalities(str(exported)) == {"molecule"}
 
 
+@pytest.mark.slow
 def test_onnx_encoder_and_generation_on_other_sizes(twin, exported):
     from composer.export.runtime import OnnxPipeline
 

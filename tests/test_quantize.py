@@ -34,6 +34,8 @@ from composer.export.exporter import export_onnx
 from composer.export.runtime import OnnxPipeline
 from composer.export.verify import verify_bundle
 
+pytestmark = pytest.mark.slow  # quantized exports and their accuracy
+
 
 def _ops(path) -> list[str]:
     return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
@@ -313,7 +315,7 @@ def test_w8a8_bundle_rewrites_every_llm_linear_and_passes_verify(model, w8a8):
 
 
 def test_w8a8_bundle_agrees_with_the_torch_emulation_of_its_arithmetic(model, w8a8):
-    """benchmarks/w8a8_emulation.py (where the README's w8a8 error breakdown comes from) computes
+    """benchmarks/w8a8_emulation.py (where docs/export.md's w8a8 error breakdown comes from) computes
     what the exported graphs compute: over the prefill logits, r = rms(ort - emulated) /
     rms(ort - fp32 torch) < 0.5, the difference under half of the quantization error itself.
 

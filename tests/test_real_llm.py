@@ -16,6 +16,8 @@ from composer.builder import build
 from composer.errors import InputError
 from composer.spec import parse_spec
 
+pytestmark = pytest.mark.slow  # the real LLM (SmolLM2-135M, dequantized once per session)
+
 # fp32 logits, max abs. Against transformers (LlamaForCausalLM, LLaVA) both sides run the same
 # operations in the same order: measured 0.0 at 1 and 2 threads. ONNX Runtime vs torch is held to
 # TOL relative to the logits' scale (<= 42): ~1,700 fp32 units (2^-24), where a different order of

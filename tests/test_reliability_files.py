@@ -1,4 +1,4 @@
-"""Reliability, point 2: corrupt or mismatched weights and bundles. Truncated safetensors, wrong
+"""Reliability: corrupt or mismatched weights and bundles. Truncated safetensors, wrong
 shapes, missing keys, weights or files of another model, trainer checkpoints of another spec,
 bundles with missing parts or malformed manifests: each is one `InputError` (exit 2 on the CLI)
 naming the file, raised before any weight is copied. Also `compose export` interrupted for real,
@@ -261,6 +261,7 @@ def test_cli_generate_on_a_broken_bundle_is_one_line_exit_2(exported, tmp_path, 
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {b}/") and expected in err, err
 
 
+@pytest.mark.slow
 def test_export_interrupted_while_writing_keeps_the_previous_bundle(exported, tmp_path, capsys):
     """`compose export` stopped by SIGTERM after writing its first graph: the previous bundle (a real,
     complete one) is left byte for byte, and no temp dir remains."""

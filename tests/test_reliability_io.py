@@ -1,4 +1,4 @@
-"""Reliability, point 3: every command that writes goes through a temporary sibling and a
+"""Reliability: every command that writes goes through a temporary sibling and a
 rename. Interrupted for real (SIGINT/SIGTERM to a `compose` subprocess while it writes) or
 failing mid-write, it leaves either the previous output intact or nothing, and no temp dirs.
 (`compose export` interrupted for real: test_reliability_files.py, next to its bundle.)"""

@@ -1,4 +1,4 @@
-"""Reliability, point 4: media and prompts. Unreadable images and WAVs, resampled rates, empty
+"""Reliability: media and prompts. Unreadable images and WAVs, resampled rates, empty
 audio, invalid SMILES, prompts with no or too many placeholders and prompts longer than the
 LLM's context give one-line `InputError`s before any model runs; with `errors="collect"` a batch
 reports its bad prompts and prepares (and generates) the others."""

@@ -1,4 +1,4 @@
-"""Reliability, point 1: fuzzed specs. Random mutations of the seed specs (wrong types, missing
+"""Reliability: fuzzed specs. Random mutations of the seed specs (wrong types, missing
 and unknown fields, out-of-range layers, mismatched widths), random bytes, non-UTF-8, huge files,
 YAML alias bombs and object-building tags never raise anything but `SpecError`, whose message is
 one line that starts with the file and names a field path (or is a YAML-level error)."""

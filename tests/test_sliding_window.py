@@ -58,6 +58,7 @@ def test_generation_past_the_window_is_refused_before_it_starts(k):
         model.generate(**batch, max_new_tokens=WINDOW - width + 1, do_sample=False)
 
 
+@pytest.mark.slow
 def test_onnx_bundle_records_and_enforces_the_window(tmp_path):
     from composer.export import OnnxPipeline, export_onnx  # the public names the README uses
 

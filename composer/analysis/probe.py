@@ -23,7 +23,7 @@ Two rules recommend k (``rule``):
   ``max_loss_increase`` (k = 0 always qualifies); conservative: it asks the weights trained at
   k = 0 to work at k unchanged, while DeepInsert retrains at k.
 
-Measured on SmolLM2 (benchmarks/deepinsert_quality.py, README "DeepInsert quality"): retrained at
+Measured on SmolLM2 (benchmarks/deepinsert_quality.py, docs/quality.md): retrained at
 k in {0, 8, 15, 22}, held-out accuracy held at every k, while the loss rule said k = 0 before and
 after training (the loss without retraining rose 10-60x at every k > 0); the alignment rule says
 8 (alignment 0.71, 0.72, 0.78 at 8, 15, 22), where the measured accuracy held. The best-aligned
