@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from composer.adapters.encoder import EncoderAdapter
-from composer.errors import ComposerError, InputError
+from composer.errors import ComposerError, InputError, first_line
 
 # pretrain-gnns vocabularies (model.py / loader.py of snap-stanford/pretrain-gnns)
 NUM_ATOM_TYPE = 120  # atomic numbers 1..118 -> 0..117, plus unused and mask entries
@@ -318,7 +318,7 @@ class GinEncoder(EncoderAdapter):
             try:
                 return GinConfig.from_dict(json.loads(Path(cfg_file).read_text()))
             except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
-                raise ValueError(f"{cfg_file}: not a GIN config ({str(e).splitlines()[0]})") from None
+                raise ValueError(f"{cfg_file}: not a GIN config ({first_line(e)})") from None
         return GinConfig.from_state_dict(_map_keys(read_gin_weights(weights)), weights)
 
     @classmethod
@@ -461,8 +461,7 @@ def _resolve(src: str) -> tuple[str | None, str]:
         return hf_hub_download(src, CONFIG_FILE), hf_hub_download(src, WEIGHTS_FILE)
     except Exception as e:  # hub errors come in many types; name the source
         raise ValueError(
-            "not a local GIN weights file or dir, and not loadable from the Hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            f"not a local GIN weights file or dir, and not loadable from the Hub ({type(e).__name__}: {first_line(e)})"
         ) from None
 
 
@@ -479,7 +478,7 @@ def read_gin_weights(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt/truncated files and pickled objects raise many types
-        raise ValueError(f"{path}: cannot read GIN weights ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: cannot read GIN weights ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     return state

@@ -13,6 +13,22 @@ from composer.adapters.encoder import HFEncoder
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: past it, an image file is refused before it is decoded
 
 
+# The image formats composer opens: raster formats only. PIL would also open EPS (handing the file to
+# Ghostscript when it is installed) and other formats that run external programs or rarely-used decoders.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def open_image(src):
+    """``PIL.Image.open`` restricted to ``IMAGE_FORMATS``; another format is an ``UnidentifiedImageError``
+    whose message names the allowed formats, not the file's bytes or temp path."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(src, formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"not a {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} image") from None
+
+
 def to_rgb(im):
     """A PIL image -> 8-bit RGB. 16- and 32-bit integer greyscale (16-bit PNGs open as ``I;16`` or
     ``I``) are scaled to 8 bits; ``convert("RGB")`` alone clips them, turning most pictures white."""
@@ -30,7 +46,7 @@ def load_images(processor, items: list) -> torch.Tensor:
     """Image files, PIL images or (3, H, W) tensors -> pixel_values (n, 3, H, W)."""
     from PIL import Image
 
-    from composer.errors import InputError
+    from composer.errors import InputError, first_line
 
     if all(isinstance(x, torch.Tensor) for x in items):
         return torch.stack(list(items))
@@ -40,13 +56,13 @@ def load_images(processor, items: list) -> torch.Tensor:
             images.append(to_rgb(x))
             continue
         try:
-            with Image.open(x) as im:
+            with open_image(x) as im:
                 w, h = im.size
                 if w * h > MAX_IMAGE_PIXELS:
                     raise InputError(f"{x}: image of {w} x {h} pixels exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
                 images.append(to_rgb(im))
         except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
-            raise InputError(f"{x}: cannot read image ({type(e).__name__}: {e})") from None
+            raise InputError(f"{x}: cannot read image ({type(e).__name__}: {first_line(e)})") from None
     return processor(images=images, return_tensors="pt")["pixel_values"]
 
 

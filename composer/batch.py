@@ -7,7 +7,8 @@ the input's records), its other keys, and ``answer`` (the generated text) or ``e
 naming what is wrong with that record: bad JSON, no prompt, a missing or unreadable file, a
 prompt too long). A bad record costs only its own row: the others still run, in batches of
 ``batch_size`` (left-padded together). The output is written to a temporary file and renamed
-when complete, so an interrupted run leaves no partial file.
+when complete, so an interrupted run leaves no partial file; it replaces an existing file only
+with ``overwrite``, and is never the input file.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from composer.errors import InputError, first_line
-from composer.train.data import MAX_RECORD_CHARS
+from composer.train.data import decode_record, jsonl_lines, media_file
 
 
 def read_requests(path: Path, modalities: list[str], media_root: Path | None) -> list[dict[str, Any]]:
@@ -30,15 +31,12 @@ def read_requests(path: Path, modalities: list[str], media_root: Path | None) ->
     root = (media_root or path.parent).resolve()
     out: list[dict[str, Any]] = []
     with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
+        for n, raw in jsonl_lines(f):  # a bounded readline: an over-long line is refused unread
+            if raw is not None and not raw.strip():
                 continue
             where = f"{path}:{n}"
             try:
-                line = raw.decode("utf-8")
-                if len(line) > MAX_RECORD_CHARS:
-                    raise ValueError(f"record of {len(line)} characters exceeds {MAX_RECORD_CHARS}")
-                rec = json.loads(line)
+                rec = decode_record(raw)
                 if not isinstance(rec, dict):
                     raise ValueError("a record must be a JSON object")
             except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -58,11 +56,13 @@ def read_requests(path: Path, modalities: list[str], media_root: Path | None) ->
                         raise ValueError(f"`{m}` must be a path or a list of paths")
                     resolved = []
                     for p in paths:
-                        full = (root / p).resolve()
+                        try:
+                            full = (root / p).resolve()
+                        except (OSError, RuntimeError) as e:  # a symlink loop
+                            raise ValueError(f"{m} path {p!r}: {getattr(e, 'strerror', None) or e}") from None
                         if not full.is_relative_to(root):
                             raise ValueError(f"{m} path {p!r} leaves the media root {root}")
-                        if not full.is_file():
-                            raise ValueError(f"{m} file not found: {p}")
+                        media_file(str(full), m, shown=p)
                         resolved.append(str(full))
                     media[m] = resolved
                 out.append({"record": rec, "prompt": prompt, "media": media, "where": where})
@@ -82,13 +82,16 @@ def generate_jsonl(
     raw: bool = False,
     media_root: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
     **generate_kwargs,
 ) -> dict[str, int]:
     """Answer every record of ``input_path`` with ``model`` (a ``ComposedModel`` or an
-    ``OnnxPipeline``), writing ``output_path``; -> ``{"answered": n, "failed": m}``."""
+    ``OnnxPipeline``), writing ``output_path`` (an existing one only with ``overwrite``; never
+    the input itself); -> ``{"answered": n, "failed": m}``."""
     if batch_size < 1:
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     input_path, output_path = Path(input_path), Path(output_path)
+    check_output(input_path, output_path, overwrite)
     requests = read_requests(input_path, list(model.encoders), Path(media_root) if media_root else None)
     results: list[dict[str, Any]] = [{} for _ in requests]
     for i, r in enumerate(requests):
@@ -118,6 +121,7 @@ def generate_jsonl(
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    check_output(input_path, output_path, overwrite)  # again: it may have appeared while the model ran
     _write_atomic(output_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     failed = sum("error" in r for r in results)
     return {"answered": len(results) - failed, "failed": failed}
@@ -146,11 +150,28 @@ def _run_chunk(model, requests, results, rows: list[int], prompts: list[str], ge
         results[rows[j]]["answer"] = text.strip()
 
 
+def check_output(input_path: Path, output_path: Path, overwrite: bool) -> None:
+    """-o OUT must not be the input (by path, link or hard link: replacing it would destroy the
+    records), nor a directory, nor an existing file (a dangling link included) without overwrite."""
+    same = os.path.realpath(output_path) == os.path.realpath(input_path)
+    if not same and output_path.exists() and input_path.exists():
+        same = os.path.samefile(output_path, input_path)
+    if same:
+        raise InputError(f"-o {output_path}: is the input file {input_path}; write the answers elsewhere")
+    if output_path.is_dir():
+        raise InputError(f"-o {output_path}: is a directory (want the answers' JSONL file)")
+    if os.path.lexists(output_path) and not overwrite:
+        raise InputError(f"-o {output_path}: exists (pass --overwrite to replace it)")
+
+
 def _write_atomic(path: Path, text: str) -> None:
+    from composer.checkpoint import current_umask
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp's 0600: the mode open() gives
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

@@ -329,9 +329,7 @@ def apply_lora(module: nn.Module, lora: LoraSpec, where: str) -> nn.Module:
     try:
         return inject_adapter_in_model(cfg, module)
     except ValueError as e:
-        raise SpecError(
-            f"{where}.lora.target_modules: {str(e).splitlines()[0]}, got {list(lora.target_modules)}"
-        ) from None
+        raise SpecError(f"{where}.lora.target_modules: {first_line(e)}, got {list(lora.target_modules)}") from None
 
 
 def set_trainable(module: nn.Module, mode: str) -> None:

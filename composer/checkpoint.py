@@ -34,7 +34,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from composer.errors import InputError, read_versioned_json
+from composer.errors import InputError, first_line, read_versioned_json
 from composer.generation import read_generation_config, write_generation_config
 from composer.spec import load_yaml, parse_spec
 
@@ -318,7 +318,7 @@ def check_weights(model, weights: Path | list[Path], may_lack=None) -> None:
                         raise InputError(f"{file}: {k} is also in {where[k].name}")
                     shapes[k], dtypes[k], where[k] = tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype(), file
         except (SafetensorError, OSError, ValueError) as e:
-            raise InputError(f"{file}: cannot load ({str(e).strip().splitlines()[0]})") from None
+            raise InputError(f"{file}: cannot load ({first_line(e)})") from None
     state = model.state_dict()
     missing = _untied(model, sorted(k for k in set(state) - set(shapes) if may_lack is None or not may_lack(k)))
     unexpected = sorted(set(shapes) - set(state))
@@ -394,8 +394,7 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False, meta_weights:
             "processor_dirs": {m: root / "processors" / m for m in spec.modalities},
         }
     except Exception as e:  # KeyError/TypeError/ValueError, or transformers' config validation errors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(f"{meta_file}: cannot rebuild the configs ({type(e).__name__}: {first})") from None
+        raise InputError(f"{meta_file}: cannot rebuild the configs ({type(e).__name__}: {first_line(e)})") from None
     trainable_only = meta.get("weights") == "trainable"
     if trainable_only:  # the frozen weights from the spec's sources, as when it was first built
         spec._source_dir = Path(meta["source_dir"]) if meta.get("source_dir") else root
@@ -438,7 +437,7 @@ def _load_files(model, files: list[Path]) -> None:
                 with safe_open(str(file), framework="pt") as f, torch.no_grad():
                     state[k].copy_(f.get_tensor(k))
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise InputError(f"{file}: cannot load ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{file}: cannot load ({first_line(e)})") from None
 
 
 def load_any(

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from composer.checkpoint import load_any
-from composer.errors import ComposerError, InputError
+from composer.errors import ComposerError, InputError, first_line
 from composer.export.quantize import SCHEMES as QUANT_SCHEMES
 
 
@@ -424,7 +424,11 @@ def train(
 @click.option(
     "-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write."
 )
-@click.option("--verify", is_flag=True, help="Compare ONNX Runtime with torch; exit 1 past tolerance.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Compare ONNX Runtime with torch before the bundle replaces OUTPUT; past tolerance: exit 1, OUTPUT unchanged.",
+)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
@@ -517,7 +521,21 @@ def export(
 
     check_output_apart(out, {"checkpoint": checkpoint})
     model = load_pretrained(resolve(checkpoint, accept=("checkpoint",)).path)
+    previous = out.exists() and (not out.is_dir() or any(out.iterdir()))
     with con.status("exporting") as status:
+
+        def verify_before_replacing(tmp: Path) -> None:
+            """--verify on the complete bundle in its temp dir: a failure leaves OUTPUT as it was."""
+            from composer.export.verify import verify_bundle
+
+            status.update("verifying against torch")
+            report = verify_bundle(model, tmp, min_top1=min_top1, atol=atol)
+            try:
+                _print_verify_report(con, report)
+            except ComposerError as e:
+                kept = f"the previous {out} is left as it was" if previous else f"nothing was written to {out}"
+                raise ComposerError(f"{e}; the unverified bundle was removed and {kept}") from None
+
         export_onnx(
             model,
             out,
@@ -533,6 +551,7 @@ def export(
             calibration_samples=calibration_samples,
             fp32_channels=fp32_channels,
             smooth_alpha=smooth_alpha,
+            check=verify_before_replacing if verify else None,
         )
     from composer.export.manifest import read_manifest
 
@@ -544,28 +563,27 @@ def export(
         )
     for _m, e in manifest["encoders"].items():
         con.print(f"  {e['graph']:<28} {e['tokens_per_item']} tokens per item")
-    con.print(f"wrote ONNX bundle to {out}")
-    if verify:
-        from composer.export.verify import verify_bundle
+    con.print(f"wrote ONNX bundle to {out}" + (" (verified)" if verify else ""))
 
-        with con.status("verifying against torch"):
-            report = verify_bundle(model, out, min_top1=min_top1, atol=atol)
-        if "top1_agreement" in report:
-            _print_quantized_report(con, report)
-            return
-        for g, diff in report["graphs"].items():
-            con.print(f"  max abs diff {g:<28} {diff:.3g}  (largest |value| {report['scales'][g]:.3g})")
-        con.print(
-            f"  max abs diff prefill logits (end to end)  {report['prefill_logits']:.3g}  "
-            f"(largest |value| {report['logits_scale']:.3g})"
+
+def _print_verify_report(con, report: dict) -> None:
+    """--verify's report; ComposerError (exit 1) past tolerance."""
+    if "top1_agreement" in report:
+        _print_quantized_report(con, report)
+        return
+    for g, diff in report["graphs"].items():
+        con.print(f"  max abs diff {g:<28} {diff:.3g}  (largest |value| {report['scales'][g]:.3g})")
+    con.print(
+        f"  max abs diff prefill logits (end to end)  {report['prefill_logits']:.3g}  "
+        f"(largest |value| {report['logits_scale']:.3g})"
+    )
+    con.print(f"  greedy tokens ({report['greedy_tokens']}) equal torch: {report['greedy_match']}")
+    tol = report["tolerance"]
+    if not report["ok"]:
+        raise ComposerError(
+            f"verification failed: a difference exceeds {tol:g} x max(1, largest |value|) or greedy tokens differ"
         )
-        con.print(f"  greedy tokens ({report['greedy_tokens']}) equal torch: {report['greedy_match']}")
-        tol = report["tolerance"]
-        if not report["ok"]:
-            raise ComposerError(
-                f"verification failed: a difference exceeds {tol:g} x max(1, largest |value|) or greedy tokens differ"
-            )
-        con.print(f"verified: every difference within {tol:g} x max(1, largest |value|)")
+    con.print(f"verified: every difference within {tol:g} x max(1, largest |value|)")
 
 
 def _print_quantized_report(con, r: dict) -> None:
@@ -593,6 +611,7 @@ def _print_quantized_report(con, r: dict) -> None:
     help='JSONL of {"prompt": ..., "<modality>": path} records to answer (instead of --prompt).',
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="With --input.")
+@click.option("--overwrite", is_flag=True, help="With --input: replace OUTPUT if it exists.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Records per batch (--input).")
 @click.option(
     "--media-root",
@@ -631,6 +650,7 @@ def generate(
     prompt: str | None,
     input_file: Path | None,
     output: Path | None,
+    overwrite: bool,
     batch_size: int,
     media_root: Path | None,
     raw: bool,
@@ -669,6 +689,16 @@ def generate(
         raise InputError("give --prompt, or --input FILE with -o OUT")
     if input_file is not None and output is None:
         raise InputError("--input needs -o OUT (the answers' JSONL file)")
+    if input_file is None and (output is not None or overwrite):
+        raise InputError("-o/--overwrite go with --input FILE (a --prompt's answer is printed)")
+    if input_file is not None:
+        from composer.batch import check_output
+
+        check_output(input_file, output, overwrite)  # before the model loads
+    from composer.spec import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"--seed {seed}: must be in [0, 2**64 - 1]")
     kind = resolve(target, accept=("checkpoint", "bundle")).kind
     items = _modality_args(ctx.args, text_ok=_text_modalities(target))
     if kind == "bundle":
@@ -697,7 +727,14 @@ def generate(
         if items:
             raise InputError("with --input, media come from the records, not --<modality> options")
         counts = generate_jsonl(
-            model, input_file, output, batch_size=batch_size, raw=raw, media_root=media_root, **settings
+            model,
+            input_file,
+            output,
+            batch_size=batch_size,
+            raw=raw,
+            media_root=media_root,
+            overwrite=overwrite,
+            **settings,
         )
         click.echo(f"wrote {output}: {counts['answered']} answered, {counts['failed']} failed", err=True)
         return
@@ -793,7 +830,7 @@ def cp_(name: str, dest: Path, overwrite: bool) -> None:
 @cli.command()
 @click.argument("target")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--model-name", default=None, help="The model id clients send (default: the spec's name).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Requests per batch (1: off).")
 @click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0), help="Wait for more.")
@@ -809,13 +846,28 @@ def cp_(name: str, dest: Path, overwrite: bool) -> None:
 )
 @click.option("--max-stop-chars", default=128, show_default=True, type=click.IntRange(1), help="Per stop string.")
 @click.option(
+    "--body-timeout-s", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+    help="A request body not received within it: 408.",
+)  # fmt: skip
+@click.option(
+    "--api-key", envvar="COMPOSE_API_KEY", default=None, show_envvar=True,
+    help="Require `Authorization: Bearer KEY` on /v1/ routes (as OpenAI clients send api_key).",
+)  # fmt: skip
+@click.option(
+    "--allowed-host", "allowed_hosts", multiple=True,
+    help="Host header values accepted (repeatable; '*': any). Default: localhost names when --host is a "
+    "loopback address, else any.",
+)  # fmt: skip
+@click.option(
     "--media-root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
     help="Local image/audio paths in requests must lie under it (default: data: URLs only).",
 )
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Bundles only.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per graph (bundles only).")
+@click.option(
+    "--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads per graph (bundles only)."
+)
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
 )
@@ -833,6 +885,9 @@ def serve(
     max_audio_seconds: float,
     max_media_items: int,
     max_stop_chars: int,
+    body_timeout_s: float,
+    api_key: str | None,
+    allowed_hosts: tuple[str, ...],
     media_root: Path | None,
     provider: str,
     threads: int | None,
@@ -874,11 +929,23 @@ def serve(
         max_audio_seconds=max_audio_seconds,
         max_media_items=max_media_items,
         max_stop_chars=max_stop_chars,
+        body_timeout_s=body_timeout_s,
         max_tokens=max_tokens,
         max_queue=max_queue,
         media_root=media_root,
     )
-    app = create_app(runtime, name=model_name, limits=limits, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000)
+    loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    hosts = list(allowed_hosts) or (["localhost", "127.0.0.1", "::1", host] if loopback else None)
+    app = create_app(
+        runtime,
+        name=model_name,
+        limits=limits,
+        max_batch=max_batch,
+        batch_wait_s=batch_wait_ms / 1000,
+        api_key=api_key or None,
+        allowed_hosts=hosts,
+    )
+    _check_port_free(host, port)
     # uvicorn handles SIGINT/SIGTERM (stop accepting, finish in-flight requests) and raises the
     # signal again once done: a no-op handler then lets `compose serve` exit 0 after a clean drain
     main_thread = threading.current_thread() is threading.main_thread()
@@ -888,6 +955,19 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """--host/--port as one error (exit 2) when the address cannot be bound, before uvicorn starts."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise InputError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
 
 
 @cli.command()
@@ -1177,6 +1257,12 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\x1b``): an error message
+    quotes file names and file contents, and a terminal must not run their escape sequences."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _main(argv: list[str] | None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("COMPOSER_DEBUG") == "1"
     try:
@@ -1193,7 +1279,7 @@ def _main(argv: list[str] | None) -> None:
     except ComposerError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_printable(str(e))}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:
         click.echo("error: terminated (SIGTERM)" if isinstance(e, _Terminated) else "error: interrupted", err=True)
@@ -1201,8 +1287,9 @@ def _main(argv: list[str] | None) -> None:
     except Exception as e:  # a runtime failure: one line unless --debug
         if debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        click.echo(f"error: {type(e).__name__}: {first} (run with --debug for the traceback)", err=True)
+        click.echo(
+            f"error: {type(e).__name__}: {_printable(first_line(e))} (run with --debug for the traceback)", err=True
+        )
         sys.exit(1)
     sys.exit(0)
 

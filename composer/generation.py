@@ -38,7 +38,7 @@ class Sampling:
     def from_spec(cls, gen, generation_config=None, **overrides) -> Sampling:
         """The spec's ``generation`` settings, then what a transformers ``GenerationConfig`` sets
         (its values that differ from GenerationConfig's defaults), then the call's keyword
-        overrides, validated as the spec is (``max_new_tokens > 0``, ``temperature > 0`` and
+        overrides, validated as the spec is (``max_new_tokens > 0``, ``temperature >= 1e-6`` and
         finite, ``top_k > 0``, ``0 < top_p <= 1``, ``repetition_penalty > 0``, ...). A
         GenerationConfig setting composer does not implement is one error naming it."""
         from pydantic import ValidationError
@@ -60,8 +60,10 @@ class Sampling:
             GenerationSpec.model_validate(values)
         except ValidationError as e:
             raise InputError(first_validation_error(e)) from None
-        if values["temperature"] != values["temperature"] or values["temperature"] == float("inf"):
-            raise InputError(f"temperature: must be a finite number > 0, got {values['temperature']!r}")
+        if values["min_new_tokens"] > values["max_new_tokens"]:
+            raise InputError(
+                f"min_new_tokens: {values['min_new_tokens']} is more than max_new_tokens ({values['max_new_tokens']})"
+            )
         if values["num_return_sequences"] > 1 and not values["do_sample"]:
             raise InputError(
                 f"num_return_sequences: {values['num_return_sequences']} sequences per prompt need do_sample "

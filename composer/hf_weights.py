@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from composer.errors import InputError
+from composer.errors import InputError, first_line
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -140,14 +140,14 @@ def _hub_file(repo: str, name: str) -> Path | None:
     except EntryNotFoundError:  # absent from the repo, or (offline) from the cache
         return None
     except Exception as e:  # network, auth, unknown repo: many types; name the repo
-        raise ValueError(f"{repo}: cannot fetch {name} from the Hub ({type(e).__name__}: {_first_line(e)})") from None
+        raise ValueError(f"{repo}: cannot fetch {name} from the Hub ({type(e).__name__}: {first_line(e)})") from None
 
 
 def read_index(path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a weights index ({type(e).__name__}: {_first_line(e)})") from None
+        raise ValueError(f"{path}: not a weights index ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(weight_map, dict):
         raise ValueError(f"{path}: weight_map is not a mapping")
     return {str(k): str(v) for k, v in weight_map.items()}
@@ -161,7 +161,7 @@ def _file_keys(path: Path) -> list[str]:
             with safe_open(str(path), "pt") as f:
                 return list(f.keys())
         except Exception as e:  # truncated/corrupt headers raise several types
-            raise ValueError(f"{path}: cannot read safetensors header ({type(e).__name__}: {_first_line(e)})") from None
+            raise ValueError(f"{path}: cannot read safetensors header ({type(e).__name__}: {first_line(e)})") from None
     return list(_load_bin(path))
 
 
@@ -173,7 +173,7 @@ def _read_file(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
             with safe_open(str(path), "pt") as f:
                 return {k: f.get_tensor(k) for k in names}
         except Exception as e:
-            raise ValueError(f"{path}: cannot read tensors ({type(e).__name__}: {_first_line(e)})") from None
+            raise ValueError(f"{path}: cannot read tensors ({type(e).__name__}: {first_line(e)})") from None
     state = _load_bin(path)
     missing = [k for k in names if k not in state]
     if missing:
@@ -186,7 +186,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # corrupt files and refused pickles raise many types
-        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {_first_line(e)})") from None
+        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict")
     return state
@@ -216,8 +216,3 @@ def load_strict(
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the {what} needs {tuple(own[k].shape)}")
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=not optional)
-
-
-def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else ""

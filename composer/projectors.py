@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from composer.errors import InputError
+from composer.errors import InputError, first_line
 
 # Prefixes under which the seed systems store projector weights in their checkpoints.
 _KNOWN_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.", "multi_modal_projector.")
@@ -166,9 +166,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt/truncated files raise many types; name the file
-        raise InputError(
-            f"{path}: cannot read projector weights ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
+        raise InputError(f"{path}: cannot read projector weights ({type(e).__name__}: {first_line(e)})") from None
 
 
 def load_projector_weights(projector: nn.Module, path: Path, where: str) -> None:

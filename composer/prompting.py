@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from composer.errors import InputError
+from composer.errors import InputError, first_line
 
 
 class Prepared(NamedTuple):
@@ -151,7 +151,7 @@ def _collect(tokenizer, prompts, rows, row_counts, items_of, *, max_positions, *
                 if its:
                     kw["preprocess"][m](its)
         except Exception as e:  # one bad item must not stop the batch: report it with its prompt
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            msg = first_line(e)
             failed[i] = msg if isinstance(e, InputError) else f"{type(e).__name__}: {msg}"
     keep = [i for i in range(len(prompts)) if i not in failed]
     if not keep:
@@ -298,7 +298,7 @@ def render_chat(tokenizer, messages: list, placeholders: dict[str, str], *, wher
     try:
         return tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # jinja2 errors, e.g. a template that raises on the order of roles
-        raise InputError(f"{where}: the chat template refused the messages: {str(e).strip().splitlines()[0]}") from None
+        raise InputError(f"{where}: the chat template refused the messages: {first_line(e)}") from None
 
 
 def format_instruction(tokenizer, template: str | None, placeholders: dict[str, str], instruction: str) -> str:

@@ -8,6 +8,7 @@ wins over a shipped name: ``specs/tiny/llava.yaml`` in a checkout is that file.
 
 from __future__ import annotations
 
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -70,27 +71,57 @@ def spec_path(name: str) -> Path | None:
 def copy(name: str, dest: str | Path, overwrite: bool = False) -> list[Path]:
     """Copy a shipped spec or config to ``dest`` (a file, or a directory to put it in) with the
     local files it names by relative path (``demo/vision``, ``assets/*.png``...), keeping their
-    layout so that the copy builds as the original does; -> the paths written."""
+    layout so that the copy builds as the original does; -> the paths written.
+
+    Never writes through a symbolic link: a link where a file goes (dangling or not) is an
+    existing file (``overwrite`` replaces the link itself, not what it points to), and a link
+    where one of the copied directories goes is refused. Each file is written to a temporary
+    file and renamed into place."""
     src = find(name)
     if src is None:
         raise InputError(f"{name!r} is not a shipped spec or config (`compose ls` lists them)")
     dest = Path(dest)
+    if dest.is_symlink() and dest.is_dir():
+        raise InputError(f"{dest}: is a symbolic link to a directory; name the directory itself")
     target = dest / src.name if dest.is_dir() else dest
     files = [(src, target)]
     for rel in _local_references(src):
-        files.append((src.parent / rel, target.parent / rel))
-    clash = [str(t) for _, t in files if t.exists()]
+        s, t = src.parent / rel, target.parent / rel
+        if s.is_dir():
+            files += [(f, t / f.relative_to(s)) for f in sorted(s.rglob("*")) if f.is_file()]
+        else:
+            files.append((s, t))
+    base = target.parent
+    for _, t in files:
+        for d in list(reversed(t.relative_to(base).parents))[1:]:  # the directories the copy puts under DEST
+            if (base / d).is_symlink():
+                raise InputError(f"{base / d}: is a symbolic link; compose cp does not write through links")
+        if t.is_dir() and not t.is_symlink():
+            raise InputError(f"{t}: is a directory where the file {t.name} goes")
+    clash = [str(t) for _, t in files if os.path.lexists(t)]
     if clash and not overwrite:
         raise InputError(f"{clash[0]} exists (pass --overwrite to replace it)")
     written = []
     for s, t in files:
         t.parent.mkdir(parents=True, exist_ok=True)
-        if s.is_dir():
-            shutil.copytree(s, t, dirs_exist_ok=True)
-        else:
-            shutil.copyfile(s, t)
+        _copy_file(s, t)
         written.append(t)
     return written
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """``src``'s bytes to ``dst`` through a new temp file (O_EXCL: the mode the umask gives, no
+    link followed) renamed over it: a link at ``dst`` is replaced, never written through."""
+    import secrets
+
+    tmp = dst.parent / f".{dst.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(tmp, "xb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _local_references(spec_file: Path) -> list[str]:

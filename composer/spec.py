@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from composer.errors import SpecError
+from composer.errors import SpecError, first_line
 
 TrainMode = Literal["frozen", "lora", "full"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -282,13 +282,20 @@ class PromptSpec(_Strict):
     template: str
 
 
+# Below this temperature sampling is greedy in all but name (logits 1e-4 apart, about fp32's resolution
+# near 30, differ by 100 after division: a probability ratio of e^100), and 1e-300 overflows the
+# divided logits to inf (NaN probabilities).
+MIN_TEMPERATURE = 1e-6
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes a 64-bit seed
+
+
 class GenerationSpec(_Strict):
     max_new_tokens: int = Field(32, gt=0)
     do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, allow_inf_nan=False)
     top_k: int | None = Field(None, gt=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)  # transformers' RepetitionPenaltyLogitsProcessor
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)  # transformers' RepetitionPenaltyLogitsProcessor
     no_repeat_ngram_size: int = Field(0, ge=0)  # NoRepeatNGramLogitsProcessor
     min_new_tokens: int = Field(0, ge=0)  # MinNewTokensLengthLogitsProcessor: EOS banned before
     stop_strings: list[Annotated[str, Field(min_length=1)]] | None = None  # transformers' StopStringCriteria
@@ -299,7 +306,7 @@ class Spec(_Strict):
     """A whole composed model."""
 
     name: str = Field(min_length=1)
-    seed: int = 0  # random init of inline-config components
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # random init of inline-config components (torch.manual_seed's range)
     llm: LLMSpec
     modalities: dict[str, ModalitySpec] = Field(min_length=1)
     prompt: PromptSpec | None = None  # None: the tokenizer's chat template
@@ -549,10 +556,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(text: str, source: str) -> Any:
+def load_yaml(text: str, source: str, invalid: str = "invalid YAML") -> Any:
     """``yaml.safe_load`` (plain data: tags that construct Python objects are refused; a key
     given twice in one mapping is refused) behind ``_check_yaml_shape``; every failure is a
-    one-line ``SpecError`` naming ``source``."""
+    one-line ``SpecError`` naming ``source`` (``invalid``: how it calls text that is not YAML)."""
     try:
         _check_yaml_shape(text, source)
         loader = _UniqueKeyLoader(text)  # a SafeLoader: what yaml.safe_load runs, plus the duplicate check
@@ -563,12 +570,12 @@ def load_yaml(text: str, source: str) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         if isinstance(e, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
             tag = problem.split("tag", 1)[1].strip()
             problem = f"{tag} is not allowed: a spec is plain data (no YAML tags that build objects)"
             problem = f"YAML tag {problem}"
-        raise SpecError(_one_line(f"{source}: invalid YAML{where}: {problem}")) from None
+        raise SpecError(_one_line(f"{source}: {invalid}{where}: {problem}")) from None
     except (ValueError, OverflowError, RecursionError) as e:  # e.g. a 5000-digit int, a 13th month
         raise SpecError(_one_line(f"{source}: invalid YAML value ({type(e).__name__}: {str(e)[:120]})")) from None
 
@@ -589,16 +596,17 @@ def apply_overrides(data: Any, overrides: Sequence[str], source: str) -> Any:
         key, eq, raw = item.partition("=")
         parts = key.strip().split(".")
         if not eq or not all(part.strip() for part in parts):
-            raise SpecError(f"override {item!r}: expected dotted.key=value, e.g. modalities.image.insert_at=4")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise SpecError(f"override {item!r}: the value is not YAML ({str(e).splitlines()[0]})") from None
+            raise SpecError(f"override {_short(item)}: expected dotted.key=value, e.g. modalities.image.insert_at=4")
+        # the value is parsed as a spec file is (load_yaml: size, nesting and alias-expansion limits,
+        # plain data only): an override is as hostile as a file
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError(f"override {_short(item)}: the value is longer than {MAX_SPEC_BYTES} characters")
+        value = load_yaml(raw, f"override {_short(item)}", "the value is not YAML") if raw.strip() else None
         node = data
         for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise SpecError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a mapping in the spec")
+                raise SpecError(f"override {_short(item)}: {'.'.join(parts[: i + 1])} is not a mapping in the spec")
         node[parts[-1]] = value
     return data
 
@@ -624,7 +632,7 @@ def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Sp
         field = str(e).removeprefix(f"{p}: ").split(":", 1)[0]
         hit = [o for o in overrides if field == (k := o.partition("=")[0].strip()) or field.startswith(k + ".")]
         if hit:
-            raise SpecError(f"{e} (set by the override {hit[-1]!r})") from None
+            raise SpecError(f"{e} (set by the override {_short(hit[-1])})") from None
         raise
     spec._source_dir = Path(os.path.abspath(p)).parent  # not resolve(): HF cache files are symlinks into blobs/
     return spec

@@ -145,6 +145,7 @@ def export_onnx(
     calibration_samples: int | None = None,
     fp32_channels: int | None = None,
     smooth_alpha: float | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export ``model`` (a ``ComposedModel``) as a split ONNX bundle; returns the bundle path.
 
@@ -155,6 +156,10 @@ def export_onnx(
     or on the first ``calibration_samples`` records of ``calibration`` (a training-format JSONL file
     with real media); ``fp32_channels`` (16) largest channels per input kept in fp32, SmoothQuant
     ``smooth_alpha`` (0.5) on the rest.
+
+    ``check``: called with the complete bundle in its temporary directory before it replaces
+    ``out_dir`` (``compose export --verify``); when it raises, the temporary bundle is removed and
+    ``out_dir`` (a previous bundle, with ``overwrite``) is left as it was.
 
     Example::
 
@@ -341,6 +346,9 @@ def export_onnx(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         write_generation_config(tmp, g, _eos(m), m.pad_token_id, tok.bos_token_id)
+        if check is not None:
+            say("checking the bundle")
+            check(tmp)
     say(f"wrote {out_dir}")
     return out_dir
 

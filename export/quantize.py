@@ -167,16 +167,18 @@ def check_w8a8_options(fp32_channels, smooth_alpha) -> None:
 
 def calibration_batches(model, path: str | Path, samples: int = CALIBRATION_SAMPLES) -> list[dict]:
     """The first ``samples`` records of a JSONL file in the training formats (``composer.train.data``:
-    LLaVA, LTU or generic records, media paths relative to the file), one batch each: prompt and
-    response in the spec's template, with the records' own images or audio. Read and preprocessed
-    up front, so a bad record or missing media file is an InputError before anything is exported."""
+    LLaVA, LTU or generic records, media paths relative to the file and inside its directory), one
+    batch each: prompt and response in the spec's template, with the records' own images or audio.
+    Read and preprocessed up front (those records only: the rest of the file is not read), so a bad
+    record or missing media file is an InputError before anything is exported."""
     from composer.train.data import Collator, read_jsonl
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InputError(f"--calibration-samples must be a positive integer, got {samples!r}")
     collate = Collator(model)
     batches = []
-    for ex in read_jsonl(path, dict(model.placeholders))[:samples]:
+    # only the records used are read and checked; media paths stay inside the file's directory
+    for ex in read_jsonl(path, dict(model.placeholders), limit=samples, confine=True):
         batch = collate([ex])
         batch.pop("labels")
         batches.append(batch)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from composer.errors import ComposerError, InputError
+from composer.errors import ComposerError, InputError, first_line
 from composer.export.graphs import early_io, kv_names, late_io
 from composer.export.manifest import read_manifest
 from composer.generation import Sampling, decode_loop
@@ -191,7 +191,7 @@ class OnnxPipeline:
                         str(self.root / name), sess_options=session_options, providers=providers
                     )
             except Exception as e:  # ORT raises its own exception types for corrupt graphs/data
-                raise InputError(f"{self.root / name}: cannot load ({str(e).strip().splitlines()[0][:200]})") from None
+                raise InputError(f"{self.root / name}: cannot load ({first_line(e)[:200]})") from None
         self.inputs = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
         # each LLM graph's declared inputs: every feed is built through them (graphs.GraphIO.feeds)
         self.io = {

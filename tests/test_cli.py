@@ -145,6 +145,7 @@ def test_build_is_deterministic(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_main_job_build_export_verify_generate(tmp_path):
     """The README's main job: build -> export --verify -> generate from the bundle and the checkpoint."""
     ckpt, bundle = tmp_path / "ckpt", tmp_path / "bundle"

@@ -1,4 +1,4 @@
-"""Reliability, point 5: no pickles (torch files only with ``weights_only=True``), no remote code
+"""Reliability: no pickles (torch files only with ``weights_only=True``), no remote code
 (configs and tokenizers asking for ``auto_map`` code get the built-in classes or a clear error,
 and the code never runs), and a spec that came from the Hub (it lies in the HF cache) may only
 name files inside its repo: absolute paths and ``..`` that leave it are refused."""
@@ -378,3 +378,36 @@ def test_user_text_cannot_inject_special_tokens(tmp_path, capsys):
         )
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: instruction: contains the special token '<pad>'")
+
+
+def test_error_messages_escape_terminal_control_sequences(tmp_path):
+    """A file name (or file content) quoted in an error is printed with its control characters
+    escaped: an OSC title sequence or a colour code from a data file never reaches the terminal."""
+    from helpers import run_cli
+
+    name = tmp_path / "x\x1b]0;pwned\x07\x1b[31m.yaml"
+    r = run_cli("inspect", name)
+    assert r.returncode == 2 and "\x1b" not in r.stderr and "\x07" not in r.stderr, r.stderr
+    assert "x\\x1b]0;pwned\\x07\\x1b[31m.yaml" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_chat_template_raising_an_empty_message_is_one_clear_error():
+    """A chat template that raises with an empty message (``raise_exception('')``) is an InputError
+    naming the messages and the exception's type, not an IndexError while formatting the error."""
+    from composer.prompting import render_chat
+
+    class Tok:
+        chat_template = "{{ raise_exception('') }}"
+
+        def apply_chat_template(self, messages, **kw):
+            from jinja2 import TemplateError
+
+            raise TemplateError("")
+
+        def get_vocab(self):
+            return {}
+
+        all_special_tokens: list[str] = []
+
+    with pytest.raises(InputError, match=r"^messages: the chat template refused the messages: TemplateError$"):
+        render_chat(Tok(), [{"role": "user", "content": "hi"}], {})

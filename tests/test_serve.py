@@ -173,6 +173,7 @@ def test_sampling_settings_and_seed(pipe):
 
 
 # -- batching -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_16_concurrent_clients_get_their_sequential_answers(pipe):
     """16 clients x 3 requests at once (different prompt lengths, pictures, lengths, greedy and
     seeded sampling, stop strings, a repetition penalty that sees only the row's own tokens, not
@@ -378,6 +379,7 @@ def test_a_checkpoint_serves_audio_with_torch(tmp_path):
 
 
 # -- the process ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigterm_drains_the_requests_in_flight(pipe, llama_k1_export, tmp_path):
     """`compose serve` as a process: SIGTERM while a stream is running lets it finish (its whole
     answer), refuses new connections, and the process exits 0."""

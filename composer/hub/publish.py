@@ -7,7 +7,8 @@ directory has a card of its own (one composer generated, e.g. in a pulled dir, i
 and deletions of files the revision had but the directory does not; the local directory is never
 written to. A checkpoint pushes its format's files only (``spec.yaml``, ``composer.json``,
 ``model.safetensors``, ``tokenizer/``, ``processors/``, plus ``metrics.jsonl`` of a training run);
-a bundle pushes every file. Pickled files are never pushed, pulled or loaded as a checkpoint.
+a bundle pushes every file. Pickled files are never pushed, pulled or loaded as a checkpoint; a
+directory holding a symbolic link anywhere is refused before anything is sent.
 
 Example::
 
@@ -59,6 +60,7 @@ def upload_files(
 
     if not root.is_dir():
         raise InputError(f"{root}: no such directory (push a composer checkpoint or an ONNX bundle)")
+    _refuse_links(root)
     if is_checkpoint(root):
         kind = "checkpoint"
         _check_sources_portable(root)
@@ -83,6 +85,20 @@ def upload_files(
             raise InputError(f"--exclude {path}: the {kind} needs it (only {list(OPTIONAL_FILES)} may be left out)")
         del files[path]
     return kind, files
+
+
+def _refuse_links(root: Path) -> None:
+    """One InputError naming the first symbolic link anywhere under ``root`` (hidden and pickled
+    files included): a push uploads what it finds in the directory, and a link would upload a
+    file from outside it (``tokenizer/x -> ~/.ssh/id_rsa``). Links are not followed while looking."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                raise InputError(
+                    f"{p}: a symbolic link in {root} (to {os.readlink(p)!r}); push does not follow links out of the "
+                    "directory: replace it with the file itself"
+                )
 
 
 def _check_sources_portable(root: Path) -> None:

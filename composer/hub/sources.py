@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from composer.errors import ComposerError, InputError
+from composer.errors import ComposerError, InputError, first_line
 from composer.spec import split_revision
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -104,8 +104,7 @@ def hub_error(e: Exception, what: str, *, write: bool = False) -> ComposerError:
         )
     if isinstance(e, HfHubHTTPError):
         return ComposerError(f"{what}: HTTP {status} from {host}{detail}")
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return ComposerError(f"{what}: {type(e).__name__}: {first}")
+    return ComposerError(f"{what}: {type(e).__name__}: {first_line(e)}")
 
 
 def is_hub_ref(value: str) -> bool:
@@ -119,7 +118,7 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise InputError(f"{repo_id!r}: not a Hub repo id (want owner/name): {str(e).splitlines()[0]}") from None
+        raise InputError(f"{repo_id!r}: not a Hub repo id (want owner/name): {first_line(e)}") from None
 
 
 # -- snapshots ---------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Routes: ``POST /v1/chat/completions`` (``stream: true``: server-sent events), ``GET /v1/models``,
 ``GET /health``. Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``:
-400 a bad request (``param`` names the field), 404 an unknown model, 413 a body over the limit,
-429 the queue is full, 500 a generation that failed (that request only), 503 shutting down.
+400 a bad request (``param`` names the field), 401 a missing API key (``api_key``), 404 an unknown
+model, 408 a body not received in time, 413 a body over the limit, 415 a body that is not JSON,
+429 the queue is full, 500 a generation that failed (that request only), 503 shutting down or too
+many bodies being received. Every limit (``Limits``) is checked before the work it bounds.
 SIGTERM/SIGINT (uvicorn's graceful shutdown) stop accepting connections and let the requests in
 flight finish before the process exits.
 
@@ -35,6 +37,7 @@ from composer.serve.protocol import (
     chunk,
     completion,
     completion_id,
+    max_text_chars,
     parse_request,
     to_inputs,
     usage,
@@ -54,6 +57,8 @@ def create_app(
     limits: Limits | None = None,
     max_batch: int = 8,
     batch_wait_s: float = 0.01,
+    api_key: str | None = None,
+    allowed_hosts: list[str] | None = None,
 ):
     """The ASGI app serving ``runtime`` (an ``OnnxPipeline`` or a ``ComposedModel``) as ``name``
     (default: the spec's name). The batcher's thread starts and stops with the app's lifespan."""
@@ -64,7 +69,9 @@ def create_app(
     batcher = Batcher(runtime, max_batch=max_batch, batch_wait_s=batch_wait_s, max_queue=limits.max_queue)
     prepare_lock = threading.Lock()  # one tokenizer / processor user at a time
     started = time.time()
-    state = {"closing": False}
+    state = {"closing": False, "pending_body": 0}
+    text_chars = max_text_chars(runtime.tokenizer, getattr(runtime, "context_length", None))
+    hosts = None if allowed_hosts is None or "*" in allowed_hosts else {h.lower().strip("[]") for h in allowed_hosts}
 
     @asynccontextmanager
     async def lifespan(app):
@@ -76,11 +83,13 @@ def create_app(
             state["closing"] = True
             await run_in_threadpool(batcher.close)
 
-    app = FastAPI(title="composer", lifespan=lifespan)
+    app = FastAPI(title="composer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
 
     def error(e: RequestError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
+
+    app.add_middleware(_Guard, hosts=hosts, api_key=api_key)
 
     @app.get("/health")
     async def health():
@@ -102,8 +111,8 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         try:
-            req = parse_request(await _read_json(request, limits.max_body_bytes))
-            check_limits(req, limits)
+            req = parse_request(await _read_json(request, limits, state))
+            check_limits(req, limits, text_chars)
             if req.model != name:
                 raise RequestError(
                     f"model: {req.model!r} is not served here (this server serves {name!r})",
@@ -136,9 +145,14 @@ def create_app(
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            pieces, finish, n = [], None, 0
+            pieces, finish, n, checked = [], None, 0, loop.time()
             while finish is None:
                 ev = await _next(events, request, job)
+                if loop.time() - checked > DISCONNECT_CHECK_S:  # also while tokens keep coming
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        job.cancelled = True
+                        return error(RequestError("the client disconnected", status=499))
                 if ev[0] == "token":
                     n += 1
                     pieces.append(text.push(ev[1]))
@@ -157,21 +171,87 @@ def create_app(
     return app
 
 
-async def _read_json(request, limit: int) -> Any:
+class _Guard:
+    """Before any route (a pure ASGI middleware: it leaves ``receive`` alone, so disconnects still
+    reach ``request.is_disconnected``): the Host header (DNS rebinding: a web page's script reaching
+    a server on 127.0.0.1 through a name it controls), the API key on ``/v1/`` routes, and a POST
+    body's content type (a cross-site form POST is sent without a CORS preflight, as text/plain or
+    a form)."""
+
+    def __init__(self, app, hosts: set[str] | None, api_key: str | None):
+        self.app, self.hosts, self.api_key = app, hosts, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            refused = self._refused(scope)
+            if refused is not None:
+                await JSONResponse(refused.body(), status_code=refused.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refused(self, scope) -> RequestError | None:
+        import hmac
+
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.hosts is not None and _host(headers.get("host", "")) not in self.hosts:
+            return RequestError("Host header not allowed by this server (--allowed-host)", param="Host")
+        if self.api_key is not None and scope["path"].startswith("/v1/"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return RequestError(
+                    "invalid or missing API key (send Authorization: Bearer <key>)",
+                    status=401,
+                    kind="authentication_error",
+                )
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return RequestError(f"Content-Type must be application/json, got {ctype or 'none'!r}", status=415)
+        return None
+
+
+DISCONNECT_CHECK_S = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+def _host(header: str) -> str:
+    """The host name of a Host header, without the port: ``[::1]:8000`` -> ``::1``."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+async def _read_json(request, limits: Limits, state: dict) -> Any:
+    """The request body as JSON: refused past ``max_body_bytes`` (from Content-Length when declared),
+    when not received in full within ``body_timeout_s`` (408), and when the bodies being received
+    by all requests together would pass ``max_pending_body_bytes`` (503)."""
+    limit = limits.max_body_bytes
+    budget = limits.max_pending_body_bytes or 4 * limit
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"request body of {declared} bytes exceeds the limit of {limit} bytes", status=413)
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise RequestError(f"request body exceeds the limit of {limit} bytes", status=413)
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for piece in request.stream():
+                if state["pending_body"] + len(piece) > budget:
+                    raise RequestError("server busy: too many request bodies being received; retry later", status=503)
+                body += piece
+                state["pending_body"] += len(piece)
+                if len(body) > limit:
+                    raise RequestError(f"request body exceeds the limit of {limit} bytes", status=413)
+    except TimeoutError:
+        raise RequestError(f"request body not received within {limits.body_timeout_s:g} s", status=408) from None
+    finally:
+        state["pending_body"] -= len(body)
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"invalid JSON body: {e}") from None
     except RecursionError:
         raise RequestError("invalid JSON body: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise RequestError(f"invalid JSON body: {first_line(e)}") from None
 
 
 def _job(req, runtime, limits: Limits, lock) -> Job:

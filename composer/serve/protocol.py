@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from composer.errors import InputError, first_line
-from composer.spec import AUDIO_ENCODERS, IMAGE_ENCODERS
+from composer.spec import AUDIO_ENCODERS, IMAGE_ENCODERS, MIN_TEMPERATURE
 
 
 class RequestError(Exception):
@@ -88,22 +88,22 @@ class ChatRequest(_Strict):
     unset, the model's spec ``generation`` settings apply. ``top_k`` and ``repetition_penalty`` are
     the vLLM extensions of the same name."""
 
-    model: str
+    model: StrictStr
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    max_tokens: StrictInt | None = Field(None, ge=1)  # strict: "5", true and 5.0 are refused, not coerced
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: StrictInt | None = Field(None, ge=1)
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's seed is an int64
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: StrictInt = 1
     user: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
 
     @property
     def stops(self) -> list[str]:
@@ -111,8 +111,31 @@ class ChatRequest(_Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+def _unencodable(x: Any, path: str = "") -> str | None:
+    """The path of the first string in a decoded JSON value that is not valid Unicode text (a lone
+    surrogate such as ``"\\ud800"``, which JSON allows and no tokenizer can encode), else None."""
+    stack = [(x, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return p or "body"
+        elif isinstance(v, dict):
+            stack.extend((w, f"{p}.{k}".lstrip(".")) for k, w in v.items())
+            if any(isinstance(k, str) and _unencodable(k) for k in v):
+                return p or "body"
+        elif isinstance(v, list):
+            stack.extend((w, f"{p}[{i}]") for i, w in enumerate(v))
+    return None
+
+
 def parse_request(raw: Any) -> ChatRequest:
     """A decoded JSON body -> ChatRequest; the first invalid field as one RequestError naming it."""
+    bad = _unencodable(raw)
+    if bad is not None:
+        raise RequestError(f"{bad}: not valid Unicode text (a lone surrogate code point)", param=bad)
     try:
         req = ChatRequest.model_validate(raw)
     except ValidationError as e:
@@ -127,6 +150,11 @@ def parse_request(raw: Any) -> ChatRequest:
         raise RequestError(f"{param or 'body'}: {msg}", param=param) from None
     if req.n != 1:
         raise RequestError("n: only n = 1 is supported", param="n")
+    if req.temperature is not None and 0 < req.temperature < MIN_TEMPERATURE:
+        raise RequestError(
+            f"temperature: must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {req.temperature!r}",
+            param="temperature",
+        )
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise RequestError(f"{name}: not supported (use repetition_penalty)", param=name)
@@ -156,12 +184,16 @@ class Limits:
     media_root: Path | None = None
     max_media_items: int = 8  # image and audio parts per request, counted before any is decoded
     max_stop_chars: int = 128  # characters per stop string
+    body_timeout_s: float = 30.0  # a request body not received in full within it: 408
+    # request bodies being received at once, all requests together (default: 4 x max_body_bytes): 503 past it
+    max_pending_body_bytes: int | None = None
 
 
-def check_limits(req: ChatRequest, limits: Limits) -> None:
+def check_limits(req: ChatRequest, limits: Limits, max_text_chars: int | None = None) -> None:
     """What a request asks for, against ``limits``, before anything is decoded or tokenized: the
-    stop strings' lengths and the number of media parts (each decoded image may hold
-    ``max_image_pixels`` x 4 bytes)."""
+    stop strings' lengths, the number of media parts (each decoded image may hold
+    ``max_image_pixels`` x 4 bytes) and the text's length (``max_text_chars``: more characters
+    than the context can hold however they tokenize, see ``max_text_chars``)."""
     for i, stop in enumerate(req.stops):
         if len(stop) > limits.max_stop_chars:
             param = "stop" if isinstance(req.stop, str) else f"stop[{i}]"
@@ -173,11 +205,35 @@ def check_limits(req: ChatRequest, limits: Limits) -> None:
     items = sum(
         not isinstance(part, TextPart) for msg in req.messages if isinstance(msg.content, list) for part in msg.content
     )
+    chars = sum(
+        len(msg.content)
+        if isinstance(msg.content, str)
+        else sum(len(p.text) for p in msg.content if isinstance(p, TextPart))
+        for msg in req.messages
+    )
+    if max_text_chars is not None and chars > max_text_chars:
+        raise RequestError(
+            f"messages: {chars} characters of text cannot fit this model's context (at most {max_text_chars}: "
+            "the context length x the longest token's characters)",
+            param="messages",
+        )
     if items > limits.max_media_items:
         raise RequestError(
             f"messages: {items} image/audio parts exceed this server's limit of {limits.max_media_items} per request",
             param="messages",
         )
+
+
+def max_text_chars(tokenizer, context_length: int | None) -> int | None:
+    """The most characters of text that can fit ``context_length`` tokens: no token decodes to
+    more characters than its own string has (byte-level BPE: one character per byte;
+    SentencePiece: the piece itself; WordPiece: less, without ``##``), so a text longer than
+    context_length x the longest token string needs more tokens than the context holds."""
+    if not context_length:
+        return None
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    longest = max((len(t) for t in vocab), default=0)
+    return context_length * max(longest, 4)  # 4: a UTF-8 byte tokenizer (no vocab strings) takes >= 1 token per 4 bytes
 
 
 def _data_url(url: str, where: str) -> bytes:
@@ -204,13 +260,19 @@ def _local_file(url: str, limits: Limits, where: str) -> Path:
             f"{where}: local files are not allowed (start the server with --media-root DIR); send a data: URL",
             param=where,
         )
-    path = Path(url.removeprefix("file://")).expanduser()
-    full = (path if path.is_absolute() else limits.media_root / path).resolve()
-    root = limits.media_root.resolve()
-    if not full.is_relative_to(root):
-        raise RequestError(f"{where}: {url!r} is outside the allowed media root", param=where)
-    if not full.is_file():
-        raise RequestError(f"{where}: {url!r}: no such file under the media root", param=where)
+    name = url.removeprefix("file://")
+    if "\x00" in name or name.startswith("~"):
+        raise RequestError(f"{where}: not a usable path (a NUL character, or a ~ home directory)", param=where)
+    path = Path(name)
+    try:
+        full = (path if path.is_absolute() else limits.media_root / path).resolve()
+        root = limits.media_root.resolve()
+        if not full.is_relative_to(root):
+            raise RequestError(f"{where}: the path is outside the allowed media root", param=where)
+        if not full.is_file():
+            raise RequestError(f"{where}: no such file under the media root", param=where)
+    except OSError as e:  # a component too long, a loop of links, ...: named without the server's paths
+        raise RequestError(f"{where}: not a usable path ({e.strerror or type(e).__name__})", param=where) from None
     return full
 
 
@@ -218,14 +280,14 @@ def load_image(url: str, limits: Limits, where: str):
     """An ``image_url`` -> an RGB PIL image; refused past ``limits.max_image_pixels`` before decoding."""
     from PIL import Image
 
-    from composer.adapters.vision import to_rgb
+    from composer.adapters.vision import open_image, to_rgb
 
     if url.startswith("data:"):
         src: Any = io.BytesIO(_data_url(url, where))
     else:
         src = _local_file(url, limits, where)
     try:
-        with Image.open(src) as im:
+        with open_image(src) as im:
             w, h = im.size
             if w * h > limits.max_image_pixels:
                 raise RequestError(

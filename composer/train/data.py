@@ -30,7 +30,79 @@ from composer.prompting import has_chat_template
 
 log = logging.getLogger("composer.train.data")
 MAX_RECORD_CHARS = 1_000_000  # one JSONL record (a conversation); media are files, not inline
+MAX_RECORD_BYTES = 4 * MAX_RECORD_CHARS  # UTF-8 spends at most 4 bytes on a character
 IGNORE_INDEX = -100
+_SKIP_CHUNK = 1 << 20  # an over-long line is skipped this many bytes at a time
+
+
+def jsonl_lines(f):
+    """``(line number, bytes)`` for each line of the binary file ``f``, read with a bounded
+    ``readline``: a line over ``MAX_RECORD_BYTES`` comes as ``(n, None)`` and is skipped in 1 MiB
+    chunks, never held whole (a 1 GB line costs 4 MB, not 2.4 GB)."""
+    n = 0
+    while True:
+        raw = f.readline(MAX_RECORD_BYTES + 1)
+        if not raw:
+            return
+        n += 1
+        if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+            del raw
+            while not (chunk := f.readline(_SKIP_CHUNK)).endswith(b"\n") and chunk:
+                pass
+            yield n, None
+            continue
+        yield n, raw
+
+
+def decode_record(raw: bytes | None) -> Any:
+    """One JSONL line -> its JSON value; ValueError (UnicodeDecodeError, RecursionError: a record
+    nested too deeply) naming what is wrong: too long, not UTF-8, not JSON, or a lone surrogate
+    (a ``\\ud800`` escape decodes to a string no file system, tokenizer or UTF-8 writer takes)."""
+    if raw is None:
+        raise ValueError(f"record longer than {MAX_RECORD_BYTES} bytes exceeds the {MAX_RECORD_CHARS}-character limit")
+    line = raw.decode("utf-8")
+    if len(line) > MAX_RECORD_CHARS:
+        raise ValueError(f"record of {len(line)} characters exceeds {MAX_RECORD_CHARS}")
+    rec = json.loads(line)
+    if "\\u" in line:  # only an escape can make a surrogate: JSON text itself is valid UTF-8
+        _check_text(rec)
+    return rec
+
+
+def _check_text(value: Any) -> None:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = v[e.start : e.start + 1].encode("unicode_escape").decode()
+                raise ValueError(
+                    f"a lone surrogate {bad} is not text (\\u escapes must pair to one character)"
+                ) from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def media_file(p: str, m: str, shown: str | None = None) -> None:
+    """ValueError naming the ``m`` path (``shown``, default ``p``) unless ``p`` is a file; a path
+    the OS refuses (a 256-byte component, a NUL byte) is the same one-line error, not an OSError."""
+    shown = p if shown is None else shown
+    try:
+        ok = Path(p).is_file()
+    except (OSError, ValueError) as e:  # ENAMETOOLONG, EACCES ...; embedded NUL
+        raise ValueError(f"{m} path {_clip(shown)}: {getattr(e, 'strerror', None) or e}") from None
+    if not ok:
+        raise ValueError(f"{m} file not found: {shown}")
+
+
+def _clip(p: str, limit: int = 80) -> str:
+    s = repr(p)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 @dataclass
@@ -40,22 +112,30 @@ class Example:
     where: str = ""
 
 
-def _media(value, root: Path) -> list:
+def _media(value, root: Path, confine: bool = False) -> list:
     values = value if isinstance(value, list) else [value]
     out = []
     for v in values:
         if not isinstance(v, str) or not v:
             raise ValueError(f"media must be a path string, got {v!r}")
         p = Path(v) if Path(v).is_absolute() else root / v
+        if confine:  # as batch generation confines media to --media-root: no absolute paths, no ../, no links out
+            try:
+                inside = p.resolve().is_relative_to(root.resolve())
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ValueError(f"media path {_clip(v)}: {getattr(e, 'strerror', None) or e}") from None
+            if not inside:
+                raise ValueError(f"media path {_clip(v)} leaves the media root {root.resolve()}")
         out.append(str(p))
     return out
 
 
-def parse_record(rec: Any, modalities: dict[str, str], root: Path) -> Example:
-    """One JSON object -> Example. ``modalities``: name -> placeholder. Raises ValueError."""
+def parse_record(rec: Any, modalities: dict[str, str], root: Path, confine: bool = False) -> Example:
+    """One JSON object -> Example. ``modalities``: name -> placeholder. Raises ValueError.
+    ``confine``: media paths must resolve inside ``root``."""
     if not isinstance(rec, dict):
         raise ValueError(f"a record must be a JSON object, got {type(rec).__name__}")
-    items = {m: _media(rec[m], root) for m in modalities if m in rec}
+    items = {m: _media(rec[m], root, confine) for m in modalities if m in rec}
     if "conversations" in rec:  # LLaVA
         conv = rec["conversations"]
         if not isinstance(conv, list) or len(conv) < 2:
@@ -70,7 +150,7 @@ def parse_record(rec: Any, modalities: dict[str, str], root: Path) -> Example:
             turns.append((h["value"], g["value"]))
     elif "audio_id" in rec or "instruction" in rec:  # LTU
         if "audio" in modalities and "audio_id" in rec:
-            items["audio"] = _media(rec["audio_id"], root)
+            items["audio"] = _media(rec["audio_id"], root, confine)
         for k in ("instruction", "output"):
             if not isinstance(rec.get(k), str):
                 raise ValueError(f"`{k}` must be a string")
@@ -88,28 +168,31 @@ def parse_record(rec: Any, modalities: dict[str, str], root: Path) -> Example:
 
 
 def read_jsonl(
-    path: str | Path, modalities: dict[str, str], *, on_bad: str = "fail", media_root: str | Path | None = None
+    path: str | Path,
+    modalities: dict[str, str],
+    *,
+    on_bad: str = "fail",
+    media_root: str | Path | None = None,
+    limit: int | None = None,
+    confine: bool = False,
 ) -> list[Example]:
-    """All records of a JSONL file. ``on_bad``: "fail" raises InputError naming file:line;
-    "skip" logs a warning and drops the record."""
+    """The records of a JSONL file (``limit``: the first that many good ones; the rest of the
+    file is not read). ``on_bad``: "fail" raises InputError naming file:line; "skip" logs a
+    warning and drops the record. ``confine``: media paths must resolve inside the media root."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: data file not found")
     root = Path(media_root) if media_root else path.parent
     out: list[Example] = []
     with path.open("rb") as f:  # bytes: a line of invalid UTF-8 is one bad record, not a crash mid-file
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
+        for n, raw in jsonl_lines(f):
+            if raw is not None and not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8")
-                if len(line) > MAX_RECORD_CHARS:
-                    raise ValueError(f"record of {len(line)} characters exceeds {MAX_RECORD_CHARS}")
-                ex = parse_record(json.loads(line), modalities, root)
+                ex = parse_record(decode_record(raw), modalities, root, confine)
                 for m, paths in ex.items.items():
                     for p in paths:
-                        if not Path(p).is_file():
-                            raise ValueError(f"{m} file not found: {p}")
+                        media_file(p, m)
             except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 reason = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)
                 msg = f"{path}:{n}: {reason}"
@@ -119,6 +202,8 @@ def read_jsonl(
                 continue
             ex.where = f"{path}:{n}"
             out.append(ex)
+            if limit is not None and len(out) >= limit:
+                break
     if not out:
         raise InputError(f"{path}: no usable records")
     return out

@@ -121,6 +121,8 @@ class TrainConfig:
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise InputError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise InputError(f"--seed must be an integer in [0, 2**32 - 1] (numpy's seeds), got {self.seed!r}")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.save_weights not in ("full", "trainable"):
@@ -232,7 +234,7 @@ def chunks(items: list[int], size: int) -> list[list[int]]:
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # seed + rank + 7919 * step may pass numpy's 32 bits
 
 
 def _label_count(batch) -> int:
