@@ -28,6 +28,13 @@ ENCODER_ADAPTERS: dict[str, type[EncoderAdapter]] = {
 }
 
 
+def encoder_types(runtime) -> dict[str, str]:
+    """Modality -> encoder type (registry name) of a ``ComposedModel`` or an ``OnnxPipeline``."""
+    if hasattr(runtime, "manifest"):
+        return {m: e["type"] for m, e in runtime.encoders.items()}
+    return {m: encoder_type_of(enc) for m, enc in runtime.encoders.items()}
+
+
 def encoder_type_of(encoder: EncoderAdapter) -> str:
     """The registry name of ``encoder``'s class (the nearest registered class in its MRO: FSDP
     re-classes a sharded module as a subclass of its own class)."""
@@ -45,5 +52,6 @@ __all__ = [
     "LLM_ADAPTERS",
     "LLMAdapter",
     "encoder_type_of",
+    "encoder_types",
     "llm_adapter_for",
 ]

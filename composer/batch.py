@@ -20,12 +20,26 @@ from pathlib import Path
 from typing import Any
 
 from composer.errors import InputError, first_line
+from composer.prompting import placeholder_mismatch
 from composer.train.data import decode_record, jsonl_lines, media_file
 
 
-def read_requests(path: Path, modalities: list[str], media_root: Path | None) -> list[dict[str, Any]]:
+def text_modalities(model) -> frozenset[str]:
+    """The modalities of ``model`` (a ``ComposedModel`` or an ``OnnxPipeline``) whose encoders take
+    text items (SMILES strings), not files."""
+    from composer.adapters import ENCODER_ADAPTERS, encoder_types
+
+    return frozenset(
+        m for m, t in encoder_types(model).items() if getattr(ENCODER_ADAPTERS.get(t), "takes_text", False)
+    )
+
+
+def read_requests(
+    path: Path, modalities: list[str], media_root: Path | None, text_modalities: frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
     """-> one entry per non-blank line: ``{"record": {...}}`` with its prompt and media resolved,
-    or ``{"record": {...}, "error": "..."}``."""
+    or ``{"record": {...}, "error": "..."}``. Values of ``text_modalities`` (encoders that read
+    text, e.g. SMILES strings) are items as written, not file paths."""
     if not path.is_file():
         raise InputError(f"{path}: input file not found")
     root = (media_root or path.parent).resolve()
@@ -52,6 +66,11 @@ def read_requests(path: Path, modalities: list[str], media_root: Path | None) ->
                     if v is None:
                         continue
                     paths = v if isinstance(v, list) else [v]
+                    if m in text_modalities:
+                        if not all(isinstance(p, str) and p for p in paths):
+                            raise ValueError(f"`{m}` must be a non-empty string or a list of them")
+                        media[m] = list(paths)
+                        continue
                     if not all(isinstance(p, str) for p in paths):
                         raise ValueError(f"`{m}` must be a path or a list of paths")
                     resolved = []
@@ -92,7 +111,9 @@ def generate_jsonl(
         raise InputError(f"batch size must be >= 1, got {batch_size}")
     input_path, output_path = Path(input_path), Path(output_path)
     check_output(input_path, output_path, overwrite)
-    requests = read_requests(input_path, list(model.encoders), Path(media_root) if media_root else None)
+    requests = read_requests(
+        input_path, list(model.encoders), Path(media_root) if media_root else None, text_modalities(model)
+    )
     results: list[dict[str, Any]] = [{} for _ in requests]
     for i, r in enumerate(requests):
         extra = {k: v for k, v in r["record"].items() if k not in ("index", "answer", "error")}
@@ -109,12 +130,18 @@ def generate_jsonl(
         chunk = todo[start : start + batch_size]
         keep, prompts = [], []
         for i in chunk:
-            text = requests[i]["prompt"]
+            text, counts = requests[i]["prompt"], {m: len(v) for m, v in requests[i]["media"].items()}
             try:
-                prompts.append(text if raw else model.format_prompt(text))
-                keep.append(i)
+                prompt = text if raw else model.format_prompt(text, items=counts)
             except InputError as e:  # e.g. special tokens in the prompt
                 results[i]["error"] = f"{requests[i]['where']}: {e}"
+                continue
+            wrong = placeholder_mismatch(prompt, model.placeholders, counts)
+            if wrong is not None:  # checked per record: batched, only the totals would be
+                results[i]["error"] = f"{requests[i]['where']}: {wrong}"
+                continue
+            prompts.append(prompt)
+            keep.append(i)
         if keep:
             _run_chunk(model, requests, results, keep, prompts, generate_kwargs)
         if bar is not None:

@@ -743,7 +743,7 @@ def generate(
         raise InputError(
             f"unknown option(s) {['--' + u for u in unknown]}; this model takes {['--' + m for m in model.encoders]}"
         )
-    text = prompt if raw else model.format_prompt(prompt)
+    text = prompt if raw else model.format_prompt(prompt, items={m: len(v) for m, v in items.items()})
     batch = model.prepare([text], **items)
     streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
     model.generate(**batch, streamer=streamer, **settings)

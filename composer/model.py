@@ -394,11 +394,13 @@ class ComposedModel(nn.Module):
         """The spec's ``prompt.template``; None: prompts use the tokenizer's chat template."""
         return self.spec.prompt.template if self.spec.prompt is not None else None
 
-    def format_prompt(self, instruction: str) -> str:
-        """An instruction -> a full prompt with each modality's placeholder once: the spec's
+    def format_prompt(self, instruction: str, items: dict[str, int] | None = None) -> str:
+        """An instruction -> a full prompt with each modality's placeholder once per item: the spec's
         ``prompt.template`` (e.g. ``"USER: <image>\\n{instruction} ASSISTANT:"``) when it has one,
-        else the tokenizer's chat template (one user message: the modality parts, then the text)."""
-        return format_instruction(self.tokenizer, self.prompt_template, self.placeholders, instruction)
+        else the tokenizer's chat template (one user message: the modality parts, then the text).
+        ``items``: per modality, the number of items (default: one of each; a modality left out gets
+        no placeholder, so ``items={}`` formats a text-only question)."""
+        return format_instruction(self.tokenizer, self.prompt_template, self.placeholders, instruction, items)
 
     def prepare(
         self,

@@ -301,18 +301,47 @@ def render_chat(tokenizer, messages: list, placeholders: dict[str, str], *, wher
         raise InputError(f"{where}: the chat template refused the messages: {first_line(e)}") from None
 
 
-def format_instruction(tokenizer, template: str | None, placeholders: dict[str, str], instruction: str) -> str:
-    """An instruction -> a full prompt with each modality's placeholder once: the spec's
+def format_instruction(
+    tokenizer,
+    template: str | None,
+    placeholders: dict[str, str],
+    instruction: str,
+    items: dict[str, int] | None = None,
+) -> str:
+    """An instruction -> a full prompt with each modality's placeholder once per item: the spec's
     ``prompt.template`` when it has one, else the tokenizer's chat template (one user message:
-    the modality parts, then the text), else the placeholders on a line each, then the text. The
-    instruction is user text: special tokens in it are refused (``refuse_special_tokens``)."""
+    the modality parts, then the text), else the placeholders on a line each, then the text.
+    ``items``: per modality, how many items go with this prompt (default: one of each); a modality
+    with none gets no placeholder, so a text-only question works on a multimodal model (a spec
+    template's placeholder for it is left out, with the line break after it; a template's single
+    placeholder is repeated for several items). The instruction is user text: special tokens in it
+    are refused (``refuse_special_tokens``)."""
     refuse_special_tokens(tokenizer, instruction, placeholders, "instruction")
+    counts = {m: 1 for m in placeholders} if items is None else {m: items.get(m, 0) for m in placeholders}
     if template is not None:
+        for m, ph in placeholders.items():
+            if counts[m] == 0:
+                template = template.replace(ph + "\n", "").replace(ph, "")
+            elif counts[m] > 1 and template.count(ph) == 1:  # several items where the template has one
+                template = template.replace(ph, ph * counts[m])
         return template.replace("{instruction}", instruction)
     if has_chat_template(tokenizer):
-        parts = [{"type": m} for m in placeholders] + [{"type": "text", "text": instruction}]
+        parts = [{"type": m} for m in placeholders for _ in range(counts[m])]
+        parts.append({"type": "text", "text": instruction})
         return render_chat(tokenizer, [{"role": "user", "content": parts}], placeholders)
-    return "".join(ph + "\n" for ph in placeholders.values()) + instruction
+    return "".join(ph + "\n" for m, ph in placeholders.items() for _ in range(counts[m])) + instruction
+
+
+def placeholder_mismatch(prompt: str, placeholders: dict[str, str], items: dict[str, int]) -> str | None:
+    """Why ``prompt`` cannot take ``items`` (per modality, a count) on its own, or None: each
+    modality's placeholder must appear once per item. Checked per prompt before prompts are batched
+    together, where only the totals are checked and one prompt's extra placeholder would take the
+    next prompt's item."""
+    for m, ph in placeholders.items():
+        want, got = prompt.count(ph), items.get(m, 0)
+        if want != got:
+            return f"the prompt has {want} {ph!r} placeholder(s) but {got} {m} item(s) were given"
+    return None
 
 
 def resolve_prompts(

@@ -68,8 +68,11 @@ class Pipeline:
         import torch
 
         texts = [text] if isinstance(text, str) else list(text)
-        prompts = texts if raw else [self.model.format_prompt(t) for t in texts]
         items = {m: v if isinstance(v, (list, tuple)) else [v] for m, v in media.items()}
+        # one prompt: a placeholder per item given; several: one per given modality each (the items
+        # are one flat list over the prompts); a modality without items gets no placeholder
+        counts = {m: len(v) if isinstance(text, str) else 1 for m, v in items.items()}
+        prompts = texts if raw else [self.model.format_prompt(t, items=counts) for t in texts]
         batch = self.model.prepare(prompts, **items)
         ids = self.model.generate(
             **batch,

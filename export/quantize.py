@@ -48,6 +48,7 @@ bundle by top-1 agreement with the fp32 torch model (``composer.export.verify``)
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -438,3 +439,36 @@ def quantize_bundle_graphs(
             },
         )
     return record
+
+
+@functools.cache
+def u8s8_gemm_saturates() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 GEMM (``MatMulIntegerToFloat``, w8a8's) on this CPU sums
+    each pair of neighbouring products in saturating 16-bit arithmetic, as its x86 kernels without
+    VNNI or AMX do (``vpmaddubsw``: AVX2, and AVX-512 without VNNI); VNNI (``vpdpbusd``) and AMX sum
+    in 32 bits. w8a8's activations are uint8 with zero point 128 (1..255) and its weights int8 in
+    [-127, 127], so a pair reaches 2 x 255 x 127 = 64,770 > 32,767: on such a CPU a w8a8 graph does
+    not compute w8a8's arithmetic. Probed once per process: 255 x 127 everywhere, K = 64, whose
+    exact result is 64 x 127 x 127 (a few milliseconds)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    k = 64
+    graph = oh.make_graph(
+        [oh.make_node("MatMulIntegerToFloat", ["a", "b", "one", "one", "zp"], ["y"], domain="com.microsoft")],
+        "probe",
+        [oh.make_tensor_value_info("a", TensorProto.UINT8, [4, k])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            nh.from_array(np.full((k, 16), 127, np.int8), "b"),
+            nh.from_array(np.array(1, np.float32), "one"),
+            nh.from_array(np.array(128, np.uint8), "zp"),
+        ],
+    )
+    m = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21), oh.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"a": np.full((4, k), 255, np.uint8)})
+    return not bool(np.all(y == k * 127 * 127))

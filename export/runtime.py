@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,17 @@ class OnnxPipeline:
         self.manifest = read_manifest(self.root)
         if provider not in ("cpu", "cuda"):
             raise InputError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
+        if provider == "cpu" and (self.manifest.get("quantization") or {}).get("scheme") == "w8a8":
+            from composer.export.quantize import u8s8_gemm_saturates
+
+            if u8s8_gemm_saturates():
+                warnings.warn(
+                    f"{self.root}: a w8a8 bundle on a CPU without VNNI or AMX: ONNX Runtime's uint8 x int8 GEMM "
+                    "saturates 16-bit sums here, so its answers drift from the verified ones (docs/export.md); "
+                    "export an int8 bundle for this CPU",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ComposerError(
                 "provider 'cuda' needs onnxruntime-gpu (pip install 'mm-composer[gpu]') and a CUDA device"
@@ -233,9 +245,9 @@ class OnnxPipeline:
         """The spec's ``prompt.template``; None: prompts use the tokenizer's chat template."""
         return self.manifest.get("prompt_template")
 
-    def format_prompt(self, instruction: str) -> str:
+    def format_prompt(self, instruction: str, items: dict[str, int] | None = None) -> str:
         """As ``ComposedModel.format_prompt``."""
-        return format_instruction(self.tokenizer, self.prompt_template, self.placeholders, instruction)
+        return format_instruction(self.tokenizer, self.prompt_template, self.placeholders, instruction, items)
 
     @property
     def context_length(self) -> int | None:

@@ -9,9 +9,9 @@ Accuracy bounds on the tiny random model (``make_model``): its logits are small 
 top two tokens often near-tied (median top-two gap 0.03), so top-1 agreement is fragile where the
 gap is below the quantization error. A CPU changes a quantized bundle's logits only where an fp32
 difference upstream flips an activation to the adjacent int8 level (the integer products are
-exact, where the GEMM does not saturate: ``_u8s8_gemm_saturates``); the largest such change seen,
-ONNX Runtime against the torch emulation of the same w8a8 arithmetic on an AVX-512 VNNI CPU, was
-9.3e-4 (3.6e-7 here). The 95% gates below hold with room for that: on --verify's 372 positions,
+exact, where the GEMM does not saturate: ``composer.export.quantize.u8s8_gemm_saturates``); the
+largest such change seen, ONNX Runtime against the torch emulation of the same w8a8 arithmetic on
+an AVX-512 VNNI CPU, was 9.3e-4 (3.6e-7 here). The 95% gates below hold with room for that: on --verify's 372 positions,
 w8a8 disagrees at 5 here and int8 at 3 (18 allowed), and only 10 / 9 positions have their two top
 quantized logits within 2e-3, the most a change of 1e-3 per logit can reorder.
 Max logit differences are held to 0.05, --verify's fp16 tolerance (an 8-bit bundle must be as
@@ -19,7 +19,6 @@ close as an fp16 one), 6x the quantization error measured (0.0067 w8a8, 0.0086 i
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -154,45 +153,13 @@ def test_a_manifest_with_an_unknown_quantization_scheme_is_refused(int8, tmp_pat
         OnnxPipeline(b)
 
 
-@functools.cache
-def _u8s8_gemm_saturates() -> bool:
-    """Whether ONNX Runtime's uint8 x int8 GEMM (``MatMulIntegerToFloat``) on this CPU sums each
-    pair of neighbouring products in saturating 16-bit arithmetic, as its x86 kernels without
-    VNNI or AMX do (``vpmaddubsw``: AVX2, and AVX-512 without VNNI); VNNI (``vpdpbusd``) and AMX
-    sum in 32 bits. w8a8's activations are uint8 with zero point 128 (1..255, |q - 128| <= 127)
-    and its weights int8 in [-127, 127], so a pair reaches 2 * 255 * 127 = 64,770 > 32,767: on
-    such a CPU the graph does not compute w8a8's arithmetic (ONNX Runtime's remedy, the session
-    option ``session.x64quantprecision``, rewrites only weights that come with a zero point
-    input, which the export does not write). Probe: 255 x 127 everywhere, K = 64, where the
-    exact result is 64 * 127 * 127."""
-    import onnxruntime as ort
-    from onnx import TensorProto
-    from onnx import helper as oh
-    from onnx import numpy_helper as nh
-
-    k = 64
-    graph = oh.make_graph(
-        [oh.make_node("MatMulIntegerToFloat", ["a", "b", "one", "one", "zp"], ["y"], domain="com.microsoft")],
-        "probe",
-        [oh.make_tensor_value_info("a", TensorProto.UINT8, [4, k])],
-        [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [
-            nh.from_array(np.full((k, 16), 127, np.int8), "b"),
-            nh.from_array(np.array(1, np.float32), "one"),
-            nh.from_array(np.array(128, np.uint8), "zp"),
-        ],
-    )
-    m = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21), oh.make_opsetid("com.microsoft", 1)])
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-    (y,) = sess.run(None, {"a": np.full((4, k), 255, np.uint8)})
-    return not bool(np.all(y == k * 127 * 127))
-
-
 def _xfail_where_the_int8_gemm_saturates() -> None:
-    if _u8s8_gemm_saturates():
+    from composer.export.quantize import u8s8_gemm_saturates
+
+    if u8s8_gemm_saturates():
         pytest.xfail(
             "ONNX Runtime's u8 x s8 GEMM on this CPU (no VNNI/AMX) saturates 16-bit pair sums: "
-            "the w8a8 graphs do not compute w8a8's arithmetic here (see _u8s8_gemm_saturates)"
+            "the w8a8 graphs do not compute w8a8's arithmetic here (see composer.export.quantize.u8s8_gemm_saturates)"
         )
 
 
@@ -421,3 +388,19 @@ def test_cli_bad_calibration_data_is_one_error_and_no_bundle(model, tmp_path, ca
             main(["export", str(ckpt), "-o", str(tmp_path / "out"), "--quantize", "w8a8", "--calibration", str(data)])
         assert e.value.code == 2 and want in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+def test_a_w8a8_bundle_warns_on_a_cpu_whose_int8_gemm_saturates(w8a8, monkeypatch):
+    """Loading a w8a8 bundle where ONNX Runtime's u8 x s8 GEMM saturates (CPUs without VNNI/AMX)
+    warns that its answers drift from the verified ones; where it does not, loading is silent."""
+    import warnings
+
+    from composer.export import quantize
+
+    monkeypatch.setattr(quantize, "u8s8_gemm_saturates", lambda: True)
+    with pytest.warns(RuntimeWarning, match="w8a8 bundle on a CPU without VNNI or AMX"):
+        OnnxPipeline(w8a8)
+    monkeypatch.setattr(quantize, "u8s8_gemm_saturates", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OnnxPipeline(w8a8)

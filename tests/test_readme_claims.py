@@ -167,3 +167,46 @@ def test_half_precision_models_forward_and_generate_close_to_fp32(dtype):
     assert err < 0.1 * max(1.0, ref.abs().max().item()), err
     cached = half.generate(**batch, max_new_tokens=4, eos_token_id=[])
     assert torch.equal(cached, half.generate(**batch, max_new_tokens=4, eos_token_id=[], use_cache=False))
+
+
+GUIDE = [
+    "README.md",
+    "CONTRIBUTING.md",
+    "CHANGELOG.md",
+    *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md"))),
+]
+
+
+def _anchor(heading: str) -> str:  # GitHub's heading ids: lower case, punctuation dropped, spaces to -
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("path", GUIDE)
+def test_guide_pages_render_their_tables_and_their_links_resolve(path):
+    """Every block of `|` lines renders as one table with all its rows (a missing separator or a
+    stray `|` renders as a paragraph on GitHub), every image exists, and every relative link names
+    an existing file and, with `#anchor`, one of that page's headings; no line names a development
+    session or a tracker item (that history is the changelog's, and it names commits)."""
+    from markdown_it import MarkdownIt
+
+    text = (ROOT / path).read_text()
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    blocks, run = [], 0
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            run += 1
+        elif run:
+            blocks.append(run)
+            run = 0
+    assert html.count("<table>") == len(blocks), path
+    assert html.count("<tr>") == sum(n - 1 for n in blocks), path  # the separator line is no row
+    for target in re.findall(r'(?:href|src)="([^"]+)"', html):
+        if re.match(r"[a-z]+://|mailto:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        page = (ROOT / path).parent / file if file else ROOT / path
+        assert page.exists(), f"{path}: link to {target}"
+        if anchor and page.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+            assert anchor in {_anchor(h) for h in headings}, f"{path}: no heading for #{anchor} in {file or path}"
+    assert not re.search(r"(?i)\b(session|issue|item) \d", text), path

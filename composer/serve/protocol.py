@@ -323,15 +323,6 @@ def load_audio(part: InputAudio, limits: Limits, where: str):
 
 
 # -- messages -> prompt ----------------------------------------------------------------------------------
-def encoder_types(runtime) -> dict[str, str]:
-    """Modality -> encoder type of a ``ComposedModel`` or an ``OnnxPipeline``."""
-    if hasattr(runtime, "manifest"):
-        return {m: e["type"] for m, e in runtime.encoders.items()}
-    from composer.adapters import encoder_type_of
-
-    return {m: encoder_type_of(enc) for m, enc in runtime.encoders.items()}
-
-
 def _modality(types: dict[str, str], accepted: frozenset[str], part: str, where: str) -> str:
     found = [m for m, t in types.items() if t in accepted]
     if len(found) != 1:
@@ -343,6 +334,7 @@ def _modality(types: dict[str, str], accepted: frozenset[str], part: str, where:
 def to_inputs(req: ChatRequest, runtime, limits: Limits) -> tuple[dict, dict[str, list]]:
     """The request's messages -> (``prepare`` keywords: ``messages`` for a model with a chat template,
     ``prompts`` for one with a spec ``prompt.template``; media per modality, in prompt order)."""
+    from composer.adapters import encoder_types
     from composer.prompting import format_instruction
 
     types = encoder_types(runtime)
