@@ -459,7 +459,7 @@ def train(
 )
 @click.option(
     "--calibration-samples",
-    type=int,
+    type=click.IntRange(1),
     default=None,
     help="With --calibration: how many of its first records to run (default 32).",
 )
@@ -477,12 +477,15 @@ def train(
 )
 @click.option(
     "--min-top1",
-    type=float,
+    type=click.FloatRange(0, 1),
     default=None,
     help="With --verify on a quantized bundle: least top-1 agreement with fp32 torch (default 0.95).",
 )
 @click.option(
-    "--atol", type=float, default=None, help="With --verify on a quantized bundle: largest logit difference allowed."
+    "--atol",
+    type=click.FloatRange(0),
+    default=None,
+    help="With --verify on a quantized bundle: largest logit difference allowed.",
 )
 def export(
     checkpoint: Path,
@@ -687,6 +690,11 @@ def generate(
 
     if (prompt is None) == (input_file is None):
         raise InputError("give --prompt, or --input FILE with -o OUT")
+    if prompt is not None:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the locale could not decode arrive as lone surrogates
+            raise InputError("--prompt: not valid UTF-8 text") from None
     if input_file is not None and output is None:
         raise InputError("--input needs -o OUT (the answers' JSONL file)")
     if input_file is None and (output is not None or overwrite):

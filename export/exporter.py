@@ -183,6 +183,10 @@ def export_onnx(
     if quantize != "w8a8" and any(v is not None for v in w8a8_options.values()):
         given = ", ".join("--" + k.replace("_", "-") for k, v in w8a8_options.items() if v is not None)
         raise InputError(f"{given}: options of w8a8, use them with --quantize w8a8")
+    if calibration_samples is not None and calibration is None:
+        raise InputError("--calibration-samples: counts records of --calibration FILE; give the file too")
+    if calibration_samples is not None and (isinstance(calibration_samples, bool) or calibration_samples < 1):
+        raise InputError(f"--calibration-samples must be >= 1, got {calibration_samples!r}")
     if quantize == "w8a8":
         from composer.export.quantize import FP32_CHANNELS, SMOOTH_ALPHA, check_w8a8_options
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from composer.errors import InputError
 from composer.export.exporter import DTYPES, merged_for_export
 from composer.export.graphs import EarlyText, EncoderGraph, LateStage
 from composer.export.runtime import OnnxPipeline
@@ -108,6 +109,10 @@ def verify_bundle(
     A quantized bundle (``manifest["quantization"]``) is checked by ``verify_quantized`` instead:
     top-1 agreement with the fp32 torch model at least ``min_top1`` (default ``MIN_TOP1``) and,
     when ``atol`` is given, the max logit difference at most ``atol``."""
+    if min_top1 is not None and not 0 <= min_top1 <= 1:
+        raise InputError(f"--min-top1 is a fraction in [0, 1], got {min_top1!r}")
+    if atol is not None and not 0 <= atol < float("inf"):
+        raise InputError(f"--atol must be a finite number >= 0, got {atol!r}")
     pipe = OnnxPipeline(bundle)
     manifest = pipe.manifest
     if manifest.get("quantization"):

@@ -449,3 +449,23 @@ def test_calibration_reads_only_the_records_it_uses_and_media_linked_out_are_ref
     path.write_text(json.dumps({"image": "linked.png", "prompt": "q", "response": "r"}) + "\n")
     with pytest.raises(InputError, match=r"data.jsonl:1: media path 'linked.png' leaves the media root"):
         calibration_batches(model, path, 1)
+
+
+def test_options_that_would_do_nothing_or_cannot_hold_are_refused(ckpt, tmp_path):
+    """--calibration-samples without --calibration (it counts that file's records), 0 samples, a
+    --min-top1 above 1 and a prompt of bytes that are not UTF-8 (they reach Python as lone
+    surrogates): each exit 2 naming the option, nothing written."""
+    out = tmp_path / "b"
+    for args, needle in [
+        (
+            ("--quantize", "w8a8", "--calibration-samples", "2"),
+            "--calibration-samples: counts records of --calibration",
+        ),
+        (("--quantize", "w8a8", "--calibration-samples", "0"), "--calibration-samples"),
+        (("--quantize", "int8", "--verify", "--min-top1", "1.01"), "--min-top1"),
+    ]:
+        r = run_cli("export", ckpt, "-o", out, *args)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+        assert not out.exists()
+    r = run_cli("generate", ckpt, "--prompt", "caf\udcc3\udca9?")
+    _one_error_line(r, "--prompt: not valid UTF-8 text")

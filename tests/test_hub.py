@@ -526,3 +526,16 @@ def test_revision_syntax_errors_name_the_field(field, value, path):
     d2 = spec_dict("llama", 1)
     d2["llm"] = {"model": "org/x@refs/pr/1"}  # branches with slashes are fine
     assert parse_spec(d2).llm.model == "org/x@refs/pr/1"
+
+
+def test_a_mistyped_local_path_says_neither_a_local_path_nor_a_hub_repo(hub, cache, tmp_path, monkeypatch):
+    """`composer.pipeline("pl/nonexistent")`: not a local path, so a Hub repo id; the Hub answers 404
+    and the error says both: no such local directory, no such repo (not "cannot be reached")."""
+    import composer
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as e:
+        composer.pipeline("pl/nonexistent")
+    msg = str(e.value)
+    assert "pl/nonexistent: no such local directory" in msg and "no such repo" in msg, msg
+    assert "cannot be reached" not in msg

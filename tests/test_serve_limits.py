@@ -343,3 +343,56 @@ def test_serve_port_errors_exit_2(llama_k1_export):
         port = busy.getsockname()[1]
         r = run_cli("serve", llama_k1_export[1], "--port", str(port))
     assert r.returncode == 2 and f"--port {port}: cannot listen there" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_32_concurrent_clients_are_all_answered_while_one_client_attacks(pipe):
+    """One client sends the attacks above one after another (a 600,000-character stop, 40 large
+    image headers, text past the context, an EPS image, a body that stops arriving) while 32 clients
+    ask ordinary questions: every attack gets its 4xx, every ordinary request its 200, and each
+    answer equals the same question asked alone (greedy)."""
+    import io
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    big = io.BytesIO()
+    Image.new("L", (4096, 4096)).save(big, "PNG", optimize=True)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    bound = protocol.max_text_chars(pipe.tokenizer, pipe.context_length)
+    attacks = [
+        {"model": "tiny-test", "messages": hi(), "stop": ["y" * 600_000]},
+        {"model": "tiny-test", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(big.getvalue())}}] * 40}]},
+        {"model": "tiny-test", "messages": [{"role": "user", "content": "x" * (bound + 1)}]},
+        {"model": "tiny-test", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(eps).decode()}}]}]},
+    ]  # fmt: skip
+    limits = Limits(body_timeout_s=2.0)
+    with serving(pipe, max_batch=8, limits=limits) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+        want = post(url, {"model": "tiny-test", "messages": hi(), "max_tokens": 4, "temperature": 0})[1]
+        want = want["choices"][0]["message"]["content"]
+        statuses: list[int] = []
+
+        def attack():
+            for body in attacks:
+                statuses.append(post(url, body)[0])
+            stalled = _raw_request(port, b"{", declared=1000)
+            statuses.append(_status(stalled))
+            stalled.close()
+
+        attacker = threading.Thread(target=attack)
+        attacker.start()
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: post(url, {"model": "tiny-test", "messages": hi(), "max_tokens": 4, "temperature": 0}),
+                    range(32),
+                )
+            )
+        attacker.join(60)
+    assert [s for s, _ in answers] == [200] * 32
+    assert {a["choices"][0]["message"]["content"] for _, a in answers} == {want}
+    assert statuses == [400, 400, 400, 400, 408], statuses
