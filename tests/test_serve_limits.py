@@ -337,6 +337,8 @@ def test_serve_port_errors_exit_2(llama_k1_export):
 
     r = run_cli("serve", llama_k1_export[1], "--port", "70000")
     assert r.returncode == 2 and "70000" in r.stderr
+    r = run_cli("serve", llama_k1_export[1], "--threads", "-3")
+    assert r.returncode == 2 and "--threads" in r.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
