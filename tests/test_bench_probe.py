@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import images, make_model
+from helpers import images, make_model, run_cli
 
 from composer.analysis.bench import hf_reference, hf_reference_unsupported
 from composer.cli import main
@@ -281,3 +281,22 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert code == 2 and "--layers" in err
     code, _, err = compose(capsys, "probe", TINY, "--data", _probe_data(tmp_path), "--align-fraction", 0)
     assert code == 2 and err.count("\n") == 1 and "--align-fraction in (0, 1], got 'alignment', 0.0" in err
+
+
+def test_bench_names_the_cpu_and_the_flags_that_pick_its_kernels(tmp_path):
+    """The bench header and JSON name the CPU model, its kernel-relevant flags (AVX2, AVX-512,
+    VNNI, AMX) and whether ONNX Runtime's u8 x s8 GEMM saturates there."""
+    from composer.analysis.bench import cpu_info
+
+    text = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16\n"
+    info = cpu_info(text)
+    assert info["model"] == "AMD EPYC 9R14"
+    assert info["flags"] == ["avx2", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert isinstance(info["u8s8_gemm_saturates"], bool)
+    out = tmp_path / "b.json"
+    r = run_cli(
+        "bench", "tiny/llava", "--runtime", "torch", "--repeats", "1", "--warmup", "0", "--text-tokens", "24",
+        "--new-tokens", "2", "--json", out,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "CPU: " in r.stdout and json.loads(out.read_text())["cpu"]["model"]

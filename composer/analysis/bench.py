@@ -545,6 +545,7 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
     return {
         "name": model.spec.name,
         "device": cfg.provider,
+        "cpu": cpu_info(),
         "threads": threads,
         "onnxruntime_session": {
             "session.intra_op.allow_spinning": "1" if cfg.ort_spinning else "0",
@@ -643,6 +644,38 @@ def _ratio(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}"
 
 
+# The CPU features that decide which kernels the quantized and fp32 paths run (docs/export.md).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """The CPU model, its kernel-relevant flags (``CPU_FLAGS``) and whether ONNX Runtime's u8 x s8
+    GEMM saturates here (w8a8's accuracy depends on it), for the bench header and its JSON.
+    ``cpuinfo``: the text of /proc/cpuinfo (read from Linux when None; elsewhere: platform only)."""
+    import platform
+
+    from composer.export.quantize import u8s8_gemm_saturates
+
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    model, flags = platform.processor() or platform.machine(), set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    return {
+        "model": model,
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "u8s8_gemm_saturates": u8s8_gemm_saturates(),
+    }
+
+
 def render(result: dict, console) -> None:
     """The table: per runtime and k, prefill and decode (median, min–max) with ratios, memory;
     then the measured vs analytic prefill saving."""
@@ -671,6 +704,10 @@ def render(result: dict, console) -> None:
             _ratio(r["decode_ratio_vs_torch"]),
             mem,
         )
+    cpu = result.get("cpu")
+    if cpu:
+        sat = " (its u8 x s8 GEMM saturates: w8a8 is inexact here)" if cpu["u8s8_gemm_saturates"] else ""
+        console.print(f"CPU: {cpu['model']}; {' '.join(cpu['flags']) or 'none of ' + ', '.join(CPU_FLAGS)}{sat}")
     console.print(t)
     for r in result["results"]:
         if r["measured_over_analytic"] is not None:
