@@ -631,6 +631,7 @@ def _print_quantized_report(con, r: dict) -> None:
 @click.option("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (transformers').")
 @click.option("--no-repeat-ngram-size", type=int, default=None, help="Never repeat an n-gram of this size.")
 @click.option("--min-new-tokens", type=int, default=None, help="EOS is banned before this many new tokens.")
+@click.option("--stop", "stop_strings", multiple=True, help="Stop once this text is generated (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option(
     "--provider",
@@ -665,6 +666,7 @@ def generate(
     repetition_penalty: float | None,
     no_repeat_ngram_size: int | None,
     min_new_tokens: int | None,
+    stop_strings: tuple[str, ...],
     seed: int,
     provider: str,
     device: str | None,
@@ -727,6 +729,7 @@ def generate(
         repetition_penalty=repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
         min_new_tokens=min_new_tokens,
+        stop_strings=list(stop_strings) or None,
         generator=torch.Generator().manual_seed(seed),
     )
     if input_file is not None:

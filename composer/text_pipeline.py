@@ -11,7 +11,7 @@
 The prompt goes through the model's prompt template (the spec's, else the tokenizer's chat
 template), with the media placeholders where the template puts them; ``raw=True`` passes it as
 written. Greedy by default; ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
-``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, a transformers
+``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``stop_strings``, a transformers
 ``generation_config`` and ``seed`` as in ``ComposedModel.generate``.
 """
 
@@ -58,6 +58,7 @@ class Pipeline:
         repetition_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
         min_new_tokens: int | None = None,
+        stop_strings: list[str] | None = None,
         generation_config=None,
         seed: int = 0,
         **media: Any,
@@ -84,6 +85,7 @@ class Pipeline:
             repetition_penalty=repetition_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size,
             min_new_tokens=min_new_tokens,
+            stop_strings=stop_strings,
             generation_config=generation_config,
             generator=torch.Generator().manual_seed(seed),
         )

@@ -87,3 +87,23 @@ def test_molecule_records_are_answered_in_batch_mode(tmp_path):
         assert alone.returncode == 0, alone.stderr
         assert "error" not in row and row["answer"] == alone.stdout.strip()
     assert "`molecule` must be a non-empty string" in rows[2]["error"]
+
+
+def test_stop_strings_from_the_cli_and_the_pipeline_equal_generate(ckpt):
+    """`compose generate --stop S` and `composer.pipeline(...)(..., stop_strings=[S])` stop where
+    `model.generate(stop_strings=[S])` stops (transformers' StopStringCriteria)."""
+    import composer
+
+    model = load_pretrained(ckpt)
+    items = {"image": [str(TINY_PNG)]}
+    batch = model.prepare([model.format_prompt("Go on", items={"image": 1})], **items)
+    free = model.decode(model.generate(**batch, max_new_tokens=12))[0]
+    stop = free[3:5]
+    assert len(stop) == 2 and stop.strip()
+    want = model.decode(model.generate(**batch, max_new_tokens=12, stop_strings=[stop]))[0]
+    assert len(want) < len(free)
+    r = run_cli("generate", ckpt, "--image", TINY_PNG, "--prompt", "Go on", "--max-new-tokens", "12", "--stop", stop)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want.strip()
+    got = composer.pipeline(ckpt)("Go on", image=str(TINY_PNG), max_new_tokens=12, stop_strings=[stop])
+    assert got == want.strip()
