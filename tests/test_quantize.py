@@ -20,6 +20,7 @@ close as an fp16 one), 6x the quantization error measured (0.0067 w8a8, 0.0086 i
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +114,14 @@ def test_cli_quantized_verify_gates_on_top1_and_atol(model, tmp_path, capsys):
         main([*args, "-o", str(tmp_path / "ok")])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "top-1 agreement" in out and "verified: top-1 >= 95.0%" in out
-    with pytest.raises(SystemExit) as e:  # impossible thresholds: the gate must fail
+    agree, total = map(int, re.search(r"\((\d+) of (\d+)\)", out).groups())
+    if agree < total:  # a threshold one position above the agreement this bundle reached: the gate fails
+        with pytest.raises(SystemExit) as e:
+            main([*args, "-o", str(tmp_path / "strict"), "--min-top1", str((agree + 1) / total)])
+        assert e.value.code == 1 and "verification failed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a threshold no agreement can reach is refused by name
         main([*args, "-o", str(tmp_path / "strict"), "--min-top1", "1.01"])
-    assert e.value.code == 1 and "verification failed" in capsys.readouterr().err
+    assert e.value.code == 2 and "--min-top1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main([*args, "-o", str(tmp_path / "atol"), "--atol", "0"])
     assert e.value.code == 1 and "logit difference <= 0" in capsys.readouterr().err
