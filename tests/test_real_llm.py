@@ -378,3 +378,14 @@ def test_stop_strings_equal_transformers_generate(smol15):
         )[:, batch["input_ids"].shape[1] :]
     assert torch.equal(ours, hf), (ours, hf)
     assert ours.shape[1] < free.shape[1] and tok.decode(ours[0]).rstrip().endswith(stop)
+
+
+def test_the_demo_answers_a_question_without_a_picture_from_the_llm(demo):
+    """`format_prompt(text, items={})`, as `compose generate --prompt` formats a question given no
+    image: no image part in the chat, and the frozen LLM answers it (the README's example)."""
+    prompt = demo.format_prompt("What is the capital of France?", items={})
+    assert demo.placeholders["image"] not in prompt and demo.placeholders["image"] in demo.format_prompt("Hi")
+    batch = demo.prepare([prompt])
+    with torch.no_grad():
+        answer = demo.decode(demo.generate(**batch, max_new_tokens=12))[0]
+    assert "Paris" in answer, answer
