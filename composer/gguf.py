@@ -29,10 +29,11 @@ import struct
 from pathlib import Path
 
 from composer.errors import InputError, first_line
+from composer.spec import HUB_ID
 
 PACKAGE_PREFIX = "package:"
 GGUF_MAGIC = b"GGUF"
-_HUB_FILE = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@([^/]+))?/(.+\.gguf)")
+_HUB_FILE = re.compile(rf"({HUB_ID.pattern})(?:@([^/]+))?/(.+\.gguf)")
 
 
 def is_gguf(value: str | None) -> bool:

@@ -22,19 +22,19 @@ field. Example::
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from composer.errors import InputError, first_line
+from composer.spec import HUB_ID
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 # Top-level names of the other components in the seed systems' whole-model checkpoints (BLIP-2).
 OTHER_COMPONENTS = ("vision_model.", "language_model.")
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+_HUB_ID = HUB_ID
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
 
 

@@ -61,6 +61,8 @@ ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu", "tanh", "quick_gelu")
 # Names a modality may not take: they are ComposedModel.forward/generate keyword arguments.
 RESERVED_MODALITY_NAMES = {"input_ids", "attention_mask", "labels", "position_ids", "cache", "max_new_tokens"}
 
+# A Hub repo id as the Hub spells them, `owner/name`: the one pattern every reader of sources uses.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # `owner/name@revision` pins a Hub id to a branch, tag or commit hash (`llm.model`,
 # `llm.tokenizer.model`, `encoder.model`, `projector.weights`); a build resolves the revision to
 # its commit hash and saves `owner/name@<hash>`. A local path of the same spelling wins.

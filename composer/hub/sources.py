@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from composer.errors import ComposerError, InputError, first_line
-from composer.spec import split_revision
+from composer.spec import HUB_ID, split_revision
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Component repos (`llm.model: owner/name@rev`): top-level files a loader may read; of the weights,
@@ -25,7 +25,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".vocab", ".yaml")
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")  # a Hub commit hash
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+_HUB_ID = HUB_ID
 _FILES_AT: dict[tuple[str, str], list[str]] = {}  # (repo, commit hash) -> its files (a commit never changes)
 
 
