@@ -145,14 +145,9 @@ def create_app(
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            pieces, finish, n, checked = [], None, 0, loop.time()
+            pieces, finish, n, checked = [], None, 0, [loop.time()]
             while finish is None:
-                ev = await _next(events, request, job)
-                if loop.time() - checked > DISCONNECT_CHECK_S:  # also while tokens keep coming
-                    checked = loop.time()
-                    if await request.is_disconnected():
-                        job.cancelled = True
-                        return error(RequestError("the client disconnected", status=499))
+                ev = await _next(events, request, job, checked)
                 if ev[0] == "token":
                     n += 1
                     pieces.append(text.push(ev[1]))
@@ -298,15 +293,21 @@ def _job(req, runtime, limits: Limits, lock) -> Job:
     return Job(batch=batch, sampling=sampling, emit=lambda ev: None, generator=generator)
 
 
-async def _next(events: asyncio.Queue, request, job: Job) -> tuple:
-    """The job's next event; a client that disconnected cancels the job."""
+async def _next(events: asyncio.Queue, request, job: Job, checked: list[float]) -> tuple:
+    """The job's next event; every ``DISCONNECT_CHECK_S``, while tokens keep coming as while they do
+    not, a check that the client is still there (``checked[0]``: when it was last checked): a client
+    that disconnected cancels the job."""
+    loop = asyncio.get_running_loop()
     while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=0.5)
-        except TimeoutError:
+        if loop.time() - checked[0] > DISCONNECT_CHECK_S:
+            checked[0] = loop.time()
             if await request.is_disconnected():
                 job.cancelled = True
                 return ("error", "the client disconnected")
+        try:
+            return await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
+        except TimeoutError:
+            pass
 
 
 async def _sse(job: Job, events: asyncio.Queue, text: TextStream, cid: str, name: str, include_usage: bool):

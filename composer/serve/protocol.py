@@ -124,8 +124,7 @@ def _unencodable(x: Any, path: str = "") -> str | None:
                 return p or "body"
         elif isinstance(v, dict):
             stack.extend((w, f"{p}.{k}".lstrip(".")) for k, w in v.items())
-            if any(isinstance(k, str) and _unencodable(k) for k in v):
-                return p or "body"
+            stack.extend((k, p) for k in v)  # a key that is not text: the object holding it
         elif isinstance(v, list):
             stack.extend((w, f"{p}[{i}]") for i, w in enumerate(v))
     return None
