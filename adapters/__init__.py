@@ -35,6 +35,12 @@ def encoder_types(runtime) -> dict[str, str]:
     return {m: encoder_type_of(enc) for m, enc in runtime.encoders.items()}
 
 
+def text_modalities(types: dict[str, str]) -> frozenset[str]:
+    """The modalities (of ``{modality: encoder type}``) whose encoders take text items (SMILES
+    strings), not files."""
+    return frozenset(m for m, t in types.items() if getattr(ENCODER_ADAPTERS.get(t), "takes_text", False))
+
+
 def encoder_type_of(encoder: EncoderAdapter) -> str:
     """The registry name of ``encoder``'s class (the nearest registered class in its MRO: FSDP
     re-classes a sharded module as a subclass of its own class)."""
@@ -54,4 +60,5 @@ __all__ = [
     "encoder_type_of",
     "encoder_types",
     "llm_adapter_for",
+    "text_modalities",
 ]

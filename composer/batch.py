@@ -19,19 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from composer.adapters import encoder_types, text_modalities
 from composer.errors import InputError, first_line
 from composer.prompting import placeholder_mismatch
-from composer.train.data import decode_record, jsonl_lines, media_file
-
-
-def text_modalities(model) -> frozenset[str]:
-    """The modalities of ``model`` (a ``ComposedModel`` or an ``OnnxPipeline``) whose encoders take
-    text items (SMILES strings), not files."""
-    from composer.adapters import ENCODER_ADAPTERS, encoder_types
-
-    return frozenset(
-        m for m, t in encoder_types(model).items() if getattr(ENCODER_ADAPTERS.get(t), "takes_text", False)
-    )
+from composer.train.data import confined_path, decode_record, jsonl_lines, media_file
 
 
 def read_requests(
@@ -75,12 +66,7 @@ def read_requests(
                         raise ValueError(f"`{m}` must be a path or a list of paths")
                     resolved = []
                     for p in paths:
-                        try:
-                            full = (root / p).resolve()
-                        except (OSError, RuntimeError) as e:  # a symlink loop
-                            raise ValueError(f"{m} path {p!r}: {getattr(e, 'strerror', None) or e}") from None
-                        if not full.is_relative_to(root):
-                            raise ValueError(f"{m} path {p!r} leaves the media root {root}")
+                        full = confined_path(root, p, m)
                         media_file(str(full), m, shown=p)
                         resolved.append(str(full))
                     media[m] = resolved
@@ -112,7 +98,10 @@ def generate_jsonl(
     input_path, output_path = Path(input_path), Path(output_path)
     check_output(input_path, output_path, overwrite)
     requests = read_requests(
-        input_path, list(model.encoders), Path(media_root) if media_root else None, text_modalities(model)
+        input_path,
+        list(model.encoders),
+        Path(media_root) if media_root else None,
+        text_modalities(encoder_types(model)),
     )
     results: list[dict[str, Any]] = [{} for _ in requests]
     for i, r in enumerate(requests):

@@ -776,10 +776,11 @@ def _torch_device(device: str | None):
     return dev
 
 
-def _text_modalities(target: str) -> set[str]:
+def _text_modalities(target: str) -> frozenset[str]:
     """Modalities of TARGET whose encoder takes text items, not files (`--molecule CCO`), read from
-    its composer.json or manifest.json (unreadable: none; loading TARGET reports the error)."""
-    from composer.adapters import ENCODER_ADAPTERS
+    its composer.json or manifest.json before the model loads, so that a mistyped file fails fast
+    (unreadable: none; loading TARGET reports the error)."""
+    from composer.adapters import text_modalities
 
     p = Path(target)
     try:
@@ -787,9 +788,9 @@ def _text_modalities(target: str) -> set[str]:
             types = {m: e["type"] for m, e in json.loads((p / "manifest.json").read_text())["encoders"].items()}
         else:
             types = json.loads((p / "composer.json").read_text())["encoder_types"]
-        return {m for m, t in types.items() if getattr(ENCODER_ADAPTERS.get(t), "takes_text", False)}
+        return text_modalities(types)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
+        return frozenset()
 
 
 def _modality_args(args: list[str], text_ok: set[str] = frozenset()) -> dict[str, list[str]]:

@@ -48,6 +48,27 @@ def read_versioned_json(path, version: int, what: str, hint: str = "") -> dict:
     return data
 
 
+def unencodable(value, path: str = "") -> tuple[str, str] | None:
+    """The first string in a decoded JSON value (keys included) that is not valid Unicode text -
+    a lone surrogate such as ``"\\ud800"``, which JSON escapes allow and no tokenizer, file system
+    or UTF-8 writer takes - as ``(where, the string)``; ``where`` is its path (``messages[0].content``,
+    ``body`` at the top; for a key, the object holding it). None when every string is text."""
+    stack = [(value, path)]
+    while stack:
+        v, p = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return p or "body", v
+        elif isinstance(v, dict):
+            stack.extend((w, f"{p}.{k}".lstrip(".")) for k, w in v.items())
+            stack.extend((k, p) for k in v)
+        elif isinstance(v, list):
+            stack.extend((w, f"{p}[{i}]") for i, w in enumerate(v))
+    return None
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty): what a
     one-line error quotes from a library's multi-line one."""

@@ -180,6 +180,14 @@ class _Gguf:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
+    def new_name(self, what: str, kind: str, seen: set[str]) -> str:
+        """A metadata key or tensor name (``what``: which one), refused when ``seen`` already holds it."""
+        name = self.string(what)
+        if name in seen:
+            raise self.fail(f"{kind} {name!r} appears twice")
+        seen.add(name)
+        return name
+
     def value(self, vtype: int, what: str, depth: int = 0, keep: bool = False):
         """Skip (with ``keep``: return) a value of type ``vtype``; arrays are always skipped."""
         if vtype in _SCALAR:
@@ -257,10 +265,7 @@ def _scan(r: _Gguf) -> dict[str, object]:
     fields: dict[str, object] = {}
     seen: set[str] = set()
     for i in range(n_kv):
-        key = r.string(f"metadata key {i}")
-        if key in seen:
-            raise r.fail(f"metadata key {key!r} appears twice")
-        seen.add(key)
+        key = r.new_name(f"metadata key {i}", "metadata key", seen)
         vtype = r.unpack("I", f"{key} (value type)")
         value = r.value(vtype, key, keep=vtype != _ARRAY)
         if vtype != _ARRAY:
@@ -269,10 +274,7 @@ def _scan(r: _Gguf) -> dict[str, object]:
     tensors = []
     names: set[str] = set()
     for i in range(n_tensors):
-        name = r.string(f"tensor {i} name")
-        if name in names:
-            raise r.fail(f"tensor {name!r} appears twice")
-        names.add(name)
+        name = r.new_name(f"tensor {i} name", "tensor", names)
         n_dims = r.unpack("I", f"tensor {name} n_dims")
         if n_dims > MAX_GGUF_DIMS:
             raise r.fail(f"tensor {name} has {n_dims} dimensions")

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from composer.errors import InputError, first_line
+from composer.errors import InputError, first_line, unencodable
 from composer.spec import AUDIO_ENCODERS, IMAGE_ENCODERS, MIN_TEMPERATURE
 
 
@@ -111,30 +111,11 @@ class ChatRequest(_Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-def _unencodable(x: Any, path: str = "") -> str | None:
-    """The path of the first string in a decoded JSON value that is not valid Unicode text (a lone
-    surrogate such as ``"\\ud800"``, which JSON allows and no tokenizer can encode), else None."""
-    stack = [(x, path)]
-    while stack:
-        v, p = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return p or "body"
-        elif isinstance(v, dict):
-            stack.extend((w, f"{p}.{k}".lstrip(".")) for k, w in v.items())
-            stack.extend((k, p) for k in v)  # a key that is not text: the object holding it
-        elif isinstance(v, list):
-            stack.extend((w, f"{p}[{i}]") for i, w in enumerate(v))
-    return None
-
-
 def parse_request(raw: Any) -> ChatRequest:
     """A decoded JSON body -> ChatRequest; the first invalid field as one RequestError naming it."""
-    bad = _unencodable(raw)
+    bad = unencodable(raw)
     if bad is not None:
-        raise RequestError(f"{bad}: not valid Unicode text (a lone surrogate code point)", param=bad)
+        raise RequestError(f"{bad[0]}: not valid Unicode text (a lone surrogate code point)", param=bad[0])
     try:
         req = ChatRequest.model_validate(raw)
     except ValidationError as e:

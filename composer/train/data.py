@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from composer.errors import InputError
+from composer.errors import InputError, unencodable
 from composer.prompting import has_chat_template
 
 log = logging.getLogger("composer.train.data")
@@ -64,28 +64,10 @@ def decode_record(raw: bytes | None) -> Any:
     if len(line) > MAX_RECORD_CHARS:
         raise ValueError(f"record of {len(line)} characters exceeds {MAX_RECORD_CHARS}")
     rec = json.loads(line)
-    if "\\u" in line:  # only an escape can make a surrogate: JSON text itself is valid UTF-8
-        _check_text(rec)
+    if "\\u" in line and (bad := unencodable(rec)) is not None:  # only an escape can make a surrogate
+        char = next(c for c in bad[1] if "\ud800" <= c <= "\udfff").encode("unicode_escape").decode()
+        raise ValueError(f"a lone surrogate {char} is not text (\\u escapes must pair to one character)")
     return rec
-
-
-def _check_text(value: Any) -> None:
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as e:
-                bad = v[e.start : e.start + 1].encode("unicode_escape").decode()
-                raise ValueError(
-                    f"a lone surrogate {bad} is not text (\\u escapes must pair to one character)"
-                ) from None
-        elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
 
 
 def media_file(p: str, m: str, shown: str | None = None) -> None:
@@ -98,6 +80,19 @@ def media_file(p: str, m: str, shown: str | None = None) -> None:
         raise ValueError(f"{m} path {_clip(shown)}: {getattr(e, 'strerror', None) or e}") from None
     if not ok:
         raise ValueError(f"{m} file not found: {shown}")
+
+
+def confined_path(root: Path, p: str, m: str) -> Path:
+    """``p`` (relative to ``root``, or absolute) resolved; ValueError naming the ``m`` path unless it
+    lies inside ``root`` (no absolute path, ``../`` or link out of it) or when the OS cannot resolve
+    it (a loop of links, a component too long)."""
+    try:
+        full, inside = (root / p).resolve(), root.resolve()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{m} path {_clip(p)}: {getattr(e, 'strerror', None) or e}") from None
+    if not full.is_relative_to(inside):
+        raise ValueError(f"{m} path {_clip(p)} leaves the media root {inside}")
+    return full
 
 
 def _clip(p: str, limit: int = 80) -> str:
@@ -119,13 +114,8 @@ def _media(value, root: Path, confine: bool = False) -> list:
         if not isinstance(v, str) or not v:
             raise ValueError(f"media must be a path string, got {v!r}")
         p = Path(v) if Path(v).is_absolute() else root / v
-        if confine:  # as batch generation confines media to --media-root: no absolute paths, no ../, no links out
-            try:
-                inside = p.resolve().is_relative_to(root.resolve())
-            except (OSError, ValueError, RuntimeError) as e:
-                raise ValueError(f"media path {_clip(v)}: {getattr(e, 'strerror', None) or e}") from None
-            if not inside:
-                raise ValueError(f"media path {_clip(v)} leaves the media root {root.resolve()}")
+        if confine:  # as batch generation confines media to --media-root
+            confined_path(root, v, "media")
         out.append(str(p))
     return out
 
