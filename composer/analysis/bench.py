@@ -411,7 +411,9 @@ def run_bench(model, cfg: BenchConfig, progress=None) -> dict:
         raise InputError("--provider cuda: torch sees no CUDA device")
     if cfg.threads is not None and cfg.threads < 1:
         raise InputError(f"--threads must be >= 1, got {cfg.threads}")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**64:
+    from composer.spec import MAX_SEED
+
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= MAX_SEED:
         raise InputError(f"--seed must be an integer in [0, 2**64 - 1] (torch's seeds), got {cfg.seed!r}")
     if cfg.quantize:
         from composer.export.quantize import SCHEMES
