@@ -35,6 +35,14 @@ class EncoderAdapter(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def convert_package_source(cls, src, out_dir) -> None:
+        """Write a directory that ``load_config``/``create``/``make_processor`` read (the HF layout:
+        config.json, model.safetensors, preprocessor files) converted from ``src``, a file or
+        directory an installed package ships (``package:`` sources, see composer.packages). Raise
+        ValueError (or OSError) for a source this type cannot read."""
+        raise ValueError(f"the {cls.__name__} encoder does not read package: sources")
+
+    @classmethod
     def check_config(cls, config) -> None:
         """Raise ValueError (naming the ``config.`` field) for sizes the encoder cannot run with; the
         builder calls it before ``create``, so the error is the spec's, not a failure deep in torch."""

@@ -19,6 +19,7 @@ from composer.adapters.llm import LLM_ADAPTERS, llm_adapter_for
 from composer.errors import InputError, SpecError, first_line
 from composer.gguf import gguf_config, is_gguf, load_gguf_llm, load_gguf_tokenizer, resolve_gguf, split_hub_gguf
 from composer.model import ComposedModel
+from composer.packages import converted_source, is_package_ref
 from composer.projectors import build_projector, load_projector_weights
 from composer.spec import ENCODER_MODEL_TYPES, EncoderSpec, LLMSpec, LoraSpec, Spec, load_spec, split_revision
 from composer.tokenizer import add_placeholders, byte_tokenizer, load_tokenizer
@@ -252,11 +253,15 @@ def build_encoder(
 ):
     """-> (encoder adapter module, preprocessor or None). ``config``/``etype`` given: a saved
     checkpoint's, and nothing is looked up at ``encoder.model``."""
-    src = (
-        resolve_source(spec.model, base_dir, weights=load_weights, where=f"{where}.model", offline=offline)
-        if spec.model and config is None
-        else None
-    )
+    if spec.model and config is None and is_package_ref(spec.model):
+        # a file a Python package ships (spec validation requires `type`): converted once into the
+        # type's HF layout and cached (composer.packages)
+        adapter = ENCODER_ADAPTERS[spec.type]
+        src = converted_source(spec.model, spec.type, adapter.convert_package_source, f"{where}.model")
+    elif spec.model and config is None:
+        src = resolve_source(spec.model, base_dir, weights=load_weights, where=f"{where}.model", offline=offline)
+    else:
+        src = None
     if src is not None and not load_weights:
         src = config_source(src, f"{where}.model", offline)
     if etype is not None:

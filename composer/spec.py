@@ -190,6 +190,8 @@ class EncoderSpec(_Strict):
                 raise _FieldError(
                     "feature_layer", f"must be in [-{n + 1}, {n}] for a {n}-layer encoder", self.feature_layer
                 )
+        if self.model is not None and self.model.startswith("package:") and self.type is None:
+            raise _FieldError("type", "required for a package: source (the file's format says no model type)", None)
         if self.type is not None and self.type not in ENCODER_TYPES:
             raise _FieldError("type", f"not a known encoder type; known: {list(ENCODER_TYPES)}", self.type)
         if self.train == "lora" and self.lora is None:

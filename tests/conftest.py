@@ -12,6 +12,19 @@ import pytest
 from helpers import GGUF, make_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def composer_cache(tmp_path_factory):
+    """A fresh ``COMPOSER_CACHE`` per test session: package sources are converted by the tests
+    themselves (once per session), never taken from the user's cache."""
+    old = os.environ.get("COMPOSER_CACHE")
+    os.environ["COMPOSER_CACHE"] = str(tmp_path_factory.mktemp("composer-cache"))
+    yield os.environ["COMPOSER_CACHE"]
+    if old is None:
+        os.environ.pop("COMPOSER_CACHE", None)
+    else:
+        os.environ["COMPOSER_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def smol_dir(tmp_path_factory):
     """SmolLM2 dequantized once, saved as a plain HF checkpoint (config, safetensors, tokenizer)."""
