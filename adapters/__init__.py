@@ -30,9 +30,7 @@ ENCODER_ADAPTERS: dict[str, type[EncoderAdapter]] = {
 
 def encoder_types(runtime) -> dict[str, str]:
     """Modality -> encoder type (registry name) of a ``ComposedModel`` or an ``OnnxPipeline``."""
-    if hasattr(runtime, "manifest"):
-        return {m: e["type"] for m, e in runtime.encoders.items()}
-    return {m: encoder_type_of(enc) for m, enc in runtime.encoders.items()}
+    return runtime.encoder_types
 
 
 def text_modalities(types: dict[str, str]) -> frozenset[str]:

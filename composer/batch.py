@@ -162,8 +162,13 @@ def _run_chunk(model, requests, results, rows: list[int], prompts: list[str], ge
     if prepared.batch is None:
         return
     ids = model.generate(**prepared.batch, **generate_kwargs)
-    for j, text in zip(prepared.rows, model.tokenizer.batch_decode(ids, skip_special_tokens=True), strict=True):
-        results[rows[j]]["answer"] = text.strip()
+    texts = [t.strip() for t in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    n = len(texts) // len(prepared.rows)  # num_return_sequences: a record's n answers are together
+    for j, r in enumerate(prepared.rows):
+        if n == 1:
+            results[rows[r]]["answer"] = texts[j]
+        else:
+            results[rows[r]]["answers"] = texts[j * n : (j + 1) * n]
 
 
 def check_output(input_path: Path, output_path: Path, overwrite: bool) -> None:

@@ -10,12 +10,19 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from composer.checkpoint import load_any
 from composer.errors import ComposerError, InputError, first_line
 from composer.export.quantize import SCHEMES as QUANT_SCHEMES
+from composer.generation import resolve_generation
+from composer.options import collect, flag_of, model_options
+from composer.spec import GenerationSpec
+
+# compose generate's spellings of GenerationSpec fields (the others: --max-new-tokens, --top-p, ...)
+GENERATION_FLAGS = {"do_sample": "--sample/--greedy", "stop_strings": "--stop"}
 
 
 def _console(stderr: bool = False):
@@ -623,15 +630,7 @@ def _print_quantized_report(con, r: dict) -> None:
     help="Media paths of --input records resolve under it (default: the input file's directory).",
 )
 @click.option("--raw", is_flag=True, help="Use PROMPT as the full prompt (it must contain the placeholders).")
-@click.option("--max-new-tokens", type=int, default=None, help="Default: the spec's generation.max_new_tokens.")
-@click.option("--sample/--greedy", "do_sample", default=None, help="Sampling or greedy (default: the spec's).")
-@click.option("--temperature", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (transformers').")
-@click.option("--no-repeat-ngram-size", type=int, default=None, help="Never repeat an n-gram of this size.")
-@click.option("--min-new-tokens", type=int, default=None, help="EOS is banned before this many new tokens.")
-@click.option("--stop", "stop_strings", multiple=True, help="Stop once this text is generated (repeatable).")
+@model_options(GenerationSpec, flags=GENERATION_FLAGS)
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option(
     "--provider",
@@ -658,19 +657,11 @@ def generate(
     batch_size: int,
     media_root: Path | None,
     raw: bool,
-    max_new_tokens: int | None,
-    do_sample: bool | None,
-    temperature: float | None,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float | None,
-    no_repeat_ngram_size: int | None,
-    min_new_tokens: int | None,
-    stop_strings: tuple[str, ...],
     seed: int,
     provider: str,
     device: str | None,
     dtype: str | None,
+    **generation: Any,
 ) -> None:
     """Generate text from TARGET, a composed checkpoint (torch) or an ONNX bundle (ONNX Runtime);
     one `--<modality> FILE` per item (a SMILES string for a molecule encoder: `--molecule CCO`).
@@ -720,18 +711,12 @@ def generate(
     else:
         model = load_pretrained(target)
         model = model.to(device=_torch_device(device), dtype=getattr(torch, dtype) if dtype else None)
-    settings = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        min_new_tokens=min_new_tokens,
-        stop_strings=list(stop_strings) or None,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    overrides = collect(GenerationSpec, generation)
+    try:  # checked before any input is read; messages name the flags
+        g = resolve_generation(model.generation_spec, **overrides)
+    except InputError as e:
+        raise InputError(flag_of(str(e), GenerationSpec, GENERATION_FLAGS)) from None
+    settings = dict(overrides, generator=torch.Generator().manual_seed(seed))
     if input_file is not None:
         from composer.batch import generate_jsonl
 
@@ -756,8 +741,11 @@ def generate(
         )
     text = prompt if raw else model.format_prompt(prompt, items={m: len(v) for m, v in items.items()})
     batch = model.prepare([text], **items)
-    streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
-    model.generate(**batch, streamer=streamer, **settings)
+    if g.num_return_sequences == 1:  # streamed as the tokens come
+        model.generate(**batch, streamer=TextStreamer(model.tokenizer, skip_special_tokens=True), **settings)
+        return
+    for i, answer in enumerate(model.decode(model.generate(**batch, **settings)), 1):
+        click.echo(f"[{i}] {answer.strip()}")
 
 
 def _torch_device(device: str | None):

@@ -10,7 +10,6 @@ placeholder ids, stops at EOS / ``max_new_tokens`` and pads finished rows.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -21,93 +20,95 @@ def first_validation_error(e) -> str:
     return f"{'.'.join(map(str, err['loc']))}: {err['msg'].lower()}, got {err.get('input')!r}"
 
 
-@dataclass
-class Sampling:
-    max_new_tokens: int = 32
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    min_new_tokens: int = 0
-    stop_strings: list[str] | None = None
-    num_return_sequences: int = 1
+def _fields() -> frozenset[str]:
+    from composer.spec import GenerationSpec
 
-    @classmethod
-    def from_spec(cls, gen, generation_config=None, **overrides) -> Sampling:
-        """The spec's ``generation`` settings, then what a transformers ``GenerationConfig`` sets
-        (its values that differ from GenerationConfig's defaults), then the call's keyword
-        overrides, validated as the spec is (``max_new_tokens > 0``, ``temperature >= 1e-6`` and
-        finite, ``top_k > 0``, ``0 < top_p <= 1``, ``repetition_penalty > 0``, ...). A
-        GenerationConfig setting composer does not implement is one error naming it."""
-        from pydantic import ValidationError
+    return frozenset(GenerationSpec.model_fields)
 
-        from composer.errors import InputError
-        from composer.spec import GenerationSpec
 
-        fields = list(GenerationSpec.model_fields)
-        values = {k: getattr(gen, k) for k in fields}
-        if generation_config is not None:
-            set_ = generation_config.to_diff_dict()
-            ignored = {"transformers_version", "eos_token_id", "pad_token_id", "bos_token_id", "_from_model_config"}
-            unknown = sorted(k for k in set_ if k not in fields and k not in ignored)
-            if unknown:
-                raise InputError(f"generation_config: {unknown} not supported (composer implements {fields})")
-            values.update({k: v for k, v in set_.items() if k in fields and v is not None})
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            GenerationSpec.model_validate(values)
-        except ValidationError as e:
-            raise InputError(first_validation_error(e)) from None
-        if values["min_new_tokens"] > values["max_new_tokens"]:
-            raise InputError(
-                f"min_new_tokens: {values['min_new_tokens']} is more than max_new_tokens ({values['max_new_tokens']})"
-            )
-        if values["num_return_sequences"] > 1 and not values["do_sample"]:
-            raise InputError(
-                f"num_return_sequences: {values['num_return_sequences']} sequences per prompt need do_sample "
-                "(greedy decoding gives the same one each time)"
-            )
-        return cls(**values)
+GENERATION_FIELDS = _fields()  # the keyword arguments generate() takes as settings
 
-    def warpers(self):
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-        w = LogitsProcessorList()
-        if self.do_sample:
-            if self.temperature != 1.0:
-                w.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k:
-                w.append(TopKLogitsWarper(self.top_k))
-            if self.top_p is not None and self.top_p < 1.0:
-                w.append(TopPLogitsWarper(self.top_p))
-        return w
+def resolve_generation(gen, generation_config=None, **overrides):
+    """-> a ``GenerationSpec``: the spec's ``generation`` settings ``gen``, then what a
+    transformers ``GenerationConfig`` sets (its values that differ from GenerationConfig's
+    defaults), then the call's keyword overrides (None: not set), validated as the spec is
+    (``max_new_tokens > 0``, ``temperature >= 1e-6`` and finite, ``top_k > 0``, ``0 < top_p <= 1``,
+    ``repetition_penalty > 0``, ...). A GenerationConfig setting composer does not implement, or an
+    unknown keyword, is one error naming it. ``stop_strings`` may be one string."""
+    from pydantic import ValidationError
 
-    def processors(self, prompt_length: int, eos: list[int]):
-        """transformers' logits processors for the settings that apply to greedy and sampled
-        decoding alike (before the warpers, as ``generate`` orders them)."""
-        from transformers import (
-            LogitsProcessorList,
-            MinNewTokensLengthLogitsProcessor,
-            NoRepeatNGramLogitsProcessor,
-            RepetitionPenaltyLogitsProcessor,
+    from composer.errors import InputError
+    from composer.spec import GenerationSpec
+
+    unknown = sorted(set(overrides) - GENERATION_FIELDS)
+    if unknown:
+        raise InputError(f"unknown generation setting(s) {unknown}; known: {sorted(GENERATION_FIELDS)}")
+    fields = list(GenerationSpec.model_fields)
+    values = {k: getattr(gen, k) for k in fields}
+    if generation_config is not None:
+        set_ = generation_config.to_diff_dict()
+        ignored = {"transformers_version", "eos_token_id", "pad_token_id", "bos_token_id", "_from_model_config"}
+        unknown = sorted(k for k in set_ if k not in fields and k not in ignored)
+        if unknown:
+            raise InputError(f"generation_config: {unknown} not supported (composer implements {fields})")
+        values.update({k: v for k, v in set_.items() if k in fields and v is not None})
+    if isinstance(overrides.get("stop_strings"), str):
+        overrides["stop_strings"] = [overrides["stop_strings"]]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        g = GenerationSpec.model_validate(values)
+    except ValidationError as e:
+        raise InputError(first_validation_error(e)) from None
+    if g.min_new_tokens > g.max_new_tokens:
+        raise InputError(f"min_new_tokens: {g.min_new_tokens} is more than max_new_tokens ({g.max_new_tokens})")
+    if g.num_return_sequences > 1 and not g.do_sample:
+        raise InputError(
+            f"num_return_sequences: {g.num_return_sequences} sequences per prompt need do_sample "
+            "(greedy decoding gives the same one each time)"
         )
+    return g
 
-        p = LogitsProcessorList()
-        if self.min_new_tokens and eos:
-            p.append(MinNewTokensLengthLogitsProcessor(prompt_length, self.min_new_tokens, eos))
-        if self.repetition_penalty != 1.0:
-            p.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
-        if self.no_repeat_ngram_size:
-            p.append(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size))
-        return p
+
+def warpers(g):
+    """transformers' logits warpers for a ``GenerationSpec`` (sampling only)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    w = LogitsProcessorList()
+    if g.do_sample:
+        if g.temperature != 1.0:
+            w.append(TemperatureLogitsWarper(g.temperature))
+        if g.top_k:
+            w.append(TopKLogitsWarper(g.top_k))
+        if g.top_p is not None and g.top_p < 1.0:
+            w.append(TopPLogitsWarper(g.top_p))
+    return w
+
+
+def processors(g, prompt_length: int, eos: list[int]):
+    """transformers' logits processors for the settings that apply to greedy and sampled decoding
+    alike (before the warpers, as ``generate`` orders them)."""
+    from transformers import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    p = LogitsProcessorList()
+    if g.min_new_tokens and eos:
+        p.append(MinNewTokensLengthLogitsProcessor(prompt_length, g.min_new_tokens, eos))
+    if g.repetition_penalty != 1.0:
+        p.append(RepetitionPenaltyLogitsProcessor(g.repetition_penalty))
+    if g.no_repeat_ngram_size:
+        p.append(NoRepeatNGramLogitsProcessor(g.no_repeat_ngram_size))
+    return p
 
 
 def decode_loop(
     step: Callable[[torch.Tensor], torch.Tensor],
     input_ids: torch.Tensor,
-    sampling: Sampling | Sequence[Sampling],
+    sampling,
     *,
     eos: list[int],
     pad: int,
@@ -122,13 +123,13 @@ def decode_loop(
     ``StopStringCriteria`` over ``tokenizer``; the row keeps the tokens that spell it) or its
     ``max_new_tokens``; -> new ids (B, n), finished rows padded with ``pad``.
 
-    ``sampling`` is one ``Sampling`` for the whole batch, or one per row (a server's batch of
+    ``sampling`` is one ``GenerationSpec`` for the whole batch, or a list of one per row (a server's batch of
     independent requests: each row its own settings, stop strings, length and ``generator``, so
     that a row's tokens do not depend on the rows batched with it). ``on_step(tokens, done)``, if
     given, sees each step's tokens (B,) and the rows done after it, and may return a (B,) bool
     mask of rows to stop now (a client that went away)."""
     B, L = input_ids.shape
-    if isinstance(sampling, Sampling):  # one group: all rows share settings and one generator
+    if not isinstance(sampling, (list, tuple)):  # one group: all rows share settings and one generator
         groups = [_Group(list(range(B)), sampling, generator, 0, L, eos, tokenizer)]
     else:
         if len(sampling) != B:
@@ -179,10 +180,10 @@ class _Group:
     """Rows of a batch that share sampling settings: their logits processors, warpers, stop
     criteria and generator."""
 
-    def __init__(self, rows: list[int], sampling: Sampling, generator, lead: int, width: int, eos, tokenizer):
+    def __init__(self, rows: list[int], sampling, generator, lead: int, width: int, eos, tokenizer):
         self.rows, self.sampling, self.generator, self.lead = rows, sampling, generator, lead  # lead: padding
-        self.processors = sampling.processors(width - lead, eos)
-        self.warpers = sampling.warpers()
+        self.processors = processors(sampling, width - lead, eos)
+        self.warpers = warpers(sampling)
         self.stop = None
         if sampling.stop_strings:
             from transformers import StopStringCriteria

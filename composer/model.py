@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +25,24 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from composer.adapters.llm import LLMAdapter, llm_adapter_for
 from composer.errors import InputError
-from composer.generation import Sampling, decode_loop, eos_ids
+from composer.frontend import FrontEnd
+from composer.generation import eos_ids
 from composer.layout import KVState, Layout, additive_mask
-from composer.prompting import (
-    check_context,
-    check_window,
-    format_instruction,
-    prepare_batch,
-    repeat_rows,
-    resolve_prompts,
-)
+from composer.prompting import check_context, check_window
 
 IGNORE_INDEX = -100
 
 
-class ComposedModel(nn.Module):
+class ComposedModel(nn.Module, FrontEnd):
     """A multimodal LM composed from a spec. Build with ``composer.build(spec)``.
 
     Submodules (and so state-dict prefixes): ``llm`` (the HF ``*ForCausalLM``),
-    ``encoders.<modality>``, ``projectors.<modality>``.
+    ``encoders.<modality>``, ``projectors.<modality>``. ``format_prompt``, ``prepare``,
+    ``generate`` and ``decode`` come from ``composer.frontend.FrontEnd``, shared with the ONNX
+    pipeline.
     """
+
+    runtime = "torch"
 
     def __init__(
         self,
@@ -124,6 +121,25 @@ class ComposedModel(nn.Module):
         return self.projectors[modality].num_tokens(self.encoders[modality].num_tokens)
 
     @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def encoder_types(self) -> dict[str, str]:
+        """Modality -> encoder type (registry name)."""
+        from composer.adapters import encoder_type_of
+
+        return {m: encoder_type_of(enc) for m, enc in self.encoders.items()}
+
+    def processor(self, m: str):
+        """Modality ``m``'s preprocessor (e.g. an HF image processor)."""
+        return self.processors[m]
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.device
+
+    @property
     def device(self) -> torch.device:
         return next(self.llm.parameters()).device
 
@@ -146,26 +162,10 @@ class ComposedModel(nn.Module):
     def _mm_tokens(
         self, slot_masks: dict[str, torch.Tensor], modality_inputs: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
-        unknown = sorted(set(modality_inputs) - set(self.encoders))
-        if unknown:
-            raise InputError(f"unknown modality input(s) {unknown}; this model has {sorted(self.encoders)}")
         out = {}
-        for m, mask in slot_masks.items():
-            slots = int(mask.sum())
-            x = modality_inputs.get(m)
-            if slots == 0:
-                n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x) if x is not None else 0
-                if n:
-                    raise InputError(f"{n} {m} input(s) given but the prompts have no {m} placeholder")
-                continue
-            if x is None:
-                raise InputError(f"the prompts have {m} placeholder slots but no `{m}` input was given")
-            tok = self.encode(m, x)  # (n, T, d)
-            if tok.shape[0] * tok.shape[1] != slots:
-                raise InputError(
-                    f"{m}: the prompts have {slots} placeholder slots ({slots / tok.shape[1]:g} items of "
-                    f"{tok.shape[1]} tokens) but {tok.shape[0]} {m} input(s) were given"
-                )
+        for m in self.check_modality_inputs(slot_masks, modality_inputs):
+            tok = self.encode(m, modality_inputs[m])  # (n, T, d)
+            self.check_token_count(m, int(slot_masks[m].sum()), tok)
             out[m] = tok.reshape(-1, tok.shape[-1])
         return out
 
@@ -261,82 +261,6 @@ class ComposedModel(nn.Module):
         state.next_pos = state.next_pos + 1
         return self.adapter.head(h[:, -1])
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-        min_new_tokens: int | None = None,
-        stop_strings: str | list[str] | None = None,
-        generation_config=None,
-        num_return_sequences: int | None = None,
-        eos_token_id: int | list[int] | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        streamer=None,
-        **modality_inputs,
-    ) -> torch.Tensor:
-        """Greedy or sampled generation; returns the new token ids (B, n), padded after EOS.
-
-        Settings: the spec's ``generation`` section, then a transformers ``GenerationConfig``
-        (``generation_config``: the values it sets), then these keyword arguments;
-        ``repetition_penalty``, ``no_repeat_ngram_size`` and ``min_new_tokens`` run through
-        transformers' own logits processors (as ``generate`` orders them).
-        ``num_return_sequences`` n (sampling): B * n rows out, a prompt's n together.
-
-        ``use_cache=False`` recomputes the whole sequence every step (the reference the cached
-        path is tested against). Inputs must be left-padded. ``streamer`` follows HF's
-        ``BaseStreamer`` (``put``/``end``). Sampling uses ``generator`` (CPU) for repeatability.
-        """
-        sampling = Sampling.from_spec(
-            self.spec.generation,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            generation_config=generation_config,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            min_new_tokens=min_new_tokens,
-            stop_strings=[stop_strings] if isinstance(stop_strings, str) else stop_strings,
-            num_return_sequences=num_return_sequences,
-        )
-        input_ids = input_ids.to(self.device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        if not bool(attention_mask[:, -1].all()):
-            raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
-        input_ids, attention_mask, modality_inputs = repeat_rows(
-            input_ids,
-            attention_mask,
-            modality_inputs,
-            self.placeholder_ids,
-            {m: self.num_tokens(m) for m in modality_inputs},
-            sampling.num_return_sequences,
-        )
-        check_context(attention_mask, sampling.max_new_tokens, self.context_length)
-        check_window(input_ids.shape[1], sampling.max_new_tokens, self.sliding_window)
-        step = self.decoder(input_ids, attention_mask, modality_inputs, use_cache=use_cache)
-        return decode_loop(
-            step,
-            input_ids,
-            sampling,
-            eos=self.eos_token_ids if eos_token_id is None else eos_ids(eos_token_id, None, self.tokenizer),
-            pad=self.pad_token_id,
-            banned=self.banned_token_ids,
-            generator=generator,
-            streamer=streamer,
-            tokenizer=self.tokenizer,
-        ).to(self.device)
-
     def decoder(
         self, input_ids, attention_mask, modality_inputs: dict[str, Any], *, use_cache: bool = True, reserve: int = 0
     ):
@@ -393,64 +317,6 @@ class ComposedModel(nn.Module):
     def prompt_template(self) -> str | None:
         """The spec's ``prompt.template``; None: prompts use the tokenizer's chat template."""
         return self.spec.prompt.template if self.spec.prompt is not None else None
-
-    def format_prompt(self, instruction: str, items: dict[str, int] | None = None) -> str:
-        """An instruction -> a full prompt with each modality's placeholder once per item: the spec's
-        ``prompt.template`` (e.g. ``"USER: <image>\\n{instruction} ASSISTANT:"``) when it has one,
-        else the tokenizer's chat template (one user message: the modality parts, then the text).
-        ``items``: per modality, the number of items (default: one of each; a modality left out gets
-        no placeholder, so ``items={}`` formats a text-only question)."""
-        return format_instruction(self.tokenizer, self.prompt_template, self.placeholders, instruction, items)
-
-    def prepare(
-        self,
-        prompts: str | list[str] | None = None,
-        *,
-        messages: list | None = None,
-        padding_side: str = "left",
-        errors: str = "raise",
-        **modality_items,
-    ) -> dict[str, Any]:
-        """Tokenise prompts (each placeholder once per item, as a user writes it), expand each
-        placeholder to its modality's token count, pad, and preprocess the media.
-
-        ``prompts``: strings; or ``messages``: one conversation per row in the HF chat format,
-        formatted with the tokenizer's chat template, a modality item as a ``{"type": "<modality>"}``
-        content part::
-
-            batch = model.prepare(messages=[[{"role": "user", "content": [
-                {"type": "image"}, {"type": "text", "text": "What is it?"}]}]], image=["cat.png"])
-
-        ``modality_items``: per modality, a list (in prompt order, row after row) of file paths,
-        PIL images, or already-preprocessed tensors. Returns ``input_ids``, ``attention_mask``
-        and one tensor per modality, ready for ``forward``/``generate``. A prompt longer than the
-        LLM's context, or an unreadable item, raises ``InputError``.
-
-        ``errors="collect"``: a bad prompt or item does not stop the batch; returns
-        ``Prepared(batch, rows, errors)`` (``composer.prompting``): the batch of the good prompts,
-        their indices, and {index: message} for the others::
-
-            batch, rows, errors = model.prepare(prompts, image=paths, errors="collect")
-        """
-        prompts, special = resolve_prompts(self.tokenizer, prompts, messages, self.prompt_template, self.placeholders)
-        return prepare_batch(
-            self.tokenizer,
-            prompts,
-            placeholder_ids=self.placeholder_ids,
-            num_tokens={m: self.num_tokens(m) for m in self.encoders},
-            placeholders=self.placeholders,
-            preprocess={
-                m: functools.partial(type(self.encoders[m]).preprocess, self.processors[m]) for m in self.encoders
-            },
-            padding_side=padding_side,
-            max_positions=self.context_length,
-            errors=errors,
-            add_special_tokens=special,
-            **modality_items,
-        )
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        return self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
 
     # -- persistence -----------------------------------------------------------------------------------
     def save_pretrained(

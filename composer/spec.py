@@ -294,16 +294,23 @@ MAX_SEED = 2**64 - 1  # torch.manual_seed takes a 64-bit seed
 
 
 class GenerationSpec(_Strict):
-    max_new_tokens: int = Field(32, gt=0)
-    do_sample: bool = False
-    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, allow_inf_nan=False)
-    top_k: int | None = Field(None, gt=0)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)  # transformers' RepetitionPenaltyLogitsProcessor
-    no_repeat_ngram_size: int = Field(0, ge=0)  # NoRepeatNGramLogitsProcessor
-    min_new_tokens: int = Field(0, ge=0)  # MinNewTokensLengthLogitsProcessor: EOS banned before
-    stop_strings: list[Annotated[str, Field(min_length=1)]] | None = None  # transformers' StopStringCriteria
-    num_return_sequences: int = Field(1, gt=0)  # sampled sequences per prompt (rows grouped per prompt)
+    """Generation settings: the spec's ``generation`` section, ``generate(**overrides)``'s keyword
+    arguments and ``compose generate``'s options (generated from these fields and descriptions)."""
+
+    max_new_tokens: int = Field(32, gt=0, description="New tokens at most.")
+    do_sample: bool = Field(False, description="Sample (else greedy).")
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, allow_inf_nan=False, description="Sampling temperature.")
+    top_k: int | None = Field(None, gt=0, description="Sample from the k likeliest tokens.")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass.")
+    repetition_penalty: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="> 1 discourages repeats (transformers' processor)."
+    )
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Never repeat an n-gram of this size.")
+    min_new_tokens: int = Field(0, ge=0, description="EOS is banned before this many new tokens.")
+    stop_strings: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="Stop once this text is generated (transformers' StopStringCriteria)."
+    )
+    num_return_sequences: int = Field(1, gt=0, description="Sampled sequences per prompt (rows grouped per prompt).")
 
 
 class Spec(_Strict):

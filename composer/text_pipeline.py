@@ -10,9 +10,8 @@
 
 The prompt goes through the model's prompt template (the spec's, else the tokenizer's chat
 template), with the media placeholders where the template puts them; ``raw=True`` passes it as
-written. Greedy by default; ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
-``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``stop_strings``, a transformers
-``generation_config`` and ``seed`` as in ``ComposedModel.generate``.
+written. Greedy by default; any generation setting (a ``GenerationSpec`` field), a transformers
+``generation_config`` and ``seed`` as in ``generate`` (``composer.frontend``).
 """
 
 from __future__ import annotations
@@ -50,47 +49,35 @@ class Pipeline:
         text: str | list[str],
         *,
         raw: bool = False,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-        min_new_tokens: int | None = None,
-        stop_strings: list[str] | None = None,
         generation_config=None,
         seed: int = 0,
-        **media: Any,
-    ) -> str | list[str]:
-        """Generate for ``text`` (one prompt, or a list: one answer each). ``media``: per modality
+        **kwargs: Any,
+    ) -> str | list[str] | list[list[str]]:
+        """Generate for ``text`` (one prompt, or a list: one answer each). ``kwargs``: per modality
         the items in prompt order (one item, or a list; for a list of prompts, one flat list over
-        all of them), e.g. ``image="a.png"`` or ``audio=["a.wav", "b.wav"]``."""
+        all of them), e.g. ``image="a.png"`` or ``audio=["a.wav", "b.wav"]``; and any generation
+        setting (a ``GenerationSpec`` field: ``max_new_tokens``, ``do_sample``, ``stop_strings``,
+        ``num_return_sequences``, ...). With ``num_return_sequences`` n > 1 each prompt's answer is
+        a list of n."""
         import torch
 
+        from composer.generation import GENERATION_FIELDS
+
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in GENERATION_FIELDS}
         texts = [text] if isinstance(text, str) else list(text)
-        items = {m: v if isinstance(v, (list, tuple)) else [v] for m, v in media.items()}
+        items = {m: v if isinstance(v, (list, tuple)) else [v] for m, v in kwargs.items()}
         # one prompt: a placeholder per item given; several: one per given modality each (the items
         # are one flat list over the prompts); a modality without items gets no placeholder
         counts = {m: len(v) if isinstance(text, str) else 1 for m, v in items.items()}
         prompts = texts if raw else [self.model.format_prompt(t, items=counts) for t in texts]
         batch = self.model.prepare(prompts, **items)
         ids = self.model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            min_new_tokens=min_new_tokens,
-            stop_strings=stop_strings,
-            generation_config=generation_config,
-            generator=torch.Generator().manual_seed(seed),
+            **batch, generation_config=generation_config, generator=torch.Generator().manual_seed(seed), **settings
         )
-        out = [s.strip() for s in self.model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        return out[0] if isinstance(text, str) else out
+        out = [s.strip() for s in self.model.decode(ids)]
+        n = len(out) // len(texts)
+        answers = out if n == 1 else [out[i * n : (i + 1) * n] for i in range(len(texts))]
+        return answers[0] if isinstance(text, str) else answers
 
 
 def pipeline(target: str | Path, *, provider: str = "cpu", revision: str | None = None) -> Pipeline:

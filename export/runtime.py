@@ -29,16 +29,8 @@ import torch
 from composer.errors import ComposerError, InputError, first_line
 from composer.export.graphs import early_io, kv_names, late_io
 from composer.export.manifest import read_manifest
-from composer.generation import Sampling, decode_loop
+from composer.frontend import FrontEnd
 from composer.layout import baseline_positions_np, compact_np
-from composer.prompting import (
-    check_context,
-    check_window,
-    format_instruction,
-    prepare_batch,
-    repeat_rows,
-    resolve_prompts,
-)
 
 _NP = {"fp32": np.float32, "fp16": np.float16}
 
@@ -153,12 +145,16 @@ class StageCache:
             self.bufs.update({k.replace("present_", "past_", 1): v for k, v in present.items()})
 
 
-class OnnxPipeline:
+class OnnxPipeline(FrontEnd):
     """Generation with ONNX Runtime over ``BUNDLE``; ``provider`` is "cpu" or "cuda";
     ``io_binding`` (default: on) keeps the KV buffers (updated in place) and hidden states as
     OrtValues on the device; off, every graph call returns new numpy arrays (each decode step
     then copies the whole cache). ``session_options`` default: ``default_session_options()``
-    (intra-op spinning off)."""
+    (intra-op spinning off). ``format_prompt``, ``prepare``, ``generate`` and ``decode`` come
+    from ``composer.frontend.FrontEnd``, shared with the torch model."""
+
+    runtime = "onnxruntime"
+    input_device = torch.device("cpu")
 
     def __init__(self, bundle: str | Path, provider: str = "cpu", session_options=None, io_binding: bool | None = None):
         import onnxruntime as ort
@@ -241,53 +237,27 @@ class OnnxPipeline:
         return {m: e["placeholder"] for m, e in self.encoders.items()}
 
     @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def encoder_types(self) -> dict[str, str]:
+        """Modality -> encoder type (registry name)."""
+        return {m: e["type"] for m, e in self.encoders.items()}
+
+    def num_tokens(self, m: str) -> int:
+        """MM tokens per item of ``m`` (what one placeholder expands to)."""
+        return self.encoders[m]["tokens_per_item"]
+
+    @property
     def prompt_template(self) -> str | None:
         """The spec's ``prompt.template``; None: prompts use the tokenizer's chat template."""
         return self.manifest.get("prompt_template")
-
-    def format_prompt(self, instruction: str, items: dict[str, int] | None = None) -> str:
-        """As ``ComposedModel.format_prompt``."""
-        return format_instruction(self.tokenizer, self.prompt_template, self.placeholders, instruction, items)
 
     @property
     def context_length(self) -> int | None:
         """The LLM's ``max_position_embeddings`` (None for bundles written before it was recorded)."""
         return self.manifest["llm"].get("max_position_embeddings")
-
-    def prepare(
-        self,
-        prompts=None,
-        *,
-        messages: list | None = None,
-        padding_side: str = "left",
-        errors: str = "raise",
-        **modality_items,
-    ) -> dict[str, Any]:
-        """As ``ComposedModel.prepare``: prompt strings or chat ``messages`` (``errors="collect"``:
-        per-prompt errors, see there)."""
-        from composer.adapters import ENCODER_ADAPTERS
-
-        prompts, special = resolve_prompts(self.tokenizer, prompts, messages, self.prompt_template, self.placeholders)
-        return prepare_batch(
-            self.tokenizer,
-            prompts,
-            placeholder_ids=self.placeholder_ids,
-            num_tokens={m: e["tokens_per_item"] for m, e in self.encoders.items()},
-            placeholders=self.placeholders,
-            preprocess={
-                m: functools.partial(ENCODER_ADAPTERS[e["type"]].preprocess, self.processor(m))
-                for m, e in self.encoders.items()
-            },
-            padding_side=padding_side,
-            max_positions=self.context_length,
-            errors=errors,
-            add_special_tokens=special,
-            **modality_items,
-        )
-
-    def decode(self, ids) -> list[str]:
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     # -- graphs ----------------------------------------------------------------------------------------
     def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -476,80 +446,20 @@ class OnnxPipeline:
         state["next_pos"] = state["next_pos"] + 1
         return logits
 
-    def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        *,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-        min_new_tokens: int | None = None,
-        stop_strings: str | list[str] | None = None,
-        generation_config=None,
-        num_return_sequences: int | None = None,
-        eos_token_id=None,
-        generator: torch.Generator | None = None,
-        streamer=None,
-        **modality_inputs,
-    ) -> torch.Tensor:
-        """Same contract as ``ComposedModel.generate``: new token ids (B, n), left padding."""
-        sampling = Sampling.from_spec(
-            self.generation_spec,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            generation_config=generation_config,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-            min_new_tokens=min_new_tokens,
-            stop_strings=[stop_strings] if isinstance(stop_strings, str) else stop_strings,
-            num_return_sequences=num_return_sequences,
-        )
-        input_ids = torch.as_tensor(input_ids)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
-        if not bool(attention_mask[:, -1].all()):
-            raise InputError("generate() needs left-padded inputs (the last column of attention_mask must be 1)")
-        input_ids, attention_mask, modality_inputs = repeat_rows(
-            input_ids,
-            attention_mask,
-            {m: torch.as_tensor(x) if isinstance(x, np.ndarray) else x for m, x in modality_inputs.items()},
-            self.placeholder_ids,
-            {m: e["tokens_per_item"] for m, e in self.encoders.items()},
-            sampling.num_return_sequences,
-        )
-        check_context(attention_mask, sampling.max_new_tokens, self.context_length)
-        check_window(input_ids.shape[1], sampling.max_new_tokens, self.sliding_window)
-        eos = (
-            self.eos_token_ids
-            if eos_token_id is None
-            else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        )
-        return decode_loop(
-            self.decoder(input_ids, attention_mask, modality_inputs, reserve=sampling.max_new_tokens),
-            input_ids,
-            sampling,
-            eos=eos,
-            pad=self.pad_token_id,
-            banned=self.banned_token_ids,
-            generator=generator,
-            streamer=streamer,
-            tokenizer=self.tokenizer,
-        )
-
-    def decoder(self, input_ids, attention_mask, modality_inputs: dict[str, Any], *, reserve: int = 0):
+    def decoder(
+        self, input_ids, attention_mask, modality_inputs: dict[str, Any], *, use_cache: bool = True, reserve: int = 0
+    ):
         """``decode_loop``'s ``step`` over one left-padded batch: its first call (no new tokens yet)
         runs the prefill (KV buffers with room for ``reserve`` decode steps), each later call one
-        decode step; -> logits (B, V)."""
+        decode step; -> logits (B, V). ``use_cache=False`` runs the prefill over the whole sequence
+        every call (the reference the cached path is tested against)."""
         state: dict = {}
 
         def step(out: torch.Tensor) -> torch.Tensor:
+            if not use_cache:
+                ids = torch.cat([torch.as_tensor(input_ids), out], 1)
+                am = torch.cat([torch.as_tensor(attention_mask), torch.ones_like(out)], 1)
+                return torch.from_numpy(np.asarray(self.prefill(ids, am, modality_inputs)[0]))
             if out.shape[1] == 0:
                 logits, st = self.prefill(input_ids, attention_mask, modality_inputs, reserve=reserve)
                 state.update(st)
@@ -591,23 +501,10 @@ class OnnxPipeline:
         return list(self.manifest["generation"]["banned_token_ids"])
 
     def _mm_tokens(self, slot_masks, modality_inputs) -> dict[str, np.ndarray]:
-        unknown = sorted(set(modality_inputs) - set(self.encoders))
-        if unknown:
-            raise InputError(f"unknown modality input(s) {unknown}; this bundle has {sorted(self.encoders)}")
         out = {}
-        for m, sm in slot_masks.items():
-            slots = int(sm.sum())
-            x = modality_inputs.get(m)
-            if slots == 0:
-                continue
-            if x is None:
-                raise InputError(f"the prompts have {m} placeholder slots but no `{m}` input was given")
-            tok = self.encode(m, x)
-            if tok.shape[0] * tok.shape[1] != slots:
-                raise InputError(
-                    f"{m}: the prompts have {slots} placeholder slots but {tok.shape[0]} {m} input(s) "
-                    f"of {tok.shape[1]} tokens were given"
-                )
+        for m in self.check_modality_inputs(slot_masks, modality_inputs):
+            tok = self.encode(m, modality_inputs[m])
+            self.check_token_count(m, int(slot_masks[m].sum()), tok)
             out[m] = tok.reshape(-1, tok.shape[-1]).astype(self.dtype)
         return out
 

@@ -107,3 +107,39 @@ def test_stop_strings_from_the_cli_and_the_pipeline_equal_generate(ckpt):
     assert r.stdout.strip() == want.strip()
     got = composer.pipeline(ckpt)("Go on", image=str(TINY_PNG), max_new_tokens=12, stop_strings=[stop])
     assert got == want.strip()
+
+
+def test_num_return_sequences_from_the_cli_the_pipeline_and_batch_mode(ckpt, tmp_path):
+    """`--num-return-sequences N --sample` prints N answers, the pipeline returns a list of N per
+    prompt, batch records get `answers` (N each); all equal `generate`'s rows for the same seed.
+    Generation flags come from GenerationSpec's fields, and a bad value is named by its flag."""
+    import composer
+
+    model = load_pretrained(ckpt)
+    kw = dict(max_new_tokens=4, do_sample=True, num_return_sequences=3)
+    batch = model.prepare([model.format_prompt("Go on", items={"image": 1})], image=[str(TINY_PNG)])
+    import torch
+
+    want = [t.strip() for t in model.decode(model.generate(**batch, **kw, generator=torch.Generator().manual_seed(7)))]
+    assert len(want) == 3
+    assert composer.pipeline(ckpt)("Go on", image=str(TINY_PNG), seed=7, **kw) == want
+    r = run_cli(
+        "generate", ckpt, "--image", TINY_PNG, "--prompt", "Go on", "--max-new-tokens", "4", "--sample",
+        "--num-return-sequences", "3", "--seed", "7",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"[{i}] {t}" for i, t in enumerate(want, 1)]
+    src = tmp_path / "in.jsonl"
+    shutil.copy(TINY_PNG, tmp_path / "a.png")
+    src.write_text(json.dumps({"prompt": "Go on", "image": "a.png"}) + "\n")
+    r = run_cli(
+        "generate", ckpt, "--input", src, "-o", tmp_path / "out.jsonl", "--max-new-tokens", "4", "--sample",
+        "--num-return-sequences", "3", "--seed", "7",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    assert row["answers"] == want and "answer" not in row
+    r = run_cli("generate", ckpt, "--image", TINY_PNG, "--prompt", "Go on", "--top-p", "2")
+    assert r.returncode == 2 and "--top-p:" in r.stderr and "less than or equal to 1" in r.stderr
+    r = run_cli("generate", ckpt, "--image", TINY_PNG, "--prompt", "Go on", "--num-return-sequences", "2")
+    assert r.returncode == 2 and "--num-return-sequences: 2 sequences per prompt need do_sample" in r.stderr

@@ -86,9 +86,9 @@ def test_num_return_sequences_repeats_each_prompt_with_its_media(runtime, llama_
 
 
 def test_min_new_tokens_above_max_new_tokens_is_refused_by_name():
-    from composer.generation import Sampling
+    from composer.generation import resolve_generation
     from composer.spec import GenerationSpec
 
     with pytest.raises(InputError, match=r"^min_new_tokens: 5 is more than max_new_tokens \(4\)$"):
-        Sampling.from_spec(GenerationSpec(), max_new_tokens=4, min_new_tokens=5)
-    assert Sampling.from_spec(GenerationSpec(), max_new_tokens=4, min_new_tokens=4).min_new_tokens == 4
+        resolve_generation(GenerationSpec(), max_new_tokens=4, min_new_tokens=5)
+    assert resolve_generation(GenerationSpec(), max_new_tokens=4, min_new_tokens=4).min_new_tokens == 4

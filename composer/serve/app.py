@@ -47,7 +47,7 @@ log = logging.getLogger("composer.serve")
 
 
 def model_name(runtime) -> str:
-    return runtime.manifest["name"] if hasattr(runtime, "manifest") else runtime.spec.name
+    return runtime.name
 
 
 def create_app(
@@ -254,7 +254,7 @@ def _job(req, runtime, limits: Limits, lock) -> Job:
     checked, the prompt tokenized and preprocessed, the settings resolved."""
     import torch
 
-    from composer.generation import Sampling
+    from composer.generation import resolve_generation
     from composer.prompting import check_context, check_window
 
     max_tokens = req.max_completion_tokens or req.max_tokens
@@ -263,7 +263,7 @@ def _job(req, runtime, limits: Limits, lock) -> Job:
         raise RequestError(f"{param}: {max_tokens} exceeds this server's limit of {limits.max_tokens}", param=param)
     greedy = req.temperature == 0
     try:
-        sampling = Sampling.from_spec(
+        sampling = resolve_generation(
             runtime.generation_spec,
             max_new_tokens=max_tokens,
             do_sample=None if req.temperature is None else not greedy,

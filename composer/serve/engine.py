@@ -3,7 +3,7 @@
 One worker thread owns the model (an ``OnnxPipeline`` or a ``ComposedModel``). It takes the
 oldest waiting request, waits up to ``batch_wait_s`` for more (at most ``max_batch`` in all),
 left-pads their prepared rows into one batch and runs one prefill and one decode loop for it
-(``composer.generation.decode_loop`` with one ``Sampling`` and one generator per row, so a row's
+(``composer.generation.decode_loop`` with one ``GenerationSpec`` and one generator per row, so a row's
 tokens do not depend on its neighbours). A batch runs to its last row's end; requests that
 arrive meanwhile wait for the next batch (at most ``max_queue`` of them: ``QueueFull`` past it).
 Tokens go back to each request as they are chosen (``Job.emit``); a cancelled job (its client
@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from composer.generation import Sampling, decode_loop
+from composer.generation import decode_loop
+from composer.spec import GenerationSpec
 
 log = logging.getLogger("composer.serve")
 
@@ -39,7 +40,7 @@ class Job:
     ``("error", message)``; it is called from the worker thread."""
 
     batch: dict[str, Any]
-    sampling: Sampling
+    sampling: GenerationSpec
     emit: Callable[[tuple], None]
     generator: torch.Generator | None = None
     cancelled: bool = False
