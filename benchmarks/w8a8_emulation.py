@@ -4,7 +4,7 @@ Every ``nn.Linear`` of the LLM is replaced (forward hooks) by the arithmetic of 
 --quantize w8a8``: per-token int8 activations, per-output-channel int8 weights, SmoothQuant with
 ``alpha``, and the ``outliers`` largest calibration channels of each shared activation kept in fp32
 (``composer.export.quantize``). Calibration runs on ``CALIBRATION_PROMPTS`` one at a time, the
-comparison on ``--verify``'s prompts (``composer.export.verify.PROMPTS``): top-1 agreement with the
+comparison on ``--verify``'s prompts (``composer.export.examples.PROMPTS``): top-1 agreement with the
 fp32 model over text positions, mean KL(fp32 || quantized) in nats, max logit difference. Each row
 switches one piece, so the sources of error can be told apart without exporting a bundle.
 
@@ -112,9 +112,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from composer.export.examples import PROMPTS, sample_batch
     from composer.export.exporter import merged_for_export
     from composer.export.quantize import CALIBRATION_PROMPTS
-    from composer.export.verify import PROMPTS, _kl, sample_batch
+    from composer.export.verify import _kl
     from composer.model import ComposedModel
 
     model = merged_for_export(ComposedModel.from_pretrained(args.checkpoint), torch.float32).eval()

@@ -11,6 +11,8 @@ from composer.errors import InputError, read_versioned_json
 # 1 (concatenating past + new KV) bundles must be exported again.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+# quantization schemes a bundle may record -> weight bits (composer.export.quantize makes them)
+SCHEMES = {"int8": 8, "int4": 4, "w8a8": 8}
 
 
 def late_graph_name(start: int, n_late: int) -> str:
@@ -131,7 +133,5 @@ def _check_structure(manifest: dict, path: Path) -> None:
     q = manifest.get("quantization")  # absent in bundles written before quantization existed
     if q is not None:
         need("quantization", q, dict)
-        from composer.export.quantize import SCHEMES
-
         want = " or ".join(repr(k) for k in SCHEMES)
         need("quantization.scheme", q.get("scheme"), str, lambda v: v in SCHEMES, want)

@@ -54,8 +54,8 @@ import shutil
 from pathlib import Path
 
 from composer.errors import InputError
+from composer.export.manifest import SCHEMES
 
-SCHEMES = {"int8": 8, "int4": 4, "w8a8": 8}
 METHOD = "MatMulNBits, symmetric round-to-nearest, block-wise (onnxruntime.quantization.matmul_nbits_quantizer)"
 W8A8_METHOD = (
     "MatMulIntegerToFloat: int8 weights per output channel x uint8 activations per token (dynamic, zero point 128), "
@@ -63,7 +63,7 @@ W8A8_METHOD = (
 )
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (module docstring)
 FP32_CHANNELS = 16  # per shared activation: its largest calibration channels stay fp32 (module docstring)
-# Calibration prompts of w8a8's smoothing pass: not the prompts --verify checks (composer.export.verify.PROMPTS)
+# Calibration prompts of w8a8's smoothing pass: not the prompts --verify checks (composer.export.examples.PROMPTS)
 CALIBRATION_SAMPLES = 32  # records of a --calibration file used (the first ones)
 CALIBRATION_PROMPTS = (
     "What do you see in this picture?",
@@ -194,7 +194,7 @@ def activation_ranges(model, prompts=CALIBRATION_PROMPTS, *, batches=None, progr
     import numpy as np
     import torch
 
-    from composer.export.verify import sample_batch
+    from composer.export.examples import sample_batch
 
     if batches is None:
         batches = [sample_batch(model, [prompt]) for prompt in prompts]  # one at a time: no padding rows

@@ -308,9 +308,9 @@ def test_w8a8_bundle_agrees_with_the_torch_emulation_of_its_arithmetic(model, w8
     import sys
     from pathlib import Path
 
+    from composer.export.examples import PROMPTS, sample_batch
     from composer.export.exporter import merged_for_export
     from composer.export.quantize import CALIBRATION_PROMPTS, FP32_CHANNELS, SMOOTH_ALPHA
-    from composer.export.verify import PROMPTS, sample_batch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import w8a8_emulation as emu
