@@ -17,10 +17,11 @@ from composer.adapters import ENCODER_ADAPTERS
 from composer.adapters.encoder import maybe_no_init
 from composer.adapters.llm import LLM_ADAPTERS, llm_adapter_for
 from composer.errors import InputError, SpecError, first_line
-from composer.gguf import gguf_config, is_gguf, load_gguf_llm, load_gguf_tokenizer, resolve_gguf, split_hub_gguf
+from composer.gguf import gguf_config, is_gguf, load_gguf_llm, load_gguf_tokenizer, resolve_gguf
 from composer.model import ComposedModel
 from composer.packages import converted_source, is_package_ref
 from composer.projectors import build_projector, load_projector_weights
+from composer.refs import is_hub_repo, parse_source
 from composer.spec import ENCODER_MODEL_TYPES, EncoderSpec, LLMSpec, LoraSpec, Spec, load_spec, split_revision
 from composer.tokenizer import add_placeholders, byte_tokenizer, load_tokenizer
 
@@ -40,7 +41,7 @@ def resolve_source(
         check_confined(value, base_dir, where)
     if base_dir is not None and not Path(value).is_absolute() and (base_dir / value).exists():
         return os.path.abspath(base_dir / value)  # not resolve(): HF cache files are symlinks to suffix-less blobs
-    if root is not None and not names_a_hub_repo(value):
+    if root is not None and not is_hub_repo(value):
         # a spec from the Hub naming a file its repo does not have: never fall back to the CWD
         raise SpecError(
             f"{where or 'spec'}: {value!r} is not in the Hub repo the spec came from ({root}); a spec from the "
@@ -52,13 +53,6 @@ def resolve_source(
 
         return str(pinned_snapshot(repo, rev, where=where or value, weights=weights, offline=offline))
     return value
-
-
-def names_a_hub_repo(value: str) -> bool:
-    """``owner/name`` or ``owner/name@rev`` (a repo, not a file in one)."""
-    from composer.hf_weights import is_hub_id
-
-    return is_hub_id(split_revision(value)[0])
 
 
 def hub_snapshot_root(base_dir: Path) -> Path | None:
@@ -123,13 +117,10 @@ def pin_revisions(spec: Spec, offline: bool = False) -> Spec:
 
     def pin(value: str | None) -> tuple[str, str, str] | None:
         """(repo, revision, what follows the revision: "" or "/file.gguf") of a pinned Hub value."""
-        if value is None or Path(value).exists() or (base is not None and (base / value).exists()):
+        ref = parse_source(value, base) if value is not None else None
+        if ref is None or not ref.is_hub or ref.revision is None:
             return None  # a local path of the same spelling is not a pin
-        if is_gguf(value):
-            hub = split_hub_gguf(value)
-            return (hub[0], hub[1], "/" + hub[2]) if hub is not None and hub[1] is not None else None
-        repo, rev = split_revision(value)
-        return (repo, rev, "") if rev is not None else None
+        return ref.repo, ref.revision, f"/{ref.filename}" if ref.filename else ""
 
     if not any(pin(getattr(obj, attr)) for _, obj, attr in hub_fields(spec)):
         return spec

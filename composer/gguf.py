@@ -23,31 +23,18 @@ Example::
 from __future__ import annotations
 
 import os
-import re
 import struct
 from pathlib import Path
 
 from composer.errors import InputError, first_line
 from composer.packages import PACKAGE_PREFIX, package_path
-from composer.spec import HUB_ID
+from composer.refs import parse_source
 
 GGUF_MAGIC = b"GGUF"
-_HUB_FILE = re.compile(rf"({HUB_ID.pattern})(?:@([^/]+))?/(.+\.gguf)")
 
 
 def is_gguf(value: str | None) -> bool:
     return value is not None and value.lower().endswith(".gguf")
-
-
-def split_hub_gguf(value: str) -> tuple[str, str | None, str] | None:
-    """``"owner/name@rev/file.gguf"`` -> ``("owner/name", "rev", "file.gguf")`` (rev None without a
-    pin); None when ``value`` is not a Hub GGUF spelling."""
-    m = _HUB_FILE.fullmatch(value)
-    if m is None or Path(value).is_absolute() or value.startswith(PACKAGE_PREFIX):
-        return None
-    if any(part in ("", ".", "..") for part in m.group(3).split("/")):
-        return None  # not a file inside the repo (the Hub refuses such names): a local path, not found
-    return m.group(1), m.group(2), m.group(3)
 
 
 def resolve_gguf(value: str, base_dir: Path | None, where: str, *, offline: bool = False) -> Path:
@@ -57,10 +44,9 @@ def resolve_gguf(value: str, base_dir: Path | None, where: str, *, offline: bool
     local = Path(value) if Path(value).is_absolute() or base_dir is None else base_dir / value
     if local.is_file():
         return Path(os.path.abspath(local))
-    hub = split_hub_gguf(value)
-    if hub is not None:
-        repo, revision, filename = hub
-        return _hub_file(repo, filename, revision, where, offline)
+    ref = parse_source(value, base_dir)
+    if ref.kind == "hub_file":
+        return _hub_file(ref.repo, ref.filename, ref.revision, where, offline)
     raise InputError(f"{where}: {value!r}: no such GGUF file")
 
 

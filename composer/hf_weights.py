@@ -28,19 +28,19 @@ from pathlib import Path
 import torch
 
 from composer.errors import InputError, first_line
-from composer.spec import HUB_ID
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 # Top-level names of the other components in the seed systems' whole-model checkpoints (BLIP-2).
 OTHER_COMPONENTS = ("vision_model.", "language_model.")
-_HUB_ID = HUB_ID
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
 
 
 def is_hub_id(source: str) -> bool:
-    """``owner/name`` that is neither an existing local path nor a weights file name."""
-    return bool(_HUB_ID.fullmatch(source)) and not source.endswith(_WEIGHT_SUFFIXES) and not Path(source).exists()
+    """``owner/name`` that is neither an existing local path nor a weights file name (``composer.refs``)."""
+    from composer.refs import parse_source
+
+    ref = parse_source(source)
+    return ref.kind == "hub" and ref.revision is None
 
 
 def read_component(source: Path, own: set[str], where: str) -> dict[str, torch.Tensor] | None:

@@ -351,9 +351,9 @@ class ComposedModel(nn.Module, FrontEnd):
         ``HF_HUB_OFFLINE=1``: from the cache), then loaded."""
         from composer.checkpoint import load_pretrained
         from composer.hub.publish import load_from_hub
-        from composer.hub.sources import is_hub_ref
+        from composer.refs import is_hub_repo
 
-        if not is_hub_ref(str(path)):
+        if not is_hub_repo(str(path)):
             if revision is not None:
                 raise InputError(f"{path}: revision={revision!r} applies to Hub repos; this is a local path")
             return load_pretrained(path)

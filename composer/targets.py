@@ -69,9 +69,9 @@ def resolve(target: str | Path, accept: tuple[Kind, ...] = KINDS) -> Target:
     elif (s := shipped.spec_path(ref)) is not None:
         found = Target("spec", ref, s)
     elif "hub" in accept:
-        from composer.hub.sources import is_hub_ref
+        from composer.refs import is_hub_repo
 
-        if is_hub_ref(ref):
+        if is_hub_repo(ref):
             found = Target("hub", ref)
     if found is None:
         hint = " (`compose ls` lists the shipped specs)" if "spec" in accept else ""

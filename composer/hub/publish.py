@@ -106,7 +106,8 @@ def _check_sources_portable(root: Path) -> None:
     one whose sources are local paths (they would not exist where it is pulled)."""
     import json
 
-    from composer.builder import hub_fields, names_a_hub_repo
+    from composer.builder import hub_fields
+    from composer.refs import parse_source
     from composer.spec import load_yaml, parse_spec
 
     try:
@@ -118,7 +119,7 @@ def _check_sources_portable(root: Path) -> None:
     spec = parse_spec(load_yaml((root / "spec.yaml").read_text(), str(root / "spec.yaml")), str(root / "spec.yaml"))
     for field, obj, attr in hub_fields(spec):
         value = getattr(obj, attr)
-        if value and not value.startswith("package:") and not names_a_hub_repo(value):
+        if value and parse_source(value, root).kind == "local":
             raise InputError(
                 f"{root}: a trainable-only checkpoint whose {field} is the local path {value!r} would not load "
                 "where it is pulled; save the full weights (compose train --save full) or name Hub ids in the spec"

@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 from composer.errors import ComposerError, InputError, first_line
-from composer.spec import HUB_ID, split_revision
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Component repos (`llm.model: owner/name@rev`): top-level files a loader may read; of the weights,
@@ -25,7 +24,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".vocab", ".yaml")
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")  # a Hub commit hash
-_HUB_ID = HUB_ID
 _FILES_AT: dict[tuple[str, str], list[str]] = {}  # (repo, commit hash) -> its files (a commit never changes)
 
 
@@ -108,8 +106,10 @@ def hub_error(e: Exception, what: str, *, write: bool = False) -> ComposerError:
 
 
 def is_hub_ref(value: str) -> bool:
-    """``owner/name`` or ``owner/name@rev`` that is not an existing local path."""
-    return bool(_HUB_ID.fullmatch(split_revision(value)[0])) and not Path(value).exists()
+    """``owner/name`` or ``owner/name@rev`` that is not an existing local path (``composer.refs``)."""
+    from composer.refs import is_hub_repo
+
+    return is_hub_repo(value)
 
 
 def check_repo_id(repo_id: str) -> None:
