@@ -104,7 +104,10 @@ def converted_source(value: str, etype: str, convert, where: str) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         try:
-            convert(src, tmp)
+            import torch
+
+            with torch.device("cpu"):  # a meta-device build (compose inspect) still converts real weights
+                convert(src, tmp)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise InputError(f"{where}: cannot convert {value!r} ({type(e).__name__}: {first_line(e)})") from None
         files = {str(p.relative_to(tmp)): sha256_of(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
