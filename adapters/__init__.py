@@ -13,18 +13,24 @@ Encoder adapters follow ``EncoderAdapter`` (``encoder.py``).
 
 from composer.adapters.audio import ASTAudioEncoder
 from composer.adapters.blip2 import Blip2VisionEncoder
+from composer.adapters.dinov2 import Dinov2VisionEncoder
 from composer.adapters.encoder import EncoderAdapter, HFEncoder
 from composer.adapters.llm import LLM_ADAPTERS, LLMAdapter, llm_adapter_for
 from composer.adapters.molecule import GinEncoder
+from composer.adapters.smiles_bert import SmilesBertEncoder
 from composer.adapters.vision import ClipVisionEncoder, SiglipVisionEncoder
+from composer.adapters.whisper import WhisperAudioEncoder
 
 # spec `encoder.type` -> adapter class (closed registry; mirrored by composer.spec.ENCODER_TYPES).
 ENCODER_ADAPTERS: dict[str, type[EncoderAdapter]] = {
     "clip_vision": ClipVisionEncoder,
     "siglip_vision": SiglipVisionEncoder,
     "blip2_vision": Blip2VisionEncoder,
+    "dinov2_vision": Dinov2VisionEncoder,
     "ast_audio": ASTAudioEncoder,
+    "whisper_audio": WhisperAudioEncoder,
     "gin": GinEncoder,
+    "smiles_bert": SmilesBertEncoder,
 }
 
 

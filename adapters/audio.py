@@ -225,7 +225,7 @@ def _sinc_bank(offsets: np.ndarray, j: np.ndarray, fc: float, zeros: int, beta: 
     return bank / bank.sum(axis=1, keepdims=True)
 
 
-def _waveform(item: Any, index: int, rate: int, keep: int) -> np.ndarray:
+def mono_waveform(item: Any, index: int, rate: int, keep: int) -> np.ndarray:
     """One raw audio item -> mono float32 waveform at ``rate``, at most ``keep`` samples."""
     where = f"audio item {index}"
     if isinstance(item, (str, os.PathLike)):
@@ -288,7 +288,7 @@ def load_audio(processor, items: list) -> torch.Tensor:
                 raise InputError(f"audio item {i}: a tensor must hold features of shape {shape}, got {tuple(x.shape)}")
             feats.append(x.float())
             continue
-        wav = _waveform(x, i, rate, keep)
+        wav = mono_waveform(x, i, rate, keep)
         wav = np.pad(wav, (0, max(0, WINDOW - len(wav))))  # a clip shorter than one frame: pad with silence
         out = processor(wav, sampling_rate=rate, return_tensors="pt")["input_values"]
         feats.append(out[0])

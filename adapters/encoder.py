@@ -43,6 +43,12 @@ class EncoderAdapter(nn.Module):
         raise ValueError(f"the {cls.__name__} encoder does not read package: sources")
 
     @classmethod
+    def package_source_files(cls, src) -> list:
+        """Every file or directory the conversion of ``src`` reads (their SHA-256 keys the cache);
+        ``[src]`` unless the format spreads over several places."""
+        return [src]
+
+    @classmethod
     def check_config(cls, config) -> None:
         """Raise ValueError (naming the ``config.`` field) for sizes the encoder cannot run with; the
         builder calls it before ``create``, so the error is the spec's, not a failure deep in torch."""

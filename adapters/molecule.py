@@ -60,7 +60,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def _rdkit():
+def rdkit_modules():
     try:
         from rdkit import Chem, rdBase
     except ImportError:
@@ -69,14 +69,11 @@ def _rdkit():
 
 
 # -- featurisation --------------------------------------------------------------------------------
-def featurize(item) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, int]]]:
-    """A SMILES string (or an RDKit ``Mol``) -> (atoms [(type, chirality)], bonds [(i, j, type, dir)]).
-
-    Example::
-
-        atoms, bonds = featurize("CCO")   # [(5, 0), (5, 0), (7, 0)], [(0, 1, 0, 0), (1, 2, 0, 0)]
-    """
-    Chem, rdBase = _rdkit()
+def parse_smiles(item):
+    """A SMILES string (or an RDKit ``Mol``) -> (RDKit ``Mol``, its name for messages): what every
+    molecule encoder checks first. One-line ``InputError`` for a string RDKit cannot parse, an
+    item that is not a string, a molecule without atoms."""
+    Chem, rdBase = rdkit_modules()
     if isinstance(item, str):
         block = rdBase.BlockLogs()  # RDKit prints parse errors to stderr; ours is one line
         mol = Chem.MolFromSmiles(item)
@@ -90,6 +87,18 @@ def featurize(item) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, in
         raise InputError(f"a molecule must be a SMILES string, got {type(item).__name__}")
     if mol.GetNumAtoms() == 0:
         raise InputError(f"SMILES {name!r} has no atoms")
+    return mol, name
+
+
+def featurize(item) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, int]]]:
+    """A SMILES string (or an RDKit ``Mol``) -> (atoms [(type, chirality)], bonds [(i, j, type, dir)]).
+
+    Example::
+
+        atoms, bonds = featurize("CCO")   # [(5, 0), (5, 0), (7, 0)], [(0, 1, 0, 0), (1, 2, 0, 0)]
+    """
+    Chem, _ = rdkit_modules()
+    mol, name = parse_smiles(item)
     chirality = {
         Chem.ChiralType.CHI_UNSPECIFIED: 0,
         Chem.ChiralType.CHI_TETRAHEDRAL_CW: 1,

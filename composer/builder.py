@@ -248,7 +248,13 @@ def build_encoder(
         # a file a Python package ships (spec validation requires `type`): converted once into the
         # type's HF layout and cached (composer.packages)
         adapter = ENCODER_ADAPTERS[spec.type]
-        src = converted_source(spec.model, spec.type, adapter.convert_package_source, f"{where}.model")
+        src = converted_source(
+            spec.model,
+            spec.type,
+            adapter.convert_package_source,
+            f"{where}.model",
+            files=adapter.package_source_files,
+        )
     elif spec.model and config is None:
         src = resolve_source(spec.model, base_dir, weights=load_weights, where=f"{where}.model", offline=offline)
     else:

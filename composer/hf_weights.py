@@ -182,9 +182,13 @@ def _read_file(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """A torch checkpoint, memory-mapped, tensors only (``weights_only``: never pickled objects)."""
+    """A torch checkpoint, tensors only (``weights_only``: never pickled objects), memory-mapped
+    unless it is in torch's legacy (pre-1.6, not zip) format, which cannot be mapped."""
+    import zipfile
+
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        mmap = zipfile.is_zipfile(path)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # corrupt files and refused pickles raise many types
         raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(state, dict):

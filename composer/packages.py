@@ -89,13 +89,18 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def converted_source(value: str, etype: str, convert, where: str) -> str:
+def converted_source(value: str, etype: str, convert, where: str, *, files=None) -> str:
     """The cached Hugging Face dir converted from the package source ``value`` by
     ``convert(source path, out dir)`` (the encoder type's ``convert_package_source``); converts on
-    first use. Raises InputError naming ``where`` for a missing package, a source the converter
-    refuses, or a cached conversion whose files changed since it was written."""
+    first use. ``files(source path)``: every file or directory the conversion reads (default: the
+    source alone); the cache is keyed by the SHA-256 of all of them. Raises InputError naming
+    ``where`` for a missing package, a source the converter refuses, or a cached conversion whose
+    files changed since it was written."""
     src = package_path(value, where)
     digest = sha256_of(src)
+    extra = [p for p in (files(src) if files is not None else [src]) if p != src]
+    if extra:  # e.g. the other parts of a model split across packages
+        digest = hashlib.sha256(" ".join([digest, *(sha256_of(p) for p in extra)]).encode()).hexdigest()
     out = cache_root() / "converted" / f"{etype}-{digest[:16]}"
     if out.is_dir():
         _check_record(out, digest, where)

@@ -39,10 +39,20 @@ DType = Literal["float32", "bfloat16", "float16"]
 
 # Closed registries: a spec names a type from these lists, never a dotted import path.
 LLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
-ENCODER_TYPES = ("clip_vision", "siglip_vision", "blip2_vision", "ast_audio", "gin")
+ENCODER_TYPES = (
+    "clip_vision",
+    "siglip_vision",
+    "blip2_vision",
+    "dinov2_vision",
+    "ast_audio",
+    "whisper_audio",
+    "gin",
+    "smiles_bert",
+)
 # what each encoder type reads (model cards' pipeline_tag, the server's content parts)
-IMAGE_ENCODERS = frozenset({"clip_vision", "siglip_vision", "blip2_vision"})
-AUDIO_ENCODERS = frozenset({"ast_audio"})
+IMAGE_ENCODERS = frozenset({"clip_vision", "siglip_vision", "blip2_vision", "dinov2_vision"})
+AUDIO_ENCODERS = frozenset({"ast_audio", "whisper_audio"})
+MOLECULE_ENCODERS = frozenset({"gin", "smiles_bert"})  # items are SMILES strings
 # HF `model_type` of an inline/saved config -> encoder type (used when `type` is omitted).
 ENCODER_MODEL_TYPES = {
     "clip_vision_model": "clip_vision",
@@ -52,10 +62,17 @@ ENCODER_MODEL_TYPES = {
     "blip_2_vision_model": "blip2_vision",
     "blip-2": "blip2_vision",  # a whole BLIP-2 checkpoint: its vision_config and vision_model.* tensors
     "audio-spectrogram-transformer": "ast_audio",
+    "whisper": "whisper_audio",  # a whole Whisper checkpoint: its model.encoder.* tensors
+    "dinov2": "dinov2_vision",
 }
-# Encoders with their own small config dict (no HF `model_type`: an inline `config` needs
-# `type`) and a variable number of tokens per item (one per atom: the projector must be a Q-Former).
+# Encoders with their own small config dict (no HF `model_type`: an inline `config` needs `type`).
 OWN_CONFIG_ENCODERS = ("gin",)
+# Encoders with a variable number of tokens per item (atoms, SMILES tokens), padded rows zero: the
+# projector must be a Q-Former, which masks the padding out.
+VARIABLE_TOKEN_ENCODERS = ("gin", "smiles_bert")
+# Encoder types an HF `model_type` is too general to name (a BERT is not always over SMILES): an
+# inline config of the type has this model_type, but the type is never inferred from it.
+EXPLICIT_MODEL_TYPES = {"smiles_bert": "bert"}
 PROJECTOR_TYPES = ("linear", "mlp", "qformer", "pool")
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "silu", "tanh", "quick_gelu")
 # Names a modality may not take: they are ComposedModel.forward/generate keyword arguments.
@@ -174,6 +191,11 @@ class EncoderSpec(_Strict):
         if self.config is not None and self.type not in OWN_CONFIG_ENCODERS:
             mt = self.config.get("model_type")
             inferred = ENCODER_MODEL_TYPES.get(mt) if isinstance(mt, str) else None
+            if self.type in EXPLICIT_MODEL_TYPES:
+                want = EXPLICIT_MODEL_TYPES[self.type]
+                if mt != want:
+                    raise _FieldError("config.model_type", f"must be {want!r} for the {self.type} encoder", mt)
+                inferred = self.type
             if inferred is None:
                 raise _FieldError(
                     "config.model_type",
@@ -269,7 +291,7 @@ class ModalitySpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModalitySpec:
-        if self.encoder.type in OWN_CONFIG_ENCODERS and self.projector.type != "qformer":
+        if self.encoder.type in VARIABLE_TOKEN_ENCODERS and self.projector.type != "qformer":
             raise _FieldError(
                 "projector.type",
                 f"the {self.encoder.type} encoder gives a variable number of tokens per item; use `qformer`",

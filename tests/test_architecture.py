@@ -84,7 +84,8 @@ def test_the_library_never_imports_the_cli_and_sources_stay_light():
     graph = _graph(top_level_only=False)
     assert [m for m, deps in graph.items() if "composer.cli" in deps] == []
     # the builder reads component sources from a module that publishes nothing
-    assert graph["composer.hub.sources"] <= {"composer.errors", "composer.spec"}
+    assert graph["composer.hub.sources"] <= {"composer.errors", "composer.spec", "composer.refs"}
+    assert graph["composer.refs"] <= {"composer.spec"}
     assert "composer.hub.publish" not in graph["composer.builder"]
     # the model card is built from recorded facts, never by building a model
     assert not graph["composer.hub.card"] & {"composer.builder", "composer.model"}
