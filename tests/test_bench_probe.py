@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import images, make_model, run_cli
 
-from composer.analysis.bench import hf_reference, hf_reference_unsupported
+from composer.analysis.reference import hf_reference, hf_reference_unsupported
 from composer.cli import main
 from composer.train.data import Collator, read_jsonl
 
@@ -286,7 +286,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 def test_bench_names_the_cpu_and_the_flags_that_pick_its_kernels(tmp_path):
     """The bench header and JSON name the CPU model, its kernel-relevant flags (AVX2, AVX-512,
     VNNI, AMX) and whether ONNX Runtime's u8 x s8 GEMM saturates there."""
-    from composer.analysis.bench import cpu_info
+    from composer.analysis.report import cpu_info
 
     text = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16\n"
     info = cpu_info(text)

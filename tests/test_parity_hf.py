@@ -6,6 +6,8 @@ import pytest
 import torch
 from helpers import ATTENTION, CLIP, LLAMA, OPT, eager, images, make_model, positions_ref
 
+from composer.analysis.reference import hf_reference
+
 # fp32, max abs logit difference: both sides compute the same function in other operation orders;
 # fp32 rounds each operation to 2^-24 (6e-8) relative, these tiny random models' dot products are <=
 # 128 long (a typical sum's rounding ~sqrt(128) * 6e-8 = 7e-7 of its size) and their logits are
@@ -13,25 +15,17 @@ from helpers import ATTENTION, CLIP, LLAMA, OPT, eager, images, make_model, posi
 TOL = 1e-5
 
 
-def _hf_llava(model):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    cfg = LlavaConfig(
-        text_config=LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}),
-        vision_config=CLIPVisionConfig(**{k: v for k, v in CLIP.items() if k != "model_type"}),
-        image_token_index=model.placeholder_ids["image"],
-        image_seq_length=model.num_tokens("image"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    cfg.text_config._attn_implementation = "eager"
-    ref = LlavaForConditionalGeneration(cfg).eval()
-    from composer.analysis.bench import llava_state_dict
-
-    missing, unexpected = ref.load_state_dict(llava_state_dict(model), strict=True)
-    assert not missing and not unexpected
-    return ref
+def _check_llava_config(cfg) -> None:
+    """The reference's config, read from the composed model, is the test models' own (helpers'
+    LLAMA and CLIP, the spec's feature layer -2 with its CLS token dropped, a GELU projector)."""
+    assert {k: getattr(cfg.text_config, k) for k in LLAMA if k != "model_type"} == {
+        k: v for k, v in LLAMA.items() if k != "model_type"
+    }
+    assert {k: getattr(cfg.vision_config, k) for k in CLIP if k != "model_type"} == {
+        k: v for k, v in CLIP.items() if k != "model_type"
+    }
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-2, "default")
+    assert cfg.projector_hidden_act == "gelu"
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -39,7 +33,8 @@ def _hf_llava(model):
 def test_insert_at_0_matches_hf_llava(padding_side, attn):
     model = make_model("llama", insert_at=0, attn_implementation=attn)
     assert model.llm.config._attn_implementation == attn  # the reference runs eager
-    ref = _hf_llava(model)
+    ref = hf_reference(model, attn_implementation="eager")
+    _check_llava_config(ref.config)
     prompts = [model.format_prompt("What is in the picture?"), model.format_prompt("Hi")]
     batch = model.prepare(prompts, image=list(images(2)), padding_side=padding_side)
     mask = batch["attention_mask"]

@@ -110,7 +110,7 @@ def test_text_prompt_equals_llama_for_causal_lm(smol15, smol_dir):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_insert_at_0_with_an_image_equals_hf_llava(smol_dir, attn):
-    from composer.analysis.bench import hf_reference, hf_suppress_tokens
+    from composer.analysis.reference import hf_reference, hf_suppress_tokens
 
     model = build(parse_spec(_spec(str(smol_dir), 0, attn))).eval()
     ref = hf_reference(model)
