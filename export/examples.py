@@ -17,6 +17,7 @@ PROMPTS = (
     "Give me one tip for learning to cook.",
 )
 
+
 def sample_batch(model, instructions=PROMPTS[:2]):
     """Left-padded prompts of different lengths (``model.format_prompt``), each placeholder with a
     random example item (seeded: the same batch every call)."""

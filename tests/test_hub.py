@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -164,7 +163,7 @@ def test_model_push_to_branch_with_training_card_and_stale_files(hub, cache, tmp
     model = make_model("opt", insert_at=1)
     ckpt = model.save_pretrained(tmp_path / "trained")
     cfg = TrainConfig(data=str(tmp_path / "data" / "train.jsonl"), output=str(ckpt), max_steps=3, stage=1)
-    (ckpt / "train_config.json").write_text(json.dumps(asdict(cfg)))
+    (ckpt / "train_config.json").write_text(json.dumps(cfg.model_dump()))
     (ckpt / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s}) + "\n" for s in (1, 2, 3)))
     (ckpt / "checkpoints").mkdir()
     (ckpt / "checkpoints" / "optimizer.safetensors").write_bytes(b"resume state stays local")

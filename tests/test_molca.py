@@ -323,7 +323,7 @@ def exported(twin, tmp_path_factory):
 
 @pytest.mark.slow
 def test_onnx_bundle_verifies(twin, exported):
-    from composer.cli import _text_modalities
+    from composer.cli.generate import _text_modalities
     from composer.export.verify import verify_bundle
 
     report = verify_bundle(twin.eval(), exported)

@@ -187,7 +187,7 @@ def test_train_saves_trainable_only_and_it_reloads(tmp_path):
     assert keys and all(k.startswith("projectors.") or "lora_" in k for k in keys)
     again = ComposedModel.from_pretrained(tmp_path / "out").state_dict()
     assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(InputError, match="--merge-lora folds LoRA"):
+    with pytest.raises(InputError, match="merge_lora: folds LoRA"):
         train(build(spec), _cfg(tmp_path / "m", data, max_steps=1, save_weights="trainable", merge_lora=True))
 
 
@@ -288,18 +288,31 @@ def test_cli_train_resume_and_profile(tmp_path):
 @pytest.mark.parametrize(
     "bad,match",
     [
-        ({"batch_size": 0}, "--batch-size must be an integer >= 1, got 0"),
-        ({"grad_accum": 0}, "--grad-accum must be an integer >= 1, got 0"),
-        ({"max_steps": -1}, "--max-steps must be an integer >= 1, got -1"),
-        ({"max_steps": 0}, "--max-steps must be an integer >= 1, got 0"),
-        ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
-        ({"scheduler": "wobbly"}, "--scheduler must be one of .*, got 'wobbly'"),
-        ({"warmup_ratio": 1.5}, r"--warmup-ratio must be in \[0, 1\), got 1.5"),
+        ({"batch_size": 0}, "batch_size: must be >= 1, got 0"),
+        ({"grad_accum": 0}, "grad_accum: must be >= 1, got 0"),
+        ({"max_steps": -1}, "max_steps: must be >= 1, got -1"),
+        ({"max_steps": 0}, "max_steps: must be >= 1, got 0"),
+        ({"batch_size": True}, "batch_size: must be an integer, got True"),
+        ({"lr": float("nan")}, "lr: must be a finite number, got nan"),
+        ({"lr": 0.0}, "lr: must be > 0, got 0.0"),
+        ({"scheduler": "wobbly"}, "scheduler: must be one of .*, got 'wobbly'"),
+        ({"warmup_ratio": 1.5}, r"warmup_ratio: must be < 1, got 1.5"),
+        ({"log_every": 0}, "log_every: must be >= 1, got 0"),
+        ({"precision": "fp8"}, "precision: must be one of 'auto', 'fp32', 'bf16' or 'fp16', got 'fp8'"),
+        ({"bogus": 1}, "bogus: unknown setting"),
     ],
 )
 def test_bad_training_options_are_refused_before_any_output(tmp_path, bad, match):
-    """Options that would train nothing or wrongly are one error, no output."""
-    cfg = _cfg(tmp_path, _data(tmp_path, n=3), **bad)
+    """Options that would train nothing or wrongly are one error naming the field, when the config is
+    made; one set afterwards is refused when the run starts, before any output."""
+    data = _data(tmp_path, n=3)
+    with pytest.raises(InputError, match=match):
+        _cfg(tmp_path, data, **bad)
+    if "bogus" in bad:
+        return
+    cfg = _cfg(tmp_path, data)
+    for k, v in bad.items():
+        setattr(cfg, k, v)
     with pytest.raises(InputError, match=match):
         train(_model(), cfg)
     assert not (tmp_path / "out").exists()

@@ -35,131 +35,19 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from composer.errors import InputError, SpecError
+from composer.train.config import PRECISIONS, SAVE_DTYPES, TrainConfig, launcher_grad_accum  # noqa: F401 (re-exported)
 from composer.train.data import Collator, read_jsonl
 
 log = logging.getLogger("composer.train")
 CKPT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SAVE_DTYPES = ("spec", "float32")
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    output: str
-    eval_data: str | None = None
-    stage: int | None = None  # 1: projectors only; 2: projectors + LLM (spec's lora/full); None: spec's modes
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    batch_size: int = 4
-    grad_accum: int | None = None  # None: the accelerate config's gradient_accumulation_steps, else 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
-    num_workers: int = 0  # DataLoader worker processes collating batches (tokenising, decoding and preprocessing media)
-    prefetch_factor: int = 2  # batches each worker prepares ahead (with num_workers > 0)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; bf16 also on CPU, fp16 on CUDA only)
-    save_dtype: str = "spec"  # the final model's trainable weights: spec (the spec's dtype) | float32
-    grad_checkpointing: bool = False
-    save_every: int = 0  # optimizer steps; 0: only at the end
-    save_total_limit: int | None = None  # keep only the newest N training checkpoints (None: all)
-    save_weights: str = "full"  # the final model: full | trainable (what the spec's sources do not provide)
-    max_shard_size: str = "50GB"  # the final model's weights split into shards past this (transformers' default)
-    eval_every: int = 0
-    log_every: int = 1
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False  # train from scratch into a non-empty output dir (its old checkpoints/ are removed)
-    on_bad_record: str = "fail"  # fail | skip
-    media_root: str | None = None
-    max_length: int | None = None
-    merge_lora: bool = False
-    strategy: str = "auto"  # auto | ddp | fsdp (auto: the accelerate config's, else DDP when launched on >1 rank)
-    stop_after: int | None = None  # stop (as if interrupted) after this many steps; for tests and dry runs
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def check(self) -> None:
-        """One ``InputError`` naming the option for a value that would train nothing or silently
-        wrong (checked before any output is touched). Resolves ``grad_accum`` from the launcher."""
-        from transformers import SchedulerType
-
-        self.grad_accum = launcher_grad_accum(self.grad_accum)
-
-        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs}
-        positive.update(
-            {k: v for k in ("max_steps", "max_length", "save_total_limit") if (v := getattr(self, k)) is not None}
-        )
-        for name, v in positive.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        if (
-            isinstance(self.prefetch_factor, bool)
-            or not isinstance(self.prefetch_factor, int)
-            or self.prefetch_factor < 1
-        ):
-            raise InputError(f"--prefetch-factor must be an integer >= 1, got {self.prefetch_factor!r}")
-        for name in ("save_every", "eval_every", "log_every", "num_workers"):
-            if getattr(self, name) < 0:
-                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"--lr must be a finite number > 0, got {self.lr!r}")
-        for name in ("weight_decay", "max_grad_norm"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise InputError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise InputError(f"--seed must be an integer in [0, 2**32 - 1] (numpy's seeds), got {self.seed!r}")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"--precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.save_weights not in ("full", "trainable"):
-            raise InputError(f"--save must be 'full' or 'trainable', got {self.save_weights!r}")
-        if self.save_weights == "trainable" and self.merge_lora:
-            raise InputError(
-                "--merge-lora folds LoRA into the LLM's weights, which --save trainable leaves to their source: "
-                "use one or the other"
-            )
-        if self.save_dtype not in SAVE_DTYPES:
-            raise InputError(f"--save-dtype must be one of {list(SAVE_DTYPES)}, got {self.save_dtype!r}")
-        names = [t.value for t in SchedulerType]
-        if self.scheduler not in names:
-            raise InputError(f"--scheduler must be one of {names}, got {self.scheduler!r}")
-
-
-def launcher_grad_accum(flag: int | None) -> int:
-    """``--grad-accum`` when given, else what ``accelerate launch`` exports from its config
-    (``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``: a DeepSpeed config's ``gradient_accumulation_steps``),
-    else 1. A flag that disagrees with the config wins, with a warning."""
-    import os
-
-    raw = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "").strip()
-    env = None
-    if raw and raw.lower() != "auto":
-        try:
-            env = int(raw)
-        except ValueError:
-            raise InputError(
-                f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={raw!r} (the accelerate config's gradient_accumulation_steps) "
-                "is not an integer"
-            ) from None
-    if flag is None:
-        return 1 if env is None else env
-    if env is not None and env != flag:
-        log.warning("--grad-accum %d overrides the accelerate config's gradient_accumulation_steps %d", flag, env)
-    return flag
 
 
 def apply_stage(model, stage: int | None) -> None:
@@ -575,7 +463,7 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             max_shard_size=cfg.max_shard_size,
             weights=cfg.save_weights,
         )
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / "train_config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     summary["peak_host_memory_mib"] = {"load": eng.gather(load_peak), "run": eng.gather(peak_host_memory_mib())}
     eng.barrier()
     return summary
