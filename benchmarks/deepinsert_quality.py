@@ -107,9 +107,15 @@ def draw(scene: Scene, rng: random.Random):
     return img
 
 
-def questions(scene: Scene) -> list[tuple[str, str, str]]:
-    """Every question the scene answers unambiguously -> [(kind, question, answer)]."""
+def questions(scene: Scene, relations: bool = False) -> list[tuple[str, str, str]]:
+    """Every question the scene answers unambiguously -> [(kind, question, answer)]. ``relations``:
+    also "What shape is left of the blue square?" (the nearest shape to its left: binding two
+    objects and their order, the harder axis)."""
     qs = [("count", "How many shapes are there?", COUNTS[len(scene) - 1])]
+    if relations:
+        for i, (_, shape, colour) in enumerate(scene):  # scenes are sorted by column
+            if i > 0:
+                qs.append(("relation", f"What shape is left of the {colour} {shape}?", scene[i - 1][1]))
     if len(scene) == 1:
         col, shape, colour = scene[0]
         return qs + [
@@ -127,19 +133,20 @@ def questions(scene: Scene) -> list[tuple[str, str, str]]:
 
 
 KINDS = ("colour", "shape", "position", "count")
+WITH_RELATIONS = (*KINDS, "relation")
 
 
-def make_records(scenes: list[Scene], n: int, rng: random.Random) -> list[dict]:
+def make_records(scenes: list[Scene], n: int, rng: random.Random, kinds: tuple[str, ...] = KINDS) -> list[dict]:
     """n records: question kinds balanced (round robin); the number of shapes uniform in 1-3, then a
     layout drawn uniformly among the split's layouts with that many."""
     by_n = {m: [sc for sc in scenes if len(sc) == m] for m in (1, 2, 3)}
     out = []
     for i in range(n):
-        kind = KINDS[i % len(KINDS)]
+        kind = kinds[i % len(kinds)]
         while True:
             group = by_n[rng.choice((1, 2, 3))]
             scene = group[rng.randrange(len(group))]
-            qs = [q for q in questions(scene) if q[0] == kind]
+            qs = [q for q in questions(scene, "relation" in kinds) if q[0] == kind]
             if qs:
                 break
         _, q, a = qs[rng.randrange(len(qs))]
@@ -147,7 +154,7 @@ def make_records(scenes: list[Scene], n: int, rng: random.Random) -> list[dict]:
     return out
 
 
-def write_task(out: Path, n_train: int, n_test: int, seed: int) -> tuple[Path, Path]:
+def write_task(out: Path, n_train: int, n_test: int, seed: int, kinds: tuple[str, ...] = KINDS) -> tuple[Path, Path]:
     """Pictures and JSONL (``prompt``/``response``/``image`` records) under OUT/data."""
     train_scenes, test_scenes = split_scenes(seed, keep_in_train=(DEMO_SCENE,))
     rng = random.Random(seed + 1)
@@ -156,7 +163,7 @@ def write_task(out: Path, n_train: int, n_test: int, seed: int) -> tuple[Path, P
         (out / split).mkdir(parents=True, exist_ok=True)
         path = out / f"{split}.jsonl"
         with path.open("w") as f:
-            for i, rec in enumerate(make_records(scenes, n, rng)):
+            for i, rec in enumerate(make_records(scenes, n, rng, kinds)):
                 name = f"{split}/{i:05d}.png"
                 draw(rec["scene"], random.Random(rec["draw_seed"])).save(out / name)
                 row = {"image": name, "prompt": rec["prompt"], "response": rec["response"], "kind": rec["kind"]}
@@ -274,7 +281,8 @@ class Settings:
     batch_size: int
     lr: float
     seed: int
-    encoder_steps: int = 600
+    encoder_steps: int = 600  # 0: the spec's encoder is pretrained (frozen, as LLaVA stage 1 keeps it)
+    kinds: tuple[str, ...] = KINDS
     eval_batch: int = 16
     probe_records: int = 32
     prefill_repeats: int = 5
@@ -355,20 +363,25 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
     out = out.resolve()  # the probe's JSONL names pictures by absolute path
     data = out / "data"
     say(f"writing the task: {s.n_train} training and {s.n_test} held-out records under {data}")
-    train_file, test_file = write_task(data, s.n_train, s.n_test, s.seed)
+    train_file, test_file = write_task(data, s.n_train, s.n_test, s.seed, s.kinds)
     test = read_records(test_file)
     t0 = time.perf_counter()
     say(f"building {spec}")
-    base = composer.build(spec)
+    spec_ = composer.load_spec(spec)
+    spec_.modalities["image"].projector.weights = None  # the projector trains from its random init
+    base = composer.build(spec_)
     say(f"built in {time.perf_counter() - t0:.0f} s")
     base_k = base.insert_at["image"]
     train_scenes, test_scenes = split_scenes(s.seed, keep_in_train=(DEMO_SCENE,))
-    say(f"pretraining the vision encoder ({s.encoder_steps} steps on pictures of the training layouts)")
-    t0 = time.perf_counter()
-    pre = pretrain_encoder(base, train_scenes, s.encoder_steps, s.seed, say)
-    pre["seconds"] = time.perf_counter() - t0
-    pre["held_out_cell_accuracy"] = cell_accuracy(base, test_scenes, 400, s.seed + 11)
-    say(f"encoder: held-out column readout accuracy {pre['held_out_cell_accuracy']:.1%}")
+    if s.encoder_steps:
+        say(f"pretraining the vision encoder ({s.encoder_steps} steps on pictures of the training layouts)")
+        t0 = time.perf_counter()
+        pre = pretrain_encoder(base, train_scenes, s.encoder_steps, s.seed, say)
+        pre["seconds"] = time.perf_counter() - t0
+        pre["held_out_cell_accuracy"] = cell_accuracy(base, test_scenes, 400, s.seed + 11)
+        say(f"encoder: held-out column readout accuracy {pre['held_out_cell_accuracy']:.1%}")
+    else:
+        pre = {"skipped": "pretrained encoder"}
     apply_stage(base, 1)  # LLaVA stage 1: encoder and LLM frozen, the projector trains
     init = trainable_state(base)
     probe_file = out / "probe.jsonl"
@@ -414,7 +427,7 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
         right = evaluate(model, test, data, s.eval_batch)
         by_kind = {
             kind: statistics.mean(ok for ok, r in zip(right, test, strict=True) if r["kind"] == kind)
-            for kind in KINDS
+            for kind in s.kinds
             if any(r["kind"] == kind for r in test)
         }
         lo, hi = wilson(sum(right), len(right))
@@ -510,13 +523,14 @@ def plot(result: dict, path: Path) -> None:
 
 
 def table(result: dict) -> str:
+    names = list(result["settings"].get("kinds", KINDS))
     lines = [
-        "| k | held-out accuracy (95% CI) | colour | shape | position | count | step time vs k=0 | "
+        "| k | held-out accuracy (95% CI) | " + " | ".join(names) + " | step time vs k=0 | "
         "training FLOPs vs k=0 | prefill vs k=0 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|" + "---|" * len(names) + "---|---|---|",
     ]
     for r in result["rows"]:
-        kinds = " | ".join(f"{100 * r['by_kind'].get(kind, float('nan')):.0f}%" for kind in KINDS)
+        kinds = " | ".join(f"{100 * r['by_kind'].get(kind, float('nan')):.0f}%" for kind in names)
         lines.append(
             f"| {r['k']} | {100 * r['accuracy']:.1f}% [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] | {kinds} | "
             f"{r['step_time_vs_k0']:.2f}× ({r['step_time_s']:.2f} s) | {r['train_flops_vs_k0']:.2f}× | "
@@ -541,6 +555,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--demo-k", type=int, default=None, help="copy this k's trained weights to --demo-out")
     ap.add_argument("--demo-out", type=Path, default=None)
+    ap.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="the pretrained-encoder model: specs/smol/llava_dinov2_demo.yaml (DINOv2 frozen; no encoder pretraining)",
+    )
+    ap.add_argument("--relations", action="store_true", help='add the harder axis: "What shape is left of the X?"')
     a = ap.parse_args(argv)
     import torch
 
@@ -555,7 +575,8 @@ def main(argv=None) -> int:
         batch_size=a.batch_size,
         lr=a.lr,
         seed=a.seed,
-        encoder_steps=a.encoder_steps or (20 if quick else 600),
+        encoder_steps=0 if a.pretrained else a.encoder_steps or (20 if quick else 600),
+        kinds=WITH_RELATIONS if a.relations else KINDS,
         probe_records=8 if quick else 32,
         prefill_repeats=1 if quick else 5,
     )
@@ -563,7 +584,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if a.demo_k is not None and a.demo_k not in s.ks:
         ap.error(f"--demo-k {a.demo_k} is not one of --ks {s.ks}")
-    result = run(out, s, a.demo_k, a.demo_out, a.spec)
+    spec = ROOT / "specs" / "smol" / "llava_dinov2_demo.yaml" if a.pretrained and a.spec == SPEC else a.spec
+    result = run(out, s, a.demo_k, a.demo_out, spec)
     print(table(result))
     pb, pa = result["probe"]["before_training"], result["probe"]["after_training"]
     print(

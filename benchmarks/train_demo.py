@@ -34,6 +34,8 @@ import deepinsert_quality as dq  # noqa: E402
 
 ROOT = dq.ROOT
 DEMO_OUT = ROOT / "specs" / "smol" / "demo"
+DINOV2_SPEC = ROOT / "specs" / "smol" / "llava_dinov2_demo.yaml"
+DINOV2_OUT = ROOT / "specs" / "smol" / "demo_dinov2"
 ASSETS = ROOT / "specs" / "smol" / "assets"
 # The shipped pictures: (file name, scene, seed of the drawing). Both layouts are in the training split.
 PICTURES = (
@@ -85,6 +87,17 @@ def answer_pictures(model, folder: Path) -> list[dict]:
     return rows
 
 
+def save_projector(model, out: Path) -> None:
+    """OUT/projector.safetensors, the weights ``llava_dinov2_demo.yaml`` loads (temp file, then renamed)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.projectors["image"].state_dict().items()}
+    tmp = out / ".projector.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(out / "projector.safetensors")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/demo"))
@@ -100,11 +113,21 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="a smoke run: few records and steps")
     ap.add_argument("--spec", type=Path, default=dq.SPEC, help="a spec with one `image` modality (random init)")
-    ap.add_argument("--demo-out", type=Path, default=DEMO_OUT)
+    ap.add_argument(
+        "--pretrained",
+        action="store_true",
+        help=f"the real-encoder demo: {DINOV2_SPEC.relative_to(ROOT)} (DINOv2 frozen, only the projector trains)",
+    )
+    ap.add_argument(
+        "--demo-out", type=Path, default=None, help="default: specs/smol/demo (demo_dinov2 with --pretrained)"
+    )
     ap.add_argument("--assets", type=Path, default=ASSETS)
     a = ap.parse_args(argv)
     if a.quick:
         a.records, a.steps, a.encoder_steps, a.test = 16, 3, 20, 8
+    if a.pretrained:
+        a.spec = DINOV2_SPEC if a.spec == dq.SPEC else a.spec
+    a.demo_out = a.demo_out or (DINOV2_OUT if a.pretrained else DEMO_OUT)
 
     import torch
 
@@ -126,13 +149,18 @@ def main(argv=None) -> int:
     for name, scene, seed in PICTURES:
         dq.draw(scene, random.Random(seed)).save(a.assets / name)
 
-    model = composer.build(a.spec).with_insert_at(a.k)
+    spec = composer.load_spec(a.spec)
+    spec.modalities["image"].projector.weights = None  # trained here, from its random init
+    model = composer.build(spec).with_insert_at(a.k)
     t0 = time.perf_counter()
-    say(f"pretraining the vision encoder ({a.encoder_steps} steps)")
-    pre = dq.pretrain_encoder(model, train_scenes, a.encoder_steps, a.seed, say)
-    pre["seconds"] = time.perf_counter() - t0
-    pre["held_out_cell_accuracy"] = dq.cell_accuracy(model, test_scenes, 400, a.seed + 11)
-    say(f"encoder: held-out column readout accuracy {pre['held_out_cell_accuracy']:.1%}")
+    if a.pretrained:  # LLaVA stage 1 on a pretrained encoder: the spec keeps it frozen
+        pre = {"skipped": "pretrained encoder, frozen"}
+    else:
+        say(f"pretraining the vision encoder ({a.encoder_steps} steps)")
+        pre = dq.pretrain_encoder(model, train_scenes, a.encoder_steps, a.seed, say)
+        pre["seconds"] = time.perf_counter() - t0
+        pre["held_out_cell_accuracy"] = dq.cell_accuracy(model, test_scenes, 400, a.seed + 11)
+        say(f"encoder: held-out column readout accuracy {pre['held_out_cell_accuracy']:.1%}")
     cfg = TrainConfig(
         data=str(train_file),
         output=str(out / "run"),
@@ -146,8 +174,11 @@ def main(argv=None) -> int:
         log_every=10,
         progress=sys.stderr.isatty(),
     )
-    say(f"training encoder + projector at k = {a.k}: {a.steps} steps of {a.batch_size} conversations")
+    what = "projector" if a.pretrained else "encoder + projector"
+    say(f"training the {what} at k = {a.k}: {a.steps} steps of {a.batch_size} conversations")
+    t1 = time.perf_counter()
     summary = train(model, cfg)
+    train_s = time.perf_counter() - t1
     (out / "run" / "model.safetensors").unlink(missing_ok=True)  # the frozen LLM: rebuilt from the spec
     model.eval()
     say(f"evaluating on {len(test)} held-out questions")
@@ -165,6 +196,7 @@ def main(argv=None) -> int:
         "encoder_pretraining": pre,
         "final_loss": statistics.mean(summary["losses"][-10:]),
         "step_time_s": summary["median_step_time_s"],
+        "train_seconds": train_s,
         "held_out_accuracy": sum(right) / len(right),
         "ci95": [lo, hi],
         "by_kind": by_kind,
@@ -172,7 +204,10 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
     }
     (out / "demo_results.json").write_text(json.dumps(result, indent=2))
-    dq.save_demo(model, a.demo_out)
+    if a.pretrained:
+        save_projector(model, a.demo_out)
+    else:
+        dq.save_demo(model, a.demo_out)
     print(f"held-out accuracy {100 * result['held_out_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]", end="")
     print(" (" + ", ".join(f"{kind} {100 * v:.0f}%" for kind, v in by_kind.items()) + ")")
     for p in pictures:

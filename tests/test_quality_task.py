@@ -44,6 +44,25 @@ def test_the_task_is_deterministic_and_the_held_out_split_disjoint(tmp_path):
     assert all(r["response"] in vocab for r in train + test)
 
 
+def test_the_relation_axis_names_the_nearest_shape_to_the_left(tmp_path):
+    """``--relations``: "What shape is left of the X?" answers the shape in the nearest occupied column
+    left of X's, asked only where there is one; the five kinds are balanced."""
+    scene = ((0, "square", "blue"), (2, "triangle", "yellow"))
+    rel = [(q, a) for k, q, a in dq.questions(scene, relations=True) if k == "relation"]
+    assert rel == [("What shape is left of the yellow triangle?", "square")]
+    assert not any(k == "relation" for k, _, _ in dq.questions(((1, "circle", "red"),), relations=True))
+    assert not any(k == "relation" for k, _, _ in dq.questions(scene))
+    three = ((0, "circle", "red"), (1, "square", "green"), (2, "circle", "blue"))
+    rel = {q: a for k, q, a in dq.questions(three, relations=True) if k == "relation"}
+    assert rel == {
+        "What shape is left of the green square?": "circle",
+        "What shape is left of the blue circle?": "square",
+    }
+    dq.write_task(tmp_path, 50, 10, seed=0, kinds=dq.WITH_RELATIONS)
+    kinds = [r["kind"] for r in dq.read_records(tmp_path / "train.jsonl")]
+    assert {k: kinds.count(k) for k in dq.WITH_RELATIONS} == {k: 10 for k in dq.WITH_RELATIONS}
+
+
 def _colour_at(img: np.ndarray, column: int) -> str:
     """The named colour nearest to the most saturated pixels of a column of the picture."""
     w = img.shape[1] // 3
