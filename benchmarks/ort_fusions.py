@@ -48,8 +48,8 @@ def fuse_bundle(src: Path, dst: Path) -> dict[str, dict[str, int]]:
     shutil.copytree(src, dst)
     manifest = read_manifest(dst)
     applied = {}
-    for stage in manifest["stages"]:
-        name = stage["graph"]
+    for stage in manifest.stages:
+        name = stage.graph
         model = ir.load(str(src / name))
         model, counts = optimize_for_ort(model)
         for f in dst.iterdir():  # the old graph and its external data

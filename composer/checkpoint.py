@@ -24,7 +24,6 @@ Writes go to a temporary sibling directory that is renamed into place when compl
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -32,10 +31,11 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from composer.errors import InputError, first_line, read_versioned_json
 from composer.generation import read_generation_config, write_generation_config
+from composer.records import Record, Summary, read_record, write_record
 from composer.spec import load_yaml, parse_spec
 
 if TYPE_CHECKING:
@@ -44,10 +44,46 @@ if TYPE_CHECKING:
     from composer.model import ComposedModel
 
 FORMAT_VERSION = 1
+META = "composer.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 MAX_SHARD_SIZE = "50GB"  # transformers' default for save_pretrained
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+class CheckpointMeta(Record):
+    """``DIR/composer.json``: what rebuilds the architecture without a download (written with
+    sorted keys)."""
+
+    format_version: int = FORMAT_VERSION
+    name: str
+    llm_config: dict[str, Any]  # the LLM's HF config (to_dict)
+    encoder_configs: dict[str, dict[str, Any]]  # per modality, as its adapter writes it (config_dict)
+    encoder_types: dict[str, str]
+    placeholder_ids: dict[str, int]
+    num_tokens: dict[str, int]
+    insert_at: dict[str, int] | None = None  # None: spec.yaml's
+    summary: Summary | None = None  # None in checkpoints written before it was recorded
+    # "trainable": the tensors no pretrained source provides; the rest from the spec's sources,
+    # local paths resolved against source_dir (the original spec's directory; None: the checkpoint)
+    weights: Literal["full", "trainable"] = "full"
+    source_dir: str | None = None
+
+
+def read_checkpoint_meta(root: str | Path) -> CheckpointMeta:
+    """``ROOT/composer.json``, checked: known format version, every field with its type; one
+    InputError naming the file and the field otherwise."""
+    path = Path(root) / META
+    if not path.is_file():
+        raise InputError(f"{root}: not a composer checkpoint (no {META})")
+    return read_record(CheckpointMeta, path, read_versioned_json(path, FORMAT_VERSION, "the checkpoint metadata"))
+
+
+def write_checkpoint_meta(meta: CheckpointMeta, root: Path) -> Path:
+    """Write ``ROOT/composer.json`` (indented, keys sorted); -> its path."""
+    path = Path(root) / META
+    write_record(meta, path, sort_keys=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -175,23 +211,23 @@ def save_pretrained(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite) as tmp:
         (tmp / "spec.yaml").write_text(model.spec.to_yaml())
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "name": model.spec.name,
-            "llm_config": model.llm.config.to_dict(),
-            "encoder_configs": {m: e.config_dict() for m, e in model.encoders.items()},
-            "encoder_types": {m: encoder_type_of(e) for m, e in model.encoders.items()},
-            "placeholder_ids": model.placeholder_ids,
-            "num_tokens": {m: model.num_tokens(m) for m in model.encoders},
-            "insert_at": model.insert_at,
-            "summary": summary_record(model),  # what the model card shows, without building the model
-        }
+        meta = CheckpointMeta(
+            format_version=FORMAT_VERSION,
+            name=model.spec.name,
+            llm_config=model.llm.config.to_dict(),
+            encoder_configs={m: e.config_dict() for m, e in model.encoders.items()},
+            encoder_types={m: encoder_type_of(e) for m, e in model.encoders.items()},
+            placeholder_ids=model.placeholder_ids,
+            num_tokens={m: model.num_tokens(m) for m in model.encoders},
+            insert_at=model.insert_at,
+            summary=Summary.model_validate(summary_record(model)),  # what the model card shows, without a model
+        )
         if weights not in ("full", "trainable"):
             raise InputError(f"weights must be 'full' or 'trainable', got {weights!r}")
-        if weights == "trainable":
-            meta["weights"] = "trainable"
-            meta["source_dir"] = str(model.spec.source_dir) if model.spec.source_dir else None
-        (tmp / "composer.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if weights == "trainable":  # written only then (a full checkpoint's composer.json has neither key)
+            meta.weights = "trainable"
+            meta.source_dir = str(model.spec.source_dir) if model.spec.source_dir else None
+        write_checkpoint_meta(meta, tmp)
         st_meta = {"format": "pt", "composer_format": str(FORMAT_VERSION)}
         tensors = _drop_tied(model, model.state_dict() if state_dict is None else state_dict)
         if weights == "trainable":
@@ -262,20 +298,17 @@ def _untied(model, missing: list[str]) -> list[str]:
     return [k for k in missing if state[k].data_ptr() not in loaded]
 
 
-def _check_consistent(spec, meta: dict, meta_file: Path) -> None:
+def _check_consistent(spec, meta: CheckpointMeta, meta_file: Path) -> None:
     """spec.yaml and composer.json describe the same model (files of two checkpoints mixed up?)."""
-    if not isinstance(meta.get("encoder_configs"), dict) or not isinstance(meta.get("llm_config"), dict):
-        raise InputError(f"{meta_file}: missing llm_config or encoder_configs")
-    if set(meta["encoder_configs"]) != set(spec.modalities):
+    if set(meta.encoder_configs) != set(spec.modalities):
         raise InputError(
-            f"{meta_file}: modalities {sorted(meta['encoder_configs'])} differ from spec.yaml's "
-            f"{sorted(spec.modalities)}"
+            f"{meta_file}: modalities {sorted(meta.encoder_configs)} differ from spec.yaml's {sorted(spec.modalities)}"
         )
-    n = meta["llm_config"].get("num_hidden_layers")
+    n = meta.llm_config.get("num_hidden_layers")
     if spec.llm.num_layers is not None and spec.llm.num_layers != n:
         raise InputError(f"{meta_file}: llm_config has {n} layers but spec.yaml's llm.config has {spec.llm.num_layers}")
-    if meta.get("insert_at", spec.insert_layers()) != spec.insert_layers():
-        raise InputError(f"{meta_file}: insert_at {meta['insert_at']} differs from spec.yaml's {spec.insert_layers()}")
+    if meta.insert_at is not None and meta.insert_at != spec.insert_layers():
+        raise InputError(f"{meta_file}: insert_at {meta.insert_at} differs from spec.yaml's {spec.insert_layers()}")
 
 
 def weight_files(root: Path) -> list[Path]:
@@ -350,7 +383,7 @@ def _dtype_kind(name: str) -> str:
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / "composer.json").is_file()
+    return (Path(path) / META).is_file()
 
 
 def load_pretrained(path: str | Path, *, shape_only: bool = False, meta_weights: bool = False) -> ComposedModel:
@@ -365,10 +398,8 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False, meta_weights:
     from composer.builder import build
 
     root = Path(path)
-    meta_file = root / "composer.json"
-    if not meta_file.is_file():
-        raise InputError(f"{root}: not a composer checkpoint (no composer.json)")
-    meta = read_versioned_json(meta_file, FORMAT_VERSION, "the checkpoint metadata")
+    meta_file = root / META
+    meta = read_checkpoint_meta(root)
     spec_file = root / "spec.yaml"
     try:
         spec = parse_spec(load_yaml(spec_file.read_text(), str(spec_file)), str(spec_file))
@@ -382,22 +413,22 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False, meta_weights:
         if not part.is_dir():
             raise InputError(f"{part}: missing from the checkpoint (a local checkpoint is loaded from its own files)")
     try:
-        llm_cfg = dict(meta["llm_config"])
+        llm_cfg = dict(meta.llm_config)
         enc_cfgs = {}
-        for m, cfg in meta["encoder_configs"].items():
-            enc_cfgs[m] = ENCODER_ADAPTERS[meta["encoder_types"][m]].config_from_dict(cfg)
+        for m, cfg in meta.encoder_configs.items():
+            enc_cfgs[m] = ENCODER_ADAPTERS[meta.encoder_types[m]].config_from_dict(cfg)
         saved = {
             "llm_config": AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg),
             "encoder_configs": enc_cfgs,
-            "encoder_types": meta["encoder_types"],
+            "encoder_types": meta.encoder_types,
             "tokenizer_dir": root / "tokenizer",
             "processor_dirs": {m: root / "processors" / m for m in spec.modalities},
         }
     except Exception as e:  # KeyError/TypeError/ValueError, or transformers' config validation errors
         raise InputError(f"{meta_file}: cannot rebuild the configs ({type(e).__name__}: {first_line(e)})") from None
-    trainable_only = meta.get("weights") == "trainable"
+    trainable_only = meta.weights == "trainable"
     if trainable_only:  # the frozen weights from the spec's sources, as when it was first built
-        spec._source_dir = Path(meta["source_dir"]) if meta.get("source_dir") else root
+        spec._source_dir = Path(meta.source_dir) if meta.source_dir else root
         model = build(spec, shape_only=shape_only, meta_weights=meta_weights)
     else:
         model = build(spec, saved=saved, shape_only=shape_only, meta_weights=meta_weights)
@@ -411,10 +442,10 @@ def load_pretrained(path: str | Path, *, shape_only: bool = False, meta_weights:
         _load_files(model, files)
     if eos is not None:
         model.llm.generation_config.eos_token_id = eos
-    if model.placeholder_ids != meta["placeholder_ids"]:
+    if model.placeholder_ids != meta.placeholder_ids:
         raise InputError(
             f"{root / 'tokenizer'}: placeholder ids {model.placeholder_ids} differ from composer.json "
-            f"{meta['placeholder_ids']}"
+            f"{meta.placeholder_ids}"
         )
     return model.eval()
 

@@ -1,8 +1,8 @@
 """composer.export: split ONNX export (early text graph, late multimodal graph) and the ONNX
 Runtime pipeline. See docs/architecture.md and docs/export.md.
 
-``from composer.export import export_onnx, OnnxPipeline, verify_bundle`` (imported on first use:
-``import composer.export`` alone loads neither onnx nor onnxruntime)."""
+``from composer.export import export_onnx, OnnxPipeline, verify_bundle, read_manifest, Manifest``
+(imported on first use: ``import composer.export`` alone loads neither onnx nor onnxruntime)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ _LAZY = {
     "OnnxPipeline": "composer.export.runtime",
     "verify_bundle": "composer.export.verify",
     "read_manifest": "composer.export.manifest",
+    "Manifest": "composer.export.manifest",
 }
 
 __all__ = sorted(_LAZY)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import warnings
@@ -35,9 +34,22 @@ from composer.analysis.summary import summary_record
 from composer.checkpoint import atomic_dir
 from composer.errors import ComposerError, InputError
 from composer.export.graphs import EXAMPLE_SIZES, KV_OPSET, ONNX_TRANSLATIONS, EarlyText, EncoderGraph, LateStage
-from composer.export.manifest import FORMAT_VERSION, MANIFEST, late_graph_name
+from composer.export.manifest import (
+    FORMAT_VERSION,
+    EncoderEntry,
+    Generation,
+    GraphRecord,
+    KVFacts,
+    LLMFacts,
+    Manifest,
+    Quantization,
+    Stage,
+    late_graph_name,
+    write_manifest,
+)
 from composer.generation import write_generation_config
 from composer.layout import graph_stages
+from composer.records import Summary
 
 # torch.onnx logs a warning per missing torchvision op at its first use: not our concern.
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -47,6 +59,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # writes opset 18 and later (an older request became 18 silently). Every graph gets the same opset.
 MIN_OPSET = KV_OPSET
 ONNX_DTYPES = {"fp32": "float", "fp16": "float16"}  # as onnx.TensorProto names them (lower case)
+KV_LAYOUT = (
+    "past_key.{i}/past_value.{i}: buffers (batch, kv_heads, cache, head_dim), layer index i absolute;"
+    " new rows written at write_index, present_* = the updated buffers (in place under IO binding)"
+)
 
 
 def merged_for_export(model, dtype: torch.dtype):
@@ -166,8 +182,42 @@ def export_onnx(
         model = ComposedModel.from_pretrained("out/tiny-llava")
         export_onnx(model, "out/tiny-llava.onnx")
     """
-    from torch.export import Dim
+    opset, w8a8 = _checked_options(
+        dtype,
+        opset,
+        quantize,
+        block_size,
+        accuracy_level,
+        calibration,
+        calibration_samples,
+        fp32_channels,
+        smooth_alpha,
+    )
+    say = progress or (lambda s: None)
+    m = merged_for_export(model, DTYPES[dtype])
+    calib = _read_calibration(m, calibration, calibration_samples, say)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite) as tmp, torch.no_grad():
+        graphs: dict[str, GraphRecord] = {}
+        encoders = _export_encoders(m, tmp, dtype, opset, graphs, say)
+        stages = _export_llm_graphs(m, tmp, dtype, opset, graphs, say)
+        quantization = _quantize(m, tmp, stages, quantize, block_size, accuracy_level, keep_head, calib, w8a8, say)
+        _write_model_files(m, tmp)
+        write_manifest(_manifest(m, dtype, stages, quantization, encoders, graphs), tmp)
+        write_generation_config(tmp, m.spec.generation, _eos(m), m.pad_token_id, m.tokenizer.bos_token_id)
+        if check is not None:
+            say("checking the bundle")
+            check(tmp)
+    say(f"wrote {out_dir}")
+    return out_dir
 
+
+def _checked_options(
+    dtype, opset, quantize, block_size, accuracy_level, calibration, calibration_samples, fp32_channels, smooth_alpha
+) -> tuple[int, dict]:
+    """Refuse bad export options before anything is built or written; -> (the opset, w8a8's
+    keyword arguments to ``quantize_bundle_graphs`` with their defaults filled in, {} for other
+    schemes)."""
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if quantize is not None:
@@ -187,12 +237,14 @@ def export_onnx(
         raise InputError("--calibration-samples: counts records of --calibration FILE; give the file too")
     if calibration_samples is not None and (isinstance(calibration_samples, bool) or calibration_samples < 1):
         raise InputError(f"--calibration-samples must be >= 1, got {calibration_samples!r}")
+    w8a8 = {}
     if quantize == "w8a8":
         from composer.export.quantize import FP32_CHANNELS, SMOOTH_ALPHA, check_w8a8_options
 
         fp32_channels = FP32_CHANNELS if fp32_channels is None else fp32_channels
         smooth_alpha = SMOOTH_ALPHA if smooth_alpha is None else smooth_alpha
         check_w8a8_options(fp32_channels, smooth_alpha)
+        w8a8 = {"fp32_channels": fp32_channels, "smooth_alpha": smooth_alpha}
     if opset is not None:
         import onnx
 
@@ -201,160 +253,167 @@ def export_onnx(
             raise InputError(
                 f"--opset must be in [{MIN_OPSET}, {top}] (the KV buffers' TensorScatter and onnx), got {opset!r}"
             )
-    opset = MIN_OPSET if opset is None else opset
-    say = progress or (lambda s: None)
+    return (MIN_OPSET if opset is None else opset), w8a8
+
+
+def _read_calibration(m, calibration, calibration_samples, say) -> tuple[str, list[dict]] | None:
+    """w8a8's calibration data (file name, batches), read and checked before anything is written."""
+    if calibration is None:
+        return None
+    from composer.export.quantize import CALIBRATION_SAMPLES, calibration_batches
+
+    say(f"reading calibration data {calibration}")
+    n = CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples
+    return Path(calibration).name, calibration_batches(m, calibration, n)
+
+
+def _export_encoders(m, tmp: Path, dtype: str, opset: int, graphs: dict, say) -> dict[str, EncoderEntry]:
+    """One graph per modality, raw input -> projected tokens; records each in ``graphs``."""
+    from torch.export import Dim
+
     tdt = DTYPES[dtype]
-    m = merged_for_export(model, tdt)
-    calib = None
-    if calibration is not None:  # read and checked before anything is written
-        from composer.export.quantize import CALIBRATION_SAMPLES, calibration_batches
+    encoders = {}
+    for name, enc in m.encoders.items():
+        fname = f"encoder.{name}.onnx"
+        say(f"exporting {fname}")
+        example = {
+            k: (v.to(enc.dtype) if v.is_floating_point() else v)
+            for k, v in enc.example_inputs(EXAMPLE_SIZES["items"]).items()
+        }
+        names = list(enc.input_names)
+        enc_dims: dict = {}  # one torch Dim per axis name, shared across inputs
+        dyn = tuple(
+            {ax: enc_dims.setdefault(label, Dim(label)) for ax, label in enc.dynamic_axes()[k].items()} for k in names
+        )
+        _export(
+            EncoderGraph(enc, m.projectors[name], tdt),
+            tuple(example[k] for k in names),
+            tmp / fname,
+            names,
+            ["tokens"],
+            (dyn,),
+            opset,
+        )  # forward(*inputs): one varargs entry
+        graphs[fname] = GraphRecord.model_validate(_graph_io(tmp / fname))
+        encoders[name] = EncoderEntry(
+            graph=fname,
+            type=encoder_type_of(enc),
+            inputs=list(enc.input_names),
+            tokens_per_item=m.num_tokens(name),
+            placeholder=m.spec.modalities[name].placeholder,
+            placeholder_id=m.placeholder_ids[name],
+            insert_at=m.insert_at[name],
+            processor=f"processors/{name}",
+        )
+    return encoders
 
-        say(f"reading calibration data {calibration}")
-        n = CALIBRATION_SAMPLES if calibration_samples is None else calibration_samples
-        calib = (Path(calibration).name, calibration_batches(m, calibration, n))
+
+def _export_llm_graphs(m, tmp: Path, dtype: str, opset: int, graphs: dict, say) -> list[Stage]:
+    """The early text graph (layers [0, k1)) and one late graph per distinct insertion layer;
+    records each in ``graphs``; -> the stages in order."""
+    from torch.export import Dim
+
     shape = m.adapter.shape
-    N = shape.num_layers
-    out_dir = Path(out_dir)
+    sizes = {**EXAMPLE_SIZES, "hidden": shape.hidden_size, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
     dims = {name: Dim(name) for name in EXAMPLE_SIZES}
-    graphs: dict[str, dict] = {}
-    with atomic_dir(out_dir, overwrite) as tmp, torch.no_grad():
-        # encoders: raw input -> tokens
-        encoders = {}
-        for name, enc in m.encoders.items():
-            fname = f"encoder.{name}.onnx"
-            say(f"exporting {fname}")
-            example = {
-                k: (v.to(enc.dtype) if v.is_floating_point() else v)
-                for k, v in enc.example_inputs(EXAMPLE_SIZES["items"]).items()
-            }
-            names = list(enc.input_names)
-            enc_dims: dict = {}  # one torch Dim per axis name, shared across inputs
-            dyn = tuple(
-                {ax: enc_dims.setdefault(label, Dim(label)) for ax, label in enc.dynamic_axes()[k].items()}
-                for k in names
-            )
-            _export(
-                EncoderGraph(enc, m.projectors[name], tdt),
-                tuple(example[k] for k in names),
-                tmp / fname,
-                names,
-                ["tokens"],
-                (dyn,),
-                opset,
-            )  # forward(*inputs): one varargs entry
-            graphs[fname] = _graph_io(tmp / fname)
-            encoders[name] = {
-                "graph": fname,
-                "type": encoder_type_of(enc),
-                "inputs": list(enc.input_names),
-                "tokens_per_item": m.num_tokens(name),
-                "placeholder": m.spec.modalities[name].placeholder,
-                "placeholder_id": m.placeholder_ids[name],
-                "insert_at": m.insert_at[name],
-                "processor": f"processors/{name}",
-            }
-        # early text graph: layers [0, k1); late graphs: one per distinct insertion layer
-        sizes = {
-            **EXAMPLE_SIZES,
-            "hidden": shape.hidden_size,
-            "kv_heads": shape.num_kv_heads,
-            "head_dim": shape.head_dim,
-        }
-        (_, k1, _), *late = graph_stages(m.insert_at, N)
-        plan = [("early_text.onnx", EarlyText(m, k1), (0, k1, [], False))]
-        for j, (start, end, enter) in enumerate(late):
-            last = j == len(late) - 1
-            plan.append((late_graph_name(start, len(late)), LateStage(m, start, end, last), (start, end, enter, last)))
-        stages = []
-        for fname, module, (start, end, enter, last) in plan:
-            say(f"exporting {fname}" + ("" if fname == "early_text.onnx" else f" (layers {start}..{end - 1})"))
-            io = module.io  # the graph's declared inputs and outputs
-            _export(
-                module,
-                io.examples(sizes, tdt, shape.vocab_size),
-                tmp / fname,
-                io.input_names,
-                io.output_names,
-                io.dynamic_shapes(dims),
-                opset,
-            )
-            saved = _graph_io(tmp / fname)
-            _check_declared(fname, io, saved)
-            graphs[fname] = {
-                **io.manifest_entry(
-                    {**sizes, "vocab": shape.vocab_size}, ONNX_DTYPES[dtype], {t["name"] for t in saved["inputs"]}
-                ),
-                "opset": saved["opset"],
-            }
-            stages.append({"graph": fname, "start": start, "end": end, "enter": enter, "last": last})
-        quantization = None
-        if quantize is not None:
-            from composer.export.quantize import quantize_bundle_graphs
+    (_, k1, _), *late = graph_stages(m.insert_at, shape.num_layers)
+    plan = [
+        ("early_text.onnx", EarlyText(m, k1), Stage(graph="early_text.onnx", start=0, end=k1, enter=[], last=False))
+    ]
+    for j, (start, end, enter) in enumerate(late):
+        last = j == len(late) - 1
+        fname = late_graph_name(start, len(late))
+        stage = Stage(graph=fname, start=start, end=end, enter=list(enter), last=last)
+        plan.append((fname, LateStage(m, start, end, last), stage))
+    for fname, module, stage in plan:
+        say(f"exporting {fname}" + ("" if fname == "early_text.onnx" else f" (layers {stage.start}..{stage.end - 1})"))
+        graphs[fname] = _export_llm_graph(module, tmp / fname, shape.vocab_size, sizes, dims, dtype, opset)
+    return [stage for _, _, stage in plan]
 
-            quantization = quantize_bundle_graphs(
-                tmp,
-                stages,
-                shape.vocab_size,
-                scheme=quantize,
-                block_size=block_size,
-                accuracy_level=accuracy_level,
-                keep_head=keep_head,
-                model=m,
-                calibration=calib,
-                **({"fp32_channels": fp32_channels, "smooth_alpha": smooth_alpha} if quantize == "w8a8" else {}),
-                say=say,
-            )
-        # tokenizer, processors, spec, manifest
-        m.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        for name, proc in m.processors.items():
-            proc.save_pretrained(str(tmp / "processors" / name))
-        (tmp / "spec.yaml").write_text(m.spec.to_yaml())
-        tok = m.tokenizer
-        g = m.spec.generation
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "name": m.spec.name,
-            "dtype": dtype,
-            "llm": {
-                "family": m.llm.config.model_type,
-                "num_layers": N,
-                "hidden_size": shape.hidden_size,
-                "vocab_size": shape.vocab_size,
-                "max_position_embeddings": m.context_length,
-                "sliding_window": m.adapter.sliding_window,
-            },
-            "kv": {
-                "layout": (
-                    "past_key.{i}/past_value.{i}: buffers (batch, kv_heads, cache, head_dim), layer index i absolute;"
-                    " new rows written at write_index, present_* = the updated buffers (in place under IO binding)"
-                ),
-                "num_kv_heads": shape.num_kv_heads,
-                "head_dim": shape.head_dim,
-                "dtype": dtype,
-            },
-            "insert_at": m.insert_at,
-            "stages": stages,
-            "quantization": quantization,  # None: the LLM graphs keep the bundle's dtype
-            "encoders": encoders,
-            "graphs": graphs,
-            "tokenizer": "tokenizer",
-            "prompt_template": m.prompt_template,  # None: the tokenizer's chat template
-            "summary": summary_record(m),
-            "generation": {
-                **g.model_dump(),
-                "eos_token_id": _eos(m),
-                "pad_token_id": m.pad_token_id,
-                "bos_token_id": tok.bos_token_id,
-                "banned_token_ids": m.banned_token_ids,
-            },
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        write_generation_config(tmp, g, _eos(m), m.pad_token_id, tok.bos_token_id)
-        if check is not None:
-            say("checking the bundle")
-            check(tmp)
-    say(f"wrote {out_dir}")
-    return out_dir
+
+def _export_llm_graph(module, path: Path, vocab: int, sizes: dict, dims: dict, dtype: str, opset: int) -> GraphRecord:
+    """Trace one LLM graph from its declared IO (examples of ``sizes``, dynamic ``dims``), check it
+    against the declaration; -> its record."""
+    io = module.io  # the graph's declared inputs and outputs
+    _export(
+        module,
+        io.examples(sizes, DTYPES[dtype], vocab),
+        path,
+        io.input_names,
+        io.output_names,
+        io.dynamic_shapes(dims),
+        opset,
+    )
+    saved = _graph_io(path)
+    _check_declared(path.name, io, saved)
+    entry = io.manifest_entry({**sizes, "vocab": vocab}, ONNX_DTYPES[dtype], {t["name"] for t in saved["inputs"]})
+    return GraphRecord.model_validate({**entry, "opset": saved["opset"]})
+
+
+def _quantize(
+    m, tmp: Path, stages: list[Stage], scheme, block_size, accuracy_level, keep_head, calib, w8a8: dict, say
+) -> Quantization | None:
+    """Quantize the LLM graphs written under ``tmp`` (``scheme`` None: none); -> the manifest's record."""
+    if scheme is None:
+        return None
+    from composer.export.quantize import quantize_bundle_graphs
+
+    record = quantize_bundle_graphs(
+        tmp,
+        [st.model_dump() for st in stages],
+        m.adapter.shape.vocab_size,
+        scheme=scheme,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        keep_head=keep_head,
+        model=m,
+        calibration=calib,
+        **w8a8,
+        say=say,
+    )
+    return Quantization.model_validate(record)
+
+
+def _manifest(m, dtype: str, stages, quantization, encoders, graphs) -> Manifest:
+    """The bundle's manifest: the model's facts and what the export wrote."""
+    shape = m.adapter.shape
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        name=m.spec.name,
+        dtype=dtype,
+        llm=LLMFacts(
+            family=m.llm.config.model_type,
+            num_layers=shape.num_layers,
+            hidden_size=shape.hidden_size,
+            vocab_size=shape.vocab_size,
+            max_position_embeddings=m.context_length,
+            sliding_window=m.adapter.sliding_window,
+        ),
+        kv=KVFacts(layout=KV_LAYOUT, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=dtype),
+        insert_at=m.insert_at,
+        stages=stages,
+        quantization=quantization,
+        encoders=encoders,
+        graphs=graphs,
+        tokenizer="tokenizer",
+        prompt_template=m.prompt_template,
+        summary=Summary.model_validate(summary_record(m)),
+        generation=Generation(
+            **m.spec.generation.model_dump(),
+            eos_token_id=_eos(m),
+            pad_token_id=m.pad_token_id,
+            bos_token_id=m.tokenizer.bos_token_id,
+            banned_token_ids=m.banned_token_ids,
+        ),
+    )
+
+
+def _write_model_files(m, tmp: Path) -> None:
+    """The tokenizer, the processors and the spec."""
+    m.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    for name, proc in m.processors.items():
+        proc.save_pretrained(str(tmp / "processors" / name))
+    (tmp / "spec.yaml").write_text(m.spec.to_yaml())
 
 
 def _eos(model) -> list[int]:

@@ -1,11 +1,24 @@
 """The bundle manifest: what the exporter writes and the runtime reads (cf. onnxruntime-genai's
-``genai_config.json``). Validation here gives one clear error naming the bad file."""
+``genai_config.json``), as a typed record (``Manifest``). Reading it checks every field the
+runtime uses, with one ``InputError`` naming the file and the field path, then the files it names.
+
+Example::
+
+    manifest = read_manifest("out/tiny-llava.onnx")
+    manifest.kv.num_kv_heads, [st.graph for st in manifest.stages]
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, field_validator, model_validator
 
 from composer.errors import InputError, read_versioned_json
+from composer.records import Index, PositiveInt, Record, Summary, checked, dump_record, read_record
+from composer.spec import GenerationSpec
 
 # 2: the LLM graphs take KV buffers written in place (write_index, cache_slots/cache_valid);
 # 1 (concatenating past + new KV) bundles must be exported again.
@@ -13,6 +26,166 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 # quantization schemes a bundle may record -> weight bits (composer.export.quantize makes them)
 SCHEMES = {"int8": 8, "int4": 4, "w8a8": 8}
+
+Dtype = Literal["fp32", "fp16"]
+# an axis of a recorded graph tensor: a fixed size or a dynamic axis' name
+Axis = Annotated[int | str, checked((int, str), lambda v: v != "", "an axis size or name")]
+
+
+class LLMFacts(Record):
+    family: str  # the HF model_type
+    num_layers: PositiveInt
+    hidden_size: PositiveInt
+    vocab_size: PositiveInt
+    max_position_embeddings: PositiveInt | None = None  # None in bundles written before it was recorded
+    sliding_window: PositiveInt | None = None  # None: full attention
+
+
+class KVFacts(Record):
+    layout: str  # the KV buffers' layout, in words
+    num_kv_heads: PositiveInt
+    head_dim: PositiveInt
+    dtype: Dtype
+
+
+class Stage(Record):
+    """One LLM graph: layers [start, end), the modalities whose tokens enter at ``start``; the
+    ``last`` one ends with the LM head."""
+
+    graph: str
+    start: Index
+    end: Index
+    enter: list[str]
+    last: bool
+
+
+class Calibration(Record):
+    data: str  # the calibration file's name, or "built-in prompts"
+    samples: PositiveInt
+
+
+class Smoothing(Record):
+    """w8a8's SmoothQuant settings (the two older keys: w8a8 bundles written before they were renamed)."""
+
+    alpha: float
+    fp32_channels: Index | None = None
+    calibration: Calibration | None = None
+    outlier_channels: Index | None = None  # older name of fp32_channels
+    calibration_prompts: Index | None = None  # before calibration data could be given
+
+
+class QuantizedGraph(Record):
+    quantized: Index  # weight MatMuls rewritten
+    kept: list[str]  # left in full precision
+    smoothed: Index | None = None  # w8a8 only
+    fp32_channels: Index | None = None  # w8a8 only
+    outlier_channels: Index | None = None  # older name of fp32_channels
+
+
+class Quantization(Record):
+    """What ``composer.export.quantize.quantize_bundle_graphs`` did to the LLM graphs."""
+
+    scheme: Annotated[str, checked(str, lambda v: v in SCHEMES, " or ".join(repr(k) for k in SCHEMES))]
+    bits: PositiveInt
+    block_size: PositiveInt | None  # None for w8a8 (per-channel)
+    accuracy_level: Index | None  # None for w8a8
+    lm_head: str
+    method: str
+    graphs: dict[str, QuantizedGraph]
+    smoothing: Smoothing | None = None  # w8a8 only
+
+
+class EncoderEntry(Record):
+    graph: str
+    type: str  # the encoder's registry name
+    inputs: list[str]
+    tokens_per_item: PositiveInt
+    placeholder: str
+    placeholder_id: Index
+    insert_at: Index
+    processor: str  # its processor's directory in the bundle
+
+
+class GraphTensor(Record):
+    name: str
+    dtype: str  # as onnx.TensorProto names it, lower case
+    shape: list[Axis]
+    used: bool | None = None  # LLM graphs: false for a declared input the exported graph does not read
+
+
+class GraphRecord(Record):
+    inputs: list[GraphTensor]
+    outputs: list[GraphTensor]
+    opset: PositiveInt
+
+
+class Generation(GenerationSpec):
+    """The spec's ``generation`` section (keys added to it since a bundle was written take their
+    defaults) and the token ids generation needs."""
+
+    model_config = ConfigDict(Record.model_config)
+
+    eos_token_id: list[int]
+    pad_token_id: int
+    bos_token_id: int | None = None
+    banned_token_ids: list[int]
+
+    def spec(self) -> GenerationSpec:
+        return GenerationSpec(**self.model_dump(include=set(GenerationSpec.model_fields)))
+
+
+class Manifest(Record):
+    """``BUNDLE/manifest.json``; the keys in the order the exporter writes them."""
+
+    format_version: Annotated[int, checked(int, lambda v: v == FORMAT_VERSION, str(FORMAT_VERSION))] = FORMAT_VERSION
+    name: str
+    dtype: Dtype
+    llm: LLMFacts
+    kv: KVFacts
+    insert_at: dict[str, Index]
+    stages: list[Stage]
+    quantization: Quantization | None = None  # None: the LLM graphs keep the bundle's dtype
+    encoders: dict[str, EncoderEntry]
+    graphs: dict[str, GraphRecord]
+    tokenizer: str = "tokenizer"
+    prompt_template: str | None = None  # None: the tokenizer's chat template
+    summary: Summary | None = None
+    generation: Generation
+
+    @field_validator("stages")
+    @classmethod
+    def _two_stages_the_last_last(cls, stages: list[Stage]) -> list[Stage]:
+        if len(stages) < 2:
+            raise ValueError(f"must be a list of at least two stages, got {len(stages)}")
+        if not stages[-1].last:
+            raise ValueError("the last stage must have last: true")
+        return stages
+
+    @field_validator("encoders")
+    @classmethod
+    def _an_encoder(cls, encoders: dict) -> dict:
+        if not encoders:
+            raise ValueError("must name at least one encoder")
+        return encoders
+
+    @model_validator(mode="after")
+    def _names_known(self) -> Manifest:
+        unknown = sorted(g for g in self.graph_names() if g not in self.graphs)
+        if unknown:
+            raise ValueError(f"stages/encoders name graphs the manifest does not list: {unknown}")
+        for i, st in enumerate(self.stages):
+            strangers = [m for m in st.enter if m not in self.encoders]
+            if strangers:
+                raise ValueError(f"stages[{i}].enter: modalities without an encoder: {strangers}")
+        return self
+
+    def graph_names(self) -> list[str]:
+        """The graphs the stages and encoders run, in that order."""
+        return [st.graph for st in self.stages] + [e.graph for e in self.encoders.values()]
+
+    def directories(self) -> list[str]:
+        """The tokenizer's and the processors' directories in the bundle."""
+        return [self.tokenizer] + [e.processor for e in self.encoders.values()]
 
 
 def late_graph_name(start: int, n_late: int) -> str:
@@ -24,40 +197,35 @@ def is_bundle(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def read_manifest(bundle: str | Path, *, check_files: bool = True) -> dict:
-    """Load and check ``BUNDLE/manifest.json``: known format version, every graph and its
-    external-data files present and readable."""
+def read_manifest(bundle: str | Path, *, check_files: bool = True) -> Manifest:
+    """Load and check ``BUNDLE/manifest.json``: known format version, every field the runtime
+    reads (``Manifest``), every name inside the bundle; with ``check_files``, every graph and its
+    external-data files present and readable, the tokenizer and processor directories present."""
     root = Path(bundle)
     path = root / MANIFEST
     if not path.is_file():
         raise InputError(f"{root}: not an ONNX bundle (no {MANIFEST})")
-    manifest = read_versioned_json(
+    data = read_versioned_json(
         path, FORMAT_VERSION, "the bundle manifest", hint="export the model again with this composer (compose export)"
     )
-    for key in ("stages", "encoders", "graphs", "llm", "kv", "generation"):
-        if key not in manifest:
-            raise InputError(f"{path}: missing key {key!r}")
-    graphs = manifest["graphs"]
-    try:
-        named = [s["graph"] for s in manifest["stages"]] + [e["graph"] for e in manifest["encoders"].values()]
-    except (AttributeError, TypeError, KeyError):
-        named = None
-    if named is None or not isinstance(graphs, dict):
-        raise InputError(f"{path}: malformed 'stages', 'encoders' or 'graphs'")
-    unknown = sorted(str(g) for g in named if g not in graphs)
-    if unknown:
-        raise InputError(f"{path}: stages/encoders name graphs the manifest does not list: {unknown}")
-    dirs = [manifest.get("tokenizer", "tokenizer")] + [e.get("processor") for e in manifest["encoders"].values()]
-    for name in [*graphs, *(d for d in dirs if d)]:
+    manifest = read_record(Manifest, path, data)
+    dirs = manifest.directories()
+    for name in [*manifest.graphs, *dirs]:
         inside(root, name, f"{path}: names")
-    _check_structure(manifest, path)
     if check_files:
-        for name in graphs:
+        for name in manifest.graphs:
             check_graph_file(root / name)
         for d in dirs:
-            if d and not (root / d).is_dir():
+            if not (root / d).is_dir():
                 raise InputError(f"{root / d}: missing from the bundle")
     return manifest
+
+
+def write_manifest(manifest: Manifest, bundle: str | Path) -> Path:
+    """Write ``BUNDLE/manifest.json`` (indented, keys in the model's order); -> its path."""
+    path = Path(bundle) / MANIFEST
+    path.write_text(json.dumps(dump_record(manifest), indent=2))
+    return path
 
 
 def inside(root: Path, name: object, what: str) -> Path:
@@ -98,40 +266,3 @@ def check_graph_file(path: Path) -> None:
             raise InputError(f"{data}: external data of {path.name} missing from the bundle")
         if data.stat().st_size < end:
             raise InputError(f"{data}: external data of {path.name} is truncated ({data.stat().st_size} < {end} bytes)")
-
-
-def _check_structure(manifest: dict, path: Path) -> None:
-    """The fields the runtime reads, with their types: one error naming the field instead of a
-    KeyError or TypeError at the first prompt."""
-
-    def need(where: str, value, kind, ok=lambda v: True, want: str = "") -> None:
-        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind) or not ok(value):
-            raise InputError(f"{path}: {where}: want {want or kind.__name__}, got {value!r}"[:300])
-
-    need("dtype", manifest.get("dtype"), str, lambda v: v in ("fp32", "fp16"), "'fp32' or 'fp16'")
-    stages = manifest["stages"]
-    need("stages", stages, list, lambda v: len(v) >= 2, "a list of at least two stages")
-    for i, st in enumerate(stages):
-        need(f"stages[{i}]", st, dict)
-        for key in ("start", "end"):
-            need(f"stages[{i}].{key}", st.get(key), int, lambda v: v >= 0, "an integer >= 0")
-        need(f"stages[{i}].enter", st.get("enter"), list)
-        need(f"stages[{i}].last", st.get("last"), bool)
-    need("stages[-1].last", stages[-1].get("last"), bool, lambda v: v, "true")
-    llm, kv, gen = manifest["llm"], manifest["kv"], manifest["generation"]
-    need("llm", llm, dict)
-    for key in ("num_layers", "hidden_size", "vocab_size"):
-        need(f"llm.{key}", llm.get(key), int, lambda v: 0 < v < 2**31, "a positive integer")
-    need("kv", kv, dict)
-    for key in ("num_kv_heads", "head_dim"):
-        need(f"kv.{key}", kv.get(key), int, lambda v: 0 < v < 2**31, "a positive integer")
-    need("generation", gen, dict)
-    need("generation.eos_token_id", gen.get("eos_token_id"), list)
-    need("generation.banned_token_ids", gen.get("banned_token_ids"), list)
-    need("generation.pad_token_id", gen.get("pad_token_id"), int)
-    need("encoders", manifest["encoders"], dict, lambda v: len(v) > 0, "at least one encoder")
-    q = manifest.get("quantization")  # absent in bundles written before quantization existed
-    if q is not None:
-        need("quantization", q, dict)
-        want = " or ".join(repr(k) for k in SCHEMES)
-        need("quantization.scheme", q.get("scheme"), str, lambda v: v in SCHEMES, want)

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 
 from composer.errors import ComposerError, InputError, first_line
 from composer.export.graphs import early_io, kv_names, late_io
-from composer.export.manifest import read_manifest
+from composer.export.manifest import Stage, read_manifest
 from composer.frontend import FrontEnd
 from composer.layout import baseline_positions_np, compact_np
 
@@ -163,7 +164,8 @@ class OnnxPipeline(FrontEnd):
         self.manifest = read_manifest(self.root)
         if provider not in ("cpu", "cuda"):
             raise InputError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
-        if provider == "cpu" and (self.manifest.get("quantization") or {}).get("scheme") == "w8a8":
+        quantization = self.manifest.quantization
+        if provider == "cpu" and quantization is not None and quantization.scheme == "w8a8":
             from composer.export.quantize import u8s8_gemm_saturates
 
             if u8s8_gemm_saturates():
@@ -192,7 +194,7 @@ class OnnxPipeline(FrontEnd):
         entries = session_options.get_session_config_entry  # raises for a key never set
         with contextlib.suppress(Exception):
             self._flush_denormals = entries("session.set_denormal_as_zero") == "1" or None
-        for name in self.manifest["graphs"]:
+        for name in self.manifest.graphs:
             try:
                 with _denormal_mode(None):
                     self.sessions[name] = ort.InferenceSession(
@@ -203,14 +205,14 @@ class OnnxPipeline(FrontEnd):
         self.inputs = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
         # each LLM graph's declared inputs: every feed is built through them (graphs.GraphIO.feeds)
         self.io = {
-            st["graph"]: early_io(st["end"]) if i == 0 else late_io(st["start"], st["end"], st["last"])
-            for i, st in enumerate(self.manifest["stages"])
+            st.graph: early_io(st.end) if i == 0 else late_io(st.start, st.end, st.last)
+            for i, st in enumerate(self.manifest.stages)
         }
-        self.dtype = _NP[self.manifest["dtype"]]
-        self.d = self.manifest["llm"]["hidden_size"]
-        self.kv = self.manifest["kv"]
-        self.encoders = self.manifest["encoders"]
-        self.placeholder_ids = {m: e["placeholder_id"] for m, e in self.encoders.items()}
+        self.dtype = _NP[self.manifest.dtype]
+        self.d = self.manifest.llm.hidden_size
+        self.kv = self.manifest.kv
+        self.encoders = self.manifest.encoders
+        self.placeholder_ids = {m: e.placeholder_id for m, e in self.encoders.items()}
         self._tokenizer = None
         self._processors: dict[str, Any] = {}
         self.recorder: list | None = None
@@ -221,43 +223,43 @@ class OnnxPipeline(FrontEnd):
         if self._tokenizer is None:
             from composer.tokenizer import load_tokenizer
 
-            self._tokenizer = load_tokenizer(str(self.root / self.manifest["tokenizer"]), "tokenizer", local=True)
+            self._tokenizer = load_tokenizer(str(self.root / self.manifest.tokenizer), "tokenizer", local=True)
         return self._tokenizer
 
     def processor(self, m: str):
         if m not in self._processors:
             from composer.adapters import ENCODER_ADAPTERS
 
-            adapter = ENCODER_ADAPTERS[self.encoders[m]["type"]]
-            self._processors[m] = adapter.load_processor(str(self.root / self.encoders[m]["processor"]))
+            adapter = ENCODER_ADAPTERS[self.encoders[m].type]
+            self._processors[m] = adapter.load_processor(str(self.root / self.encoders[m].processor))
         return self._processors[m]
 
     @property
     def placeholders(self) -> dict[str, str]:
-        return {m: e["placeholder"] for m, e in self.encoders.items()}
+        return {m: e.placeholder for m, e in self.encoders.items()}
 
     @property
     def name(self) -> str:
-        return self.manifest["name"]
+        return self.manifest.name
 
     @property
     def encoder_types(self) -> dict[str, str]:
         """Modality -> encoder type (registry name)."""
-        return {m: e["type"] for m, e in self.encoders.items()}
+        return {m: e.type for m, e in self.encoders.items()}
 
     def num_tokens(self, m: str) -> int:
         """MM tokens per item of ``m`` (what one placeholder expands to)."""
-        return self.encoders[m]["tokens_per_item"]
+        return self.encoders[m].tokens_per_item
 
     @property
     def prompt_template(self) -> str | None:
         """The spec's ``prompt.template``; None: prompts use the tokenizer's chat template."""
-        return self.manifest.get("prompt_template")
+        return self.manifest.prompt_template
 
     @property
     def context_length(self) -> int | None:
         """The LLM's ``max_position_embeddings`` (None for bundles written before it was recorded)."""
-        return self.manifest["llm"].get("max_position_embeddings")
+        return self.manifest.llm.max_position_embeddings
 
     # -- graphs ----------------------------------------------------------------------------------------
     def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +303,7 @@ class OnnxPipeline(FrontEnd):
 
     def encode(self, m: str, features) -> Any:
         """Preprocessed inputs (a tensor, or a dict for multi-input encoders) -> tokens (n, T, d)."""
-        names = self.encoders[m]["inputs"]
+        names = self.encoders[m].inputs
         if not isinstance(features, dict):
             (name,) = names
             features = {name: features}
@@ -309,13 +311,13 @@ class OnnxPipeline(FrontEnd):
         for k in names:
             x = features[k].numpy() if isinstance(features[k], torch.Tensor) else np.asarray(features[k])
             feeds[k] = x.astype(self.dtype) if np.issubdtype(x.dtype, np.floating) else x
-        out = self._run(self.encoders[m]["graph"], feeds)
+        out = self._run(self.encoders[m].graph, feeds)
         tok = out["tokens"]
         return tok if isinstance(tok, np.ndarray) else tok.numpy()
 
-    def _new_cache(self, B: int, stage: dict, rows: int) -> StageCache:
-        names = kv_names("past", stage["start"], stage["end"])
-        shape = (B, self.kv["num_kv_heads"], self.kv["head_dim"])
+    def _new_cache(self, B: int, stage: Stage, rows: int) -> StageCache:
+        names = kv_names("past", stage.start, stage.end)
+        shape = (B, self.kv.num_kv_heads, self.kv.head_dim)
         return StageCache(names, shape, rows, self.dtype, self.device if self.io_binding else None)
 
     # -- the split forward pass ------------------------------------------------------------------------------
@@ -335,76 +337,76 @@ class OnnxPipeline(FrontEnd):
         mask = np.asarray(attention_mask.cpu() if isinstance(attention_mask, torch.Tensor) else attention_mask).astype(
             bool
         )
-        B, L = ids.shape
-        pos = baseline_positions_np(mask)
         slot_masks = {m: ids == pid for m, pid in self.placeholder_ids.items()}
-        is_mm = np.zeros_like(mask)
-        for sm in slot_masks.values():
-            is_mm |= sm
-        tokens = self._mm_tokens(slot_masks, modality_inputs)
-        stages = self.manifest["stages"]
-        state = {"caches": [], "next_slot": L, "next_pos": pos[:, -1] + 1}
-
-        # early text: text slots only (composer.layout's compaction, in its numpy twin)
-        cur_slots, cur_valid, cur_pos = compact_np(~is_mm, mask, pos)
-        early = stages[0]
-        cache = self._new_cache(B, early, cur_slots.shape[1])
-        out = self._run(
-            early["graph"],
-            self.io[early["graph"]].feeds(
-                input_ids=_take(np.where(is_mm, 0, ids), cur_slots, 0),
-                position_ids=cur_pos,
-                slots=cur_slots,
-                **cache.write(cur_slots, cur_valid),
-            ),
+        prompt = _Prompt(
+            ids, mask, baseline_positions_np(mask), slot_masks, self._mm_tokens(slot_masks, modality_inputs)
         )
-        hidden = out.pop("hidden")
-        cache.update(out)
+        state = {"caches": [], "next_slot": ids.shape[1], "next_pos": prompt.pos[:, -1] + 1}
+        rows, hidden, cache = self._prefill_early(prompt)
         state["caches"].append(cache)
         logits = None
-        for st in stages[1:]:
-            enter = np.zeros_like(mask)
-            for m in st["enter"]:
-                enter |= slot_masks[m]
-            midx, mm_valid, mm_pos = compact_np(enter, mask, pos)
-            filled, safe = midx < L, np.minimum(midx, L - 1)
-            mm = np.zeros((B, midx.shape[1], self.d), dtype=self.dtype)
-            for m in st["enter"]:
-                if m in tokens:
-                    rows, cols = np.nonzero(slot_masks[m][np.arange(B)[:, None], safe] & filled)
-                    mm[rows, cols] = tokens[m][_flat_rank(slot_masks[m])[rows, safe[rows, cols]]]
-            all_slots = np.concatenate([cur_slots, midx], 1)
-            if all_logits:
-                logit_rows = np.argsort(all_slots, axis=1, kind="stable")[:, :L]
+        for st in self.manifest.stages[1:]:
+            rows, out, cache = self._prefill_late(st, prompt, rows, hidden, all_logits)
+            if st.last:
+                logits = out
             else:
-                logit_rows = np.argmax(all_slots == L - 1, axis=1)[:, None]
-            cur_valid = np.concatenate([cur_valid, mm_valid], 1)
-            cache = self._new_cache(B, st, all_slots.shape[1])
-            out = self._run(
-                st["graph"],
-                self.io[st["graph"]].feeds(
-                    hidden=hidden,
-                    hidden_slots=cur_slots,
-                    hidden_positions=cur_pos,
-                    mm_tokens=mm,
-                    mm_slots=midx,
-                    mm_positions=mm_pos,
-                    logit_rows=logit_rows.astype(np.int64),
-                    **cache.write(all_slots, cur_valid),
-                ),
-            )
-            cur_slots = all_slots
-            cur_pos = np.concatenate([cur_pos, mm_pos], 1)
-            if st["last"]:
-                logits = out.pop("logits")
-            else:
-                hidden = out.pop("hidden_out")
-            cache.update(out)
+                hidden = out
             state["caches"].append(cache)
         for cache in state["caches"]:
             cache.reserve(reserve)
         logits = logits if all_logits else logits[:, 0]
         return logits, state
+
+    def _prefill_early(self, prompt: _Prompt) -> tuple[tuple, Any, StageCache]:
+        """The early text graph over the text slots only (composer.layout's compaction, in its numpy
+        twin); -> (its rows: slots, validity, positions), hidden states, its cache."""
+        is_mm = prompt.is_mm()
+        slots, valid, pos = compact_np(~is_mm, prompt.mask, prompt.pos)
+        early = self.manifest.stages[0]
+        cache = self._new_cache(prompt.ids.shape[0], early, slots.shape[1])
+        out = self._run(
+            early.graph,
+            self.io[early.graph].feeds(
+                input_ids=_take(np.where(is_mm, 0, prompt.ids), slots, 0),
+                position_ids=pos,
+                slots=slots,
+                **cache.write(slots, valid),
+            ),
+        )
+        hidden = out.pop("hidden")
+        cache.update(out)
+        return (slots, valid, pos), hidden, cache
+
+    def _prefill_late(self, st: Stage, prompt: _Prompt, rows: tuple, hidden, all_logits: bool):
+        """One late graph: the hidden ``rows`` (slots, validity, positions) so far plus the tokens of
+        the modalities entering at its first layer; -> (the rows after it, its logits if it is the
+        last graph else its hidden states, its cache)."""
+        cur_slots, cur_valid, cur_pos = rows
+        B, L = prompt.ids.shape
+        midx, mm_valid, mm_pos, mm = prompt.entering(st.enter, self.d, self.dtype)
+        all_slots = np.concatenate([cur_slots, midx], 1)
+        if all_logits:
+            logit_rows = np.argsort(all_slots, axis=1, kind="stable")[:, :L]
+        else:
+            logit_rows = np.argmax(all_slots == L - 1, axis=1)[:, None]
+        valid = np.concatenate([cur_valid, mm_valid], 1)
+        cache = self._new_cache(B, st, all_slots.shape[1])
+        out = self._run(
+            st.graph,
+            self.io[st.graph].feeds(
+                hidden=hidden,
+                hidden_slots=cur_slots,
+                hidden_positions=cur_pos,
+                mm_tokens=mm,
+                mm_slots=midx,
+                mm_positions=mm_pos,
+                logit_rows=logit_rows.astype(np.int64),
+                **cache.write(all_slots, valid),
+            ),
+        )
+        result = out.pop("logits" if st.last else "hidden_out")
+        cache.update(out)
+        return (all_slots, valid, np.concatenate([cur_pos, mm_pos], 1)), result, cache
 
     def decode_step(self, tokens: np.ndarray, state: dict) -> np.ndarray:
         """One new token per row through every graph; -> logits (B, V)."""
@@ -414,18 +416,18 @@ class OnnxPipeline(FrontEnd):
         one = np.ones((B, 1), bool)
         hidden = None
         logits = None
-        for s, st in enumerate(self.manifest["stages"]):
+        for s, st in enumerate(self.manifest.stages):
             cache = state["caches"][s]
-            io = self.io[st["graph"]]
+            io = self.io[st.graph]
             if s == 0:
                 out = self._run(
-                    st["graph"],
+                    st.graph,
                     io.feeds(input_ids=tokens.astype(np.int64), position_ids=pos, slots=slot, **cache.write(slot, one)),
                 )
                 hidden = out.pop("hidden")
             else:
                 out = self._run(
-                    st["graph"],
+                    st.graph,
                     io.feeds(
                         hidden=hidden,
                         hidden_slots=slot,
@@ -437,7 +439,7 @@ class OnnxPipeline(FrontEnd):
                         **cache.write(slot, one),
                     ),
                 )
-                if st["last"]:
+                if st.last:
                     logits = out.pop("logits")[:, 0]
                 else:
                     hidden = out.pop("hidden_out")
@@ -471,11 +473,8 @@ class OnnxPipeline(FrontEnd):
     @functools.cached_property
     def _generation(self):
         from composer.generation import read_generation_config
-        from composer.spec import GenerationSpec
 
-        g = self.manifest["generation"]
-        spec = GenerationSpec(**{k: g[k] for k in GenerationSpec.model_fields if k in g})
-        return read_generation_config(self.root, spec)
+        return read_generation_config(self.root, self.manifest.generation.spec())
 
     @property
     def generation_spec(self):
@@ -485,20 +484,20 @@ class OnnxPipeline(FrontEnd):
 
     @property
     def sliding_window(self) -> int | None:
-        return self.manifest["llm"].get("sliding_window")
+        return self.manifest.llm.sliding_window
 
     @property
     def eos_token_ids(self) -> list[int]:
         eos = self._generation[1]
-        return list(self.manifest["generation"]["eos_token_id"]) if eos is None else eos
+        return list(self.manifest.generation.eos_token_id) if eos is None else eos
 
     @property
     def pad_token_id(self) -> int:
-        return self.manifest["generation"]["pad_token_id"]
+        return self.manifest.generation.pad_token_id
 
     @property
     def banned_token_ids(self) -> list[int]:
-        return list(self.manifest["generation"]["banned_token_ids"])
+        return list(self.manifest.generation.banned_token_ids)
 
     def _mm_tokens(self, slot_masks, modality_inputs) -> dict[str, np.ndarray]:
         out = {}
@@ -507,6 +506,39 @@ class OnnxPipeline(FrontEnd):
             self.check_token_count(m, int(slot_masks[m].sum()), tok)
             out[m] = tok.reshape(-1, tok.shape[-1]).astype(self.dtype)
         return out
+
+
+@dataclasses.dataclass
+class _Prompt:
+    """A prefill's batch as the graphs take it: ids and mask (B, L), baseline positions, each
+    modality's placeholder slots and its encoded tokens (flat, in row-major slot order)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    pos: np.ndarray
+    slot_masks: dict[str, np.ndarray]
+    tokens: dict[str, np.ndarray]
+
+    def is_mm(self) -> np.ndarray:
+        out = np.zeros_like(self.mask)
+        for sm in self.slot_masks.values():
+            out |= sm
+        return out
+
+    def entering(self, modalities: list[str], d: int, dtype) -> tuple[np.ndarray, ...]:
+        """The slots of ``modalities`` compacted per row -> (slots, validity, positions, tokens (B, T, d))."""
+        B, L = self.ids.shape
+        enter = np.zeros_like(self.mask)
+        for m in modalities:
+            enter |= self.slot_masks[m]
+        midx, mm_valid, mm_pos = compact_np(enter, self.mask, self.pos)
+        filled, safe = midx < L, np.minimum(midx, L - 1)
+        mm = np.zeros((B, midx.shape[1], d), dtype=dtype)
+        for m in modalities:
+            if m in self.tokens:
+                rows, cols = np.nonzero(self.slot_masks[m][np.arange(B)[:, None], safe] & filled)
+                mm[rows, cols] = self.tokens[m][_flat_rank(self.slot_masks[m])[rows, safe[rows, cols]]]
+        return midx, mm_valid, mm_pos, mm
 
 
 def _take(a: np.ndarray, idx: np.ndarray, fill) -> np.ndarray:

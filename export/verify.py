@@ -17,6 +17,7 @@ from composer.errors import InputError
 from composer.export.examples import PROMPTS, sample_batch
 from composer.export.exporter import DTYPES, merged_for_export
 from composer.export.graphs import EarlyText, EncoderGraph, LateStage
+from composer.export.manifest import Manifest
 from composer.export.runtime import OnnxPipeline
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
@@ -25,19 +26,19 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
 MIN_TOP1 = 0.95  # default --min-top1 for a quantized bundle
 
 
-def _torch_graphs(model, manifest) -> dict[str, torch.nn.Module]:
+def _torch_graphs(model, manifest: Manifest) -> dict[str, torch.nn.Module]:
     out = {}
-    for m, e in manifest["encoders"].items():
-        out[e["graph"]] = EncoderGraph(model.encoders[m], model.projectors[m], model.dtype)
-    for st in manifest["stages"]:
-        if st["graph"] == "early_text.onnx":
-            out[st["graph"]] = EarlyText(model, st["end"])
+    for m, e in manifest.encoders.items():
+        out[e.graph] = EncoderGraph(model.encoders[m], model.projectors[m], model.dtype)
+    for st in manifest.stages:
+        if st.graph == "early_text.onnx":
+            out[st.graph] = EarlyText(model, st.end)
         else:
-            out[st["graph"]] = LateStage(model, st["start"], st["end"], st["last"])
+            out[st.graph] = LateStage(model, st.start, st.end, st.last)
     return out
 
 
-def _replay(module, graph: str, feeds: dict, manifest) -> list[np.ndarray]:
+def _replay(module, graph: str, feeds: dict, manifest: Manifest) -> list[np.ndarray]:
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
     with torch.no_grad():
         if isinstance(module, EncoderGraph):
@@ -68,7 +69,7 @@ def verify_bundle(
     states, whose largest activations reach the thousands (SmolLM2: float32 rounding alone then
     differs in the 1e-2s over 15 layers).
 
-    A quantized bundle (``manifest["quantization"]``) is checked by ``verify_quantized`` instead:
+    A quantized bundle (``manifest.quantization``) is checked by ``verify_quantized`` instead:
     top-1 agreement with the fp32 torch model at least ``min_top1`` (default ``MIN_TOP1``) and,
     when ``atol`` is given, the max logit difference at most ``atol``."""
     if min_top1 is not None and not 0 <= min_top1 <= 1:
@@ -77,11 +78,11 @@ def verify_bundle(
         raise InputError(f"--atol must be a finite number >= 0, got {atol!r}")
     pipe = OnnxPipeline(bundle)
     manifest = pipe.manifest
-    if manifest.get("quantization"):
+    if manifest.quantization is not None:
         return verify_quantized(
             model, pipe, steps=steps, min_top1=MIN_TOP1 if min_top1 is None else min_top1, atol=atol
         )
-    ref = merged_for_export(model, DTYPES[manifest["dtype"]])
+    ref = merged_for_export(model, DTYPES[manifest.dtype])
     batch = sample_batch(ref)
     mm = {m: batch[m] for m in model.encoders if m in batch}
     pipe.recorder = []
@@ -105,7 +106,7 @@ def verify_bundle(
     prefill = float(np.abs(logits - want)[real].max())
     logits_scale = max(1.0, float(np.abs(want[real]).max()))
     torch_ids = ref.generate(**batch, max_new_tokens=steps, eos_token_id=[])
-    tol = TOLERANCE[manifest["dtype"]]
+    tol = TOLERANCE[manifest.dtype]
     greedy = bool(torch.equal(torch_ids.cpu(), ort_ids))
     ok = greedy and prefill <= tol * logits_scale and all(v <= tol * scales[g] for g, v in per_graph.items())
     return {
@@ -147,9 +148,8 @@ def verify_quantized(model, pipe: OnnxPipeline, *, steps: int, min_top1: float, 
     ort_ids = pipe.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=steps, eos_token_id=[], **mm)
     torch_ids = ref.generate(**batch, max_new_tokens=steps, eos_token_id=[]).cpu().numpy()
     greedy = float((np.asarray(ort_ids) == torch_ids).mean())  # both: the new tokens only
-    q = pipe.manifest["quantization"]
     return {
-        "quantization": q["scheme"],
+        "quantization": pipe.manifest.quantization.scheme,
         "prompts": len(PROMPTS),
         "positions": int(text.sum()),
         "top1_agreement": agree,

@@ -232,6 +232,57 @@ def train_data(tmp_path: Path) -> Path:
     return tmp_path / "train.jsonl"
 
 
+def manifest_data(**over) -> dict:
+    """A small valid bundle manifest (one image modality entering at layer 1 of 2) as JSON data, its
+    keys in the exporter's order, top-level keys replaced by ``over``; its graphs are named, not
+    written (read it with ``check_files=False``)."""
+    from composer.export.manifest import FORMAT_VERSION
+
+    graph = {"inputs": [{"name": "x", "dtype": "float", "shape": ["batch", 4]}], "outputs": [], "opset": 24}
+    stage = {"graph": "early_text.onnx", "start": 0, "end": 1, "enter": [], "last": False}
+    m = {
+        "format_version": FORMAT_VERSION,
+        "name": "hand-made",
+        "dtype": "fp32",
+        "llm": {"family": "llama", "num_layers": 2, "hidden_size": 8, "vocab_size": 16},
+        "kv": {"layout": "buffers", "num_kv_heads": 1, "head_dim": 8, "dtype": "fp32"},
+        "insert_at": {"image": 1},
+        "stages": [
+            stage,
+            {**stage, "graph": "late_multimodal.onnx", "start": 1, "end": 2, "enter": ["image"], "last": True},
+        ],
+        "quantization": None,
+        "encoders": {
+            "image": {
+                "graph": "encoder.image.onnx",
+                "type": "clip_vision",
+                "inputs": ["pixel_values"],
+                "tokens_per_item": 4,
+                "placeholder": "<image>",
+                "placeholder_id": 15,
+                "insert_at": 1,
+                "processor": "processors/image",
+            }
+        },
+        "graphs": {name: graph for name in ("encoder.image.onnx", "early_text.onnx", "late_multimodal.onnx")},
+        "tokenizer": "tokenizer",
+        "prompt_template": None,
+        "summary": {
+            "rows": [{"component": "total", "kind": "", "params": 10, "trainable": 10, "insert_at": "", "tokens": ""}],
+            "name": "hand-made",
+            "num_layers": 2,
+            "insert_at": {"image": 1},
+            "mm_tokens_per_item": {"image": 4},
+            "text_tokens_assumed": 64,
+            "prefill_flops_saving_vs_insert_at_0": 0.25,
+            "params": {"total": {"total": 10, "trainable": 10}},
+        },
+        "generation": {"max_new_tokens": 8, "eos_token_id": [2], "pad_token_id": 0, "banned_token_ids": [15]},
+    }
+    m.update(over)
+    return m
+
+
 def positions_ref(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a padded batch, computed here (not with the code under test): the count of real
     tokens before each slot, clamped at 0 (what HF models derive from the attention mask)."""

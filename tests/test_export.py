@@ -57,15 +57,15 @@ def test_bundle_files_and_manifest(exported):
     assert any(n.endswith(".onnx.data") for n in names)
     man = pipe.manifest
     ks = sorted(set(model.insert_at.values()))
-    late = [s for s in man["stages"] if s["graph"] != "early_text.onnx"]
-    assert [s["start"] for s in late] == ks and late[-1]["end"] == model.num_layers and late[-1]["last"]
-    assert man["stages"][0]["end"] == ks[0]
+    late = [s for s in man.stages if s.graph != "early_text.onnx"]
+    assert [s.start for s in late] == ks and late[-1].end == model.num_layers and late[-1].last
+    assert man.stages[0].end == ks[0]
     if len(ks) == 1:
         assert "late_multimodal.onnx" in names
     else:
         assert {f"late_multimodal.k{k}.onnx" for k in ks} <= names
-    for g, io in man["graphs"].items():
-        assert io["inputs"] and io["outputs"], g
+    for g, io in man.graphs.items():
+        assert io.inputs and io.outputs, g
 
 
 def test_graph_io_is_declared_once(exported):
@@ -77,15 +77,15 @@ def test_graph_io_is_declared_once(exported):
 
     _, bundle, pipe = exported
     type_name = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
-    for i, st in enumerate(pipe.manifest["stages"]):
-        io = early_io(st["end"]) if i == 0 else late_io(st["start"], st["end"], st["last"])
-        g = onnx.load(str(bundle / st["graph"]), load_external_data=False).graph
+    for i, st in enumerate(pipe.manifest.stages):
+        io = early_io(st.end) if i == 0 else late_io(st.start, st.end, st.last)
+        g = onnx.load(str(bundle / st.graph), load_external_data=False).graph
         file_in = [(v.name, type_name[v.type.tensor_type.elem_type]) for v in g.input]
         file_out = [(v.name, type_name[v.type.tensor_type.elem_type]) for v in g.output]
-        recorded = pipe.manifest["graphs"][st["graph"]]
-        assert [t["name"] for t in recorded["inputs"]] == io.input_names
-        assert [(t["name"], t["dtype"]) for t in recorded["inputs"] if t["used"]] == file_in
-        assert [(t["name"], t["dtype"]) for t in recorded["outputs"]] == file_out
+        recorded = pipe.manifest.graphs[st.graph]
+        assert [t.name for t in recorded.inputs] == io.input_names
+        assert [(t.name, t.dtype) for t in recorded.inputs if t.used] == file_in
+        assert [(t.name, t.dtype) for t in recorded.outputs] == file_out
         assert io.output_names == [n for n, _ in file_out]
         with pytest.raises(Exception, match="missing"):
             io.feeds(**{n: None for n in io.input_names[1:]})  # the runtime cannot drop an input
@@ -169,7 +169,7 @@ def test_verify_report(exported):
     model, bundle, _ = exported
     report = verify_bundle(model, bundle)
     assert report["ok"] and report["greedy_match"]
-    assert set(report["graphs"]) == set(OnnxPipeline(bundle).manifest["graphs"])
+    assert set(report["graphs"]) == set(OnnxPipeline(bundle).manifest.graphs)
     assert max(report["graphs"].values()) < TOL and report["prefill_logits"] < TOL
 
 

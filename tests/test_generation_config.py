@@ -60,7 +60,7 @@ def test_bundle_generation_config_json_is_its_default(llama_k1_export, tmp_path)
     pipe = OnnxPipeline(bundle)
     batch = pipe.prepare(_prompts(pipe, ["hi"]), image=list(images(1)))
     raw = json.loads((bundle / "generation_config.json").read_text())
-    assert raw["max_new_tokens"] == pipe.manifest["generation"]["max_new_tokens"]
+    assert raw["max_new_tokens"] == pipe.manifest.generation.max_new_tokens
     raw.update(max_new_tokens=4, eos_token_id=[])
     (bundle / "generation_config.json").write_text(json.dumps(raw))
     edited = OnnxPipeline(bundle)

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "composer.errors", "composer.spec", "composer.shipped", "composer.options", "composer.packages",
             "composer.targets", "composer.refs", "composer.hub.sources", "composer.hf_weights", "composer.ct2",
-            "composer.tokenizer", "composer.prompting", "composer.layout", "composer.generation",
+            "composer.tokenizer", "composer.prompting", "composer.layout", "composer.generation", "composer.records",
         ),
     ),
     (

@@ -411,7 +411,7 @@ def test_onnx_bundle_verifies_and_generates_from_a_wav(bundle, tmp_path):
     assert report["ok"] and report["greedy_match"], report
     assert report["graphs"]["encoder.audio.onnx"] < 1e-4
     pipe = OnnxPipeline(path)
-    assert pipe.encoders["audio"]["tokens_per_item"] == 8 and pipe.encoders["audio"]["inputs"] == ["input_values"]
+    assert pipe.encoders["audio"].tokens_per_item == 8 and pipe.encoders["audio"].inputs == ["input_values"]
     batch = _batch(m, tmp_path)
     assert torch.equal(
         pipe.prepare([pipe.format_prompt("Hi")], audio=[TONE])["audio"],

@@ -155,7 +155,7 @@ def test_a_manifest_with_an_unknown_quantization_scheme_is_refused(int8, tmp_pat
     man = json.loads((b / "manifest.json").read_text())
     man["quantization"]["scheme"] = "int3"
     (b / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(InputError, match=r"quantization.scheme: want 'int8' or 'int4' or 'w8a8', got 'int3'"):
+    with pytest.raises(InputError, match=r"quantization.scheme: must be 'int8' or 'int4' or 'w8a8', got 'int3'"):
         OnnxPipeline(b)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import CLIP, LLAMA, spec_dict
+from helpers import CLIP, LLAMA, manifest_data, spec_dict
 from safetensors.torch import load_file, save_file
 
 from composer.builder import build
@@ -204,25 +204,15 @@ def test_a_local_checkpoint_missing_a_part_never_reaches_the_network(tmp_path, m
 
 
 def _manifest(tmp_path, **over):
-    import json
-
-    from composer.export.manifest import FORMAT_VERSION
-
-    m = {
-        "format_version": FORMAT_VERSION,
-        "stages": [{"graph": "early_text.onnx"}],
-        "encoders": {"image": {"graph": "encoder.image.onnx", "processor": "processors/image"}},
-        "graphs": {"early_text.onnx": {}, "encoder.image.onnx": {}},
-        "llm": {},
-        "kv": {},
-        "generation": {},
-        "tokenizer": "tokenizer",
-    }
-    m.update(over)
     bundle = tmp_path / "bundle"
     bundle.mkdir(exist_ok=True)
-    (bundle / "manifest.json").write_text(json.dumps(m))
+    (bundle / "manifest.json").write_text(json.dumps(manifest_data(**over)))
     return bundle
+
+
+_stages = manifest_data()["stages"]
+_graph = manifest_data()["graphs"]["early_text.onnx"]
+_encoder = manifest_data()["encoders"]["image"]
 
 
 @pytest.mark.parametrize(
@@ -232,12 +222,12 @@ def _manifest(tmp_path, **over):
         ({"tokenizer": "/etc"}, "'/etc'"),
         (
             {
-                "stages": [{"graph": "../early.onnx"}],
-                "graphs": {"../early.onnx": {}, "encoder.image.onnx": {}},
+                "stages": [{**_stages[0], "graph": "../early.onnx"}, _stages[1]],
+                "graphs": {"../early.onnx": _graph, "encoder.image.onnx": _graph, "late_multimodal.onnx": _graph},
             },
             "'../early.onnx'",
         ),
-        ({"encoders": {"image": {"graph": "encoder.image.onnx", "processor": "../../p"}}}, "'../../p'"),
+        ({"encoders": {"image": {**_encoder, "processor": "../../p"}}}, "'../../p'"),
     ],
 )
 def test_a_bundle_names_only_its_own_files(tmp_path, over, named):
@@ -334,10 +324,13 @@ def test_a_float_tensor_whose_header_says_int_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "edit,match",
     [
-        (lambda m: m.update(llm={}), r"llm.num_layers: want a positive integer, got None"),
-        (lambda m: m.update(stages=[]), r"stages: want a list of at least two stages, got \[\]"),
-        (lambda m: m.update(dtype="fp8"), r"dtype: want 'fp32' or 'fp16', got 'fp8'"),
-        (lambda m: m["kv"].update(head_dim="64"), r"kv.head_dim: want a positive integer, got '64'"),
+        (lambda m: m["llm"].pop("num_layers"), r"llm.num_layers: missing"),
+        (lambda m: m.update(stages=[]), r"stages: must be a list of at least two stages, got 0"),
+        (lambda m: m.update(dtype="fp8"), r"dtype: must be 'fp32' or 'fp16', got 'fp8'"),
+        (lambda m: m["kv"].update(head_dim="64"), r"kv.head_dim: must be a positive integer, got '64'"),
+        (lambda m: m["kv"].update(num_kv_heads=-1), r"kv.num_kv_heads: must be a positive integer, got -1"),
+        (lambda m: m["stages"][-1].update(last=1), r"stages\[1\].last: must be true or false, got 1"),
+        (lambda m: m["llm"].update(layers=4), r"llm.layers: unknown key"),
     ],
 )
 def test_a_malformed_manifest_names_the_field(tmp_path, edit, match, llama_k1_export):

@@ -555,7 +555,7 @@ def test_tiny_whisper_model_exports_and_verifies(tiny, tmp_path):
     report = verify_bundle(tiny, bundle)
     assert report["ok"], report
     pipe = OnnxPipeline(bundle)
-    assert pipe.manifest["encoders"]["audio"]["tokens_per_item"] == 4
+    assert pipe.manifest.encoders["audio"].tokens_per_item == 4
     items = [_tone(16000, 0.5), (_tone(44100, 1.5, 880.0), 44100)]
     want = tiny.prepare([tiny.format_prompt("a")] * 2, audio=items)
     got = pipe.prepare([pipe.format_prompt("a")] * 2, audio=items)

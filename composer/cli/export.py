@@ -145,13 +145,12 @@ def _print_bundle(con, out: Path, verified: bool) -> None:
     from composer.export.manifest import read_manifest
 
     manifest = read_manifest(out)
-    for st in manifest["stages"]:
+    for st in manifest.stages:
         con.print(
-            f"  {st['graph']:<28} layers [{st['start']}, {st['end']})"
-            + (f"  + {', '.join(st['enter'])}" if st["enter"] else "")
+            f"  {st.graph:<28} layers [{st.start}, {st.end})" + (f"  + {', '.join(st.enter)}" if st.enter else "")
         )
-    for _m, e in manifest["encoders"].items():
-        con.print(f"  {e['graph']:<28} {e['tokens_per_item']} tokens per item")
+    for e in manifest.encoders.values():
+        con.print(f"  {e.graph:<28} {e.tokens_per_item} tokens per item")
     con.print(f"wrote ONNX bundle to {out}" + (" (verified)" if verified else ""))
 
 

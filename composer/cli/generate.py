@@ -4,7 +4,6 @@ fields (``composer.options``); the media options (``--<modality> FILE``) from th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -190,15 +189,16 @@ def _text_modalities(target: str) -> frozenset[str]:
     its composer.json or manifest.json before the model loads, so that a mistyped file fails fast
     (unreadable: none; loading TARGET reports the error)."""
     from composer.adapters import text_modalities
+    from composer.checkpoint import read_checkpoint_meta
+    from composer.export.manifest import is_bundle, read_manifest
 
-    p = Path(target)
     try:
-        if (p / "manifest.json").is_file():
-            types = {m: e["type"] for m, e in json.loads((p / "manifest.json").read_text())["encoders"].items()}
+        if is_bundle(target):
+            types = {m: e.type for m, e in read_manifest(target, check_files=False).encoders.items()}
         else:
-            types = json.loads((p / "composer.json").read_text())["encoder_types"]
+            types = read_checkpoint_meta(target).encoder_types
         return text_modalities(types)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (InputError, OSError):
         return frozenset()
 
 

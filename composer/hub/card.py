@@ -79,10 +79,21 @@ def base_model_relation(root: Path, bundle: bool) -> str:
     quantized bundle, ``adapter`` for a trainable-only checkpoint (it needs the base weights),
     else ``finetune`` (new encoders/projectors trained around them, or their weights changed)."""
     if bundle:
-        manifest = json.loads((root / "manifest.json").read_text())
-        return "quantized" if manifest.get("quantization") else "finetune"
-    meta = json.loads((root / "composer.json").read_text())
-    return "adapter" if meta.get("weights") == "trainable" else "finetune"
+        return "quantized" if _manifest(root).quantization is not None else "finetune"
+    return "adapter" if _meta(root).weights == "trainable" else "finetune"
+
+
+# the recorded facts a card is built from (their modules load on first use)
+def _manifest(root: Path):
+    from composer.export.manifest import read_manifest
+
+    return read_manifest(root, check_files=False)
+
+
+def _meta(root: Path):
+    from composer.checkpoint import read_checkpoint_meta
+
+    return read_checkpoint_meta(root)
 
 
 def _table(rows) -> list[str]:
@@ -154,11 +165,8 @@ def _flops_line(facts: dict) -> str:
 def _recorded_summary(root: Path, bundle: bool) -> dict | None:
     """The summary facts the checkpoint (``composer.json``) or bundle (manifest) recorded when it
     was written; None for directories written before composer recorded them."""
-    name = "manifest.json" if bundle else "composer.json"
-    try:
-        return json.loads((root / name).read_text()).get("summary")
-    except (OSError, ValueError, AttributeError):
-        return None
+    summary = (_manifest(root) if bundle else _meta(root)).summary
+    return None if summary is None else summary.model_dump()
 
 
 def model_card(root: Path, repo_id: str, *, license: str | None = None, datasets: list[str] | None = None) -> str:
@@ -172,12 +180,9 @@ def model_card(root: Path, repo_id: str, *, license: str | None = None, datasets
     spec = _spec(root)
     bundle = not is_checkpoint(root)
     if bundle:
-        from composer.export.manifest import read_manifest
-
-        manifest = read_manifest(root, check_files=False)
-        encoder_types = {m: e["type"] for m, e in manifest["encoders"].items()}
+        encoder_types = {m: e.type for m, e in _manifest(root).encoders.items()}
     else:
-        encoder_types = json.loads((root / "composer.json").read_text())["encoder_types"]
+        encoder_types = _meta(root).encoder_types
     relation = base_model_relation(root, bundle)
     data = card_data(spec, encoder_types, bundle=bundle, relation=relation, license=license, datasets=datasets)
     body = [GENERATED, "", f"# {spec.name}", ""]
@@ -244,12 +249,12 @@ def hub_config(root: Path, kind: str) -> str:
     architecture from (and counts downloads by). composer itself never reads it."""
     spec = _spec(root)
     if kind == "bundle":
-        manifest = json.loads((root / "manifest.json").read_text())
-        llm, insert_at = manifest["llm"], manifest["insert_at"]
-        llm = {"model_type": llm["family"], "num_hidden_layers": llm["num_layers"], "hidden_size": llm["hidden_size"]}
+        manifest = _manifest(root)
+        facts, insert_at = manifest.llm, manifest.insert_at
+        llm = {"model_type": facts.family, "num_hidden_layers": facts.num_layers, "hidden_size": facts.hidden_size}
     else:
-        meta = json.loads((root / "composer.json").read_text())
-        cfg, insert_at = meta["llm_config"], meta["insert_at"]
+        meta = _meta(root)
+        cfg, insert_at = meta.llm_config, meta.insert_at or spec.insert_layers()
         llm = {k: cfg.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size")}
     config = {
         "architectures": ["ComposedModel"],

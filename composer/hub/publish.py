@@ -104,17 +104,16 @@ def _refuse_links(root: Path) -> None:
 def _check_sources_portable(root: Path) -> None:
     """A trainable-only checkpoint loads its frozen weights from the spec's sources: refuse to push
     one whose sources are local paths (they would not exist where it is pulled)."""
-    import json
-
     from composer.builder import hub_fields
+    from composer.checkpoint import read_checkpoint_meta
     from composer.refs import parse_source
     from composer.spec import load_yaml, parse_spec
 
     try:
-        meta = json.loads((root / "composer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # read_pretrained's checks report it
-    if not isinstance(meta, dict) or meta.get("weights") != "trainable":
+        meta = read_checkpoint_meta(root)
+    except InputError:
+        return  # reported where the checkpoint is read (the model card, load_pretrained)
+    if meta.weights != "trainable":
         return
     spec = parse_spec(load_yaml((root / "spec.yaml").read_text(), str(root / "spec.yaml")), str(root / "spec.yaml"))
     for field, obj, attr in hub_fields(spec):
