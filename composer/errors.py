@@ -74,3 +74,34 @@ def first_line(e: BaseException) -> str:
     one-line error quotes from a library's multi-line one."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+# pydantic's error types -> what the value must be
+_MUST = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "finite_number": "must be a finite number",
+    "literal_error": "must be one of {expected}",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+}
+
+
+def validation_message(e) -> str:
+    """A pydantic ``ValidationError`` as one line naming the field: ``lr: must be > 0, got -1.0``
+    (its first error; the configs built from command-line options report it, the CLI maps the field
+    to its flag)."""
+    err = e.errors()[0]
+    field = ".".join(map(str, err["loc"])) or "<root>"
+    if err["type"] == "missing":
+        return f"{field}: required"
+    if err["type"] == "extra_forbidden":
+        return f"{field}: unknown setting"
+    must = _MUST.get(err["type"])
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in err.get("ctx", {}).items()}
+    text = must.format(**ctx) if must else err["msg"][:1].lower() + err["msg"][1:]
+    return f"{field}: {text}, got {err.get('input')!r}"

@@ -60,31 +60,8 @@ def prepare_batch(
     extra = sorted(set(modality_items) - set(placeholder_ids))
     if extra:
         raise InputError(f"unknown modality {extra}; this model has {sorted(placeholder_ids)}")
-    modality_of = {pid: m for m, pid in placeholder_ids.items()}
-    counts = {m: 0 for m in placeholder_ids}
-    row_counts: list[dict[str, int]] = []
-    rows = []
-    for prompt in prompts:
-        row, mine = [], dict.fromkeys(placeholder_ids, 0)
-        for t in tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]:
-            m = modality_of.get(t)
-            if m is None:
-                row.append(t)
-            else:
-                counts[m] += 1
-                mine[m] += 1
-                row.extend([t] * num_tokens[m])
-        rows.append(row)
-        row_counts.append(mine)
-    items_of: dict[str, list] = {}
-    for m, n in counts.items():
-        items = modality_items.get(m)
-        items_of[m] = [] if items is None else list(items) if isinstance(items, (list, tuple)) else [items]
-        if len(items_of[m]) != n:
-            raise InputError(
-                f"{m}: the prompts contain {n} {placeholders[m]!r} placeholder(s) but {len(items_of[m])} {m} item(s) "
-                "were given"
-            )
+    rows, row_counts, counts = _tokenize(tokenizer, prompts, placeholder_ids, num_tokens, add_special_tokens)
+    items_of = _items_of(counts, modality_items, placeholders)
     if errors == "collect":
         return _collect(
             tokenizer,
@@ -106,15 +83,58 @@ def prepare_batch(
     for m, n in counts.items():
         if n:
             batch[m] = preprocess[m](items_of[m])
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {**_pad(rows, pad, padding_side), **batch}
+
+
+def _tokenize(
+    tokenizer, prompts: list[str], placeholder_ids: dict[str, int], num_tokens: dict[str, int], add_special_tokens: bool
+):
+    """Each prompt's token ids with every placeholder expanded to its modality's ``num_tokens``
+    slots -> (rows, placeholders per modality of each row, placeholders per modality in all)."""
+    modality_of = {pid: m for m, pid in placeholder_ids.items()}
+    counts = {m: 0 for m in placeholder_ids}
+    row_counts: list[dict[str, int]] = []
+    rows = []
+    for prompt in prompts:
+        row, mine = [], dict.fromkeys(placeholder_ids, 0)
+        for t in tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]:
+            m = modality_of.get(t)
+            if m is None:
+                row.append(t)
+            else:
+                counts[m] += 1
+                mine[m] += 1
+                row.extend([t] * num_tokens[m])
+        rows.append(row)
+        row_counts.append(mine)
+    return rows, row_counts, counts
+
+
+def _items_of(counts: dict[str, int], modality_items: dict, placeholders: dict[str, str]) -> dict[str, list]:
+    """The items given per modality as lists, one per placeholder of the prompts, or an ``InputError``."""
+    items_of: dict[str, list] = {}
+    for m, n in counts.items():
+        items = modality_items.get(m)
+        items_of[m] = [] if items is None else list(items) if isinstance(items, (list, tuple)) else [items]
+        if len(items_of[m]) != n:
+            raise InputError(
+                f"{m}: the prompts contain {n} {placeholders[m]!r} placeholder(s) but {len(items_of[m])} {m} item(s) "
+                "were given"
+            )
+    return items_of
+
+
+def _pad(rows: list[list[int]], pad: int, padding_side: str) -> dict[str, torch.Tensor]:
+    """Token rows padded with ``pad`` on ``padding_side`` -> {"input_ids", "attention_mask"}."""
+    width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
         ids[i, sl] = torch.tensor(r, dtype=torch.long)
         mask[i, sl] = 1
-    return {"input_ids": ids, "attention_mask": mask, **batch}
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _check_length(

@@ -179,7 +179,10 @@ def calibration_batches(model, path: str | Path, samples: int = CALIBRATION_SAMP
     collate = Collator(model)
     batches = []
     # only the records used are read and checked; media paths stay inside the file's directory
-    for ex in read_jsonl(path, dict(model.placeholders), limit=samples, confine=True):
+    from composer.adapters import encoder_types, text_modalities
+
+    text = text_modalities(encoder_types(model))
+    for ex in read_jsonl(path, dict(model.placeholders), limit=samples, confine=True, text=text):
         batch = collate([ex])
         batch.pop("labels")
         batches.append(batch)
@@ -256,14 +259,7 @@ def quantize_graph_w8a8(
     for n in targets:
         groups.setdefault(n.input[0], []).append(n)
     weights = {n.name: nh.to_array(inits[n.input[1]]).astype(np.float32) for n in targets}
-    c = "w8a8."  # shared constants
-    new_inits = [
-        nh.from_array(np.array(128, np.uint8), c + "zero_point"),
-        nh.from_array(np.array([1], np.int64), c + "axis1"),
-        nh.from_array(np.array(1 / 127, np.float32), c + "inv127"),
-        nh.from_array(np.array(1e-30, np.float32), c + "tiny"),  # an all-zero row: scale > 0
-        nh.from_array(np.array(1.0, np.float32), c + "one"),
-    ]
+    new_inits = _w8a8_shared()
     first = {ns[0].name: x for x, ns in groups.items()}
     target_names = {n.name for n in targets}
     nodes, drop, smoothed, fp32_rows = [], set(), 0, {}
@@ -271,79 +267,19 @@ def quantize_graph_w8a8(
         if n.name not in target_names:
             nodes.append(n)
             continue
-        x = n.input[0]
-        p = f"w8a8/{x}/"
         if n.name in first:  # the group's activation: flatten, smooth, scale per row, quantize
-            K = weights[n.name].shape[0]
-            stats = [ranges.get(_weight_key(weights[m.name])) for m in groups[x]]
-            nodes += [
-                oh.make_node("Constant", [], [p + "flat_shape"], value=nh.from_array(np.array([-1, K], np.int64))),
-                oh.make_node("Reshape", [x, p + "flat_shape"], [p + "flat"]),
-                oh.make_node("Shape", [x], [p + "lead"], end=-1),
-            ]
-            src = p + "flat"
-            if all(r is not None for r in stats):
-                act = np.maximum(np.max(stats, 0), 1e-5)
-                outl = np.sort(np.argsort(-act, kind="stable")[: fp32_channels if K >= 4 * fp32_channels else 0])
-                keep = np.ones(K, bool)
-                keep[outl] = False
-                wmax = np.max([np.abs(weights[m.name]).max(1) for m in groups[x]], 0)
-                wmax = np.maximum(np.where(keep, wmax, 0), 1e-5)
-                smooth = np.clip(act**alpha / wmax ** (1 - alpha), 1e-4, 1e4).astype(np.float32)
-                for m in groups[x]:
-                    if len(outl):
-                        fp32_rows[m.name] = weights[m.name][outl]
-                    weights[m.name] = weights[m.name] * (smooth * keep)[:, None]
-                inv = np.where(keep, 1 / smooth, 0).astype(np.float32)  # outlier channels: 0 in the int8 GEMM
-                new_inits.append(nh.from_array(inv, p + "inv_smooth"))
-                nodes.append(oh.make_node("Mul", [src, p + "inv_smooth"], [p + "smoothed"]))
-                if len(outl):
-                    new_inits.append(nh.from_array(np.asarray(outl, np.int64), p + "outlier_channels"))
-                    nodes.append(oh.make_node("Gather", [src, p + "outlier_channels"], [p + "outliers"], axis=1))
-                src, smoothed = p + "smoothed", smoothed + len(groups[x])
-            nodes += [
-                oh.make_node("Abs", [src], [p + "abs"]),
-                oh.make_node("ReduceMax", [p + "abs", c + "axis1"], [p + "max"], keepdims=0),
-                oh.make_node("Mul", [p + "max", c + "inv127"], [p + "scale0"]),
-                oh.make_node("Max", [p + "scale0", c + "tiny"], [p + "scale"]),
-                oh.make_node("Shape", [p + "scale"], [p + "rows"]),
-                oh.make_node("Expand", [c + "zero_point", p + "rows"], [p + "zero_points"]),
-                oh.make_node("QuantizeLinear", [src, p + "scale", p + "zero_points"], [p + "q"], axis=0),
-                oh.make_node("Unsqueeze", [p + "scale", c + "axis1"], [p + "row_scale"]),
-            ]
-        w = weights[n.name]
-        w_scale = np.abs(w).max(0) / 127
-        w_scale[w_scale == 0] = 1.0
-        q = f"{n.name}/w8a8"
-        new_inits += [
-            nh.from_array(np.clip(np.round(w / w_scale), -127, 127).astype(np.int8), q + ".weight"),
-            nh.from_array(w_scale.astype(np.float32), q + ".scale"),
-            nh.from_array(np.array([w.shape[1]], np.int64), q + ".width"),
-        ]
+            x = n.input[0]
+            more_nodes, more_inits, was_smoothed = _w8a8_activation(
+                x, groups[x], weights, ranges, alpha, fp32_channels, fp32_rows
+            )
+            nodes += more_nodes
+            new_inits += more_inits
+            smoothed += len(groups[x]) if was_smoothed else 0
         if uses[n.input[1]] == 1:
             drop.add(n.input[1])
-        nodes += [
-            oh.make_node(
-                "MatMulIntegerToFloat",
-                [p + "q", q + ".weight", c + "one", q + ".scale", c + "zero_point"],
-                [q + "/cols"],
-                domain="com.microsoft",
-                name=q,
-            ),
-        ]
-        if n.name in fp32_rows:  # the outlier channels' share, in fp32
-            new_inits.append(nh.from_array(fp32_rows[n.name].astype(np.float32), q + ".outlier_weight"))
-            nodes += [
-                oh.make_node("Mul", [q + "/cols", p + "row_scale"], [q + "/int8"]),
-                oh.make_node("MatMul", [p + "outliers", q + ".outlier_weight"], [q + "/fp32"], name=q + "/outliers"),
-                oh.make_node("Add", [q + "/int8", q + "/fp32"], [q + "/flat"]),
-            ]
-        else:
-            nodes.append(oh.make_node("Mul", [q + "/cols", p + "row_scale"], [q + "/flat"]))
-        nodes += [
-            oh.make_node("Concat", [p + "lead", q + ".width"], [q + "/shape"], axis=0),
-            oh.make_node("Reshape", [q + "/flat", q + "/shape"], [n.output[0]]),
-        ]
+        more_nodes, more_inits = _w8a8_matmul(n, weights[n.name], fp32_rows.get(n.name))
+        nodes += more_nodes
+        new_inits += more_inits
     kept = [i for i in g.initializer if i.name not in drop]
     del g.node[:]
     g.node.extend(nodes)
@@ -358,6 +294,119 @@ def quantize_graph_w8a8(
         "smoothed": smoothed,
         "fp32_channels": sum(len(r) for r in fp32_rows.values()),
     }
+
+
+W8A8_SHARED = "w8a8."  # the prefix of the constants all rewritten MatMuls share (zero point, 1/127, ...)
+
+
+def _w8a8_shared() -> list:
+    """The constants every rewritten MatMul shares, as initializers."""
+    import numpy as np
+    from onnx import numpy_helper as nh
+
+    c = W8A8_SHARED
+    return [
+        nh.from_array(np.array(128, np.uint8), c + "zero_point"),
+        nh.from_array(np.array([1], np.int64), c + "axis1"),
+        nh.from_array(np.array(1 / 127, np.float32), c + "inv127"),
+        nh.from_array(np.array(1e-30, np.float32), c + "tiny"),  # an all-zero row: scale > 0
+        nh.from_array(np.array(1.0, np.float32), c + "one"),
+    ]
+
+
+def _w8a8_activation(x: str, group: list, weights: dict, ranges: dict, alpha, fp32_channels: int, fp32_rows: dict):
+    """The nodes (and initializers) that quantize activation ``x``, which the MatMuls ``group``
+    read, once for all of them: flattened to rows, smoothed and its fp32 channels gathered (when
+    each weight has calibration statistics in ``ranges``), then int8 with one scale per row. The
+    group's ``weights`` are smoothed in place, and their fp32 channels' rows go to ``fp32_rows``.
+    -> (nodes, initializers, whether it was smoothed)."""
+    import numpy as np
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    c, p = W8A8_SHARED, f"w8a8/{x}/"
+    K = weights[group[0].name].shape[0]
+    stats = [ranges.get(_weight_key(weights[m.name])) for m in group]
+    nodes = [
+        oh.make_node("Constant", [], [p + "flat_shape"], value=nh.from_array(np.array([-1, K], np.int64))),
+        oh.make_node("Reshape", [x, p + "flat_shape"], [p + "flat"]),
+        oh.make_node("Shape", [x], [p + "lead"], end=-1),
+    ]
+    inits = []
+    src = p + "flat"
+    smoothed = all(r is not None for r in stats)
+    if smoothed:
+        act = np.maximum(np.max(stats, 0), 1e-5)
+        outl = np.sort(np.argsort(-act, kind="stable")[: fp32_channels if K >= 4 * fp32_channels else 0])
+        keep = np.ones(K, bool)
+        keep[outl] = False
+        wmax = np.max([np.abs(weights[m.name]).max(1) for m in group], 0)
+        wmax = np.maximum(np.where(keep, wmax, 0), 1e-5)
+        smooth = np.clip(act**alpha / wmax ** (1 - alpha), 1e-4, 1e4).astype(np.float32)
+        for m in group:
+            if len(outl):
+                fp32_rows[m.name] = weights[m.name][outl]
+            weights[m.name] = weights[m.name] * (smooth * keep)[:, None]
+        inv = np.where(keep, 1 / smooth, 0).astype(np.float32)  # outlier channels: 0 in the int8 GEMM
+        inits.append(nh.from_array(inv, p + "inv_smooth"))
+        nodes.append(oh.make_node("Mul", [src, p + "inv_smooth"], [p + "smoothed"]))
+        if len(outl):
+            inits.append(nh.from_array(np.asarray(outl, np.int64), p + "outlier_channels"))
+            nodes.append(oh.make_node("Gather", [src, p + "outlier_channels"], [p + "outliers"], axis=1))
+        src = p + "smoothed"
+    nodes += [
+        oh.make_node("Abs", [src], [p + "abs"]),
+        oh.make_node("ReduceMax", [p + "abs", c + "axis1"], [p + "max"], keepdims=0),
+        oh.make_node("Mul", [p + "max", c + "inv127"], [p + "scale0"]),
+        oh.make_node("Max", [p + "scale0", c + "tiny"], [p + "scale"]),
+        oh.make_node("Shape", [p + "scale"], [p + "rows"]),
+        oh.make_node("Expand", [c + "zero_point", p + "rows"], [p + "zero_points"]),
+        oh.make_node("QuantizeLinear", [src, p + "scale", p + "zero_points"], [p + "q"], axis=0),
+        oh.make_node("Unsqueeze", [p + "scale", c + "axis1"], [p + "row_scale"]),
+    ]
+    return nodes, inits, smoothed
+
+
+def _w8a8_matmul(n, w, fp32_rows):
+    """MatMul ``n`` over its (smoothed) weight ``w`` as ``MatMulIntegerToFloat`` on its quantized
+    activation (int8 weights, one scale per output channel), plus the fp32 channels' product
+    (``fp32_rows``: their weight rows, or None), reshaped back to ``n``'s output.
+    -> (nodes, initializers)."""
+    import numpy as np
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    c, p, q = W8A8_SHARED, f"w8a8/{n.input[0]}/", f"{n.name}/w8a8"
+    w_scale = np.abs(w).max(0) / 127
+    w_scale[w_scale == 0] = 1.0
+    inits = [
+        nh.from_array(np.clip(np.round(w / w_scale), -127, 127).astype(np.int8), q + ".weight"),
+        nh.from_array(w_scale.astype(np.float32), q + ".scale"),
+        nh.from_array(np.array([w.shape[1]], np.int64), q + ".width"),
+    ]
+    nodes = [
+        oh.make_node(
+            "MatMulIntegerToFloat",
+            [p + "q", q + ".weight", c + "one", q + ".scale", c + "zero_point"],
+            [q + "/cols"],
+            domain="com.microsoft",
+            name=q,
+        ),
+    ]
+    if fp32_rows is not None:  # the outlier channels' share, in fp32
+        inits.append(nh.from_array(fp32_rows.astype(np.float32), q + ".outlier_weight"))
+        nodes += [
+            oh.make_node("Mul", [q + "/cols", p + "row_scale"], [q + "/int8"]),
+            oh.make_node("MatMul", [p + "outliers", q + ".outlier_weight"], [q + "/fp32"], name=q + "/outliers"),
+            oh.make_node("Add", [q + "/int8", q + "/fp32"], [q + "/flat"]),
+        ]
+    else:
+        nodes.append(oh.make_node("Mul", [q + "/cols", p + "row_scale"], [q + "/flat"]))
+    nodes += [
+        oh.make_node("Concat", [p + "lead", q + ".width"], [q + "/shape"], axis=0),
+        oh.make_node("Reshape", [q + "/flat", q + "/shape"], [n.output[0]]),
+    ]
+    return nodes, inits
 
 
 def _save_over(model, path: Path) -> None:

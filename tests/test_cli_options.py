@@ -1,6 +1,7 @@
 """Option sets with one owner: `compose train`'s options are TrainConfig's fields, `compose
 generate`'s generation options GenerationSpec's, `compose export`'s ExportOptions' (which are
-export_onnx's keyword arguments), so none can drift from the other; a bad value names its flag,
+export_onnx's keyword arguments), `compose serve`'s limit options Limits', so none can drift from
+the other; a bad value names its flag,
 exits 2 and starts nothing."""
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from composer.cli.export import ExportOptions
 from composer.cli.export import export as export_command
 from composer.cli.generate import GENERATION_FLAGS
 from composer.cli.generate import generate as generate_command
+from composer.cli.serve import MIB, NOT_LIMIT_OPTIONS
+from composer.cli.serve import serve as serve_command
 from composer.cli.train import NOT_OPTIONS, TRAIN_FLAGS
 from composer.cli.train import train as train_command
 from composer.options import flag_of
+from composer.serve.protocol import Limits
 from composer.spec import GenerationSpec
 from composer.train import TrainConfig
 
@@ -70,6 +74,48 @@ def test_export_options_are_export_onnx_keyword_arguments():
     assert {n: f.default for n, f in ExportOptions.model_fields.items()} == keywords
     options = _options(export_command)
     assert set(options) - {"out", "overwrite", "verify", "min_top1", "atol"} == set(ExportOptions.model_fields)
+
+
+def test_every_limit_is_a_serve_option_and_back():
+    """Limits' fields, less the body limits that are no options of their own, are exactly `compose
+    serve`'s limit options (--max-body-mb is max_body_bytes in MiB); each option's default is the
+    field's and its range the field's constraint."""
+    options = _options(serve_command)
+    own = {"host", "port", "model_name", "max_batch", "batch_wait_ms", "max_body_mb", "api_key", "allowed_hosts"}
+    own |= {"provider", "threads", "log_level"}
+    assert set(NOT_LIMIT_OPTIONS) == {"max_body_bytes", "max_pending_body_bytes"}
+    assert set(options) - own == set(Limits.model_fields) - set(NOT_LIMIT_OPTIONS)
+    for name, field in Limits.model_fields.items():
+        if name in NOT_LIMIT_OPTIONS:
+            continue
+        opt = options[name]
+        assert opt.default == field.default and opt.opts == ["--" + name.replace("_", "-")], name
+        bounds = {type(m).__name__: m for m in field.metadata}
+        if "Ge" in bounds:
+            assert opt.type.min == bounds["Ge"].ge and not opt.type.min_open, name
+        if "Gt" in bounds:
+            assert opt.type.min == bounds["Gt"].gt and opt.type.min_open, name
+    assert options["max_body_mb"].default * MIB == Limits.model_fields["max_body_bytes"].default
+    assert options["body_timeout_s"].opts == ["--body-timeout-s"] and options["media_root"].type.exists
+
+
+def test_serve_options_make_the_limits(tmp_path, monkeypatch):
+    """What `compose serve` is given reaches the server's Limits; the rest keep Limits' defaults."""
+    from click.testing import CliRunner
+
+    import composer.cli.serve as cli_serve
+
+    made = {}
+    monkeypatch.setattr(cli_serve, "_runtime", lambda *a: "runtime")
+    monkeypatch.setattr(cli_serve, "_check_port_free", lambda *a: None)
+    monkeypatch.setattr(cli_serve, "_run", lambda *a: None)
+    monkeypatch.setattr("composer.serve.app.create_app", lambda runtime, **kw: made.update(kw))
+    args = ["x", "--max-queue", "3", "--max-body-mb", "0.5", "--body-timeout-s", "2", "--media-root", str(tmp_path)]
+    r = CliRunner().invoke(serve_command, args)
+    assert r.exit_code == 0, r.output
+    assert made["limits"] == Limits(max_queue=3, max_body_bytes=2**19, body_timeout_s=2.0, media_root=tmp_path)
+    r = CliRunner().invoke(serve_command, ["x", "--max-stop-chars", "0"])
+    assert r.exit_code == 2 and "Invalid value for '--max-stop-chars': 0 is not in the range x>=1." in r.output
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ CLI) and its ONNX bundle (verify_bundle, ONNX Runtime on molecules of other size
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -287,6 +288,24 @@ def test_tiny_twin_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_compose_train_reads_smiles_records(tmp_path):
+    """Training data names molecules by SMILES (`{"molecule": "CCO", ...}`), not by file: `compose train`
+    on the tiny MolCA twin reads them and trains; an empty molecule string is that record's error,
+    naming file:line."""
+    from helpers import run_cli
+
+    data = tmp_path / "train.jsonl"
+    named = [("CCO", "ethanol"), ("c1ccccc1", "benzene"), (ASPIRIN, "aspirin"), ("CC(=O)O", "acetic acid")]
+    rows = [{"molecule": smi, "prompt": "What is it?", "response": name} for smi, name in named]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli("train", TINY, "--data", data, "-o", tmp_path / "run", "--max-steps", "2", "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "composer.json").is_file()
+    data.write_text(data.read_text() + json.dumps({"molecule": "", "prompt": "x", "response": "y"}) + "\n")
+    r = run_cli("train", TINY, "--data", data, "-o", tmp_path / "run2", "--max-steps", "2")
+    assert r.returncode == 2 and f"{data}:5: `molecule` must be a non-empty string" in r.stderr
 
 
 def test_cached_generation_equals_uncached(twin):

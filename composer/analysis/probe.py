@@ -113,6 +113,52 @@ def run_probe(model, data: str, cfg: ProbeConfig, progress=None) -> dict:
     """
     say = progress or (lambda s: None)
     N = model.num_layers
+    layers = _probed_layers(cfg, N)
+    examples, batches = _batches(model, data, cfg)
+    candidates = sorted(set(layers) | {0})
+    model.eval()
+    original = model.insert_at
+    losses = {k: [0.0, 0] for k in candidates}
+    align = _align_at_0(model, batches, examples, layers, cfg.batch_size, losses[0], say)
+    for k in candidates[1:]:
+        at_k = model.with_insert_at(k)
+        for j, batch in enumerate(batches):
+            say(f"loss at k={k}: batch {j + 1} of {len(batches)}")
+            s, n = _loss_sum(at_k, batch)
+            losses[k][0] += s
+            losses[k][1] += n
+    if losses[0][1] == 0:
+        raise InputError(f"{data}: the records have no response tokens to score")
+    loss = {k: s / n for k, (s, n) in losses.items()}
+    records = align["records"]
+    rows = _rows(candidates, loss, align["sums"], records, cfg.max_loss_increase)
+    by_loss = max(r["layer"] for r in rows if r["eligible"])
+    aligned = [r for r in rows if "cos_mean_pooled" in r and r["layer"] > 0]
+    recommended = by_loss
+    if cfg.rule == "alignment" and aligned:
+        top = max(r["cos_mean_pooled"] for r in aligned)
+        plateau = top - (1 - cfg.align_fraction) * abs(top)
+        recommended = min(r["layer"] for r in aligned if r["cos_mean_pooled"] >= plateau)
+    return {
+        "name": model.spec.name,
+        "data": str(data),
+        "records": records,
+        "tokens_per_record": {"mm": align["n_mm"] / records, "text": align["n_text"] / records},
+        "num_layers": N,
+        "trained_insert_at": original,
+        "max_loss_increase": cfg.max_loss_increase,
+        "loss_k0": loss[0],
+        "rows": rows,
+        "rule": cfg.rule,
+        "align_fraction": cfg.align_fraction,
+        "recommended_k": recommended,
+        "loss_rule_k": by_loss,
+        "best_aligned_layer": max(aligned, key=lambda r: r["cos_mean_pooled"])["layer"] if aligned else None,
+    }
+
+
+def _probed_layers(cfg: ProbeConfig, N: int) -> list[int]:
+    """``cfg`` checked against an ``N``-layer LLM -> the layers to probe, sorted."""
     layers = sorted(set(cfg.layers)) if cfg.layers else list(range(N))
     bad = [k for k in layers if not 0 <= k < N]
     if bad:
@@ -125,32 +171,41 @@ def run_probe(model, data: str, cfg: ProbeConfig, progress=None) -> dict:
         raise InputError(
             f"--rule must be alignment or loss and --align-fraction in (0, 1], got {cfg.rule!r}, {cfg.align_fraction}"
         )
+    return layers
+
+
+def _batches(model, data: str, cfg: ProbeConfig) -> tuple[list, list[dict]]:
+    """The first ``max_records`` records of ``data`` -> (the records, their batches on the model's device)."""
     placeholders = {m: model.spec.modalities[m].placeholder for m in model.encoders}
-    examples = read_jsonl(data, placeholders, media_root=cfg.media_root)[: cfg.max_records]
+    from composer.adapters import encoder_types, text_modalities
+
+    text = text_modalities(encoder_types(model))
+    examples = read_jsonl(data, placeholders, media_root=cfg.media_root, text=text)[: cfg.max_records]
     collate = Collator(model)
     batches = [collate(examples[i : i + cfg.batch_size]) for i in range(0, len(examples), cfg.batch_size)]
     dev = model.device
-    batches = [{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in batches]
-    candidates = sorted(set(layers) | {0})
-    model.eval()
-    original = model.insert_at
+    return examples, [{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in batches]
+
+
+def _align_at_0(model, batches: list[dict], examples: list, layers: list[int], batch_size: int, loss0: list, say):
+    """The model at ``insert_at: 0`` over ``batches``, the states entering ``layers`` kept: the
+    loss added to ``loss0`` ([sum, tokens]) -> {"sums": {layer: summed alignment}, "records",
+    "n_mm", "n_text"} (MM and text tokens of all records)."""
     sums = {k: [0.0, 0.0, 0.0] for k in layers}
-    records = 0
-    losses = {k: [0.0, 0] for k in candidates}
-    n_mm = n_text = 0
+    records = n_mm = n_text = 0
     at0 = model.with_insert_at(0)  # the same weights, every modality at layer 0
     hooks = LayerInputs(at0, layers)
     try:
         for j, batch in enumerate(batches):
             say(f"k=0 with hidden states: batch {j + 1} of {len(batches)}")
             s, n = _loss_sum(at0, batch)
-            losses[0][0] += s
-            losses[0][1] += n
+            loss0[0] += s
+            loss0[1] += n
             mm, text = _masks(at0, batch)
             for row in range(mm.shape[0]):
                 if not mm[row].any() or not text[row].any():
                     raise InputError(
-                        f"{examples[j * cfg.batch_size + row].where}: the record needs both MM and text "
+                        f"{examples[j * batch_size + row].where}: the record needs both MM and text "
                         "tokens for the alignment probe"
                     )
                 records += 1
@@ -164,16 +219,12 @@ def run_probe(model, data: str, cfg: ProbeConfig, progress=None) -> dict:
                         sums[k][i] += v
     finally:
         hooks.close()
-    for k in candidates[1:]:
-        at_k = model.with_insert_at(k)
-        for j, batch in enumerate(batches):
-            say(f"loss at k={k}: batch {j + 1} of {len(batches)}")
-            s, n = _loss_sum(at_k, batch)
-            losses[k][0] += s
-            losses[k][1] += n
-    if losses[0][1] == 0:
-        raise InputError(f"{data}: the records have no response tokens to score")
-    loss = {k: s / n for k, (s, n) in losses.items()}
+    return {"sums": sums, "records": records, "n_mm": n_mm, "n_text": n_text}
+
+
+def _rows(candidates: list[int], loss: dict, sums: dict, records: int, max_loss_increase: float) -> list[dict]:
+    """One row per candidate k: its loss and increase over k = 0, the mean alignment of a probed
+    layer, and whether the loss rule allows it."""
     rows = []
     for k in candidates:
         row = {"layer": k, "loss": loss[k], "loss_increase": loss[k] / loss[0] - 1 if k else 0.0}
@@ -185,31 +236,9 @@ def run_probe(model, data: str, cfg: ProbeConfig, progress=None) -> dict:
                     "pair_median": sums[k][2] / records,
                 }
             )
-        row["eligible"] = row["loss_increase"] <= cfg.max_loss_increase
+        row["eligible"] = row["loss_increase"] <= max_loss_increase
         rows.append(row)
-    by_loss = max(r["layer"] for r in rows if r["eligible"])
-    aligned = [r for r in rows if "cos_mean_pooled" in r and r["layer"] > 0]
-    recommended = by_loss
-    if cfg.rule == "alignment" and aligned:
-        top = max(r["cos_mean_pooled"] for r in aligned)
-        plateau = top - (1 - cfg.align_fraction) * abs(top)
-        recommended = min(r["layer"] for r in aligned if r["cos_mean_pooled"] >= plateau)
-    return {
-        "name": model.spec.name,
-        "data": str(data),
-        "records": records,
-        "tokens_per_record": {"mm": n_mm / records, "text": n_text / records},
-        "num_layers": N,
-        "trained_insert_at": original,
-        "max_loss_increase": cfg.max_loss_increase,
-        "loss_k0": loss[0],
-        "rows": rows,
-        "rule": cfg.rule,
-        "align_fraction": cfg.align_fraction,
-        "recommended_k": recommended,
-        "loss_rule_k": by_loss,
-        "best_aligned_layer": max(aligned, key=lambda r: r["cos_mean_pooled"])["layer"] if aligned else None,
-    }
+    return rows
 
 
 def render(result: dict, console) -> None:

@@ -1,12 +1,50 @@
-"""`compose serve`: a bundle or checkpoint behind OpenAI's chat-completions API (needs the serve extra)."""
+"""`compose serve`: a bundle or checkpoint behind OpenAI's chat-completions API (needs the serve extra).
+
+Its limit options are generated from ``Limits``' fields (``composer.options``); ``--max-body-mb``
+(``max_body_bytes`` in MiB) and the options that are no request limits are written here."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from composer.errors import ComposerError, InputError
+from composer.options import collect, model_options
+from composer.serve.protocol import Limits  # no torch, no FastAPI: the options are made from it
+
+# Limits fields that are no options of their own: the body limit is --max-body-mb (MiB, below)
+NOT_LIMIT_OPTIONS = ("max_body_bytes", "max_pending_body_bytes")
+MIB = 2**20
+
+
+def _range(field) -> click.ParamType:
+    """A ``Limits`` field's constraints (``ge``/``gt``) as click's range type: checked, and shown in
+    the help, as the options say them (``[default: 64; x>=1]``)."""
+    bounds = {}
+    for m in field.metadata:
+        if getattr(m, "ge", None) is not None:
+            bounds["min"] = m.ge
+        if getattr(m, "gt", None) is not None:
+            bounds.update(min=m.gt, min_open=True)
+    kind = click.IntRange if field.annotation is int else click.FloatRange
+    return kind(**bounds)
+
+
+def _limit_types() -> dict[str, click.ParamType]:
+    """The click types of ``Limits``' options: their ranges, and ``--media-root`` an existing directory."""
+    types = {n: _range(f) for n, f in Limits.model_fields.items() if n not in NOT_LIMIT_OPTIONS and n != "media_root"}
+    return types | {"media_root": click.Path(exists=True, file_okay=False, path_type=Path)}
+
+
+def _limit_options(f):
+    """``Limits``' fields as options (``composer.options``), with --max-body-mb for ``max_body_bytes``."""
+    f = model_options(Limits, skip=NOT_LIMIT_OPTIONS, types=_limit_types(), defaults=True)(f)
+    default_mb = Limits.model_fields["max_body_bytes"].default / MIB
+    return click.option(
+        "--max-body-mb", default=default_mb, show_default=True, type=click.FloatRange(0), help="Request body limit."
+    )(f)
 
 
 @click.command()
@@ -16,21 +54,7 @@ from composer.errors import ComposerError, InputError
 @click.option("--model-name", default=None, help="The model id clients send (default: the spec's name).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Requests per batch (1: off).")
 @click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(0), help="Wait for more.")
-@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1), help="Waiting requests; 429 past.")
-@click.option(
-    "--max-tokens", default=1024, show_default=True, type=click.IntRange(1), help="Most tokens a request gets."
-)
-@click.option("--max-body-mb", default=20.0, show_default=True, type=click.FloatRange(0), help="Request body limit.")
-@click.option("--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1))
-@click.option("--max-audio-seconds", default=30.0, show_default=True, type=click.FloatRange(0))
-@click.option(
-    "--max-media-items", default=8, show_default=True, type=click.IntRange(0), help="Image/audio parts per request."
-)
-@click.option("--max-stop-chars", default=128, show_default=True, type=click.IntRange(1), help="Per stop string.")
-@click.option(
-    "--body-timeout-s", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
-    help="A request body not received within it: 408.",
-)  # fmt: skip
+@_limit_options
 @click.option(
     "--api-key", envvar="COMPOSE_API_KEY", default=None, show_envvar=True,
     help="Require `Authorization: Bearer KEY` on /v1/ routes (as OpenAI clients send api_key).",
@@ -40,12 +64,6 @@ from composer.errors import ComposerError, InputError
     help="Host header values accepted (repeatable; '*': any). Default: localhost names when --host is a "
     "loopback address, else any.",
 )  # fmt: skip
-@click.option(
-    "--media-root",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="Local image/audio paths in requests must lie under it (default: data: URLs only).",
-)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Bundles only.")
 @click.option(
     "--threads", type=click.IntRange(1), default=None, help="ONNX Runtime intra-op threads per graph (bundles only)."
@@ -60,20 +78,13 @@ def serve(
     model_name: str | None,
     max_batch: int,
     batch_wait_ms: float,
-    max_queue: int,
-    max_tokens: int,
     max_body_mb: float,
-    max_image_pixels: int,
-    max_audio_seconds: float,
-    max_media_items: int,
-    max_stop_chars: int,
-    body_timeout_s: float,
     api_key: str | None,
     allowed_hosts: tuple[str, ...],
-    media_root: Path | None,
     provider: str,
     threads: int | None,
     log_level: str,
+    **limit_settings: Any,
 ) -> None:
     """Serve TARGET (an ONNX bundle, or a composed checkpoint run with torch) over HTTP with
     OpenAI's chat-completions API, batching concurrent requests. SIGTERM or Ctrl-C finish the
@@ -84,8 +95,6 @@ def serve(
       compose serve out/smol-demo.onnx --port 8000
       curl localhost:8000/v1/models
     """
-    from composer.serve.protocol import Limits
-
     try:
         import uvicorn
 
@@ -93,17 +102,7 @@ def serve(
     except ImportError as e:
         raise ComposerError(f"compose serve needs {e.name}: pip install 'mm-composer[serve]'") from None
     runtime = _runtime(target, provider, threads)
-    limits = Limits(
-        max_body_bytes=int(max_body_mb * 2**20),
-        max_image_pixels=max_image_pixels,
-        max_audio_seconds=max_audio_seconds,
-        max_media_items=max_media_items,
-        max_stop_chars=max_stop_chars,
-        body_timeout_s=body_timeout_s,
-        max_tokens=max_tokens,
-        max_queue=max_queue,
-        media_root=media_root,
-    )
+    limits = Limits(max_body_bytes=int(max_body_mb * MIB), **collect(Limits, limit_settings, skip=NOT_LIMIT_OPTIONS))
     loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
     hosts = list(allowed_hosts) or (["localhost", "127.0.0.1", "::1", host] if loopback else None)
     app = create_app(

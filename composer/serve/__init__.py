@@ -1,14 +1,27 @@
 """An OpenAI-compatible server over a bundle or a checkpoint (``compose serve``); needs the
-``serve`` extra (``pip install 'mm-composer[serve]'``: FastAPI and uvicorn)."""
+``serve`` extra (``pip install 'mm-composer[serve]'``: FastAPI and uvicorn).
 
-from composer.serve.engine import Batcher, Job, QueueFull
-from composer.serve.protocol import Limits, RequestError
+``from composer.serve import create_app, Limits`` works; each submodule loads on first use
+(``composer.serve.protocol``, where ``Limits`` lives, loads neither torch nor FastAPI).
+"""
 
-__all__ = ["Batcher", "Job", "Limits", "QueueFull", "RequestError", "create_app"]
+from __future__ import annotations
+
+_LAZY = {
+    "Batcher": "composer.serve.engine",
+    "Job": "composer.serve.engine",
+    "QueueFull": "composer.serve.engine",
+    "Limits": "composer.serve.protocol",
+    "RequestError": "composer.serve.protocol",
+    "create_app": "composer.serve.app",
+}
+
+__all__ = sorted(_LAZY)
 
 
-def create_app(runtime, **kwargs):
-    """See ``composer.serve.app.create_app``."""
-    from composer.serve.app import create_app as _create
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-    return _create(runtime, **kwargs)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'composer.serve' has no attribute {name!r}")

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -65,105 +66,142 @@ def create_app(
     import threading
 
     limits = limits or Limits()
-    name = name or model_name(runtime)
-    batcher = Batcher(runtime, max_batch=max_batch, batch_wait_s=batch_wait_s, max_queue=limits.max_queue)
-    prepare_lock = threading.Lock()  # one tokenizer / processor user at a time
-    started = time.time()
-    state = {"closing": False, "pending_body": 0}
-    text_chars = max_text_chars(runtime.tokenizer, getattr(runtime, "context_length", None))
+    srv = _Served(
+        runtime=runtime,
+        name=name or model_name(runtime),
+        limits=limits,
+        batcher=Batcher(runtime, max_batch=max_batch, batch_wait_s=batch_wait_s, max_queue=limits.max_queue),
+        prepare_lock=threading.Lock(),  # one tokenizer / processor user at a time
+        started=time.time(),
+        text_chars=max_text_chars(runtime.tokenizer, getattr(runtime, "context_length", None)),
+        state={"closing": False, "pending_body": 0},
+    )
     hosts = None if allowed_hosts is None or "*" in allowed_hosts else {h.lower().strip("[]") for h in allowed_hosts}
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start()
-        log.info("serving %s (max batch %d, wait %.0f ms)", name, max_batch, batch_wait_s * 1000)
+        srv.batcher.start()
+        log.info("serving %s (max batch %d, wait %.0f ms)", srv.name, max_batch, batch_wait_s * 1000)
         try:
             yield
         finally:
-            state["closing"] = True
-            await run_in_threadpool(batcher.close)
+            srv.state["closing"] = True
+            await run_in_threadpool(srv.batcher.close)
 
     app = FastAPI(title="composer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher = batcher
-
-    def error(e: RequestError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
+    app.state.batcher = srv.batcher
     app.add_middleware(_Guard, hosts=hosts, api_key=api_key)
 
     @app.get("/health")
     async def health():
         return {
-            "status": "closing" if state["closing"] else "ok",
-            "model": name,
-            "waiting": batcher.waiting,
-            "batches": batcher.batches,
-            "rows": batcher.rows,
+            "status": "closing" if srv.state["closing"] else "ok",
+            "model": srv.name,
+            "waiting": srv.batcher.waiting,
+            "batches": srv.batcher.batches,
+            "rows": srv.batcher.rows,
         }
 
     @app.get("/v1/models")
     async def models():
         return {
             "object": "list",
-            "data": [{"id": name, "object": "model", "created": int(started), "owned_by": "composer"}],
+            "data": [{"id": srv.name, "object": "model", "created": int(srv.started), "owned_by": "composer"}],
         }
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        try:
-            req = parse_request(await _read_json(request, limits, state))
-            check_limits(req, limits, text_chars)
-            if req.model != name:
-                raise RequestError(
-                    f"model: {req.model!r} is not served here (this server serves {name!r})",
-                    param="model",
-                    status=404,
-                    kind="not_found_error",
-                )
-            if state["closing"]:
-                raise RequestError("the server is shutting down", status=503, kind="server_error")
-            job = await run_in_threadpool(_job, req, runtime, limits, prepare_lock)
-        except RequestError as e:
-            return error(e)
-        except Exception as e:  # noqa: BLE001 - a bug in preparing one request: that request's 500, as JSON
-            log.exception("preparing a request failed")
-            return error(RequestError(f"internal error: {type(e).__name__}: {first_line(e)}", status=500))
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
-        try:
-            batcher.submit(job)
-        except QueueFull as e:
-            return error(RequestError(f"server busy: {e}; retry later", status=429, kind="rate_limit_error"))
-        text = TextStream(runtime.tokenizer, req.stops)
-        cid = completion_id()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
-                _sse(job, events, text, cid, name, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        try:
-            pieces, finish, n, checked = [], None, 0, [loop.time()]
-            while finish is None:
-                ev = await _next(events, request, job, checked)
-                if ev[0] == "token":
-                    n += 1
-                    pieces.append(text.push(ev[1]))
-                    if text.stopped:  # the stop string is out: the tokens after it are not returned
-                        finish = "stop"
-                elif ev[0] == "end":
-                    finish = ev[1]
-                else:
-                    return error(RequestError(ev[1], status=500))
-            pieces.append(text.finish())
-            finish = "stop" if text.stopped else finish
-            return completion(cid, name, "".join(pieces), finish, job.prompt_tokens, n)
-        finally:
-            job.cancelled = True  # stops the row if it still runs (the client left, or a stop string ended it)
+        return await _chat(request, srv)
 
     return app
+
+
+@dataclass
+class _Served:
+    """What one app's routes share: the runtime and its name, the limits, the batcher."""
+
+    runtime: Any
+    name: str
+    limits: Limits
+    batcher: Batcher
+    prepare_lock: Any  # one tokenizer / processor user at a time
+    started: float
+    text_chars: int | None  # max_text_chars: more characters than could fit the context are refused
+    state: dict  # "closing": shutting down; "pending_body": bytes of request bodies being received
+
+
+def _error(e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _chat(request: Request, srv: _Served):
+    """``POST /v1/chat/completions``: the request checked and prepared, queued for the batcher,
+    answered as server-sent events (``stream``) or one completion; every failure OpenAI's JSON error."""
+    try:
+        req, job = await _accept(request, srv)
+    except RequestError as e:
+        return _error(e)
+    except Exception as e:  # noqa: BLE001 - a bug in preparing one request: that request's 500, as JSON
+        log.exception("preparing a request failed")
+        return _error(RequestError(f"internal error: {type(e).__name__}: {first_line(e)}", status=500))
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job.emit = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+    try:
+        srv.batcher.submit(job)
+    except QueueFull as e:
+        return _error(RequestError(f"server busy: {e}; retry later", status=429, kind="rate_limit_error"))
+    text = TextStream(srv.runtime.tokenizer, req.stops)
+    cid = completion_id()
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(job, events, text, cid, srv.name, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await _complete(request, job, events, text, cid, srv.name)
+
+
+async def _accept(request: Request, srv: _Served) -> tuple[Any, Job]:
+    """The request read, parsed and checked against the limits, for this model, while the server
+    is not closing; -> (the request, its prepared job). Raises ``RequestError``."""
+    req = parse_request(await _read_json(request, srv.limits, srv.state))
+    check_limits(req, srv.limits, srv.text_chars)
+    if req.model != srv.name:
+        raise RequestError(
+            f"model: {req.model!r} is not served here (this server serves {srv.name!r})",
+            param="model",
+            status=404,
+            kind="not_found_error",
+        )
+    if srv.state["closing"]:
+        raise RequestError("the server is shutting down", status=503, kind="server_error")
+    return req, await run_in_threadpool(_job, req, srv.runtime, srv.limits, srv.prepare_lock)
+
+
+async def _complete(request: Request, job: Job, events: asyncio.Queue, text: TextStream, cid: str, name: str):
+    """A non-streaming answer: the job's tokens until it ends or a stop string is out -> one
+    completion (or a 500 error). The job is cancelled when this returns, however it returns."""
+    loop = asyncio.get_running_loop()
+    try:
+        pieces, finish, n, checked = [], None, 0, [loop.time()]
+        while finish is None:
+            ev = await _next(events, request, job, checked)
+            if ev[0] == "token":
+                n += 1
+                pieces.append(text.push(ev[1]))
+                if text.stopped:  # the stop string is out: the tokens after it are not returned
+                    finish = "stop"
+            elif ev[0] == "end":
+                finish = ev[1]
+            else:
+                return _error(RequestError(ev[1], status=500))
+        pieces.append(text.finish())
+        finish = "stop" if text.stopped else finish
+        return completion(cid, name, "".join(pieces), finish, job.prompt_tokens, n)
+    finally:
+        job.cancelled = True  # stops the row if it still runs (the client left, or a stop string ended it)
 
 
 class _Guard:

@@ -18,13 +18,12 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from composer.errors import InputError, first_line, unencodable
+from composer.errors import InputError, first_line, unencodable, validation_message
 from composer.spec import AUDIO_ENCODERS, IMAGE_ENCODERS, MIN_TEMPERATURE
 
 
@@ -151,22 +150,39 @@ _UNION_TAGS = {"str", "list[tagged-union[TextPart,ImagePart,AudioPart]]", "text"
 
 
 # -- limits and media ----------------------------------------------------------------------------------
-@dataclass
-class Limits:
-    """What one request may ask for. ``media_root``: the directory local image/audio paths must lie
-    under (None: local paths refused, data: URLs only)."""
+class Limits(BaseModel):
+    """What one request may ask for (``compose serve``'s limit options: ``max_tokens`` is
+    ``--max-tokens``; ``max_body_bytes`` is ``--max-body-mb``, in MiB). Each is checked before the
+    work it bounds. ``media_root``: the directory local image/audio paths must lie under (None:
+    local paths refused, data: URLs only)."""
 
-    max_body_bytes: int = 20 * 2**20
-    max_image_pixels: int = 4096 * 4096
-    max_audio_seconds: float = 30.0
-    max_tokens: int = 1024
-    max_queue: int = 64
-    media_root: Path | None = None
-    max_media_items: int = 8  # image and audio parts per request, counted before any is decoded
-    max_stop_chars: int = 128  # characters per stop string
-    body_timeout_s: float = 30.0  # a request body not received in full within it: 408
-    # request bodies being received at once, all requests together (default: 4 x max_body_bytes): 503 past it
-    max_pending_body_bytes: int | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:  # one InputError naming the field, as TrainConfig's
+            raise InputError(validation_message(e)) from None
+
+    max_queue: int = Field(64, ge=1, description="Waiting requests; 429 past.")
+    max_tokens: int = Field(1024, ge=1, description="Most tokens a request gets.")
+    max_body_bytes: int = Field(20 * 2**20, ge=0, description="Request body limit, in bytes.")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="Pixels (width x height) of one image, checked before it is decoded."
+    )
+    max_audio_seconds: float = Field(30.0, ge=0, description="Seconds of one audio clip.")
+    max_media_items: int = Field(8, ge=0, description="Image/audio parts per request (counted before any is decoded).")
+    max_stop_chars: int = Field(128, ge=1, description="Characters per stop string.")
+    body_timeout_s: float = Field(30.0, gt=0, description="A request body not received within it: 408.")
+    media_root: Path | None = Field(
+        None, description="Local image/audio paths in requests must lie under it (default: data: URLs only)."
+    )
+    max_pending_body_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Request bodies being received at once, all requests together (default: 4 x "
+        "`max_body_bytes`): 503 past it.",
+    )
 
 
 def check_limits(req: ChatRequest, limits: Limits, max_text_chars: int | None = None) -> None:

@@ -1,14 +1,31 @@
 """composer.train: training a ComposedModel (``compose train``).
 
+- ``config``: ``TrainConfig``, a run's settings (pydantic; imports no torch)
 - ``loop``: ``train(model, TrainConfig)``, stages, LoRA merge, the optimizer step
 - ``data``: JSONL records, masked labels, the collator
 - ``distributed``: DDP / FSDP2 / DeepSpeed engines under torchrun or accelerate launch
 - ``checkpoints``: pickle-free trainer checkpoints with exact resume
 - ``profile``: ``compose train --profile``, a step at the spec's insert_at vs 0
 
-``from composer.train.loop import train, TrainConfig, merge_lora`` is the public face.
+``from composer.train import train, TrainConfig, merge_lora`` is the public face (imported on
+first use: ``import composer.train`` alone, or ``composer.train.config``, loads no torch).
 """
 
-from composer.train.loop import TrainConfig, apply_stage, merge_lora, train
+from __future__ import annotations
 
-__all__ = ["TrainConfig", "apply_stage", "merge_lora", "train"]
+_LAZY = {
+    "TrainConfig": "composer.train.config",
+    "apply_stage": "composer.train.loop",
+    "merge_lora": "composer.train.loop",
+    "train": "composer.train.loop",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'composer.train' has no attribute {name!r}")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from composer.errors import InputError
+from composer.errors import InputError, validation_message
 
 log = logging.getLogger("composer.train")
 
@@ -116,7 +116,7 @@ class TrainConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise InputError(_first_error(e)) from None
+            raise InputError(validation_message(e)) from None
 
     @field_validator("data", "output", "eval_data", "media_root", mode="before")
     @classmethod
@@ -142,35 +142,6 @@ class TrainConfig(BaseModel):
         after the config was made too); called before a run touches any output."""
         self.grad_accum = launcher_grad_accum(self.grad_accum)
         type(self)(**self.model_dump())
-
-
-# pydantic's error types -> what the value must be
-_MUST = {
-    "greater_than": "must be > {gt}",
-    "greater_than_equal": "must be >= {ge}",
-    "less_than": "must be < {lt}",
-    "less_than_equal": "must be <= {le}",
-    "finite_number": "must be a finite number",
-    "literal_error": "must be one of {expected}",
-    "int_type": "must be an integer",
-    "float_type": "must be a number",
-    "bool_type": "must be true or false",
-    "string_type": "must be a string",
-}
-
-
-def _first_error(e: ValidationError) -> str:
-    """A ``ValidationError`` as one line naming the field: ``lr: must be > 0, got -1.0``."""
-    err = e.errors()[0]
-    field = ".".join(map(str, err["loc"])) or "<root>"
-    if err["type"] == "missing":
-        return f"{field}: required"
-    if err["type"] == "extra_forbidden":
-        return f"{field}: unknown setting"
-    must = _MUST.get(err["type"])
-    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in err.get("ctx", {}).items()}
-    text = must.format(**ctx) if must else err["msg"][:1].lower() + err["msg"][1:]
-    return f"{field}: {text}, got {err.get('input')!r}"
 
 
 def launcher_grad_accum(flag: int | None) -> int:

@@ -120,12 +120,22 @@ def _media(value, root: Path, confine: bool = False) -> list:
     return out
 
 
-def parse_record(rec: Any, modalities: dict[str, str], root: Path, confine: bool = False) -> Example:
+def _text_items(value, m: str) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise ValueError(f"`{m}` must be a non-empty string or a list of them (e.g. SMILES), got {value!r}")
+    return list(values)
+
+
+def parse_record(
+    rec: Any, modalities: dict[str, str], root: Path, confine: bool = False, text: frozenset[str] = frozenset()
+) -> Example:
     """One JSON object -> Example. ``modalities``: name -> placeholder. Raises ValueError.
-    ``confine``: media paths must resolve inside ``root``."""
+    ``confine``: media paths must resolve inside ``root``. ``text``: the modalities whose items are
+    text as written (SMILES strings for a molecule encoder), not file paths."""
     if not isinstance(rec, dict):
         raise ValueError(f"a record must be a JSON object, got {type(rec).__name__}")
-    items = {m: _media(rec[m], root, confine) for m in modalities if m in rec}
+    items = {m: _text_items(rec[m], m) if m in text else _media(rec[m], root, confine) for m in modalities if m in rec}
     if "conversations" in rec:  # LLaVA
         conv = rec["conversations"]
         if not isinstance(conv, list) or len(conv) < 2:
@@ -165,10 +175,13 @@ def read_jsonl(
     media_root: str | Path | None = None,
     limit: int | None = None,
     confine: bool = False,
+    text: frozenset[str] = frozenset(),
 ) -> list[Example]:
     """The records of a JSONL file (``limit``: the first that many good ones; the rest of the
     file is not read). ``on_bad``: "fail" raises InputError naming file:line; "skip" logs a
-    warning and drops the record. ``confine``: media paths must resolve inside the media root."""
+    warning and drops the record. ``confine``: media paths must resolve inside the media root.
+    ``text``: modalities whose items are strings as written (``adapters.text_modalities``), e.g.
+    ``{"molecule": "CCO"}``; they are checked by the encoder's preprocessing, not as files."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: data file not found")
@@ -179,9 +192,9 @@ def read_jsonl(
             if raw is not None and not raw.strip():
                 continue
             try:
-                ex = parse_record(decode_record(raw), modalities, root, confine)
+                ex = parse_record(decode_record(raw), modalities, root, confine, text)
                 for m, paths in ex.items.items():
-                    for p in paths:
+                    for p in paths if m not in text else ():
                         media_file(p, m)
             except (ValueError, UnicodeDecodeError, RecursionError) as e:
                 reason = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)

@@ -267,11 +267,55 @@ def _discard_unresumable(out: Path, existed: bool) -> None:
 
 
 def _train(model, cfg: TrainConfig, eng) -> dict:
-    from transformers import get_scheduler
-
-    from composer.train import checkpoints as ckpts
+    """The run ``train`` guards: inputs checked, the model wrapped, resumed, stepped, saved."""
     from composer.train.distributed import peak_host_memory_mib
 
+    out, examples, evals = _prepare(model, cfg, eng)
+    run = _setup(model, cfg, eng, examples, evals)
+    global_batch = cfg.batch_size * cfg.grad_accum * eng.world
+    state = _resume(run, cfg, eng, out, global_batch)
+    extra = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "global_batch": global_batch, "seed": cfg.seed}
+    losses, step_times, stopped = _loop(run, cfg, eng, out, state, extra)
+    if stopped:
+        return {"stopped_at": state["step"], "losses": losses}
+    summary = {
+        "steps": state["step"],
+        "losses": losses,
+        "precision": run.precision,
+        "world_size": eng.world,
+        "median_step_time_s": statistics.median(step_times) if step_times else None,
+    }
+    if evals is not None:
+        summary["eval_loss"] = evaluate(run.net, evals, run.collate, cfg.batch_size, run.autocast, eng, cfg.num_workers)
+    _save_run(model, run, cfg, eng, out)
+    summary["peak_host_memory_mib"] = {"load": eng.gather(run.load_peak), "run": eng.gather(peak_host_memory_mib())}
+    eng.barrier()
+    return summary
+
+
+@dataclass
+class _Run:
+    """What a run's steps share: the wrapped model, its optimizer and schedule, precision, data."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    params: list
+    autocast: object
+    scaler: object
+    precision: str
+    collate: Collator
+    examples: list
+    evals: list | None
+    total: int  # optimizer steps of the whole run
+    master: dict  # the fp32 master weights' spec dtypes (keep_master_weights)
+    ds_bf16: bool  # DeepSpeed's own bf16 mode
+    load_peak: float  # peak host memory through loading, wrapping and sharding
+
+
+def _prepare(model, cfg: TrainConfig, eng) -> tuple[Path, list, list | None]:
+    """Check the config, the output dir, the stage and the data before any output is touched;
+    then (rank 0) make ``OUT/checkpoints``. -> (OUT, training records, eval records or None)."""
     cfg.check()
     out = Path(cfg.output)
     if eng.main:
@@ -284,9 +328,12 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
     if not any(p.requires_grad for p in model.parameters()):
         raise SpecError("nothing to train: every component is frozen (set `train:` in the spec or use --stage)")
     placeholders = {m: model.spec.modalities[m].placeholder for m in model.encoders}
-    examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
+    from composer.adapters import encoder_types, text_modalities
+
+    text = text_modalities(encoder_types(model))  # SMILES strings, not files
+    examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root, text=text)
     evals = (
-        read_jsonl(cfg.eval_data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
+        read_jsonl(cfg.eval_data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root, text=text)
         if cfg.eval_data
         else None
     )
@@ -295,6 +342,15 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             shutil.rmtree(out / CKPT_DIR)  # another run's: --resume must never pick them up
         (out / CKPT_DIR).mkdir(parents=True, exist_ok=True)
     eng.barrier()
+    return out, examples, evals
+
+
+def _setup(model, cfg: TrainConfig, eng, examples: list, evals: list | None) -> _Run:
+    """Precision, fp32 master weights, the model wrapped for the strategy, AdamW and the schedule."""
+    from transformers import get_scheduler
+
+    from composer.train.distributed import peak_host_memory_mib
+
     collate = Collator(model, cfg.max_length)
     if cfg.grad_checkpointing or eng.fsdp.activation_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -327,13 +383,35 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             bf16=ds_bf16,
         )
     sched = get_scheduler(cfg.scheduler, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
-    global_batch = cfg.batch_size * cfg.grad_accum * eng.world
+    return _Run(
+        net,
+        opt,
+        sched,
+        params,
+        autocast,
+        scaler,
+        precision,
+        collate,
+        examples,
+        evals,
+        total,
+        master,
+        ds_bf16,
+        load_peak,
+    )
+
+
+def _resume(run: _Run, cfg: TrainConfig, eng, out: Path, global_batch: int) -> dict:
+    """The loop's state ({"step", "epoch", "seen"}): the latest checkpoint's under ``resume``
+    (weights, optimizer, schedule and RNG restored from it), else a fresh start."""
+    from composer.train import checkpoints as ckpts
+
     state = {"step": 0, "epoch": 0, "seen": 0}
     ckpt = ckpts.latest(out / CKPT_DIR) if cfg.resume else None
     if cfg.resume and ckpt is None and eng.main:
         log.warning("--resume: no checkpoint in %s; starting from scratch", out / CKPT_DIR)
     if ckpt is not None:
-        meta = ckpts.load(ckpt, eng, net, opt, sched)
+        meta = ckpts.load(ckpt, eng, run.net, run.opt, run.sched)
         state = meta["state"]
         if meta["world_size"] != eng.world:  # the saved RNG streams belong to other ranks: fresh ones
             _seed_all(cfg.seed + eng.rank + 7919 * state["step"])
@@ -345,82 +423,55 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
                     meta.get("global_batch"),
                     global_batch,
                 )
+    return state
+
+
+def _loop(run: _Run, cfg: TrainConfig, eng, out: Path, state: dict, extra: dict) -> tuple[list, list, bool]:
+    """The optimizer steps from ``state`` (updated in place) to the run's last, epoch by epoch,
+    with metrics, progress and checkpoints. -> (losses, step times, stopped by ``stop_after``)."""
     metrics = _Metrics(out, state["step"]) if eng.main else None
-    net.train()
+    run.net.train()
     bar = None
     if cfg.progress and eng.main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=run.total, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
     step_times: list[float] = []
     losses: list[float] = []
-    extra = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "global_batch": global_batch, "seed": cfg.seed}
     stream = None
     try:
-        while state["step"] < total:
-            micro = micro_batches(len(examples), cfg.batch_size, eng.world, cfg.seed, state["epoch"], state["seen"])
+        while state["step"] < run.total:
+            micro = micro_batches(len(run.examples), cfg.batch_size, eng.world, cfg.seed, state["epoch"], state["seen"])
             if stream is not None:
                 stream.close()  # the last epoch's loader (and its workers)
-            stream = batch_stream(examples, micro, collate, eng, cfg.num_workers, cfg.prefetch_factor)
+            stream = batch_stream(run.examples, micro, run.collate, eng, cfg.num_workers, cfg.prefetch_factor)
             i = 0
-            while i < len(micro) and state["step"] < total:
+            while i < len(micro) and state["step"] < run.total:
                 t0 = time.perf_counter()
                 group = micro[i : i + cfg.grad_accum]
                 i += len(group)
-                batches = [next(stream) for _ in group]
-                n_labels, n_tok = eng.sum(
-                    [
-                        sum(_label_count(b) for b, real in batches if real),
-                        sum(int(b["attention_mask"].sum()) for b, real in batches if real),
-                    ]
-                )
-                denom = max(int(n_labels), 1)
-                loss_sum = 0.0
-                for j, (batch, real) in enumerate(batches):
-                    with eng.no_sync(net, sync=j == len(batches) - 1):
-                        with autocast:
-                            loss = net(**batch, num_items_in_batch=denom, return_logits=False).loss
-                        # DDP and FSDP average gradients over the ranks: scale back to a sum
-                        eng.backward(
-                            net, loss * (eng.world if real else 0.0), last=j == len(batches) - 1, scaler=scaler
-                        )
-                    if real:
-                        loss_sum += float(loss.detach()) * denom
-                grad_norm = optimizer_step(net, opt, params, scaler, cfg.max_grad_norm, eng)
-                sched.step()
+                loss, grad_norm, n_tok = _step(run, cfg, eng, [next(stream) for _ in group])
                 state["step"] += 1
                 state["seen"] += sum(len(c) for c in group)
-                losses.append(eng.sum([loss_sum])[0] / denom)
+                losses.append(loss)
                 dt = time.perf_counter() - t0
                 step_times.append(dt)
                 rec = {
                     "step": state["step"],
                     "epoch": state["epoch"],
-                    "loss": losses[-1],
-                    "lr": sched.get_last_lr()[0],
+                    "loss": loss,
+                    "lr": run.sched.get_last_lr()[0],
                     "grad_norm": grad_norm,
-                    "tokens": int(n_tok),
+                    "tokens": n_tok,
                     "step_time_s": dt,
                 }
-                if evals is not None and cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                    rec["eval_loss"] = evaluate(net, evals, collate, cfg.batch_size, autocast, eng, cfg.num_workers)
-                if eng.distributed:
-                    rec["world_size"] = eng.world
-                    rec["step_time_s_max_rank"] = max(eng.gather(dt))
-                if metrics is not None and (state["step"] % cfg.log_every == 0 or "eval_loss" in rec):
-                    metrics.write(rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                _report(run, cfg, eng, rec, metrics, bar)
                 if i >= len(micro):  # the epoch is done: a checkpoint here resumes at the next one
                     state["epoch"] += 1
                     state["seen"] = 0
-                if cfg.save_every and state["step"] % cfg.save_every == 0:
-                    ckpts.save(out / CKPT_DIR / f"step-{state['step']:06d}", eng, net, opt, sched, dict(state), extra)
-                    if cfg.save_total_limit and eng.main:
-                        ckpts.rotate(out / CKPT_DIR, cfg.save_total_limit)
+                _checkpoint(run, cfg, eng, out, state, extra)
                 if cfg.stop_after is not None and state["step"] >= cfg.stop_after:
-                    return {"stopped_at": state["step"], "losses": losses}
+                    return losses, step_times, True
     finally:
         if stream is not None:
             stream.close()
@@ -428,32 +479,81 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             bar.close()
         if metrics is not None:
             metrics.close()
-    summary = {
-        "steps": state["step"],
-        "losses": losses,
-        "precision": precision,
-        "world_size": eng.world,
-        "median_step_time_s": statistics.median(step_times) if step_times else None,
-    }
-    if evals is not None:
-        summary["eval_loss"] = evaluate(net, evals, collate, cfg.batch_size, autocast, eng, cfg.num_workers)
-    net.eval()
+    return losses, step_times, False
+
+
+def _step(run: _Run, cfg: TrainConfig, eng, batches: list) -> tuple[float, float, int]:
+    """One optimizer step over ``batches`` ((batch, real) pairs: this rank's micro-batches of it).
+    The loss is the mean over the label tokens of the whole step, all ranks together.
+    -> (loss, gradient norm, tokens of the step)."""
+    n_labels, n_tok = eng.sum(
+        [
+            sum(_label_count(b) for b, real in batches if real),
+            sum(int(b["attention_mask"].sum()) for b, real in batches if real),
+        ]
+    )
+    denom = max(int(n_labels), 1)
+    loss_sum = 0.0
+    for j, (batch, real) in enumerate(batches):
+        with eng.no_sync(run.net, sync=j == len(batches) - 1):
+            with run.autocast:
+                loss = run.net(**batch, num_items_in_batch=denom, return_logits=False).loss
+            # DDP and FSDP average gradients over the ranks: scale back to a sum
+            eng.backward(run.net, loss * (eng.world if real else 0.0), last=j == len(batches) - 1, scaler=run.scaler)
+        if real:
+            loss_sum += float(loss.detach()) * denom
+    grad_norm = optimizer_step(run.net, run.opt, run.params, run.scaler, cfg.max_grad_norm, eng)
+    run.sched.step()
+    return eng.sum([loss_sum])[0] / denom, grad_norm, int(n_tok)
+
+
+def _report(run: _Run, cfg: TrainConfig, eng, rec: dict, metrics: _Metrics | None, bar) -> None:
+    """A step's record, with the eval loss when due and the slowest rank's time, to metrics.jsonl
+    (every ``log_every`` steps and at each eval) and the progress bar."""
+    if run.evals is not None and cfg.eval_every and rec["step"] % cfg.eval_every == 0:
+        rec["eval_loss"] = evaluate(run.net, run.evals, run.collate, cfg.batch_size, run.autocast, eng, cfg.num_workers)
+    if eng.distributed:
+        rec["world_size"] = eng.world
+        rec["step_time_s_max_rank"] = max(eng.gather(rec["step_time_s"]))
+    if metrics is not None and (rec["step"] % cfg.log_every == 0 or "eval_loss" in rec):
+        metrics.write(rec)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+
+
+def _checkpoint(run: _Run, cfg: TrainConfig, eng, out: Path, state: dict, extra: dict) -> None:
+    """Every ``save_every`` steps: a trainer checkpoint (all ranks), then the oldest past ``save_total_limit`` go."""
+    from composer.train import checkpoints as ckpts
+
+    if cfg.save_every and state["step"] % cfg.save_every == 0:
+        ckpts.save(out / CKPT_DIR / f"step-{state['step']:06d}", eng, run.net, run.opt, run.sched, dict(state), extra)
+        if cfg.save_total_limit and eng.main:
+            ckpts.rotate(out / CKPT_DIR, cfg.save_total_limit)
+
+
+def _save_run(model, run: _Run, cfg: TrainConfig, eng, out: Path) -> None:
+    """The final model in OUT: gathered from the shards (FSDP, ZeRO-3) or DeepSpeed's buffers (a
+    collective: every rank), written by rank 0 with train_config.json."""
+    from composer.train import checkpoints as ckpts
+
+    run.net.eval()
     full = None
     if eng.strategy == "fsdp":  # gather the shards (a collective); rank 0 writes them
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(run.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     elif eng.strategy == "deepspeed":  # ZeRO-3 partitions the weights; ZeRO-1/2 views them into flat buffers
         if eng.deepspeed.zero_stage == 3:
-            full = net._zero3_consolidated_16bit_state_dict()  # gathered layer by layer (a collective), on rank 0
+            full = run.net._zero3_consolidated_16bit_state_dict()  # gathered layer by layer (a collective), on rank 0
         elif eng.main:
             full = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if ds_bf16:  # the module holds bf16 copies: the fp32 masters are the optimizer's
-            masters = ckpts.deepspeed_fp32_masters(net)  # a collective: every rank
+        if run.ds_bf16:  # the module holds bf16 copies: the fp32 masters are the optimizer's
+            masters = ckpts.deepspeed_fp32_masters(run.net)  # a collective: every rank
             if eng.main:
                 full.update(masters)
     if eng.main:
-        cast = master if cfg.save_dtype == "spec" else {}
+        cast = run.master if cfg.save_dtype == "spec" else {}
         _save_final(
             model,
             out,
@@ -464,9 +564,6 @@ def _train(model, cfg: TrainConfig, eng) -> dict:
             weights=cfg.save_weights,
         )
         (out / "train_config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
-    summary["peak_host_memory_mib"] = {"load": eng.gather(load_peak), "run": eng.gather(peak_host_memory_mib())}
-    eng.barrier()
-    return summary
 
 
 def optimizer_step(net, opt, params, scaler, max_grad_norm: float, eng) -> float:

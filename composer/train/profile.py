@@ -70,7 +70,15 @@ def profile_training(target: str, cfg, steps: int = 5) -> list[str]:
         insert_at = model.insert_at
         base = copy.deepcopy(model).with_insert_at(0)  # its own copy: the timed steps update weights
         placeholders = {m: model.spec.modalities[m].placeholder for m in model.encoders}
-        examples = read_jsonl(cfg.data, placeholders, on_bad=cfg.on_bad_record, media_root=cfg.media_root)
+        from composer.adapters import encoder_types, text_modalities
+
+        examples = read_jsonl(
+            cfg.data,
+            placeholders,
+            on_bad=cfg.on_bad_record,
+            media_root=cfg.media_root,
+            text=text_modalities(encoder_types(model)),
+        )
         collate = Collator(model, cfg.max_length)
         groups = chunks(list(range(len(examples))), cfg.batch_size * eng.world)[:steps]
         batches = list(batch_stream(examples, groups, collate, eng))
