@@ -55,24 +55,22 @@ def upload_files(
     format's files, plus the other files matching an ``include`` glob (``"eval/*.json"``), less
     the optional ones matching an ``exclude`` glob (``metrics.jsonl``, ``README.md``); excluding
     a file the format needs is an error. Pickles and hidden files are never pushed."""
-    from composer.checkpoint import WEIGHTS, WEIGHTS_INDEX, is_checkpoint, weight_files
-    from composer.export.manifest import is_bundle, read_manifest
+    from composer.checkpoint import WEIGHTS, WEIGHTS_INDEX, weight_files
+    from composer.export.manifest import read_manifest
+    from composer.targets import resolve
 
     if not root.is_dir():
         raise InputError(f"{root}: no such directory (push a composer checkpoint or an ONNX bundle)")
     _refuse_links(root)
-    if is_checkpoint(root):
-        kind = "checkpoint"
+    kind = resolve(root, accept=("checkpoint", "bundle")).kind  # the one reading of what a directory is
+    if kind == "checkpoint":
         _check_sources_portable(root)
         shards = weight_files(root)  # model.safetensors, or the index's shards (all present)
         candidates = [root / f for f in CHECKPOINT_FILES] + [f for d in CHECKPOINT_DIRS for f in (root / d).rglob("*")]
         candidates += [*shards, root / WEIGHTS_INDEX] if shards[0].name != WEIGHTS else []
-    elif is_bundle(root):
-        read_manifest(root)  # every graph and its external data present and complete
-        kind = "bundle"
-        candidates = list(root.rglob("*"))
     else:
-        raise InputError(f"{root}: neither a composer checkpoint (composer.json) nor an ONNX bundle (manifest.json)")
+        read_manifest(root)  # every graph and its external data present and complete
+        candidates = list(root.rglob("*"))
     if include:
         candidates += [f for f in root.rglob("*") if any(fnmatch(f.relative_to(root).as_posix(), g) for g in include)]
     files = {}
