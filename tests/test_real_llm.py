@@ -311,10 +311,16 @@ def test_training_records_use_the_chat_template(smol15, tmp_path):
     assert int((ids == pid).sum()) == smol15.num_tokens("image")
 
 
-@pytest.mark.parametrize("name", ["llava", "llava_demo", "blip2", "ltu_audio", "molca"])
+SMOL_SPECS = ["llava", "llava_demo", "blip2", "ltu_audio", "molca", "llava_dinov2", "llava_dinov2_demo", "ltu_whisper"]
+SMOL_SPECS += ["molca_bert"]
+
+
+@pytest.mark.parametrize("name", SMOL_SPECS)
 def test_smol_specs_resolve_offline(name):
     """Each shipped SmolLM2 spec resolves from registry packages alone (architecture on the meta
-    device: the GGUF metadata, the inline encoder configs), with its insert_at inside the 30 layers."""
+    device: the GGUF metadata, the inline encoder configs, the pretrained encoders converted from
+    their wheels), with its insert_at inside the 30 layers; every spec in specs/smol is listed."""
+    assert sorted(SMOL_SPECS) == sorted(p.stem for p in (ROOT / "specs/smol").glob("*.yaml"))
     from composer.analysis.summary import summarize
 
     model = build(ROOT / f"specs/smol/{name}.yaml", shape_only=True, offline=True)
