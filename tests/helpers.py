@@ -527,3 +527,18 @@ def write_tiny_gguf(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def smol_spec(path: Path, smol_dir: Path):
+    """A shipped SmolLM2 spec with its LLM read from the session's dequantized copy (conftest's
+    ``smol_dir``: the same weights as the GGUF file, dequantized once per session instead of per
+    module); every other source, relative paths included, as the spec names it."""
+    import yaml
+
+    from composer.spec import parse_spec
+
+    raw = yaml.safe_load(Path(path).read_text())
+    raw["llm"]["model"] = str(smol_dir)
+    spec = parse_spec(raw, str(path))
+    spec._source_dir = Path(path).parent  # as load_spec sets it
+    return spec

