@@ -6,6 +6,8 @@ Runtime pipeline. See docs/architecture.md and docs/export.md.
 
 from __future__ import annotations
 
+from composer.lazy import lazy_attributes
+
 _LAZY = {
     "export_onnx": "composer.export.exporter",
     "OnnxPipeline": "composer.export.runtime",
@@ -16,10 +18,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'composer.export' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

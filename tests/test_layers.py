@@ -15,9 +15,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "base",  # errors, the spec, sources and references, text in and out: no torch modules of ours
         (
-            "composer.errors", "composer.spec", "composer.shipped", "composer.options", "composer.packages",
-            "composer.targets", "composer.refs", "composer.hub.sources", "composer.hf_weights", "composer.ct2",
-            "composer.tokenizer", "composer.prompting", "composer.layout", "composer.generation", "composer.records",
+            "composer.errors", "composer.lazy", "composer.spec", "composer.shipped", "composer.options",
+            "composer.packages", "composer.targets", "composer.refs", "composer.hub.sources", "composer.hf_weights",
+            "composer.ct2", "composer.tokenizer", "composer.prompting", "composer.layout", "composer.generation",
+            "composer.records",
         ),
     ),
     (

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from composer.lazy import lazy_attributes
+
 _LAZY = {
     "Batcher": "composer.serve.engine",
     "Job": "composer.serve.engine",
@@ -18,10 +20,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'composer.serve' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -13,6 +13,8 @@ first use: ``import composer.train`` alone, or ``composer.train.config``, loads 
 
 from __future__ import annotations
 
+from composer.lazy import lazy_attributes
+
 _LAZY = {
     "TrainConfig": "composer.train.config",
     "apply_stage": "composer.train.loop",
@@ -22,10 +24,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'composer.train' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
