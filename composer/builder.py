@@ -104,9 +104,13 @@ def hub_fields(spec: Spec):
     yield "llm.model", spec.llm, "model"
     if spec.llm.tokenizer is not None:
         yield "llm.tokenizer.model", spec.llm.tokenizer, "model"
+    if spec.llm.lora is not None:
+        yield "llm.lora.weights", spec.llm.lora, "weights"
     for name, mod in spec.modalities.items():
         yield f"modalities.{name}.encoder.model", mod.encoder, "model"
         yield f"modalities.{name}.projector.weights", mod.projector, "weights"
+        if mod.encoder.lora is not None:
+            yield f"modalities.{name}.encoder.lora.weights", mod.encoder.lora, "weights"
 
 
 def pin_revisions(spec: Spec, offline: bool = False) -> Spec:
@@ -326,12 +330,50 @@ def apply_lora(module: nn.Module, lora: LoraSpec, where: str) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
     cfg = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        layers_to_transform=list(lora.layers) if lora.layers else None,
     )
     try:
-        return inject_adapter_in_model(cfg, module)
+        module = inject_adapter_in_model(cfg, module)
     except ValueError as e:
-        raise SpecError(f"{where}.lora.target_modules: {first_line(e)}, got {list(lora.target_modules)}") from None
+        field = "layers" if lora.layers else "target_modules"
+        raise SpecError(f"{where}.lora.{field}: {first_line(e)}, got {getattr(lora, field)}") from None
+    return module
+
+
+PEFT_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what peft's save_pretrained writes
+
+
+def load_lora_weights(module: nn.Module, value: str, base_dir: Path | None, where: str) -> None:
+    """Load trained LoRA adapters (``lora.weights``) into ``module``, whose adapters ``apply_lora``
+    injected: a peft adapter file, or a directory (a Hub repo) holding ``adapter_model.safetensors``.
+    Keys as peft writes them (``base_model.model.`` prefix or none, no adapter name); every adapter
+    tensor of the spec must be there with its shape, and nothing else (a different ``r``,
+    ``target_modules`` or ``layers`` names the first difference)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from composer.projectors import read_weights
+
+    path = Path(resolve_source(value, base_dir, where=where))
+    if path.is_dir():
+        path = next((path / f for f in PEFT_ADAPTER_FILES if (path / f).is_file()), path / PEFT_ADAPTER_FILES[0])
+    state = {k.removeprefix("base_model.model."): v for k, v in read_weights(path, "LoRA weights").items()}
+    want = get_peft_model_state_dict(module)
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or unexpected:
+        raise InputError(
+            f"{where}: {path}: keys do not match the spec's LoRA adapters (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}; check r, target_modules and layers)"
+        )
+    for k, v in sorted(state.items()):
+        if tuple(v.shape) != tuple(want[k].shape):
+            raise InputError(
+                f"{where}: {path}: {k} has shape {tuple(v.shape)}, the spec's LoRA needs {tuple(want[k].shape)}"
+            )
+    set_peft_model_state_dict(module, {k: v.to(want[k].dtype) for k, v in state.items()})
 
 
 def set_trainable(module: nn.Module, mode: str) -> None:
@@ -377,6 +419,8 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
     )
     adapter = llm_adapter_for(llm)
     n_layers, width = adapter.shape.num_layers, adapter.shape.hidden_size
+    if spec.llm.lora is not None and spec.llm.lora.layers and max(spec.llm.lora.layers) >= n_layers:
+        raise SpecError(f"llm.lora.layers: must be < the LLM's {n_layers} layers, got {spec.llm.lora.layers}")
     for name, mod in spec.modalities.items():
         if mod.insert_at >= n_layers:
             raise SpecError(f"modalities.{name}.insert_at: must be < the LLM's {n_layers} layers, got {mod.insert_at}")
@@ -421,10 +465,15 @@ def _build(spec: Spec, saved: dict[str, Any] | None, *, load: bool, shape_only: 
 
     if spec.llm.train == "lora":
         llm = apply_lora(llm, spec.llm.lora, "llm")
+        if spec.llm.lora.weights and load:
+            load_lora_weights(llm, spec.llm.lora.weights, base_dir, "llm.lora.weights")
     set_trainable(llm, spec.llm.train)
     for name, mod in spec.modalities.items():
         if mod.encoder.train == "lora":
-            encoders[name] = apply_lora(encoders[name], mod.encoder.lora, f"modalities.{name}.encoder")
+            where = f"modalities.{name}.encoder"
+            encoders[name] = apply_lora(encoders[name], mod.encoder.lora, where)
+            if mod.encoder.lora.weights and load:
+                load_lora_weights(encoders[name], mod.encoder.lora.weights, base_dir, f"{where}.lora.weights")
         set_trainable(encoders[name], mod.encoder.train)
         set_trainable(projectors[name], mod.projector.train)
 

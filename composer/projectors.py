@@ -155,10 +155,10 @@ def build_projector(spec, in_dim: int, out_dim: int) -> nn.Module:
     raise AssertionError(f"unreachable: projector type {spec.type!r}")  # the spec's union is closed
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, what: str = "projector weights") -> dict[str, torch.Tensor]:
     """Read a safetensors file, or a torch ``.bin`` with ``weights_only=True`` (never pickle objects)."""
     if not path.is_file():
-        raise InputError(f"{path}: projector weights file not found")
+        raise InputError(f"{path}: {what} file not found")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -166,7 +166,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt/truncated files raise many types; name the file
-        raise InputError(f"{path}: cannot read projector weights ({type(e).__name__}: {first_line(e)})") from None
+        raise InputError(f"{path}: cannot read {what} ({type(e).__name__}: {first_line(e)})") from None
 
 
 def load_projector_weights(projector: nn.Module, path: Path, where: str) -> None:

@@ -115,6 +115,13 @@ class LoraSpec(_Strict):
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    # the decoder (or encoder) layers that get adapters (peft's `layers_to_transform`); None: all.
+    # DeepInsert at k: `layers: [k, ..., N-1]` adapts only the layers the modality's tokens pass
+    # through, so the early text-only layers stay the pretrained model's
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)
+    # trained adapter weights: a peft adapter file (`adapter_model.safetensors` as peft's
+    # `save_pretrained` writes it, or a directory or Hub repo holding one), loaded strictly on build
+    weights: HubRef = None
 
 
 class TokenizerSpec(_Strict):
