@@ -286,6 +286,7 @@ class Settings:
     eval_batch: int = 16
     probe_records: int = 32
     prefill_repeats: int = 5
+    lora: int = 0  # > 0: LLaVA stage 2 shape, rank-`lora` LoRA on the LLM's layers k..N-1 trains with the projector
 
 
 def trainable_state(model) -> dict:
@@ -333,6 +334,24 @@ def prefill_time(model, record: dict, root: Path, repeats: int) -> float:
     return statistics.median(times)
 
 
+def with_llm_lora(spec, k: int, r: int):
+    """``spec`` with LoRA (rank ``r``) on every linear layer of the LLM's layers k..N-1: the layers
+    the image tokens pass through (LLaVA stage 2, DeepInsert-shaped); the early layers stay the
+    pretrained model's."""
+    import composer
+    from composer.spec import LoraSpec
+
+    n = composer.build(spec, shape_only=True, offline=True).llm.config.num_hidden_layers
+    spec.llm.train = "lora"
+    spec.llm.lora = LoraSpec(
+        r=r,
+        alpha=2 * r,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        layers=list(range(k, n)),
+    )
+    return spec
+
+
 def save_demo(model, out: Path) -> None:
     """The trained vision side as ``specs/smol/llava_demo.yaml`` loads it: OUT/vision (HF model dir with
     its image processor) and OUT/projector.safetensors; written next to OUT, then renamed into place."""
@@ -356,6 +375,7 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
 
     import composer
     from composer.analysis.probe import ProbeConfig, run_probe
+    from composer.builder import set_trainable
     from composer.train import TrainConfig, train
     from composer.train.loop import apply_stage
 
@@ -369,6 +389,8 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
     say(f"building {spec}")
     spec_ = composer.load_spec(spec)
     spec_.modalities["image"].projector.weights = None  # the projector trains from its random init
+    if s.lora:  # adapters on every layer; each k trains those of layers k..N-1 (the others stay B = 0)
+        spec_ = with_llm_lora(spec_, 0, s.lora)
     base = composer.build(spec_)
     say(f"built in {time.perf_counter() - t0:.0f} s")
     base_k = base.insert_at["image"]
@@ -383,6 +405,8 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
     else:
         pre = {"skipped": "pretrained encoder"}
     apply_stage(base, 1)  # LLaVA stage 1: encoder and LLM frozen, the projector trains
+    if s.lora:
+        set_trainable(base.llm, "lora")
     init = trainable_state(base)
     probe_file = out / "probe.jsonl"
     probe_file.write_text("".join(json.dumps({**r, "image": str(data / r["image"])}) + "\n" for r in test))
@@ -401,12 +425,16 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
             for name, p in base.named_parameters():
                 if name in init:
                     p.copy_(init[name])
+        if s.lora:  # only the layers the image tokens pass through adapt: nothing trains before k
+            for name, p in base.llm.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(int(name.split("layers.")[1].split(".")[0]) >= k)
         model = base.with_insert_at(k)
         say(f"k = {k}: training {s.steps} steps of {s.batch_size} records")
         cfg = TrainConfig(
             data=str(train_file),
             output=str(out / f"k{k}"),
-            stage=1,
+            stage=None,  # as set above: the projector (and LoRA from k on)
             max_steps=s.steps,
             batch_size=s.batch_size,
             lr=s.lr,
@@ -561,6 +589,9 @@ def main(argv=None) -> int:
         help="the pretrained-encoder model: specs/smol/llava_dinov2_demo.yaml (DINOv2 frozen; no encoder pretraining)",
     )
     ap.add_argument("--relations", action="store_true", help='add the harder axis: "What shape is left of the X?"')
+    ap.add_argument(
+        "--lora", type=int, default=0, metavar="R", help="also train rank-R LoRA on the LLM's layers k..N-1 (0: none)"
+    )
     a = ap.parse_args(argv)
     import torch
 
@@ -579,6 +610,7 @@ def main(argv=None) -> int:
         kinds=WITH_RELATIONS if a.relations else KINDS,
         probe_records=8 if quick else 32,
         prefill_repeats=1 if quick else 5,
+        lora=a.lora,
     )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

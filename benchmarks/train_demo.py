@@ -98,6 +98,18 @@ def save_projector(model, out: Path) -> None:
     tmp.replace(out / "projector.safetensors")
 
 
+def save_lora(model, out: Path) -> None:
+    """OUT/llm_lora.safetensors: the LLM's LoRA adapters in peft's layout (``llm.lora.weights``)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(model.llm).items()}
+    tmp = out / ".llm_lora.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "llm_lora.safetensors")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("out/demo"))
@@ -119,10 +131,20 @@ def main(argv=None) -> int:
         help=f"the real-encoder demo: {DINOV2_SPEC.relative_to(ROOT)} (DINOv2 frozen, only the projector trains)",
     )
     ap.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="R",
+        help="LLaVA stage 2 with --pretrained: the spec's trained projector goes on training together with "
+        "rank-R LoRA on the LLM's layers k..N-1 (saved as llm_lora.safetensors); 0: stage 1",
+    )
+    ap.add_argument(
         "--demo-out", type=Path, default=None, help="default: specs/smol/demo (demo_dinov2 with --pretrained)"
     )
     ap.add_argument("--assets", type=Path, default=ASSETS)
     a = ap.parse_args(argv)
+    if a.lora and not a.pretrained:
+        ap.error("--lora trains stage 2 of the --pretrained demo")
     if a.quick:
         a.records, a.steps, a.encoder_steps, a.test = 16, 3, 20, 8
     if a.pretrained:
@@ -150,7 +172,10 @@ def main(argv=None) -> int:
         dq.draw(scene, random.Random(seed)).save(a.assets / name)
 
     spec = composer.load_spec(a.spec)
-    spec.modalities["image"].projector.weights = None  # trained here, from its random init
+    if a.lora:  # stage 2: from the stage-1 projector the spec loads, with LoRA on the LLM
+        spec = dq.with_llm_lora(spec, a.k, a.lora)
+    else:
+        spec.modalities["image"].projector.weights = None  # trained here, from its random init
     model = composer.build(spec).with_insert_at(a.k)
     t0 = time.perf_counter()
     if a.pretrained:  # LLaVA stage 1 on a pretrained encoder: the spec keeps it frozen
@@ -175,6 +200,7 @@ def main(argv=None) -> int:
         progress=sys.stderr.isatty(),
     )
     what = "projector" if a.pretrained else "encoder + projector"
+    what += f" + rank-{a.lora} LoRA on the LLM" if a.lora else ""
     say(f"training the {what} at k = {a.k}: {a.steps} steps of {a.batch_size} conversations")
     t1 = time.perf_counter()
     summary = train(model, cfg)
@@ -206,6 +232,8 @@ def main(argv=None) -> int:
     (out / "demo_results.json").write_text(json.dumps(result, indent=2))
     if a.pretrained:
         save_projector(model, a.demo_out)
+        if a.lora:
+            save_lora(model, a.demo_out)
     else:
         dq.save_demo(model, a.demo_out)
     print(f"held-out accuracy {100 * result['held_out_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]", end="")
