@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from composer.adapters.encoder import HFEncoder
+from composer.adapters.encoder import HFEncoder, hidden_state_index
 from composer.errors import InputError
 
 # ASTFeatureExtractor's frame and hop in samples (25 ms and 10 ms at 16 kHz; fixed in transformers).
@@ -318,9 +318,7 @@ class ASTAudioEncoder(HFEncoder):
     def __init__(self, model, feature_layer: int = -1, select: str = "patch"):
         super().__init__(model)
         n = model.config.num_hidden_layers
-        if not -(n + 1) <= feature_layer <= n:
-            raise ValueError(f"feature_layer must be in [-{n + 1}, {n}] for a {n}-layer encoder, got {feature_layer}")
-        self.layer = feature_layer % (n + 1)  # index into hidden_states; n = the final (normed) output
+        self.layer = hidden_state_index(feature_layer, n)  # index into hidden_states; n = the final (normed) output
         self.feature_layer = feature_layer
         self.select = select
 

@@ -110,6 +110,14 @@ class EncoderAdapter(nn.Module):
         return {name: x}
 
 
+def hidden_state_index(feature_layer: int, n: int, what: str = "encoder") -> int:
+    """``feature_layer`` (LLaVA's convention: -1 the last, -2 the penultimate) as an index into
+    ``[embeddings, layer 1, ..., layer n]``; ValueError naming the range outside ``[-(n+1), n]``."""
+    if not -(n + 1) <= feature_layer <= n:
+        raise ValueError(f"feature_layer must be in [-{n + 1}, {n}] for a {n}-layer {what}, got {feature_layer}")
+    return feature_layer % (n + 1)
+
+
 @contextlib.contextmanager
 def maybe_no_init(skip: bool):
     """Skip weight initialisation when the weights are loaded right after."""

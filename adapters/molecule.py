@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer.adapters.encoder import EncoderAdapter
+from composer.adapters.encoder import EncoderAdapter, hidden_state_index
 from composer.errors import ComposerError, InputError, first_line
 
 # pretrain-gnns vocabularies (model.py / loader.py of snap-stanford/pretrain-gnns)
@@ -300,10 +300,8 @@ class GinEncoder(EncoderAdapter):
     def __init__(self, config: GinConfig, *, feature_layer: int = -1, select: str = "all"):
         super().__init__()
         n = config.num_layers
-        if not -(n + 1) <= feature_layer <= n:
-            raise ValueError(f"feature_layer must be in [-{n + 1}, {n}] for a {n}-layer GIN, got {feature_layer}")
         self.config = config
-        self.feature_layer = feature_layer % (n + 1)  # index into [embeddings, layer 1, ..., layer n]
+        self.feature_layer = hidden_state_index(feature_layer, n, "GIN")  # into [embeddings, layer 1, ..., layer n]
         self.select = select
         d = config.emb_dim
         self.x_embedding1 = nn.Embedding(config.num_atom_type, d)

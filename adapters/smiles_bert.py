@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer.adapters.encoder import HFEncoder, maybe_no_init
+from composer.adapters.encoder import HFEncoder, hidden_state_index, maybe_no_init
 from composer.errors import InputError, first_line
 
 # rxnfp/tokenization.py, SMI_REGEX_PATTERN (rxnfp 0.1.0), verbatim
@@ -199,9 +199,9 @@ class SmilesBertEncoder(HFEncoder):
     def __init__(self, model, feature_layer: int = -1, select: str = "patch"):
         super().__init__(model)
         n = model.config.num_hidden_layers
-        if not -(n + 1) <= feature_layer <= n:
-            raise ValueError(f"feature_layer must be in [-{n + 1}, {n}] for a {n}-layer encoder, got {feature_layer}")
-        self.layer = feature_layer % (n + 1)  # index into hidden_states: [embeddings, layer 1, ..., layer n]
+        self.layer = hidden_state_index(
+            feature_layer, n
+        )  # index into hidden_states: [embeddings, layer 1, ..., layer n]
         self.feature_layer = feature_layer
         self.select = select
 

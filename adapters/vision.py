@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from composer.adapters.encoder import HFEncoder
+from composer.adapters.encoder import HFEncoder, hidden_state_index
 
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000: past it, an image file is refused before it is decoded
 
@@ -75,8 +75,7 @@ class VisionEncoder(HFEncoder):
     def __init__(self, model, feature_layer: int = -1, select: str = "patch"):
         super().__init__(model)
         n = model.config.num_hidden_layers
-        if not -(n + 1) <= feature_layer <= n:
-            raise ValueError(f"feature_layer must be in [-{n + 1}, {n}] for a {n}-layer encoder, got {feature_layer}")
+        hidden_state_index(feature_layer, n)  # the range check; hidden_states[feature_layer] as LLaVA indexes it
         self.feature_layer = feature_layer
         self.select = select
 

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from composer.adapters.audio import mono_waveform
-from composer.adapters.encoder import HFEncoder, maybe_no_init
+from composer.adapters.encoder import HFEncoder, hidden_state_index, maybe_no_init
 from composer.errors import InputError
 
 TOKENS_PER_SECOND = 50  # 16 kHz, 160-sample hop: 100 mel frames a second; the second conv halves them
@@ -102,9 +102,7 @@ class WhisperAudioEncoder(HFEncoder):
     def __init__(self, model, feature_layer: int = -1, select: str = "patch"):
         super().__init__(model)
         n = model.config.encoder_layers
-        if not -(n + 1) <= feature_layer <= n:
-            raise ValueError(f"feature_layer must be in [-{n + 1}, {n}] for a {n}-layer encoder, got {feature_layer}")
-        self.layer = feature_layer % (n + 1)  # index into hidden_states; n = the final (normed) output
+        self.layer = hidden_state_index(feature_layer, n)  # index into hidden_states; n = the final (normed) output
         self.feature_layer = feature_layer
         self.select = select  # no CLS token: "patch" and "all" are the same tokens
 
