@@ -389,7 +389,8 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
     say(f"building {spec}")
     spec_ = composer.load_spec(spec)
     spec_.modalities["image"].projector.weights = None  # the projector trains from its random init
-    if s.lora:  # adapters on every layer; each k trains those of layers k..N-1 (the others stay B = 0)
+    spec_.llm.train, spec_.llm.lora = "frozen", None  # the pretrained LLM (the demo spec's adapters: not loaded)
+    if s.lora:  # fresh adapters on every layer; each k trains those of layers k..N-1 (the others stay B = 0)
         spec_ = with_llm_lora(spec_, 0, s.lora)
     base = composer.build(spec_)
     say(f"built in {time.perf_counter() - t0:.0f} s")

