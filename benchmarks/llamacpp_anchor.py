@@ -49,7 +49,7 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 def llama_tools(cache: Path, jobs: int, amx: bool = True) -> tuple[Path, Path]:
     """(llama-bench, llama-quantize): from PATH, else built once under ``cache`` (``amx=False``: with
-    the AMX instructions compiled out, for CPUs that list AMX but whose OS does not grant it)."""
+    the AMX instructions compiled out, for machines that list AMX but fault on its instructions)."""
     on_path = shutil.which("llama-bench"), shutil.which("llama-quantize")
     if all(on_path) and amx:
         return Path(on_path[0]), Path(on_path[1])
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     smoke = subprocess.run(
         [str(bench), "-m", str(files["Q8_0"]), "-p", str(PROMPT), "-n", "0", "-r", "1"], capture_output=True
     )
-    if smoke.returncode == -4:  # SIGILL: the CPU lists AMX (GGML_NATIVE compiled it in), the OS does not grant it
+    if smoke.returncode == -4:  # SIGILL: the CPU lists AMX (GGML_NATIVE compiled it in), the machine faults on it
         say("llama-bench died of SIGILL (AMX not usable here): building it again without AMX")
         amx = False
         bench, quantize = llama_tools(a.cache, a.threads, amx=False)

@@ -433,11 +433,11 @@ def _ask(model, rows: list[tuple]) -> dict[str, tuple[int, int]]:
 def test_the_shipped_dinov2_demo_answers_colour_and_shape_of_unseen_pictures(smol_dir):
     """specs/smol/llava_dinov2_demo.yaml (DINOv2 frozen, its trained projector and LLM adapters)
     names the colour and the shape of one-shape pictures it never saw: fresh drawings of the 39
-    colour-shape pairs it trained on (chance: 1 in 5 colours, 1 in 3 shapes), and the shape of the 6
-    pairs held out of training (3 drawings each); it still counts the shipped pictures. The colour
-    of a held-out pair is its weak point (6 of 18 on the shipped weights) and is not asserted. The bounds sit a few answers below what the
-    shipped weights give, so that a CPU whose rounding flips a close answer still passes, and far
-    above chance."""
+    colour-shape pairs it trained on (chance: 1 in 5 colours, 1 in 3 shapes), and the shape of the
+    6 pairs held out of training (3 drawings each); it still counts the shipped pictures. The
+    colour of a held-out pair is its weak point (6 of 18 on the shipped weights) and is not
+    asserted. The bounds sit a few answers below what the shipped weights give, so that a CPU whose
+    rounding flips a close answer still passes, and far above chance."""
     from helpers import smol_spec
 
     model = build(smol_spec(ROOT / "specs/smol/llava_dinov2_demo.yaml", smol_dir)).eval()
