@@ -13,6 +13,9 @@ from composer.builder import build
 from composer.errors import InputError, SpecError
 from composer.spec import parse_spec
 
+# peft's get_peft_model asks transformers a deprecated question (`is_gradient_checkpointing`)
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"], "layers": [2, 3]}
 
 
