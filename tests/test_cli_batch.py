@@ -35,6 +35,10 @@ def test_cp_copies_a_spec_with_the_files_it_names_and_the_copy_builds_the_same_m
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "llava_demo.yaml").is_file() and (tmp_path / "demo/projector.safetensors").is_file()
     assert (tmp_path / "demo/vision/model.safetensors").is_file()
+    r = run_cli("cp", "smol/llava_dinov2_demo", tmp_path)  # the README's demo: its projector and LLM adapters
+    assert r.returncode == 0, r.stderr
+    for name in ("projector.safetensors", "llm_lora.safetensors"):
+        assert (tmp_path / "demo_dinov2" / name).read_bytes() == (ROOT / "specs/smol/demo_dinov2" / name).read_bytes()
     r = run_cli("cp", "tiny/llava", tmp_path / "mine.yaml")
     assert r.returncode == 0, r.stderr
     again = run_cli("cp", "tiny/llava", tmp_path / "mine.yaml")
