@@ -199,9 +199,7 @@ class SmilesBertEncoder(HFEncoder):
     def __init__(self, model, feature_layer: int = -1, select: str = "patch"):
         super().__init__(model)
         n = model.config.num_hidden_layers
-        self.layer = hidden_state_index(
-            feature_layer, n
-        )  # index into hidden_states: [embeddings, layer 1, ..., layer n]
+        self.layer = hidden_state_index(feature_layer, n)  # into hidden_states: [embeddings, layer 1, ..., layer n]
         self.feature_layer = feature_layer
         self.select = select
 

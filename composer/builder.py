@@ -355,6 +355,7 @@ def load_lora_weights(module: nn.Module, value: str, base_dir: Path | None, wher
     ``target_modules`` or ``layers`` names the first difference)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    from composer.hf_weights import check_state
     from composer.projectors import read_weights
 
     path = Path(resolve_source(value, base_dir, where=where))
@@ -362,17 +363,11 @@ def load_lora_weights(module: nn.Module, value: str, base_dir: Path | None, wher
         path = next((path / f for f in PEFT_ADAPTER_FILES if (path / f).is_file()), path / PEFT_ADAPTER_FILES[0])
     state = {k.removeprefix("base_model.model."): v for k, v in read_weights(path, "LoRA weights").items()}
     want = get_peft_model_state_dict(module)
-    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or unexpected:
-        raise InputError(
-            f"{where}: {path}: keys do not match the spec's LoRA adapters (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}; check r, target_modules and layers)"
-        )
-    for k, v in sorted(state.items()):
-        if tuple(v.shape) != tuple(want[k].shape):
-            raise InputError(
-                f"{where}: {path}: {k} has shape {tuple(v.shape)}, the spec's LoRA needs {tuple(want[k].shape)}"
-            )
+    try:
+        hint = "; check r, target_modules and layers"
+        check_state(want, dict(sorted(state.items())), f"{where}: {path}", "spec's LoRA", show=3, hint=hint)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     set_peft_model_state_dict(module, {k: v.to(want[k].dtype) for k, v in state.items()})
 
 

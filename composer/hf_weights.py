@@ -196,6 +196,31 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_state(
+    own: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    source: str,
+    what: str,
+    *,
+    optional: set[str] = frozenset(),
+    show: int | None = None,
+    hint: str = "",
+) -> None:
+    """Check that ``state`` holds exactly the keys of ``own`` (less ``optional`` ones it may lack),
+    each with ``own``'s shape (checked in ``state``'s order). Raises ``ValueError`` naming
+    ``source`` and ``what`` the tensors are (at most ``show`` keys listed per kind; None: all;
+    ``hint`` ends the key message, e.g. "; check r")."""
+    missing = sorted(set(own) - set(state) - optional)
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: keys do not match the {what} (missing {missing[:show]}, unexpected {unexpected[:show]}{hint})"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the {what} needs {tuple(own[k].shape)}")
+
+
 def load_strict(
     module: torch.nn.Module,
     state: dict[str, torch.Tensor],
@@ -205,18 +230,8 @@ def load_strict(
     optional: set[str] = frozenset(),
     show: int | None = None,
 ) -> None:
-    """Load ``state`` into ``module`` after checking it holds exactly the module's keys (less
-    ``optional`` ones it may lack) with the module's shapes; cast to the module's dtypes.
-    Raises ``ValueError`` naming ``source`` and ``what`` the module is (at most ``show`` keys
-    listed per kind; None: all)."""
+    """Load ``state`` into ``module`` after ``check_state`` against the module's own tensors; cast
+    to the module's dtypes. Raises ``ValueError`` naming ``source`` and ``what`` the module is."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state) - optional)
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: keys do not match the {what} (missing {missing[:show]}, unexpected {unexpected[:show]})"
-        )
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the {what} needs {tuple(own[k].shape)}")
+    check_state(own, state, source, what, optional=optional, show=show)
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=not optional)

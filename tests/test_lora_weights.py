@@ -86,24 +86,26 @@ def test_relative_weights_path_resolves_next_to_the_spec(peft_adapter, tmp_path)
         assert torch.equal(p, want[f"base_model.model.{n}"]), n
 
 
-def test_a_different_rank_is_refused_naming_the_tensor(peft_adapter):
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        (  # a different rank: the first misshapen tensor, by name
+            {"r": 8},
+            r"llm\.lora\.weights: .*adapter_model\.safetensors: model\.layers\.2\.mlp\.down_proj\.lora_A\.weight "
+            r"has shape \(4, 128\), the spec's LoRA needs \(8, 128\)",
+        ),
+        (  # other layers: the missing and the unexpected keys
+            {"layers": [1, 2]},
+            r"keys do not match the spec's LoRA \(missing \['model\.layers\.1\..*"
+            r"unexpected \['model\.layers\.3\..*check r, target_modules and layers",
+        ),
+    ],
+    ids=["rank", "layers"],
+)
+def test_an_adapter_for_another_lora_is_refused_naming_the_difference(peft_adapter, lora, message):
     _, adapter_dir = peft_adapter
-    with pytest.raises(
-        InputError,
-        match=r"llm\.lora\.weights: .*adapter_model\.safetensors: model\.layers\.2\.mlp\.down_proj\.lora_A\.weight "
-        r"has shape \(4, 128\), the spec's LoRA needs \(8, 128\)",
-    ):
-        build(parse_spec(lora_spec(r=8, weights=str(adapter_dir))))
-
-
-def test_other_layers_are_refused_naming_missing_and_unexpected_keys(peft_adapter):
-    _, adapter_dir = peft_adapter
-    with pytest.raises(
-        InputError,
-        match=r"keys do not match the spec's LoRA adapters \(missing \['model\.layers\.1\..*"
-        r"unexpected \['model\.layers\.3\..*check r, target_modules and layers",
-    ):
-        build(parse_spec(lora_spec(layers=[1, 2], weights=str(adapter_dir))))
+    with pytest.raises(InputError, match=message):
+        build(parse_spec(lora_spec(**lora, weights=str(adapter_dir))))
 
 
 def test_missing_and_corrupt_files_are_refused(tmp_path):
