@@ -76,32 +76,65 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-# pydantic's error types -> what the value must be
+# pydantic's error types -> what the value must be (else pydantic's "Input should be ..." as "must be ...")
 _MUST = {
     "greater_than": "must be > {gt}",
     "greater_than_equal": "must be >= {ge}",
     "less_than": "must be < {lt}",
     "less_than_equal": "must be <= {le}",
     "finite_number": "must be a finite number",
-    "literal_error": "must be one of {expected}",
+    "literal_error": "must be {expected}",
     "int_type": "must be an integer",
     "float_type": "must be a number",
     "bool_type": "must be true or false",
     "string_type": "must be a string",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "dict_type": "must be an object",
+    "list_type": "must be a list",
 }
 
 
-def validation_message(e) -> str:
-    """A pydantic ``ValidationError`` as one line naming the field: ``lr: must be > 0, got -1.0``
-    (its first error; the configs built from command-line options report it, the CLI maps the field
-    to its flag)."""
-    err = e.errors()[0]
-    field = ".".join(map(str, err["loc"])) or "<root>"
-    if err["type"] == "missing":
-        return f"{field}: required"
-    if err["type"] == "extra_forbidden":
-        return f"{field}: unknown setting"
-    must = _MUST.get(err["type"])
-    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in err.get("ctx", {}).items()}
-    text = must.format(**ctx) if must else err["msg"][:1].lower() + err["msg"][1:]
-    return f"{field}: {text}, got {err.get('input')!r}"
+def field_path(loc: tuple) -> str:
+    """pydantic's error location as a field path: ``stages[0].start``, ``graphs['encoder.image.onnx']``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier():
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+def quote_value(value) -> str:
+    """``repr(value)``, cut to 100 characters: how an error message quotes what it got."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def describe_error(error: dict, unknown: str = "unknown key") -> str:
+    """One pydantic error as ``field.path: what is wrong, got value`` (``lr: must be > 0, got -1.0``;
+    a missing field: ``missing``; a field the model does not have: ``unknown``)."""
+    kind = error["type"]
+    if kind == "missing":
+        text = "missing"
+    elif kind == "extra_forbidden":
+        text = unknown
+    elif kind == "value_error":  # ours: the message says it all (and quotes the value where it helps)
+        text = error["msg"].removeprefix("Value error, ")
+    else:
+        must = _MUST.get(kind)
+        ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in error.get("ctx", {}).items()}
+        text = must.format(**ctx) if must else error["msg"].replace("Input should be", "must be", 1)
+        text += f", got {quote_value(error['input'])}"
+    where = field_path(error["loc"])
+    return f"{where}: {text}" if where else text
+
+
+def validation_message(e, unknown: str = "unknown key") -> str:
+    """A pydantic ``ValidationError`` as one line naming the field (its first error, ``describe_error``):
+    what the configs built from command-line options, the generation settings and the records
+    composer reads back report."""
+    return describe_error(e.errors()[0], unknown)

@@ -14,12 +14,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def first_validation_error(e) -> str:
-    """A pydantic ``ValidationError`` as one line: ``field: message, got value`` (its first error)."""
-    err = e.errors()[0]
-    return f"{'.'.join(map(str, err['loc']))}: {err['msg'].lower()}, got {err.get('input')!r}"
-
-
 def _fields() -> frozenset[str]:
     from composer.spec import GenerationSpec
 
@@ -38,7 +32,7 @@ def resolve_generation(gen, generation_config=None, **overrides):
     unknown keyword, is one error naming it. ``stop_strings`` may be one string."""
     from pydantic import ValidationError
 
-    from composer.errors import InputError
+    from composer.errors import InputError, validation_message
     from composer.spec import GenerationSpec
 
     unknown = sorted(set(overrides) - GENERATION_FIELDS)
@@ -59,7 +53,7 @@ def resolve_generation(gen, generation_config=None, **overrides):
     try:
         g = GenerationSpec.model_validate(values)
     except ValidationError as e:
-        raise InputError(first_validation_error(e)) from None
+        raise InputError(validation_message(e, unknown="unknown setting")) from None
     if g.min_new_tokens > g.max_new_tokens:
         raise InputError(f"min_new_tokens: {g.min_new_tokens} is more than max_new_tokens ({g.max_new_tokens})")
     if g.num_return_sequences > 1 and not g.do_sample:
@@ -243,7 +237,7 @@ def read_generation_config(directory, gen):
     from pydantic import ValidationError
     from transformers import GenerationConfig
 
-    from composer.errors import InputError
+    from composer.errors import InputError, validation_message
     from composer.spec import GenerationSpec
 
     path = Path(directory) / GENERATION_CONFIG
@@ -266,7 +260,7 @@ def read_generation_config(directory, gen):
     try:
         out = GenerationSpec.model_validate(values)
     except ValidationError as e:
-        raise InputError(f"{path}: {first_validation_error(e)}") from None
+        raise InputError(f"{path}: {validation_message(e, unknown='unknown setting')}") from None
     eos = raw.get("eos_token_id")
     eos = None if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return out, eos

@@ -18,21 +18,9 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError
 
-from composer.errors import InputError
+from composer.errors import InputError, quote_value, validation_message
 
 R = TypeVar("R", bound="Record")
-
-# what a type error says about the value (pydantic's "Input should be ..." otherwise, as "must be ...")
-_WANT = {
-    "model_type": "an object",
-    "model_attributes_type": "an object",
-    "dict_type": "an object",
-    "list_type": "a list",
-    "int_type": "an integer",
-    "string_type": "a string",
-    "bool_type": "true or false",
-    "float_type": "a number",
-}
 
 
 class Record(BaseModel):
@@ -49,7 +37,7 @@ def checked(kind: type | tuple[type, ...], ok, want: str) -> PlainValidator:
     def check(value):
         is_bool = isinstance(value, bool) and kind is not bool
         if is_bool or not isinstance(value, kind) or not ok(value):
-            raise ValueError(f"must be {want}, got {_quote(value)}")
+            raise ValueError(f"must be {want}, got {quote_value(value)}")
         return value
 
     return PlainValidator(check, json_schema_input_type=Any)
@@ -59,48 +47,13 @@ PositiveInt = Annotated[int, checked(int, lambda v: 0 < v < 2**31, "a positive i
 Index = Annotated[int, checked(int, lambda v: v >= 0, "an integer >= 0")]
 
 
-def field_path(loc: tuple) -> str:
-    """pydantic's error location as a field path: ``stages[0].start``, ``graphs['encoder.image.onnx']``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part.isidentifier():
-            out += f".{part}" if out else part
-        else:
-            out += f"[{part!r}]"
-    return out
-
-
-def _quote(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
-
-
-def describe(error: dict) -> str:
-    """One pydantic error as ``field.path: what is wrong, got value``."""
-    kind, msg = error["type"], error["msg"]
-    if kind == "missing":
-        text = "missing"
-    elif kind == "extra_forbidden":
-        text = "unknown key"
-    elif kind == "value_error":  # ours: the message says it all (and quotes the value where it helps)
-        text = msg.removeprefix("Value error, ")
-    else:
-        want = _WANT.get(kind)
-        text = f"must be {want}" if want else msg.replace("Input should be", "must be", 1)
-        text += f", got {_quote(error['input'])}"
-    where = field_path(error["loc"])
-    return f"{where}: {text}" if where else text
-
-
 def read_record(cls: type[R], path: Path, data: Any) -> R:
     """``data`` (a decoded JSON object read from ``path``) as a ``cls``; one InputError naming
     ``path`` and the first bad field otherwise."""
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise InputError(f"{path}: {describe(e.errors()[0])}") from None
+        raise InputError(f"{path}: {validation_message(e)}") from None
 
 
 def dump_record(record: Record) -> dict:
@@ -148,9 +101,7 @@ __all__ = [
     "Record",
     "Summary",
     "checked",
-    "describe",
     "dump_record",
-    "field_path",
     "read_record",
     "write_record",
 ]

@@ -221,5 +221,5 @@ def test_unsupported_generation_config_settings_are_named():
     batch = model.prepare(["hi"])
     with pytest.raises(InputError, match=r"generation_config: \['num_beams'\] not supported"):
         model.generate(**batch, generation_config=GenerationConfig(num_beams=4))
-    with pytest.raises(InputError, match="repetition_penalty: input should be greater than 0"):
+    with pytest.raises(InputError, match="repetition_penalty: must be > 0"):
         model.generate(**batch, repetition_penalty=0.0)

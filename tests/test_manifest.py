@@ -63,7 +63,7 @@ def test_a_manifest_round_trip(tmp_path):
             "graphs['encoder.image.onnx'].inputs[0].shape[1]: must be an axis size or name, got 1.5",
         ),
         (lambda m: m["generation"].update(pad_token_id=None), "generation.pad_token_id: must be an integer, got None"),
-        (lambda m: m["generation"].update(max_new_tokens=0), "generation.max_new_tokens: must be greater than 0"),
+        (lambda m: m["generation"].update(max_new_tokens=0), "generation.max_new_tokens: must be > 0, got 0"),
         (lambda m: m.update(quantization={"scheme": "int8"}), "quantization.bits: missing"),
         (lambda m: m.update(extra=1), "extra: unknown key"),
         (lambda m: m["stages"][1].update(enter=["audio"]), "stages[1].enter: modalities without an encoder"),

@@ -162,7 +162,7 @@ class Limits(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:  # one InputError naming the field, as TrainConfig's
-            raise InputError(validation_message(e)) from None
+            raise InputError(validation_message(e, unknown="unknown setting")) from None
 
     max_queue: int = Field(64, ge=1, description="Waiting requests; 429 past.")
     max_tokens: int = Field(1024, ge=1, description="Most tokens a request gets.")

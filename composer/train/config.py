@@ -116,7 +116,7 @@ class TrainConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as e:
-            raise InputError(validation_message(e)) from None
+            raise InputError(validation_message(e, unknown="unknown setting")) from None
 
     @field_validator("data", "output", "eval_data", "media_root", mode="before")
     @classmethod
