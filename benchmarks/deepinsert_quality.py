@@ -427,9 +427,10 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
                 if name in init:
                     p.copy_(init[name])
         if s.lora:  # only the layers the image tokens pass through adapt: nothing trains before k
-            for name, p in base.llm.named_parameters():
-                if "lora_" in name:
-                    p.requires_grad_(int(name.split("layers.")[1].split(".")[0]) >= k)
+            for i, layer in enumerate(base.adapter.layers):  # the LLM family's decoder layers, in order
+                for name, p in layer.named_parameters():
+                    if "lora_" in name:
+                        p.requires_grad_(i >= k)
         model = base.with_insert_at(k)
         say(f"k = {k}: training {s.steps} steps of {s.batch_size} records")
         cfg = TrainConfig(
