@@ -30,7 +30,9 @@ rank-8 LoRA on the LLM's layers k..N-1 (stage 2; projector.safetensors and llm_l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -45,6 +47,8 @@ DEMO_OUT = ROOT / "specs" / "smol" / "demo"
 DINOV2_SPEC = ROOT / "specs" / "smol" / "llava_dinov2_demo.yaml"
 DINOV2_OUT = ROOT / "specs" / "smol" / "demo_dinov2"
 ASSETS = ROOT / "specs" / "smol" / "assets"
+TEXT_CACHE = ROOT / "out" / "smollm2_text_answers.json"  # base_answers' cache, per LLM
+TEXT_PROBE = "What is the capital of France?"  # the README's text-only question
 # The shipped pictures: (file name, scene, seed of the drawing). Both layouts are in the training split.
 PICTURES = (
     ("red_circle.png", dq.DEMO_SCENE, 1),
@@ -66,18 +70,287 @@ def conversations(scenes, n: int, turns: int, rng: random.Random) -> list[dict]:
     return out
 
 
-def write_conversations(out: Path, records: list[dict]) -> Path:
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    path = out / "train_chat.jsonl"
-    with path.open("w") as f:
-        for i, rec in enumerate(records):
-            name = f"train/c{i:05d}.png"
-            dq.draw(rec["scene"], random.Random(rec["draw_seed"])).save(out / name)
-            conv = []
-            for j, (q, a) in enumerate(rec["qa"]):
-                conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
-            f.write(json.dumps({"image": name, "conversations": conv}) + "\n")
+# General questions whose answers by the pretrained LLM (adapters off) stage 2 mixes into its records,
+# so that the adapters keep the LLM's text answers (LLaVA-1.5 mixes ShareGPT text chats for the same
+# reason). Templates x fillers; the split into training and held-out prompts is by seed.
+_COUNTRIES = (
+    "France Germany Italy Spain Portugal Japan China India Brazil Canada Mexico Egypt Kenya Norway Sweden Poland "
+    "Greece Turkey Russia Australia Argentina Chile Peru Ireland Austria Belgium Netherlands Denmark Finland "
+    "Thailand Vietnam Morocco Nigeria Cuba Iceland"
+).split()
+_THINGS = (
+    "a volcano|a computer|photosynthesis|gravity|a rainbow|democracy|an atom|a glacier|the internet|a vaccine|"
+    "an eclipse|a bicycle|a library|electricity|a desert|the moon|a hurricane|a telescope|an orchestra|a bridge|"
+    "a battery|a cloud|a river|a piano|a museum|friction|a magnet|a forest|an earthquake|a calendar"
+).split("|")
+_TOPICS = (
+    "the ocean|autumn|coffee|a busy city|mountains|friendship|the night sky|a garden|winter|music|a train journey|"
+    "a rainy day|books|the sea|breakfast|a quiet village|summer holidays|a football match|the stars|cooking"
+).split("|")
+_WORDS = "hot|big|fast|happy|light|early|strong|open|young|rich|full|hard|loud|high|old|wet|clean|near".split("|")
+_TEMPLATES = (
+    ("What is the capital of {}?", _COUNTRIES),
+    ("Explain what {} is in one sentence.", _THINGS),
+    ("Write one sentence about {}.", _TOPICS),
+    ("What is the opposite of '{}'?", _WORDS),
+    ("Give me a short fact about {}.", _COUNTRIES),
+    ("Why is {} useful?", _THINGS),
+    ("Describe {} in a few words.", _TOPICS),
+    ("What language do people speak in {}?", _COUNTRIES),
+)
+
+
+def general_prompts(seed: int) -> tuple[list[str], list[str]]:
+    """Text-only questions, shuffled by ``seed`` -> (training prompts, 40 held-out prompts)."""
+    prompts = [t.format(x) for t, fill in _TEMPLATES for x in fill]
+    prompts += [f"What is {a} plus {b}?" for a, b in ((2, 3), (7, 5), (12, 9), (20, 22), (6, 7), (15, 30))]
+    random.Random(seed).shuffle(prompts)
+    return prompts[40:], prompts[:40]
+
+
+def greedy_text(model, prompts: list[str], max_new_tokens: int, batch: int = 16, progress=None) -> list[str]:
+    """The model's greedy answers to text-only ``prompts``; an answer the token limit cut ends at its
+    last full sentence."""
+    import torch
+
+    answers = []
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch):
+            inputs = model.prepare([model.format_prompt(q, items={}) for q in prompts[i : i + batch]])
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            for ids, text in zip(out.tolist(), model.decode(out), strict=True):
+                text = text.strip()
+                cut = len(ids) == max_new_tokens and model.pad_token_id not in ids and "." in text
+                answers.append(text[: text.rfind(".") + 1] if cut else text)
+            if progress:
+                progress(f"text answers {min(i + batch, len(prompts))}/{len(prompts)}")
+    return answers
+
+
+@contextlib.contextmanager
+def adapters_off(module):
+    """peft's LoRA layers inside ``module`` bypassed for the ``with`` block (``enable_adapters``)."""
+    layers = [m for m in module.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def base_answers(model, prompts: list[str], cache: Path | None = None, progress=None) -> list[str]:
+    """The pretrained LLM's greedy answers (64 tokens at most): ``greedy_text`` with the LLM's LoRA
+    adapters off. ``cache``: a JSON file of {prompt: answer} read first and updated (same LLM only)."""
+    known = json.loads(cache.read_text()) if cache and cache.is_file() else {}
+    todo = [q for q in dict.fromkeys(prompts) if q not in known]
+    if todo:
+        with adapters_off(model.llm):
+            known.update(zip(todo, greedy_text(model, todo, 64, progress=progress), strict=True))
+        if cache:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # concurrent runs: no shared temp file
+            tmp.write_text(json.dumps(known, indent=1, ensure_ascii=False))
+            tmp.replace(cache)
+    return [known[q] for q in prompts]
+
+
+def text_agreement(answers: list[str], reference: list[str], tokenizer, tokens: int = 8) -> float:
+    """Share of answers whose first ``tokens`` tokens equal the reference answer's."""
+    ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"][:tokens]  # noqa: E731
+    return sum(ids(a) == ids(r) for a, r in zip(answers, reference, strict=True)) / len(answers)
+
+
+def text_mix(model, n_records: int, share: float, seed: int, cache: Path | None, say=print, quick: bool = False):
+    """The text-only side of a stage-2 mix -> (LLaVA-format text-only records, held-out prompts, the
+    pretrained LLM's answers to them). ``share`` of all records are text-only: the training prompts
+    in turn, each answered by the pretrained LLM (``base_answers``)."""
+    text_train, text_test = general_prompts(seed)
+    if quick:
+        text_train, text_test = text_train[:8], text_test[:3]
+    text_test.append(TEXT_PROBE)
+    say(f"the pretrained LLM's answers to {len(text_train) + len(text_test)} text-only questions")
+    base_test = base_answers(model, text_test, cache)
+    records = []
+    if share:
+        base_train = base_answers(model, text_train, cache, progress=say)
+        n = round(n_records * share / (1 - share))
+        records = [
+            {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]}
+            for q, ans in ((text_train[i % len(text_train)], base_train[i % len(text_train)]) for i in range(n))
+        ]
+    return records, text_test, base_test
+
+
+def text_report(model, text_test: list[str], base_test: list[str]) -> dict:
+    """How far training moved the text-only answers: agreement with the pretrained LLM's on the
+    held-out prompts, and the last few (the README's probe last) side by side."""
+    now = greedy_text(model, text_test, 64)
+    return {
+        "held_out_prompts": len(text_test),
+        "agreement_first_8_tokens": text_agreement(now, base_test, model.tokenizer),
+        "examples": [
+            {"prompt": q, "pretrained": b, "trained": t}
+            for q, b, t in zip(text_test[-6:], base_test[-6:], now[-6:], strict=True)
+        ],
+    }
+
+
+def evaluate_items(model, records: list[dict], modality: str, batch: int = 16) -> list[bool]:
+    """Single questions about one item each (``item``, ``prompt``, ``response``) -> exact match of the
+    normalised greedy answer, per record."""
+    import torch
+
+    right = []
+    with torch.inference_mode():
+        for i in range(0, len(records), batch):
+            rows = records[i : i + batch]
+            inputs = model.prepare(
+                [model.format_prompt(r["prompt"]) for r in rows], **{modality: [r["item"] for r in rows]}
+            )
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            right += [dq.normalise(t) == r["response"] for r, t in zip(rows, model.decode(out), strict=True)]
+    return right
+
+
+def accuracy_by_kind(right: list[bool], records: list[dict], kinds) -> tuple[dict, dict]:
+    """Per question kind: held-out accuracy, and the majority answer's share (the baseline)."""
+    by_kind, majority = {}, {}
+    for kind in kinds:
+        rows = [(ok, r["response"]) for ok, r in zip(right, records, strict=True) if r["kind"] == kind]
+        if rows:
+            by_kind[kind] = statistics.mean(ok for ok, _ in rows)
+            answers = [a for _, a in rows]
+            majority[kind] = max(answers.count(x) for x in set(answers)) / len(answers)
+    return by_kind, majority
+
+
+def write_jsonl(path: Path, records: list[dict], seed: int) -> Path:
+    """``records`` shuffled (by ``seed``) into a JSONL file, written to a temp name, then renamed."""
+    lines = [json.dumps(r) for r in records]
+    random.Random(seed).shuffle(lines)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
     return path
+
+
+def item_demo_args(ap: argparse.ArgumentParser, out: str, spec: Path, demo_out: Path, **defaults) -> None:
+    """The options every one-item-per-record demo (molecules, speech) shares."""
+    d = {"records": 4000, "turns": 3, "steps": 800, "batch_size": 8, "lr": 5e-4, "per_kind": 60} | defaults
+    ap.add_argument("--out", type=Path, default=Path(out))
+    ap.add_argument("--records", type=int, default=d["records"], help="multi-turn training records")
+    ap.add_argument("--turns", type=int, default=d["turns"], help="questions per training record")
+    ap.add_argument("--steps", type=int, default=d["steps"])
+    ap.add_argument("--batch-size", type=int, default=d["batch_size"])
+    ap.add_argument("--lr", type=float, default=d["lr"])
+    ap.add_argument("--text-mix", type=float, default=0.2, metavar="F", help="share of text-only records")
+    ap.add_argument("--per-kind", type=int, default=d["per_kind"], help="held-out questions per kind")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few records and steps")
+    ap.add_argument("--spec", type=Path, default=spec, help="default: %(default)s")
+    ap.add_argument("--demo-out", type=Path, default=demo_out, help="where the weights go (default: %(default)s)")
+
+
+def build_untrained(spec_path: Path, modality: str, threads: int | None):
+    """The demo spec's model with its projector and LLM adapters from their random init."""
+    import torch
+
+    import composer
+
+    if threads:
+        torch.set_num_threads(threads)
+    spec = composer.load_spec(spec_path)
+    spec.modalities[modality].projector.weights = None
+    if spec.llm.lora is not None:
+        spec.llm.lora.weights = None
+    return composer.build(spec)
+
+
+def item_demo(model, modality: str, records: list[dict], test: list[dict], kinds, a, info: dict) -> dict:
+    """Train ``model``'s projector and LLM adapters (the spec's modes) on LLaVA-format ``records`` mixed
+    with ``a.text_mix`` text-only records, evaluate on the single-question ``test`` records, write
+    OUT/results.json and the weights to ``a.demo_out``, print the summary -> the results."""
+    import torch
+
+    from composer.train import TrainConfig, train
+
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    out = a.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    text_records, text_test, base_test = text_mix(model, len(records), a.text_mix, a.seed, TEXT_CACHE, say, a.quick)
+    train_file = write_jsonl(out / "train_chat.jsonl", records + text_records, a.seed + 1)
+    k = model.spec.modalities[modality].insert_at
+    say(
+        f"training at k = {k}: {a.steps} steps of {a.batch_size}"
+        f" from {len(records)} records (+{len(text_records)} text)"
+    )
+    cfg = TrainConfig(
+        data=str(train_file),
+        output=str(out / "run"),
+        stage=None,  # the spec's modes: the projector and the LLM's LoRA train, the encoder is frozen
+        max_steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup_ratio=0.05,
+        seed=a.seed,
+        overwrite=True,
+        log_every=10,
+        progress=sys.stderr.isatty(),
+    )
+    t0 = time.perf_counter()
+    summary = train(model, cfg)
+    train_s = time.perf_counter() - t0
+    (out / "run" / "model.safetensors").unlink(missing_ok=True)
+    model.eval()
+    say(f"evaluating on {len(test)} held-out questions")
+    right = evaluate_items(model, test, modality)
+    lo, hi = dq.wilson(sum(right), len(right))
+    by_kind, majority = accuracy_by_kind(right, test, kinds)
+    result = {
+        "settings": {key: str(v) if isinstance(v, Path) else v for key, v in vars(a).items()},
+        **info,
+        "insert_at": k,
+        "final_loss": statistics.mean(summary["losses"][-10:]),
+        "step_time_s": summary["median_step_time_s"],
+        "train_seconds": train_s,
+        "held_out_accuracy": sum(right) / len(right),
+        "ci95": [lo, hi],
+        "by_kind": by_kind,
+        "majority_baseline": majority,
+        "text_only": text_report(model, text_test, base_test),
+        "threads": torch.get_num_threads(),
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    save_projector(model, a.demo_out, modality)
+    if model.spec.llm.lora is not None:
+        save_lora(model, a.demo_out)
+    print(f"held-out accuracy {100 * result['held_out_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] on {len(test)}")
+    for kind in by_kind:
+        print(f"  {kind:9s} {100 * by_kind[kind]:5.1f}%  (majority answer {100 * majority[kind]:.0f}%)")
+    t = result["text_only"]
+    probe = t["examples"][-1]
+    print(f"text-only: {100 * t['agreement_first_8_tokens']:.0f}% of {t['held_out_prompts']} held-out questions")
+    print(f"  start as the pretrained LLM's; {probe['prompt']} -> {probe['trained']!r}")
+    print(f"trained {a.steps} steps in {train_s / 60:.1f} min; wrote {a.demo_out} and {out / 'results.json'}")
+    return result
+
+
+def write_conversations(out: Path, records: list[dict], text: list[dict] = ()) -> Path:
+    """The picture records (their drawings under OUT/train) and the text-only records, shuffled
+    together into OUT/train_chat.jsonl."""
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, rec in enumerate(records):
+        name = f"train/c{i:05d}.png"
+        dq.draw(rec["scene"], random.Random(rec["draw_seed"])).save(out / name)
+        conv = []
+        for j, (q, a) in enumerate(rec["qa"]):
+            conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
+        lines.append({"image": name, "conversations": conv})
+    return write_jsonl(out / "train_chat.jsonl", lines + list(text), len(lines) + len(text))
 
 
 def answer_pictures(model, folder: Path) -> list[dict]:
@@ -95,12 +368,12 @@ def answer_pictures(model, folder: Path) -> list[dict]:
     return rows
 
 
-def save_projector(model, out: Path) -> None:
-    """OUT/projector.safetensors, the weights ``llava_dinov2_demo.yaml`` loads (temp file, then renamed)."""
+def save_projector(model, out: Path, modality: str = "image") -> None:
+    """OUT/projector.safetensors, the weights the demo spec's ``projector.weights`` loads (temp file, then renamed)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.projectors["image"].state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.projectors[modality].state_dict().items()}
     tmp = out / ".projector.safetensors.tmp"
     save_file(state, str(tmp))
     tmp.replace(out / "projector.safetensors")
@@ -147,12 +420,35 @@ def main(argv=None) -> int:
         "rank-R LoRA on the LLM's layers k..N-1 (saved as llm_lora.safetensors); 0: stage 1",
     )
     ap.add_argument(
+        "--text-mix",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="stage 2: this share of the training records are text-only questions answered by the pretrained "
+        "LLM itself (adapters off), so the adapters keep its text answers; e.g. 0.2",
+    )
+    ap.add_argument(
+        "--text-cache",
+        type=Path,
+        default=TEXT_CACHE,
+        help="the pretrained LLM's answers to the text-only questions, computed once (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--keep-lora",
+        action="store_true",
+        help="stage 2 goes on from the spec's trained adapters (llm.lora.weights) instead of fresh ones",
+    )
+    ap.add_argument(
         "--demo-out", type=Path, default=None, help="default: specs/smol/demo (demo_dinov2 with --pretrained)"
     )
     ap.add_argument("--assets", type=Path, default=ASSETS)
     a = ap.parse_args(argv)
     if a.lora and not a.pretrained:
         ap.error("--lora trains stage 2 of the --pretrained demo")
+    if (a.text_mix or a.keep_lora) and not a.lora:
+        ap.error("--text-mix and --keep-lora are for stage 2 (--lora R)")
+    if not 0 <= a.text_mix < 1:
+        ap.error(f"--text-mix must be in [0, 1), got {a.text_mix}")
     if a.quick:
         a.records, a.steps, a.encoder_steps, a.test = 16, 3, 20, 8
     if a.pretrained:
@@ -170,22 +466,29 @@ def main(argv=None) -> int:
     out = a.out.resolve()
     data = out / "data"
     train_scenes, test_scenes = dq.split_scenes(a.seed, keep_in_train=tuple(sc for _, sc, _ in PICTURES))
-    rng = random.Random(a.seed + 1)
-    say(f"writing {a.records} training conversations and {a.test} held-out questions under {data}")
-    train_file = write_conversations(data, conversations(train_scenes, a.records, a.turns, rng))
-    _, test_file = dq.write_task(data, 1, a.test, a.seed)  # held-out records as in the benchmark
-    test = dq.read_records(test_file)
-    a.assets.mkdir(parents=True, exist_ok=True)
-    for name, scene, seed in PICTURES:
-        dq.draw(scene, random.Random(seed)).save(a.assets / name)
-
     spec = composer.load_spec(a.spec)
-    if a.lora:  # stage 2: from the stage-1 projector the spec loads, with LoRA on the LLM
+    if a.keep_lora:  # stage 2 goes on from the spec's projector and adapters
+        if spec.llm.lora is None or not spec.llm.lora.weights or spec.llm.lora.r != a.lora:
+            ap.error(f"--keep-lora: {a.spec} has no trained rank-{a.lora} adapters (llm.lora.weights)")
+    elif a.lora:  # stage 2: from the stage-1 projector the spec loads, with fresh LoRA on the LLM
         spec = dq.with_llm_lora(spec, a.k, a.lora)
     else:  # stage 1: the projector from its random init, the LLM as pretrained (no adapters)
         spec.modalities["image"].projector.weights = None
         spec.llm.train, spec.llm.lora = "frozen", None
     model = composer.build(spec).with_insert_at(a.k)
+
+    text_records, text_test, base_test = text_mix(model, a.records, a.text_mix, a.seed, a.text_cache, say)
+    rng = random.Random(a.seed + 1)
+    say(
+        f"writing {a.records} training conversations (+{len(text_records)} text-only) "
+        f"and {a.test} held-out questions under {data}"
+    )
+    train_file = write_conversations(data, conversations(train_scenes, a.records, a.turns, rng), text_records)
+    _, test_file = dq.write_task(data, 1, a.test, a.seed)  # held-out records as in the benchmark
+    test = dq.read_records(test_file)
+    a.assets.mkdir(parents=True, exist_ok=True)
+    for name, scene, seed in PICTURES:
+        dq.draw(scene, random.Random(seed)).save(a.assets / name)
     t0 = time.perf_counter()
     if a.pretrained:  # LLaVA stage 1 on a pretrained encoder: the spec keeps it frozen
         pre = {"skipped": "pretrained encoder, frozen"}
@@ -225,6 +528,7 @@ def main(argv=None) -> int:
         if any(r["kind"] == kind for r in test)
     }
     pictures = answer_pictures(model, a.assets)
+    text = text_report(model, text_test, base_test)
     result = {
         "k": a.k,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
@@ -236,11 +540,12 @@ def main(argv=None) -> int:
         "ci95": [lo, hi],
         "by_kind": by_kind,
         "pictures": pictures,
+        "text_only": text,
         "threads": torch.get_num_threads(),
     }
     (out / "demo_results.json").write_text(json.dumps(result, indent=2))
     if a.pretrained:
-        save_projector(model, a.demo_out)
+        save_projector(model, a.demo_out, "image")
         if a.lora:
             save_lora(model, a.demo_out)
     else:
@@ -249,6 +554,12 @@ def main(argv=None) -> int:
     print(" (" + ", ".join(f"{kind} {100 * v:.0f}%" for kind, v in by_kind.items()) + ")")
     for p in pictures:
         print(f"{p['picture']}: {p['question']} -> {p['answer']!r} ({'right' if p['right'] else 'WRONG'})")
+    print(
+        f"text-only answers: {100 * text['agreement_first_8_tokens']:.0f}% of {len(text_test)} held-out "
+        "questions start as the pretrained LLM's (first 8 tokens)"
+    )
+    for ex in text["examples"][-2:]:
+        print(f"{ex['prompt']} -> {ex['trained'][:80]!r} (pretrained: {ex['pretrained'][:80]!r})")
     print(f"wrote {a.demo_out} and {out / 'demo_results.json'}")
     return 0
 

@@ -397,3 +397,32 @@ def test_smol_spec_exports_verified_and_generates_from_smiles(smol, smol_bundle)
     got = pipe.generate(**pbatch, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(got, smol.generate(**batch, max_new_tokens=8, eos_token_id=[]))
     assert pipe.decode(got)[0].strip()
+
+
+def test_the_molecule_task_answers_are_rdkits_and_its_split_is_by_molecule():
+    """benchmarks/molecule_demo.py's questions: RDKit's answers on molecules whose answers are known,
+    generated molecules RDKit-canonical, training and held-out molecules disjoint, held-out yes/no
+    questions balanced."""
+    import sys
+
+    pytest.importorskip("rdkit")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import molecule_demo as md
+
+    assert md.facts("Oc1ccccc1") == {  # phenol
+        "rings": "one", "aromatic": "yes", "nitrogen": "no", "halogen": "no", "hydroxyl": "yes", "acid": "no",
+    }  # fmt: skip
+    assert md.facts("CC(=O)O") == {  # acetic acid: its O-H is the acid's, not a hydroxyl group
+        "rings": "zero", "aromatic": "no", "nitrogen": "no", "halogen": "no", "hydroxyl": "no", "acid": "yes",
+    }  # fmt: skip
+    assert md.facts("NCCCCl")["nitrogen"] == md.facts("NCCCCl")["halogen"] == "yes"
+    assert md.facts("c1ccc2cc3ccccc3cc2c1")["rings"] == "three" and md.facts("C1CCC2CCCCC2C1")["aromatic"] == "no"
+    train, held_out = md.split_molecules(300, 0)
+    assert not set(train) & set(held_out) and len(held_out) == 60
+    from rdkit import Chem
+
+    assert all(Chem.MolToSmiles(Chem.MolFromSmiles(s)) == s for s in held_out)
+    rows = md.held_out_questions(held_out, 10, seed=1)
+    for kind in ("aromatic", "halogen", "acid"):
+        answers = [r["response"] for r in rows if r["kind"] == kind]
+        assert answers.count("yes") == answers.count("no") > 0, (kind, answers)
