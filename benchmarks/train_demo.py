@@ -269,13 +269,49 @@ def build_untrained(spec_path: Path, modality: str, threads: int | None):
     return composer.build(spec)
 
 
+def demo_config(a, train_file: Path, out: Path):
+    """The demos' training settings: ``a``'s steps, batch size, learning rate and seed; warm-up 5%,
+    cosine; the spec's train modes (``stage=None``); OUT/run."""
+    from composer.train import TrainConfig
+
+    return TrainConfig(
+        data=str(train_file),
+        output=str(out / "run"),
+        stage=None,
+        max_steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        warmup_ratio=0.05,
+        seed=a.seed,
+        overwrite=True,
+        log_every=10,
+        progress=sys.stderr.isatty(),
+    )
+
+
+def run_results(a, summary: dict, train_s: float, right: list[bool], **fields) -> dict:
+    """The results every demo run writes: its settings, ``fields``, training loss and time, held-out
+    accuracy with its Wilson interval, threads."""
+    import torch
+
+    lo, hi = dq.wilson(sum(right), len(right))
+    return {
+        "settings": {key: str(v) if isinstance(v, Path) else v for key, v in vars(a).items()},
+        **fields,
+        "final_loss": statistics.mean(summary["losses"][-10:]),
+        "step_time_s": summary["median_step_time_s"],
+        "train_seconds": train_s,
+        "held_out_accuracy": sum(right) / len(right),
+        "ci95": [lo, hi],
+        "threads": torch.get_num_threads(),
+    }
+
+
 def item_demo(model, modality: str, records: list[dict], test: list[dict], kinds, a, info: dict) -> dict:
     """Train ``model``'s projector and LLM adapters (the spec's modes) on LLaVA-format ``records`` mixed
     with ``a.text_mix`` text-only records, evaluate on the single-question ``test`` records, write
     OUT/results.json and the weights to ``a.demo_out``, print the summary -> the results."""
-    import torch
-
-    from composer.train import TrainConfig, train
+    from composer.train import train
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     out = a.out.resolve()
@@ -287,19 +323,7 @@ def item_demo(model, modality: str, records: list[dict], test: list[dict], kinds
         f"training at k = {k}: {a.steps} steps of {a.batch_size}"
         f" from {len(records)} records (+{len(text_records)} text)"
     )
-    cfg = TrainConfig(
-        data=str(train_file),
-        output=str(out / "run"),
-        stage=None,  # the spec's modes: the projector and the LLM's LoRA train, the encoder is frozen
-        max_steps=a.steps,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        warmup_ratio=0.05,
-        seed=a.seed,
-        overwrite=True,
-        log_every=10,
-        progress=sys.stderr.isatty(),
-    )
+    cfg = demo_config(a, train_file, out)  # the spec's modes: the projector and LoRA train, the encoder is frozen
     t0 = time.perf_counter()
     summary = train(model, cfg)
     train_s = time.perf_counter() - t0
@@ -307,22 +331,12 @@ def item_demo(model, modality: str, records: list[dict], test: list[dict], kinds
     model.eval()
     say(f"evaluating on {len(test)} held-out questions")
     right = evaluate_items(model, test, modality)
-    lo, hi = dq.wilson(sum(right), len(right))
     by_kind, majority = accuracy_by_kind(right, test, kinds)
-    result = {
-        "settings": {key: str(v) if isinstance(v, Path) else v for key, v in vars(a).items()},
-        **info,
-        "insert_at": k,
-        "final_loss": statistics.mean(summary["losses"][-10:]),
-        "step_time_s": summary["median_step_time_s"],
-        "train_seconds": train_s,
-        "held_out_accuracy": sum(right) / len(right),
-        "ci95": [lo, hi],
-        "by_kind": by_kind,
-        "majority_baseline": majority,
-        "text_only": text_report(model, text_test, base_test),
-        "threads": torch.get_num_threads(),
-    }
+    text = text_report(model, text_test, base_test)
+    result = run_results(
+        a, summary, train_s, right, **info, insert_at=k, by_kind=by_kind, majority_baseline=majority, text_only=text
+    )
+    lo, hi = result["ci95"]
     (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     save_projector(model, a.demo_out, modality)
     if model.spec.llm.lora is not None:
@@ -458,7 +472,7 @@ def main(argv=None) -> int:
     import torch
 
     import composer
-    from composer.train import TrainConfig, train
+    from composer.train import train
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -498,19 +512,7 @@ def main(argv=None) -> int:
         pre["seconds"] = time.perf_counter() - t0
         pre["held_out_cell_accuracy"] = dq.cell_accuracy(model, test_scenes, 400, a.seed + 11)
         say(f"encoder: held-out column readout accuracy {pre['held_out_cell_accuracy']:.1%}")
-    cfg = TrainConfig(
-        data=str(train_file),
-        output=str(out / "run"),
-        stage=None,  # the spec's modes: encoder (or, pretrained, LoRA) and projector train
-        max_steps=a.steps,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        warmup_ratio=0.05,
-        seed=a.seed,
-        overwrite=True,
-        log_every=10,
-        progress=sys.stderr.isatty(),
-    )
+    cfg = demo_config(a, train_file, out)  # the spec's modes: encoder (or, pretrained, LoRA) and projector train
     what = "projector" if a.pretrained else "encoder + projector"
     what += f" + rank-{a.lora} LoRA on the LLM" if a.lora else ""
     say(f"training the {what} at k = {a.k}: {a.steps} steps of {a.batch_size} conversations")
@@ -521,28 +523,13 @@ def main(argv=None) -> int:
     model.eval()
     say(f"evaluating on {len(test)} held-out questions")
     right = dq.evaluate(model, test, data, 16)
-    lo, hi = dq.wilson(sum(right), len(right))
-    by_kind = {
-        kind: statistics.mean(ok for ok, r in zip(right, test, strict=True) if r["kind"] == kind)
-        for kind in dq.KINDS
-        if any(r["kind"] == kind for r in test)
-    }
+    by_kind = accuracy_by_kind(right, test, dq.KINDS)[0]
     pictures = answer_pictures(model, a.assets)
     text = text_report(model, text_test, base_test)
-    result = {
-        "k": a.k,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-        "encoder_pretraining": pre,
-        "final_loss": statistics.mean(summary["losses"][-10:]),
-        "step_time_s": summary["median_step_time_s"],
-        "train_seconds": train_s,
-        "held_out_accuracy": sum(right) / len(right),
-        "ci95": [lo, hi],
-        "by_kind": by_kind,
-        "pictures": pictures,
-        "text_only": text,
-        "threads": torch.get_num_threads(),
-    }
+    result = run_results(
+        a, summary, train_s, right, k=a.k, encoder_pretraining=pre, by_kind=by_kind, pictures=pictures, text_only=text
+    )
+    lo, hi = result["ci95"]
     (out / "demo_results.json").write_text(json.dumps(result, indent=2))
     if a.pretrained:
         save_projector(model, a.demo_out, "image")
