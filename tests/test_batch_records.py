@@ -140,6 +140,6 @@ def test_num_return_sequences_from_the_cli_the_pipeline_and_batch_mode(ckpt, tmp
     row = json.loads((tmp_path / "out.jsonl").read_text())
     assert row["answers"] == want and "answer" not in row
     r = run_cli("generate", ckpt, "--image", TINY_PNG, "--prompt", "Go on", "--top-p", "2")
-    assert r.returncode == 2 and "--top-p:" in r.stderr and "less than or equal to 1" in r.stderr
+    assert r.returncode == 2 and "--top-p:" in r.stderr and "must be <= 1, got 2.0" in r.stderr
     r = run_cli("generate", ckpt, "--image", TINY_PNG, "--prompt", "Go on", "--num-return-sequences", "2")
     assert r.returncode == 2 and "--num-return-sequences: 2 sequences per prompt need do_sample" in r.stderr
