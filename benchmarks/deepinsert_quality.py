@@ -301,6 +301,14 @@ def training_flops(model, text_tokens: int, mm_tokens: int, k: int) -> float:
 
 
 def evaluate(model, records: list[dict], root: Path, batch: int, progress=None) -> list[bool]:
+    """The task's single-question records (pictures under ``root``): ``evaluate_items`` on images."""
+    items = [{"item": str(root / r["image"]), "prompt": r["prompt"], "response": r["response"]} for r in records]
+    return evaluate_items(model, items, "image", batch, progress)
+
+
+def evaluate_items(model, records: list[dict], modality: str, batch: int = 16, progress=None) -> list[bool]:
+    """Single questions about one item each (``item``, ``prompt``, ``response``) -> exact match of the
+    normalised greedy answer, per record."""
     import torch
 
     right = []
@@ -308,14 +316,25 @@ def evaluate(model, records: list[dict], root: Path, batch: int, progress=None) 
         for i in range(0, len(records), batch):
             rows = records[i : i + batch]
             inputs = model.prepare(
-                [model.format_prompt(r["prompt"]) for r in rows], image=[str(root / r["image"]) for r in rows]
+                [model.format_prompt(r["prompt"]) for r in rows], **{modality: [r["item"] for r in rows]}
             )
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            for r, text in zip(rows, model.decode(out), strict=True):
-                right.append(normalise(text) == r["response"])
+            right += [normalise(t) == r["response"] for r, t in zip(rows, model.decode(out), strict=True)]
             if progress:
                 progress(f"eval {min(i + batch, len(records))}/{len(records)}")
     return right
+
+
+def accuracy_by_kind(right: list[bool], records: list[dict], kinds) -> tuple[dict, dict]:
+    """Per question kind: held-out accuracy, and the majority answer's share (the baseline)."""
+    by_kind, majority = {}, {}
+    for kind in kinds:
+        rows = [(ok, r["response"]) for ok, r in zip(right, records, strict=True) if r["kind"] == kind]
+        if rows:
+            by_kind[kind] = statistics.mean(ok for ok, _ in rows)
+            answers = [a for _, a in rows]
+            majority[kind] = max(answers.count(x) for x in set(answers)) / len(answers)
+    return by_kind, majority
 
 
 def prefill_time(model, record: dict, root: Path, repeats: int) -> float:
@@ -455,11 +474,7 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
         say(f"k = {k}: evaluating on {len(test)} held-out records")
         model.eval()
         right = evaluate(model, test, data, s.eval_batch)
-        by_kind = {
-            kind: statistics.mean(ok for ok, r in zip(right, test, strict=True) if r["kind"] == kind)
-            for kind in s.kinds
-            if any(r["kind"] == kind for r in test)
-        }
+        by_kind = accuracy_by_kind(right, test, s.kinds)[0]
         lo, hi = wilson(sum(right), len(right))
         row = {
             "k": k,

@@ -197,35 +197,6 @@ def text_report(model, text_test: list[str], base_test: list[str]) -> dict:
     }
 
 
-def evaluate_items(model, records: list[dict], modality: str, batch: int = 16) -> list[bool]:
-    """Single questions about one item each (``item``, ``prompt``, ``response``) -> exact match of the
-    normalised greedy answer, per record."""
-    import torch
-
-    right = []
-    with torch.inference_mode():
-        for i in range(0, len(records), batch):
-            rows = records[i : i + batch]
-            inputs = model.prepare(
-                [model.format_prompt(r["prompt"]) for r in rows], **{modality: [r["item"] for r in rows]}
-            )
-            out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            right += [dq.normalise(t) == r["response"] for r, t in zip(rows, model.decode(out), strict=True)]
-    return right
-
-
-def accuracy_by_kind(right: list[bool], records: list[dict], kinds) -> tuple[dict, dict]:
-    """Per question kind: held-out accuracy, and the majority answer's share (the baseline)."""
-    by_kind, majority = {}, {}
-    for kind in kinds:
-        rows = [(ok, r["response"]) for ok, r in zip(right, records, strict=True) if r["kind"] == kind]
-        if rows:
-            by_kind[kind] = statistics.mean(ok for ok, _ in rows)
-            answers = [a for _, a in rows]
-            majority[kind] = max(answers.count(x) for x in set(answers)) / len(answers)
-    return by_kind, majority
-
-
 def write_jsonl(path: Path, records: list[dict], seed: int) -> Path:
     """``records`` shuffled (by ``seed``) into a JSONL file, written to a temp name, then renamed."""
     lines = [json.dumps(r) for r in records]
@@ -330,8 +301,8 @@ def item_demo(model, modality: str, records: list[dict], test: list[dict], kinds
     (out / "run" / "model.safetensors").unlink(missing_ok=True)
     model.eval()
     say(f"evaluating on {len(test)} held-out questions")
-    right = evaluate_items(model, test, modality)
-    by_kind, majority = accuracy_by_kind(right, test, kinds)
+    right = dq.evaluate_items(model, test, modality)
+    by_kind, majority = dq.accuracy_by_kind(right, test, kinds)
     text = text_report(model, text_test, base_test)
     result = run_results(
         a, summary, train_s, right, **info, insert_at=k, by_kind=by_kind, majority_baseline=majority, text_only=text
@@ -523,7 +494,7 @@ def main(argv=None) -> int:
     model.eval()
     say(f"evaluating on {len(test)} held-out questions")
     right = dq.evaluate(model, test, data, 16)
-    by_kind = accuracy_by_kind(right, test, dq.KINDS)[0]
+    by_kind = dq.accuracy_by_kind(right, test, dq.KINDS)[0]
     pictures = answer_pictures(model, a.assets)
     text = text_report(model, text_test, base_test)
     result = run_results(
