@@ -113,13 +113,26 @@ def split_molecules(n: int, seed: int, test_share: float = 0.2) -> tuple[list[st
     return pool[k:], pool[:k]
 
 
-def conversations(molecules: list[str], n: int, turns: int, rng: random.Random) -> list[dict]:
-    """n multi-turn LLaVA-format records: a molecule and up to ``turns`` of its questions."""
+def conversations(molecules: list[str], n: int, turns: int, rng: random.Random, balanced: bool = True) -> list[dict]:
+    """n multi-turn LLaVA-format records: a molecule and ``turns`` of its questions. ``balanced``: each
+    record's first question is of a random kind and its answer is drawn uniformly from that kind's
+    answers (then a molecule with that answer), so no kind is learned as "always no"; otherwise the
+    molecule is drawn uniformly and the answers come as the molecules have them."""
+    table = {smi: facts(smi) for smi in molecules}
+    by_answer: dict[str, dict[str, list[str]]] = {kind: {} for kind in KINDS}
+    for smi, f in table.items():
+        for kind in KINDS:
+            by_answer[kind].setdefault(f[kind], []).append(smi)
     out = []
     for _ in range(n):
-        smi = rng.choice(molecules)
-        f = facts(smi)
-        kinds = rng.sample(KINDS, turns)
+        if balanced:
+            first = rng.choice(KINDS)
+            smi = rng.choice(by_answer[first][rng.choice(sorted(by_answer[first]))])
+            kinds = [first, *rng.sample([k for k in KINDS if k != first], turns - 1)]
+        else:
+            smi = rng.choice(molecules)
+            kinds = rng.sample(KINDS, turns)
+        f = table[smi]
         conv = []
         for j, kind in enumerate(kinds):
             q = ("<molecule>\n" if j == 0 else "") + QUESTIONS[kind]
@@ -150,12 +163,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     td.item_demo_args(ap, "out/molecule-demo", SPEC, DEMO_OUT)
     ap.add_argument("--molecules", type=int, default=2000, help="distinct molecules (a fifth held out)")
+    ap.add_argument("--unbalanced", action="store_true", help="draw training molecules uniformly (see conversations)")
+    ap.add_argument("--feature-layer", type=int, default=None, help="read this BERT layer (default: the spec's)")
     a = ap.parse_args(argv)
     if a.quick:
         a.molecules, a.records, a.steps, a.per_kind = 200, 24, 3, 4
-    model = td.build_untrained(a.spec, "molecule", a.threads)
+    model = td.build_untrained(a.spec, "molecule", a.threads, a.insert_at, a.feature_layer)
     train_mols, test_mols = split_molecules(a.molecules, a.seed)
-    records = conversations(train_mols, a.records, a.turns, random.Random(a.seed + 1))
+    records = conversations(train_mols, a.records, a.turns, random.Random(a.seed + 1), not a.unbalanced)
     test = held_out_questions(test_mols, a.per_kind, a.seed + 2)
     print(f"{len(train_mols)} training / {len(test_mols)} held-out molecules", file=sys.stderr)
     td.item_demo(

@@ -223,10 +223,22 @@ def item_demo_args(ap: argparse.ArgumentParser, out: str, spec: Path, demo_out: 
     ap.add_argument("--quick", action="store_true", help="a smoke run: few records and steps")
     ap.add_argument("--spec", type=Path, default=spec, help="default: %(default)s")
     ap.add_argument("--demo-out", type=Path, default=demo_out, help="where the weights go (default: %(default)s)")
+    ap.add_argument(
+        "--insert-at",
+        type=int,
+        default=None,
+        metavar="K",
+        help="insert the item's tokens at layer K instead of the spec's (LoRA then on layers K..N-1)",
+    )
 
 
-def build_untrained(spec_path: Path, modality: str, threads: int | None):
-    """The demo spec's model with its projector and LLM adapters from their random init."""
+def build_untrained(
+    spec_path: Path, modality: str, threads: int | None, insert_at: int | None = None, feature_layer: int | None = None
+):
+    """The demo spec's model with its projector and LLM adapters from their random init; with
+    ``insert_at``, the item's tokens enter at that layer and the LLM's LoRA (if any) covers the layers
+    from there to the last, as the spec's own adapters cover those from its ``insert_at``; with
+    ``feature_layer``, the encoder's output is read from that layer."""
     import torch
 
     import composer
@@ -237,6 +249,12 @@ def build_untrained(spec_path: Path, modality: str, threads: int | None):
     spec.modalities[modality].projector.weights = None
     if spec.llm.lora is not None:
         spec.llm.lora.weights = None
+    if feature_layer is not None:
+        spec.modalities[modality].encoder.feature_layer = feature_layer
+    if insert_at is not None:
+        spec.modalities[modality].insert_at = insert_at
+        if spec.llm.lora is not None and spec.llm.lora.layers:
+            spec.llm.lora.layers = list(range(insert_at, max(spec.llm.lora.layers) + 1))
     return composer.build(spec)
 
 
