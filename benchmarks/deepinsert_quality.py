@@ -558,8 +558,8 @@ def plot(result: dict, path: Path) -> None:
     labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
     ax.legend(lines, labels, loc="lower left", fontsize=8)
     probe = result["probe"]["after_training"] or result["probe"]["before_training"]
-    mm = result["tokens"]["mm"]
-    ax.set_title(f"{result['name']}, {mm} image tokens; probe recommends k = {probe['recommended_k']}", fontsize=10)
+    tokens = f"{result['tokens']['mm']} {result.get('modality', 'image')} tokens"
+    ax.set_title(f"{result['name']}, {tokens}; probe recommends k = {probe['recommended_k']}", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
