@@ -85,6 +85,10 @@ _MUST = {
     "finite_number": "must be a finite number",
     "literal_error": "must be {expected}",
     "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
     "float_type": "must be a number",
     "bool_type": "must be true or false",
     "string_type": "must be a string",
@@ -114,6 +118,14 @@ def quote_value(value) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
+def requirement(error: dict) -> str:
+    """What a pydantic error says the value must be, in composer's words (``must be > 0``,
+    ``must be 'a' or 'b'``); pydantic's own message for kinds without a wording here."""
+    must = _MUST.get(error["type"])
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in error.get("ctx", {}).items()}
+    return must.format(**ctx) if must else error["msg"].replace("Input should be", "must be", 1)
+
+
 def describe_error(error: dict, unknown: str = "unknown key") -> str:
     """One pydantic error as ``field.path: what is wrong, got value`` (``lr: must be > 0, got -1.0``;
     a missing field: ``missing``; a field the model does not have: ``unknown``)."""
@@ -125,10 +137,7 @@ def describe_error(error: dict, unknown: str = "unknown key") -> str:
     elif kind == "value_error":  # ours: the message says it all (and quotes the value where it helps)
         text = error["msg"].removeprefix("Value error, ")
     else:
-        must = _MUST.get(kind)
-        ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in error.get("ctx", {}).items()}
-        text = must.format(**ctx) if must else error["msg"].replace("Input should be", "must be", 1)
-        text += f", got {quote_value(error['input'])}"
+        text = f"{requirement(error)}, got {quote_value(error['input'])}"
     where = field_path(error["loc"])
     return f"{where}: {text}" if where else text
 

@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from composer.errors import SpecError, first_line
+from composer.errors import SpecError, first_line, requirement
 
 TrainMode = Literal["frozen", "lora", "full"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -503,8 +503,10 @@ def format_validation_error(err: ValidationError) -> str:
             out.append(f"{loc}: required field is missing")
         elif isinstance(e.get("input"), dict):  # a whole section: the message says what is wrong
             out.append(f"{loc}: {msg}")
-        else:
+        elif e["type"] == "value_error":
             out.append(f"{loc}: {msg}, got {_short(e.get('input'))}")
+        else:  # a value of the wrong type or out of range: composer's wording (``errors.requirement``)
+            out.append(f"{loc}: {requirement(e)}, got {_short(e.get('input'))}")
     if len(errors) > MAX_REPORTED_ERRORS:
         out.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more error(s)")
     return _one_line("; ".join(out))

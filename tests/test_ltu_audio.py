@@ -367,10 +367,10 @@ def test_pool_projector_is_ltu_pooling():
 def test_pool_projector_spec_fields():
     d = load_spec(TINY).model_dump(exclude_none=True)
     d["modalities"]["audio"]["projector"]["pooling"] = "median"
-    with pytest.raises(SpecError, match=r"modalities.audio.projector.pooling: Input should be 'avg' or 'max'"):
+    with pytest.raises(SpecError, match=r"modalities.audio.projector.pooling: must be 'avg' or 'max'"):
         parse_spec(d)
     d["modalities"]["audio"]["projector"] = {"type": "pool", "num_tokens": 0}
-    with pytest.raises(SpecError, match=r"modalities.audio.projector.num_tokens: Input should be greater than 0"):
+    with pytest.raises(SpecError, match=r"modalities.audio.projector.num_tokens: must be > 0"):
         parse_spec(d)
 
 

@@ -405,7 +405,7 @@ def test_cli_reports_a_fuzzed_spec_on_one_line_exit_2_and_writes_nothing(tmp_pat
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {tmp_path / name}: "), err
         assert not (tmp_path / "out").exists()
-    assert "llm.dtype: Input should be" in err
+    assert "llm.dtype: must be" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cases)
 
 

@@ -66,11 +66,11 @@ def _mut(fn):
         ),
         (
             lambda d: d["modalities"]["image"].update(insert_at=-1),
-            "modalities.image.insert_at: Input should be greater than or equal to 0, got -1",
+            "modalities.image.insert_at: must be >= 0, got -1",
         ),
         (
             lambda d: d["modalities"]["image"].update(insert_at="two"),
-            "modalities.image.insert_at: Input should be a valid integer",
+            "modalities.image.insert_at: must be an integer",
         ),
         (lambda d: d.update(colour="red"), "colour: unknown field"),
         (lambda d: d["llm"].update(lora_r=3), "llm.lora_r: unknown field"),
@@ -80,7 +80,7 @@ def _mut(fn):
         ),
         (
             lambda d: d["modalities"]["image"]["projector"].update(depth=0),
-            "modalities.image.projector.depth: Input should be greater than or equal to 1, got 0",
+            "modalities.image.projector.depth: must be >= 1, got 0",
         ),
         (
             lambda d: d["modalities"]["image"]["projector"].update(activation="swish2"),
@@ -112,9 +112,9 @@ def _mut(fn):
         ),
         (
             lambda d: d["llm"].update(dtype="float64"),
-            "llm.dtype: Input should be 'float32', 'bfloat16' or 'float16', got 'float64'",
+            "llm.dtype: must be 'float32', 'bfloat16' or 'float16', got 'float64'",
         ),
-        (lambda d: d["llm"].update(train="sometimes"), "llm.train: Input should be 'frozen', 'lora' or 'full'"),
+        (lambda d: d["llm"].update(train="sometimes"), "llm.train: must be 'frozen', 'lora' or 'full'"),
         (lambda d: d["llm"].update(lora={"r": 4}), "llm.lora: is set but `train` is not `lora`, got 'frozen'"),
         (
             lambda d: d["modalities"]["image"]["encoder"]["config"].update(model_type="bert"),
@@ -122,7 +122,7 @@ def _mut(fn):
         ),
         (
             lambda d: d["modalities"]["image"]["encoder"].update(select="cls"),
-            "modalities.image.encoder.select: Input should be 'patch' or 'all', got 'cls'",
+            "modalities.image.encoder.select: must be 'patch' or 'all', got 'cls'",
         ),
         (
             lambda d: d["modalities"].update(labels=d["modalities"]["image"]),
