@@ -159,10 +159,49 @@ def held_out_questions(molecules: list[str], per_kind: int, seed: int) -> list[d
     return out
 
 
+def pretrain_qformer(model, molecules: list[str], steps: int, seed: int, say, batch: int = 32) -> dict:
+    """BLIP-2's and MolCA's stage 1 in small: the Q-Former alone learns to represent molecules before
+    it meets the LLM. A linear readout of its mean output token predicts the training molecules'
+    RDKit facts (the yes/no kinds, and the ring count); the readout is then dropped. Connected to
+    the LLM from its random init, the Q-Former's output barely varied between molecules (its
+    between-molecule spread ~1% of its size after 800 steps) and the answers fell to the majority;
+    trained alone it reads every fact of held-out molecules at 98-100% in a few hundred steps.
+    -> the readout's loss at the start and the end."""
+    import torch
+
+    torch.manual_seed(seed)
+    encoder, processor, qformer = (d["molecule"] for d in (model.encoders, model.processors, model.projectors))
+    with torch.no_grad():
+        chunks = [encoder(**processor(molecules[i : i + 64])) for i in range(0, len(molecules), 64)]
+    width = max(c.shape[1] for c in chunks)  # padded rows are exactly zero: the Q-Former masks them
+    feats = torch.cat([torch.nn.functional.pad(c, (0, 0, 0, width - c.shape[1])) for c in chunks])
+    table = [facts(smi) for smi in molecules]
+    binary = [kind for kind in KINDS if kind != "rings"]
+    yes = torch.tensor([[f[kind] == "yes" for kind in binary] for f in table], dtype=torch.float32)
+    rings = torch.tensor([RING_WORDS.index(f["rings"]) for f in table])
+    head = torch.nn.Linear(model.adapter.shape.hidden_size, len(binary) + len(RING_WORDS))
+    params = [p for p in qformer.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=5e-4)
+    qformer.train()
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(molecules), (batch,))
+        logits = head(qformer(feats[idx]).mean(1))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, : len(binary)], yes[idx])
+        loss = loss + torch.nn.functional.cross_entropy(logits[:, len(binary) :], rings[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    say(f"Q-Former pretrained {steps} steps: readout loss {losses[0]:.3f} -> {sum(losses[-20:]) / 20:.3f}")
+    return {"steps": steps, "loss_first": losses[0], "loss_last_20": sum(losses[-20:]) / 20}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     td.item_demo_args(ap, "out/molecule-demo", SPEC, DEMO_OUT)
     ap.add_argument("--molecules", type=int, default=2000, help="distinct molecules (a fifth held out)")
+    ap.add_argument("--qformer-steps", type=int, default=300, help="Q-Former pretraining steps (0: none)")
     ap.add_argument("--unbalanced", action="store_true", help="draw training molecules uniformly (see conversations)")
     ap.add_argument("--feature-layer", type=int, default=None, help="read this BERT layer (default: the spec's)")
     a = ap.parse_args(argv)
@@ -173,6 +212,10 @@ def main(argv=None) -> int:
     records = conversations(train_mols, a.records, a.turns, random.Random(a.seed + 1), not a.unbalanced)
     test = held_out_questions(test_mols, a.per_kind, a.seed + 2)
     print(f"{len(train_mols)} training / {len(test_mols)} held-out molecules", file=sys.stderr)
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    stage1 = (
+        pretrain_qformer(model, train_mols, 3 if a.quick else a.qformer_steps, a.seed, say) if a.qformer_steps else None
+    )
     td.item_demo(
         model,
         "molecule",
@@ -180,7 +223,7 @@ def main(argv=None) -> int:
         test,
         KINDS,
         a,
-        {"molecules": {"train": len(train_mols), "held_out": len(test_mols)}},
+        {"molecules": {"train": len(train_mols), "held_out": len(test_mols)}, "qformer_pretraining": stage1},
     )
     return 0
 
