@@ -6,6 +6,7 @@ twin through checkpoints and ONNX, and the shipped SmolLM2 spec exported and gen
 from __future__ import annotations
 
 import ast
+import collections
 import importlib.util
 import re
 from pathlib import Path
@@ -426,3 +427,13 @@ def test_the_molecule_task_answers_are_rdkits_and_its_split_is_by_molecule():
     for kind in ("aromatic", "halogen", "acid"):
         answers = [r["response"] for r in rows if r["kind"] == kind]
         assert answers.count("yes") == answers.count("no") > 0, (kind, answers)
+    # training records: each one's first answer is drawn uniformly from its kind's answers (a
+    # substituent group is in a minority of the molecules, yet "no" is not the first answer's majority)
+    import random
+
+    first = collections.defaultdict(list)
+    for r in md.conversations(train, 1200, 3, random.Random(0)):
+        kind = next(k for k, q in md.QUESTIONS.items() if r["conversations"][0]["value"].endswith(q))
+        first[kind].append(r["conversations"][1]["value"])
+    for kind in ("halogen", "hydroxyl", "acid"):  # 200 draws each: binomial sd 3.5 points around 50%
+        assert 0.35 < first[kind].count("yes") / len(first[kind]) < 0.65, (kind, len(first[kind]))
