@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     if a.quick:
         a.records, a.steps, a.per_kind = 16, 3, 3
     kinds = KINDS + ("pitch",) if a.pitch_axis else KINDS
-    model = td.build_untrained(a.spec, "audio", a.threads, a.insert_at)
+    model = td.build_demo_model(a.spec, "audio", a.threads, a.insert_at)
     data = a.out.resolve() / "data"
     print(f"speaking {a.records} training clips and {a.per_kind * len(kinds)} held-out ones", file=sys.stderr)
     records = conversations(a.records, a.turns, data, random.Random(a.seed + 1), kinds)

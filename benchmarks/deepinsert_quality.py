@@ -337,12 +337,13 @@ def accuracy_by_kind(right: list[bool], records: list[dict], kinds) -> tuple[dic
     return by_kind, majority
 
 
-def prefill_time(model, record: dict, root: Path, repeats: int) -> float:
-    """Median time to the first token of one record (encoder, projector, prefill through every
-    layer, the LM head on the last position): ``generate(max_new_tokens=1)``, after a warm-up."""
+def prefill_time(model, prompt: str, modality: str, item, repeats: int) -> float:
+    """Median time to the first token of one question about one item (encoder, projector, prefill
+    through every layer, the LM head on the last position): ``generate(max_new_tokens=1)``, after a
+    warm-up."""
     import torch
 
-    inputs = model.prepare([model.format_prompt(record["prompt"])], image=[str(root / record["image"])])
+    inputs = model.prepare([model.format_prompt(prompt)], **{modality: [item]})
     times = []
     with torch.inference_mode():
         model.generate(**inputs, max_new_tokens=1, do_sample=False)  # warm up
@@ -484,7 +485,9 @@ def run(out: Path, s: Settings, demo_k: int | None = None, demo_out: Path | None
             "final_loss": statistics.mean(summary["losses"][-10:]),
             "step_time_s": summary["median_step_time_s"],
             "train_flops": training_flops(model, text_tokens, mm_tokens, k),
-            "prefill_s": prefill_time(model, test[0], data, s.prefill_repeats),
+            "prefill_s": prefill_time(
+                model, test[0]["prompt"], "image", str(data / test[0]["image"]), s.prefill_repeats
+            ),
         }
         if k == 0:
             say("probe on the trained k = 0 model")

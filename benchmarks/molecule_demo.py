@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         a.molecules, a.records, a.steps, a.per_kind = 200, 24, 3, 4
-    model = td.build_untrained(a.spec, "molecule", a.threads, a.insert_at, a.feature_layer)
+    model = td.build_demo_model(a.spec, "molecule", a.threads, a.insert_at, a.feature_layer)
     train_mols, test_mols = split_molecules(a.molecules, a.seed)
     records = conversations(train_mols, a.records, a.turns, random.Random(a.seed + 1), not a.unbalanced)
     test = held_out_questions(test_mols, a.per_kind, a.seed + 2)

@@ -50,43 +50,11 @@ def train_missing(runs: Path, ks: list[int], threads: int, quick: bool) -> None:
         subprocess.run(cmd + (["--quick"] if quick else []), check=True)
 
 
-def build_trained(k: int, weights: Path, threads: int):
-    """The demo spec at insert_at k with LoRA on layers k..N-1, loading RUNS/kK/weights."""
-    import torch
-
-    import composer
-
-    torch.set_num_threads(threads)
-    spec = composer.load_spec(ad.SPEC)
-    m = spec.modalities["audio"]
-    m.insert_at, m.projector.weights = k, str(weights / "projector.safetensors")
-    spec.llm.lora.layers = list(range(k, max(spec.llm.lora.layers) + 1))
-    spec.llm.lora.weights = str(weights / "llm_lora.safetensors")
-    return composer.build(spec)
-
-
 def audio_records(train_file: Path, n: int, out: Path) -> Path:
     """The first ``n`` audio records of a training file, for the probe."""
     rows = [r for r in map(json.loads, train_file.read_text().splitlines()) if "audio" in r][:n]
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
-
-
-def prefill_time(model, clip: str, prompt: str, repeats: int) -> float:
-    import statistics
-    import time
-
-    import torch
-
-    inputs = model.prepare([model.format_prompt(prompt)], audio=[clip])
-    times = []
-    with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=1, do_sample=False)  # warm up
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=1, do_sample=False)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def step_time(model, train_file: Path, steps: int, batch_size: int) -> float:
@@ -113,11 +81,13 @@ def measure(runs: Path, ks: list[int], a) -> dict:
     probe_file = audio_records(train_file, a.probe_records, runs / "probe.jsonl")
     probe_cfg = ProbeConfig(layers=ks, max_records=a.probe_records, batch_size=4)
     say("probe on the untrained k = 0 model")
-    probe_before = run_probe(td.build_untrained(ad.SPEC, "audio", a.threads, 0), str(probe_file), probe_cfg)
-    rows, probe_after = [], None
+    probe_before = run_probe(td.build_demo_model(ad.SPEC, "audio", a.threads, 0), str(probe_file), probe_cfg)
+    rows, probe_after, ref_settings = [], None, {}
     for k in ks:
         trained = json.loads((runs / f"k{k}" / "results.json").read_text())
-        model = build_trained(k, runs / f"k{k}" / "weights", a.threads)
+        if k == 0:
+            ref_settings = trained["settings"]
+        model = td.build_demo_model(ad.SPEC, "audio", a.threads, k, weights=runs / f"k{k}" / "weights")
         model.eval()
         mm = model.num_tokens("audio")
         sample = model.prepare([model.format_prompt(ad.QUESTIONS["colour"])], audio=[str(clip)])
@@ -135,7 +105,7 @@ def measure(runs: Path, ks: list[int], a) -> dict:
             "text_only_agreement": trained["text_only"]["agreement_first_8_tokens"],
             "final_loss": trained["final_loss"],
             "train_minutes": trained["train_seconds"] / 60,
-            "prefill_s": prefill_time(model, str(clip), ad.QUESTIONS["colour"], a.prefill_repeats),
+            "prefill_s": dq.prefill_time(model, ad.QUESTIONS["colour"], "audio", str(clip), a.prefill_repeats),
             "train_flops": frozen_llm_training_flops(model.adapter.shape, text, {"audio": mm}, {"audio": k}),
         }
         model.train()
@@ -144,14 +114,17 @@ def measure(runs: Path, ks: list[int], a) -> dict:
         say(f"k = {k}: {100 * row['accuracy']:.1f}%, step {row['step_time_s']:.2f} s, prefill {row['prefill_s']:.3f} s")
     ref = next(r for r in rows if r["k"] == 0)
     for r in rows:
-        for key in ("step_time", "train_flops", "prefill"):
-            name = "train_flops" if key == "train_flops" else f"{key}_s"
-            r[f"{key}_vs_k0"] = r[name] / ref[name]
+        for ratio, name in (
+            ("step_time_vs_k0", "step_time_s"),
+            ("train_flops_vs_k0", "train_flops"),
+            ("prefill_vs_k0", "prefill_s"),
+        ):
+            r[ratio] = r[name] / ref[name]
     return {
         "spec": str(ad.SPEC.relative_to(ad.ROOT)),
         "name": "speech task (Whisper tiny.en, SmolLM2-135M)",
         "modality": "audio",
-        "settings": {"kinds": list(KINDS), **json.loads((runs / f"k{ks[0]}" / "results.json").read_text())["settings"]},
+        "settings": {"kinds": list(KINDS), **ref_settings},
         "tokens": {"mm": mm, "text": text},
         "num_layers": model.num_layers,
         "threads": torch.get_num_threads(),

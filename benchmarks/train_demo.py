@@ -232,13 +232,19 @@ def item_demo_args(ap: argparse.ArgumentParser, out: str, spec: Path, demo_out: 
     )
 
 
-def build_untrained(
-    spec_path: Path, modality: str, threads: int | None, insert_at: int | None = None, feature_layer: int | None = None
+def build_demo_model(
+    spec_path: Path,
+    modality: str,
+    threads: int | None,
+    insert_at: int | None = None,
+    feature_layer: int | None = None,
+    weights: Path | None = None,
 ):
-    """The demo spec's model with its projector and LLM adapters from their random init; with
-    ``insert_at``, the item's tokens enter at that layer and the LLM's LoRA (if any) covers the layers
-    from there to the last, as the spec's own adapters cover those from its ``insert_at``; with
-    ``feature_layer``, the encoder's output is read from that layer."""
+    """The demo spec's model with its projector and LLM adapters from their random init, or, with
+    ``weights``, from that folder's ``projector.safetensors`` and ``llm_lora.safetensors`` (what
+    ``item_demo`` writes); with ``insert_at``, the item's tokens enter at that layer and the LLM's
+    LoRA (if any) covers the layers from there to the last, as the spec's own adapters cover those
+    from its ``insert_at``; with ``feature_layer``, the encoder's output is read from that layer."""
     import torch
 
     import composer
@@ -246,9 +252,9 @@ def build_untrained(
     if threads:
         torch.set_num_threads(threads)
     spec = composer.load_spec(spec_path)
-    spec.modalities[modality].projector.weights = None
+    spec.modalities[modality].projector.weights = str(weights / "projector.safetensors") if weights else None
     if spec.llm.lora is not None:
-        spec.llm.lora.weights = None
+        spec.llm.lora.weights = str(weights / "llm_lora.safetensors") if weights else None
     if feature_layer is not None:
         spec.modalities[modality].encoder.feature_layer = feature_layer
     if insert_at is not None:
