@@ -1,4 +1,4 @@
-"""Train a molecule demo (``benchmarks/molca_bert_demo.yaml``): rxnfp's pretrained SMILES BERT
+"""Train the molecule demo that ``specs/smol/molca_bert_demo.yaml`` ships: rxnfp's pretrained SMILES BERT
 (frozen) read by a 16-query Q-Former, molecule tokens entering SmolLM2-135M-Instruct at layer 8 of 30,
 with rank-16 LoRA on the query and value projections of layers 8-29 (the layers the molecule tokens
 pass through; layers 0-7 stay the pretrained model's).
@@ -13,7 +13,7 @@ out questions are balanced per kind (as many "yes" as "no"; ring counts as they 
 Training records are multi-turn (several questions about one molecule), mixed with text-only
 questions answered by the pretrained LLM itself (``--text-mix``) so the adapters keep its text
 answers. The held-out accuracy per kind, with the majority-answer baseline, goes to
-OUT/results.json; the weights to ``--demo-out`` (default out/demo_molecule):
+OUT/results.json; the weights to ``--demo-out`` (default specs/smol/demo_molecule, the shipped ones):
 ``projector.safetensors`` and ``llm_lora.safetensors``.
 
     python benchmarks/molecule_demo.py --out out/molecule-demo --threads 2
@@ -32,8 +32,8 @@ import deepinsert_quality as dq  # noqa: E402
 import train_demo as td  # noqa: E402
 
 ROOT = dq.ROOT
-SPEC = ROOT / "benchmarks" / "molca_bert_demo.yaml"
-DEMO_OUT = ROOT / "out" / "demo_molecule"
+SPEC = ROOT / "specs" / "smol" / "molca_bert_demo.yaml"
+DEMO_OUT = ROOT / "specs" / "smol" / "demo_molecule"
 SCAFFOLDS = (  # (SMILES, weight): acyclic chains, one ring, two rings, three rings
     *[(s, 1) for s in ("C", "CC", "CCC", "CCCC", "CCCCC", "CC(C)C", "CCOCC", "CC(C)CC")],
     *[(s, 1) for s in ("c1ccccc1", "C1CCCCC1", "c1ccncc1", "C1CCOC1", "c1ccoc1", "c1ccsc1", "C1CC1", "C1CCNCC1")],

@@ -222,7 +222,13 @@ def item_demo_args(ap: argparse.ArgumentParser, out: str, spec: Path, demo_out: 
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="a smoke run: few records and steps")
     ap.add_argument("--spec", type=Path, default=spec, help="default: %(default)s")
-    ap.add_argument("--demo-out", type=Path, default=demo_out, help="where the weights go (default: %(default)s)")
+    ap.add_argument(
+        "--demo-out",
+        type=Path,
+        default=None,
+        help=f"where the weights go (default: {demo_out}, the shipped ones; with --quick, OUT/weights)",
+    )
+    ap.set_defaults(shipped_out=demo_out)
     ap.add_argument(
         "--insert-at",
         type=int,
@@ -311,6 +317,7 @@ def item_demo(model, modality: str, records: list[dict], test: list[dict], kinds
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    a.demo_out = a.demo_out or (out / "weights" if a.quick else a.shipped_out)  # a smoke run keeps the shipped ones
     text_records, text_test, base_test = text_mix(model, len(records), a.text_mix, a.seed, TEXT_CACHE, say, a.quick)
     train_file = write_jsonl(out / "train_chat.jsonl", records + text_records, a.seed + 1)
     k = model.spec.modalities[modality].insert_at

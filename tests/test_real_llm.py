@@ -312,7 +312,7 @@ def test_training_records_use_the_chat_template(smol15, tmp_path):
 
 
 SMOL_SPECS = ["llava", "llava_demo", "blip2", "ltu_audio", "molca", "llava_dinov2", "llava_dinov2_demo", "ltu_whisper"]
-SMOL_SPECS += ["molca_bert", "ltu_whisper_demo"]
+SMOL_SPECS += ["molca_bert", "molca_bert_demo", "ltu_whisper_demo"]
 
 
 @pytest.mark.parametrize("name", SMOL_SPECS)
