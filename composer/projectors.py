@@ -13,6 +13,7 @@ systems so their published weights load as-is:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -37,18 +38,42 @@ class LinearProjector(nn.Module):
 
 
 class MLPProjector(nn.Sequential):
-    """LLaVA ``mlp{depth}x_{act}``: Linear(in, out), then (act, Linear(out, out)) * (depth-1)."""
+    """LLaVA ``mlp{depth}x_{act}``: Linear(in, out), then (act, Linear(out, out)) * (depth-1).
 
-    def __init__(self, in_dim: int, out_dim: int, depth: int = 2, activation: str = "gelu"):
+    With ``patch_pool`` k, the encoder's tokens (a row-major s x s patch grid) are first averaged
+    over each k x k block (stride k): (s / k)^2 tokens, row-major. No parameters: the keys stay
+    LLaVA's."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, depth: int = 2, activation: str = "gelu", patch_pool: int | None = None
+    ):
         from transformers.activations import ACT2FN
 
         mods: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
         for _ in range(depth - 1):
             mods += [ACT2FN[activation], nn.Linear(out_dim, out_dim)]
         super().__init__(*mods)
+        self.patch_pool = patch_pool
 
     def num_tokens(self, encoder_tokens: int) -> int:
-        return encoder_tokens
+        if not self.patch_pool:
+            return encoder_tokens
+        from composer.errors import SpecError
+
+        side, k = math.isqrt(encoder_tokens), self.patch_pool
+        if side * side != encoder_tokens or side % k:
+            raise SpecError(
+                f"projector.patch_pool: {k} needs the encoder's tokens to form a square grid whose side it divides; "
+                f"the encoder gives {encoder_tokens} tokens (check encoder.select: patch tokens only, no CLS)"
+            )
+        return (side // k) ** 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, T_enc, d_enc) -> (n, T, d_llm)
+        if self.patch_pool:
+            k, d = self.patch_pool, x.shape[-1]
+            g = math.isqrt(x.shape[1]) // k
+            x = x.reshape(-1, g, k, g, k, d).mean((2, 4)).reshape(-1, g * g, d)
+        return super().forward(x)
 
 
 class QFormerProjector(nn.Module):
@@ -138,7 +163,7 @@ def build_projector(spec, in_dim: int, out_dim: int) -> nn.Module:
     if spec.type == "linear":
         return LinearProjector(in_dim, out_dim)
     if spec.type == "mlp":
-        return MLPProjector(in_dim, out_dim, depth=spec.depth, activation=spec.activation)
+        return MLPProjector(in_dim, out_dim, depth=spec.depth, activation=spec.activation, patch_pool=spec.patch_pool)
     if spec.type == "qformer":
         return QFormerProjector(
             in_dim,

@@ -243,6 +243,10 @@ class MLPProjectorSpec(_ProjectorBase):
     type: Literal["mlp"]
     depth: int = Field(2, ge=1, le=8)
     activation: str = "gelu"
+    # Average each `patch_pool` x `patch_pool` block of neighbouring patch tokens first (stride
+    # `patch_pool`): an s x s patch grid becomes (s / patch_pool)^2 tokens, as LLaVA-NeXT-style
+    # token downsampling does. The encoder's tokens must form a square grid whose side it divides.
+    patch_pool: int | None = Field(None, ge=2)
 
     @field_validator("activation")
     @classmethod

@@ -93,3 +93,51 @@ def test_qformer_projector_generates_with_deepinsert():
     a = model.generate(**batch, max_new_tokens=6, eos_token_id=[])
     b = model.generate(**batch, max_new_tokens=6, eos_token_id=[], use_cache=False)
     assert torch.equal(a, b)
+
+
+def test_patch_pool_averages_each_block_of_the_patch_grid():
+    """``patch_pool: k`` is k x k average pooling of the row-major patch grid (stride k) before the
+    MLP: equal to torch's ``avg_pool2d`` on the grid, then the same MLP (fp32; a mean of 4 values and
+    two layers of width 64 on O(1) inputs: rounding ~1e-6, bound 1e-5). No parameters: same keys."""
+    torch.manual_seed(0)
+    pooled, plain = MLPProjector(32, 64, patch_pool=2), MLPProjector(32, 64)
+    plain.load_state_dict(pooled.state_dict())
+    assert pooled.num_tokens(64) == 16 and list(pooled.state_dict()) == list(plain.state_dict())
+    x = torch.randn(3, 64, 32)  # an 8 x 8 patch grid
+    grid = x.transpose(1, 2).reshape(3, 32, 8, 8)
+    want = plain(torch.nn.functional.avg_pool2d(grid, 2).reshape(3, 32, 16).transpose(1, 2))
+    torch.testing.assert_close(pooled(x), want, rtol=0, atol=1e-5)
+
+
+def test_patch_pool_model_generates_and_its_bundle_verifies(tmp_path):
+    """The tiny LLaVA twin (4 x 4 CLIP patches) with ``patch_pool: 2``: 4 image tokens per image,
+    cached and uncached greedy tokens equal, and its ONNX bundle passes --verify's checks."""
+    from composer.export.exporter import export_onnx
+    from composer.export.verify import verify_bundle
+
+    d = spec_dict("llama", 2)
+    d["modalities"]["image"]["projector"] = {"type": "mlp", "patch_pool": 2}
+    model = build(parse_spec(d)).eval()
+    assert model.encoders["image"].num_tokens == 16 and model.num_tokens("image") == 4
+    batch = model.prepare([model.format_prompt("q"), model.format_prompt("longer question")], image=list(images(2)))
+    assert int((batch["input_ids"] == model.placeholder_ids["image"]).sum()) == 8
+    a = model.generate(**batch, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(a, model.generate(**batch, max_new_tokens=6, eos_token_id=[], use_cache=False))
+    report = verify_bundle(model, export_onnx(model, tmp_path / "b"))
+    assert report["ok"] and report["greedy_match"], report
+
+
+@pytest.mark.parametrize(
+    ("pool", "select", "tokens"), [(3, "patch", 16), (2, "all", 17)], ids=["side-not-divisible", "with-cls"]
+)
+def test_patch_pool_needs_a_square_grid_its_side_divides(pool, select, tokens):
+    from composer.errors import SpecError
+
+    d = spec_dict("llama", 2)
+    d["modalities"]["image"]["projector"] = {"type": "mlp", "patch_pool": pool}
+    d["modalities"]["image"]["encoder"]["select"] = select
+    with pytest.raises(SpecError, match=rf"projector\.patch_pool: {pool} needs .* gives {tokens} tokens"):
+        build(parse_spec(d))
+    d["modalities"]["image"]["projector"]["patch_pool"] = 1
+    with pytest.raises(Exception, match=r"patch_pool: must be >= 2, got 1"):
+        parse_spec(d)

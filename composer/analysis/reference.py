@@ -30,6 +30,8 @@ def hf_reference_unsupported(model) -> str | None:
         return f"LlavaForConditionalGeneration's projector is a 2-layer MLP; this model's is {p.type}" + (
             f" of depth {p.depth}" if p.type == "mlp" else ""
         )
+    if p.patch_pool:
+        return "LlavaForConditionalGeneration's projector reads every patch token; this model's pools them (patch_pool)"
     if model.adapter.family != "llama":
         return f"no LlavaForConditionalGeneration reference for a {model.llm.config.model_type} LLM (llama-family only)"
     if any("lora_" in n for n, _ in model.named_parameters()):
