@@ -562,7 +562,7 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(lines, labels, loc="lower left", fontsize=8)
     probe = result["probe"]["after_training"] or result["probe"]["before_training"]
     tokens = f"{result['tokens']['mm']} {result.get('modality', 'image')} tokens"
-    ax.set_title(f"{result['name']}, {tokens}; probe recommends k = {probe['recommended_k']}", fontsize=10)
+    ax.set_title(f"{result['name']}, {tokens}\nprobe recommends k = {probe['recommended_k']}", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
