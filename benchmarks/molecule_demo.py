@@ -23,6 +23,7 @@ OUT/results.json; the weights to ``--demo-out`` (default specs/smol/demo_molecul
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import sys
 from pathlib import Path
@@ -81,8 +82,9 @@ def make_molecule(rng: random.Random) -> str:
     return Chem.MolToSmiles(mol)
 
 
+@functools.cache  # the training molecules' facts serve both the records and the Q-Former's pretraining
 def facts(smiles: str) -> dict[str, str]:
-    """RDKit's answers to every question about one molecule."""
+    """RDKit's answers to every question about one molecule (a shared dict: read it, do not change it)."""
     Chem = _rdkit()
     from rdkit.Chem import rdMolDescriptors
 
