@@ -17,6 +17,8 @@ tokens) and whether the greedy tokens are equal to ``all``'s.
 
     python benchmarks/ort_fusions.py benchmarks/smol_llava_576.yaml --insert-at 0 --insert-at 15 \
         --threads 2 --repeats 3 --json out/ort_fusions.json
+    python benchmarks/ort_fusions.py benchmarks/smol_llava_576.yaml --insert-at 15 --quantize int8 \
+        --new-tokens 64 --threads 2 --repeats 5        # the int8 decode bundle
 
 Run it on a quiet machine: the variants are timed in turn, round-robin per repeat.
 """
@@ -83,6 +85,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--quantize", choices=("int8", "int4", "w8a8"), default=None, help="export quantized bundles (default fp32)"
+    )
     args = ap.parse_args()
 
     from composer.analysis.bench import Runner, bench_inputs
@@ -103,7 +108,9 @@ def main() -> None:
         for k in ks:
             print(f"exporting k={k}", flush=True)
             t0 = time.perf_counter()
-            bundle = export_onnx(model.with_insert_at({m: k for m in model.encoders}), Path(tmp) / f"k{k}")
+            bundle = export_onnx(
+                model.with_insert_at({m: k for m in model.encoders}), Path(tmp) / f"k{k}", quantize=args.quantize
+            )
             print(f"  exported in {time.perf_counter() - t0:.0f} s; fusing", flush=True)
             t0 = time.perf_counter()
             fusions[k] = fuse_bundle(bundle, Path(tmp) / f"k{k}-fused")
@@ -166,7 +173,8 @@ def main() -> None:
         print(f"k={k} fusions applied: {json.dumps(f)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads()}, indent=2))
+        out = {"rows": rows, "threads": torch.get_num_threads(), "quantize": args.quantize or "fp32"}
+        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
