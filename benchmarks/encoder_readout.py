@@ -6,7 +6,11 @@ spec (default ``specs/smol/llava_dinov2_demo.yaml``: DINOv2 ViT-S/14 at 126 pixe
 - per picture column (the mean of its 3 x 9 patch features), what it holds: empty or one of 15
   colour-shape cells; 1,200 training and 400 held-out pictures of disjoint layouts; accuracy, and
   on occupied cells the colour and the shape alone;
-- per patch token, its column (left, middle, right): 200 training and 100 held-out pictures.
+- per patch token, its column (left, middle, right): 200 training and 100 held-out pictures;
+- per picture column, its colour when the colour-shape pair is new: a colour probe fit on 1,000
+  pictures whose objects avoid five colour-shape pairs (``UNSEEN_PAIRS``), scored on the objects of
+  those pairs in 400 other pictures. Whether colour is readable apart from shape is what the
+  demo's colour answers on new combinations need.
 
 Each probe is a logistic regression (Adam, 300 / 200 steps) on standardised features of one layer
 (0: the embeddings, i: the output of layer i, the last: after the final layernorm).
@@ -27,6 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deepinsert_quality as dq  # noqa: E402
 
 SPEC = dq.ROOT / "specs" / "smol" / "llava_dinov2_demo.yaml"
+UNSEEN_PAIRS = {
+    ("green", "triangle"),
+    ("red", "square"),
+    ("blue", "circle"),
+    ("yellow", "triangle"),
+    ("purple", "square"),
+}
 
 
 def encode(enc, proc, scenes, n: int, seed: int, with_targets: bool = True):
@@ -88,7 +99,16 @@ def main(argv=None) -> int:
 
     ctr, cte = columns(xtr), columns(xte)
     names = dq.CELL_CLASSES
-    print("layer | cell | colour | shape | token column")
+    colours = list(dq.COLOURS)
+    unseen = [sc for sc in dq.all_scenes() if any((c, sh) in UNSEEN_PAIRS for _, sh, c in sc)]
+    seen = [sc for sc in dq.all_scenes() if sc not in unseen]
+    xs, ys = encode(enc, proc, seen, 1000, 3)
+    xu, yu = encode(enc, proc, unseen, 400, 4)
+    cs, cu = columns(xs), columns(xu)
+    colour_s = torch.tensor([colours.index(names[t].split()[0]) if t else -1 for t in ys.reshape(-1).tolist()])
+    colour_u = torch.tensor([colours.index(names[t].split()[0]) if t else -1 for t in yu.reshape(-1).tolist()])
+    new_pair = torch.tensor([t > 0 and tuple(names[t].split()) in UNSEEN_PAIRS for t in yu.reshape(-1).tolist()])
+    print("layer | cell | colour | shape | token column | colour, unseen pairs")
     col = (torch.arange(side * side) % side) // (side // 3)
     for layer in range(ctr.shape[1]):
         d = ctr.shape[-1]
@@ -101,7 +121,10 @@ def main(argv=None) -> int:
         tok = probe(xtr[:200, layer].reshape(-1, d), col.repeat(200), xte[:100, layer].reshape(-1, d), 3, 200)
         tok_acc = (tok == col.repeat(100)).float().mean().item()
         cell = (pred == truth).float().mean().item()
-        print(f"{layer} | {cell:.3f} | {colour:.3f} | {shape:.3f} | {tok_acc:.3f}")
+        fit = colour_s >= 0
+        pc = probe(cs[:, layer].reshape(-1, d)[fit], colour_s[fit], cu[:, layer].reshape(-1, d), len(colours), 300)
+        unseen_acc = (pc[new_pair] == colour_u[new_pair]).float().mean().item()
+        print(f"{layer} | {cell:.3f} | {colour:.3f} | {shape:.3f} | {tok_acc:.3f} | {unseen_acc:.3f}")
     return 0
 
 
