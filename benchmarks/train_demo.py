@@ -308,6 +308,12 @@ def run_results(a, summary: dict, train_s: float, right: list[bool], **fields) -
     }
 
 
+def weights_dir(a, shipped: Path) -> Path:
+    """Where a demo's trained weights go: ``--demo-out``; else the shipped folder, but OUT/weights
+    for a ``--quick`` smoke run, which must never overwrite the shipped weights."""
+    return a.demo_out or (a.out.resolve() / "weights" if a.quick else shipped)
+
+
 def item_demo(model, modality: str, records: list[dict], test: list[dict], kinds, a, info: dict) -> dict:
     """Train ``model``'s projector and LLM adapters (the spec's modes) on LLaVA-format ``records`` mixed
     with ``a.text_mix`` text-only records, evaluate on the single-question ``test`` records, write
@@ -317,7 +323,7 @@ def item_demo(model, modality: str, records: list[dict], test: list[dict], kinds
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    a.demo_out = a.demo_out or (out / "weights" if a.quick else a.shipped_out)  # a smoke run keeps the shipped ones
+    a.demo_out = weights_dir(a, a.shipped_out)
     text_records, text_test, base_test = text_mix(model, len(records), a.text_mix, a.seed, TEXT_CACHE, say, a.quick)
     train_file = write_jsonl(out / "train_chat.jsonl", records + text_records, a.seed + 1)
     k = model.spec.modalities[modality].insert_at
@@ -455,7 +461,10 @@ def main(argv=None) -> int:
         help="stage 2 goes on from the spec's trained adapters (llm.lora.weights) instead of fresh ones",
     )
     ap.add_argument(
-        "--demo-out", type=Path, default=None, help="default: specs/smol/demo (demo_dinov2 with --pretrained)"
+        "--demo-out",
+        type=Path,
+        default=None,
+        help="default: specs/smol/demo (demo_dinov2 with --pretrained), the shipped ones; with --quick, OUT/weights",
     )
     ap.add_argument("--assets", type=Path, default=ASSETS)
     a = ap.parse_args(argv)
@@ -469,7 +478,7 @@ def main(argv=None) -> int:
         a.records, a.steps, a.encoder_steps, a.test = 16, 3, 20, 8
     if a.pretrained:
         a.spec = DINOV2_SPEC if a.spec == dq.SPEC else a.spec
-    a.demo_out = a.demo_out or (DINOV2_OUT if a.pretrained else DEMO_OUT)
+    a.demo_out = weights_dir(a, DINOV2_OUT if a.pretrained else DEMO_OUT)
 
     import torch
 
