@@ -105,8 +105,11 @@ def main(argv=None) -> int:
     xs, ys = encode(enc, proc, seen, 1000, 3)
     xu, yu = encode(enc, proc, unseen, 400, 4)
     cs, cu = columns(xs), columns(xu)
-    colour_s = torch.tensor([colours.index(names[t].split()[0]) if t else -1 for t in ys.reshape(-1).tolist()])
-    colour_u = torch.tensor([colours.index(names[t].split()[0]) if t else -1 for t in yu.reshape(-1).tolist()])
+
+    def colour_index(y):  # per column: its colour's index, -1 when empty
+        return torch.tensor([colours.index(names[t].split()[0]) if t else -1 for t in y.reshape(-1).tolist()])
+
+    colour_s, colour_u = colour_index(ys), colour_index(yu)
     new_pair = torch.tensor([t > 0 and tuple(names[t].split()) in UNSEEN_PAIRS for t in yu.reshape(-1).tolist()])
     print("layer | cell | colour | shape | token column | colour, unseen pairs")
     col = (torch.arange(side * side) % side) // (side // 3)

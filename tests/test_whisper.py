@@ -738,14 +738,14 @@ def test_the_shipped_speech_demo_hears_pairs_it_never_heard(tmp_path, smol_dir):
     woman, fast or slow (chance 1 in 2); and its text-only answer is the pretrained LLM's. The
     bounds sit a few answers below what the shipped weights give (so that a CPU whose rounding
     flips a close answer still passes) and far above chance."""
-    from helpers import smol_spec
+    from helpers import right_by_kind, smol_spec
 
     ad, td = _benchmarks()
     model = build(smol_spec(DEMO_SPEC, smol_dir), offline=True).eval()
     assert model.num_tokens("audio") == 100 and model.insert_at == {"audio": 15}
     rows = ad.held_out_questions(12, tmp_path, seed=1234)  # not the seed benchmarks/audio_demo.py evaluated on
     right = td.dq.evaluate_items(model, rows, "audio")
-    by_kind = {kind: sum(ok for ok, r in zip(right, rows, strict=True) if r["kind"] == kind) for kind in ad.KINDS}
+    by_kind = right_by_kind(right, rows, ad.KINDS)
     # measured on the shipped weights (12 each): colour 12, animal 12, speaker 11, speed 12; by chance
     # 10 of 12 right has probability < 1e-6 (1 in 6) and 0.02 (1 in 2)
     assert min(by_kind.values()) >= 10, by_kind
