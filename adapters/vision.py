@@ -1,7 +1,9 @@
 """Vision encoder adapters: CLIP and SigLIP vision towers (LLaVA-style feature selection).
 
-``feature_layer`` indexes ``hidden_states`` as LLaVA does (-1 last, -2 penultimate); ``select:
-patch`` drops the CLS token (CLIP), ``all`` keeps it. Output: (num_images, num_tokens, width).
+``feature_layer`` indexes ``hidden_states`` as LLaVA does (-1 last, -2 penultimate); a list of
+layers concatenates their features along the width, as transformers' Llava does with a list
+``vision_feature_layer``. ``select: patch`` drops the CLS token (CLIP), ``all`` keeps it. Output:
+(num_images, num_tokens, width x number of layers).
 """
 
 from __future__ import annotations
@@ -72,10 +74,12 @@ class VisionEncoder(HFEncoder):
     has_cls_token = True
     input_names = ("pixel_values",)
 
-    def __init__(self, model, feature_layer: int = -1, select: str = "patch"):
+    def __init__(self, model, feature_layer: int | list[int] = -1, select: str = "patch"):
         super().__init__(model)
         n = model.config.num_hidden_layers
-        hidden_state_index(feature_layer, n)  # the range check; hidden_states[feature_layer] as LLaVA indexes it
+        self.feature_layers = tuple(feature_layer) if isinstance(feature_layer, (list, tuple)) else (feature_layer,)
+        for i in self.feature_layers:  # the range check; hidden_states[i] as LLaVA indexes them
+            hidden_state_index(i, n)
         self.feature_layer = feature_layer
         self.select = select
 
@@ -102,9 +106,14 @@ class VisionEncoder(HFEncoder):
         s = self.model.config.image_size
         return {"pixel_values": torch.randn(n, self.model.config.num_channels, s, s)}
 
+    @property
+    def hidden_size(self) -> int:
+        """The features' width: the model's, times the number of layers read side by side."""
+        return self.model.config.hidden_size * len(self.feature_layers)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (n, 3, H, W) -> (n, T, d_enc)
         out = self.model(pixel_values=pixel_values.to(self.dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.feature_layer]
+        feats = torch.cat([out.hidden_states[i] for i in self.feature_layers], dim=-1)
         if self.has_cls_token and self.select == "patch":
             feats = feats[:, 1:]
         return feats

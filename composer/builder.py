@@ -22,7 +22,16 @@ from composer.model import ComposedModel
 from composer.packages import converted_source, is_package_ref
 from composer.projectors import build_projector, load_projector_weights
 from composer.refs import is_hub_repo, parse_source
-from composer.spec import ENCODER_MODEL_TYPES, EncoderSpec, LLMSpec, LoraSpec, Spec, load_spec, split_revision
+from composer.spec import (
+    ENCODER_MODEL_TYPES,
+    MULTI_LAYER_ENCODERS,
+    EncoderSpec,
+    LLMSpec,
+    LoraSpec,
+    Spec,
+    load_spec,
+    split_revision,
+)
 from composer.tokenizer import add_placeholders, byte_tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -273,6 +282,11 @@ def build_encoder(
         etype = encoder_type(spec, where, _hub_config(src, f"{where}.model"))
     else:
         etype = encoder_type(spec, where, _InlineType(spec.config))
+    if len(spec.feature_layers) > 1 and etype not in MULTI_LAYER_ENCODERS:
+        raise SpecError(
+            f"{where}.feature_layer: a list of layers is for the {', '.join(MULTI_LAYER_ENCODERS)} encoders, "
+            f"not {etype} (got {spec.feature_layer})"
+        )
     adapter = ENCODER_ADAPTERS[etype]
     if config is None:
         try:

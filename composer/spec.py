@@ -70,6 +70,9 @@ OWN_CONFIG_ENCODERS = ("gin",)
 # Encoders with a variable number of tokens per item (atoms, SMILES tokens), padded rows zero: the
 # projector must be a Q-Former, which masks the padding out.
 VARIABLE_TOKEN_ENCODERS = ("gin", "smiles_bert")
+# Encoders whose `feature_layer` may list several layers, concatenated along the width (as
+# transformers' Llava does with a list `vision_feature_layer`).
+MULTI_LAYER_ENCODERS = ("clip_vision", "siglip_vision", "dinov2_vision")
 # Encoder types an HF `model_type` is too general to name (a BERT is not always over SMILES): an
 # inline config of the type has this model_type, but the type is never inferred from it.
 EXPLICIT_MODEL_TYPES = {"smiles_bert": "bert"}
@@ -184,7 +187,7 @@ class EncoderSpec(_Strict):
     type: str | None = None
     model: HubRef = None
     config: dict[str, Any] | None = None
-    feature_layer: int = -1
+    feature_layer: int | list[int] = -1  # a list: those layers' features side by side (MULTI_LAYER_ENCODERS)
     select: Literal["patch", "all"] = "patch"
     train: TrainMode = "frozen"
     lora: LoraSpec | None = None
@@ -213,12 +216,23 @@ class EncoderSpec(_Strict):
             if self.type is None:
                 self.type = inferred
             _check_heads(self.config)
+        if isinstance(self.feature_layer, list):
+            layers = self.feature_layer
+            if not layers or len(set(layers)) != len(layers):
+                raise _FieldError("feature_layer", "a list must name one or more distinct layers", layers)
+            if self.type is not None and self.type not in MULTI_LAYER_ENCODERS:
+                raise _FieldError(
+                    "feature_layer",
+                    f"a list of layers is for the {', '.join(MULTI_LAYER_ENCODERS)} encoders, not {self.type}",
+                    layers,
+                )
         if self.config is not None:
             n = self.config.get("num_layers" if self.type in OWN_CONFIG_ENCODERS else "num_hidden_layers")
-            if _pos_int(n) and not -(n + 1) <= self.feature_layer <= n:
-                raise _FieldError(
-                    "feature_layer", f"must be in [-{n + 1}, {n}] for a {n}-layer encoder", self.feature_layer
-                )
+            for i in self.feature_layers:
+                if _pos_int(n) and not -(n + 1) <= i <= n:
+                    raise _FieldError(
+                        "feature_layer", f"must be in [-{n + 1}, {n}] for a {n}-layer encoder", self.feature_layer
+                    )
         if self.model is not None and self.model.startswith("package:") and self.type is None:
             raise _FieldError("type", "required for a package: source (the file's format says no model type)", None)
         if self.type is not None and self.type not in ENCODER_TYPES:
@@ -226,6 +240,12 @@ class EncoderSpec(_Strict):
         if self.train == "lora" and self.lora is None:
             self.lora = LoraSpec()
         return self
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """``feature_layer`` as a tuple (one element for a single layer)."""
+        fl = self.feature_layer
+        return tuple(fl) if isinstance(fl, list) else (fl,)
 
 
 class _ProjectorBase(_Strict):

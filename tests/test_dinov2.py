@@ -109,6 +109,52 @@ def test_inline_config_builds_at_its_processors_size():
         enc(torch.zeros(1, 3, 32, 32))
 
 
+def test_a_list_of_feature_layers_puts_them_side_by_side_and_exports_verified(tmp_path):
+    """``feature_layer: [1, -1]``: layer 1's output (before any layernorm) and the layernormed last
+    layer side by side, twice the width into the projector; the saved model reloads with the list,
+    and its ONNX bundle verifies (encoder graph and logits within fp32 tolerance of torch)."""
+    from composer.export.exporter import export_onnx
+    from composer.export.verify import verify_bundle
+
+    model = build(parse_spec(_spec({"config": dict(TINY_DINOV2), "feature_layer": [1, -1]}))).eval()
+    enc = model.encoders["image"]
+    px = load_images(model.processors["image"], [str(p) for p in PICTURES])
+    with torch.no_grad():
+        feats = enc(px)
+        hf = enc.model(pixel_values=px, output_hidden_states=True)
+    assert feats.shape == (3, 64, 64) == (3, enc.num_tokens, enc.hidden_size)
+    assert torch.equal(feats, torch.cat([hf.hidden_states[1], hf.last_hidden_state], -1)[:, 1:])
+    assert model.projectors["image"].state_dict()["0.weight"].shape == (LLAMA["hidden_size"], 64)
+    again = ComposedModel.from_pretrained(model.save_pretrained(tmp_path / "ckpt")).eval()
+    assert again.spec.modalities["image"].encoder.feature_layer == [1, -1]
+    assert torch.equal(_logits(again), _logits(model))
+    reports = []
+    export_onnx(model, tmp_path / "bundle", check=lambda tmp: reports.append(verify_bundle(model, tmp)))
+    assert reports and reports[0]["ok"], reports
+
+
+def test_a_list_of_feature_layers_is_refused_for_encoders_that_read_one():
+    """Only the vision towers (CLIP, SigLIP, DINOv2) read several layers; any other encoder type,
+    named or inferred from its config's model_type, is refused naming the field."""
+    from helpers import spec_dict
+
+    from composer.errors import SpecError
+
+    d = spec_dict("llama", 1)
+    d["modalities"]["image"]["encoder"] = {"type": "blip2_vision", "config": {"model_type": "blip_2_vision_model"}}
+    d["modalities"]["image"]["encoder"]["feature_layer"] = [0, -1]
+    with pytest.raises(SpecError, match=rf"^<spec>: {WHERE}\.feature_layer: a list of layers is for the clip_vision"):
+        parse_spec(d)
+    ast = {"model_type": "audio-spectrogram-transformer", "hidden_size": 32, "num_hidden_layers": 2}
+    with pytest.raises(Exception, match=r"feature_layer: a list of layers is for .* not ast_audio"):
+        EncoderSpec.model_validate({"config": {**ast, "num_attention_heads": 4}, "feature_layer": [0, -1]})
+    # a type known only at build (a model directory's config): refused there
+    spec = EncoderSpec.model_validate({"config": {**ast, "num_attention_heads": 4}})
+    spec = spec.model_copy(update={"type": None, "feature_layer": [0, -1]})
+    with pytest.raises(SpecError, match=r"^enc\.feature_layer: a list of layers is for .* not ast_audio"):
+        build_encoder(spec, "enc", None, load_weights=False)
+
+
 def test_processor_that_gives_no_fixed_square_size_is_refused():
     for processor, match in [
         ({"crop_size": {"height": 16, "width": 12}}, "crop_size: must be square"),

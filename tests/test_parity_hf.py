@@ -73,3 +73,30 @@ def test_insert_at_0_opt_matches_hf_opt_with_spliced_embeddings(attn):
         ours = model(**batch).logits
     diff = (ours - theirs).abs()[mask.bool()].max().item()
     assert diff < TOL, diff
+
+
+def test_a_list_of_feature_layers_matches_hf_llava():
+    """``feature_layer: [0, -2]`` (CLIP's embeddings and penultimate layer side by side, the
+    projector twice as wide in) equals HF Llava with the same ``vision_feature_layer`` list."""
+    from helpers import parse_spec, spec_dict
+
+    from composer.builder import build
+
+    d = spec_dict("llama", 0)
+    d["modalities"]["image"]["encoder"]["feature_layer"] = [0, -2]
+    model = build(parse_spec(d)).eval()
+    enc = model.encoders["image"]
+    assert enc.hidden_size == 2 * CLIP["hidden_size"]
+    ref = hf_reference(model, attn_implementation="eager")
+    assert ref.config.vision_feature_layer == [0, -2]
+    batch = model.prepare([model.format_prompt("What is in the picture?")], image=list(images(1)))
+    with torch.no_grad(), eager(ref):
+        ours = model(**batch).logits
+        theirs = ref(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["image"],
+            position_ids=positions_ref(batch["attention_mask"]),
+        ).logits
+    diff = (ours - theirs).abs().max().item()
+    assert diff < TOL, diff

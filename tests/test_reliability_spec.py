@@ -433,6 +433,21 @@ def test_mismatched_widths_and_layers_are_field_errors():
             7,
             "modalities.image.encoder.feature_layer: must be in [-3, 2] for a 2-layer encoder, got 7",
         ),
+        (
+            ("modalities", "image", "encoder", "feature_layer"),
+            [1, 7],
+            "modalities.image.encoder.feature_layer: must be in [-3, 2] for a 2-layer encoder, got [1, 7]",
+        ),
+        (
+            ("modalities", "image", "encoder", "feature_layer"),
+            [1, 1],
+            "modalities.image.encoder.feature_layer: a list must name one or more distinct layers, got [1, 1]",
+        ),
+        (
+            ("modalities", "image", "encoder", "feature_layer"),
+            [],
+            "modalities.image.encoder.feature_layer: a list must name one or more distinct layers, got []",
+        ),
         (("modalities", "image", "insert_at"), 4, "modalities.image.insert_at: must be < the LLM's 4 layers, got 4"),
     ]
     for path, value, expected in cases:
