@@ -13,7 +13,8 @@ The held-out accuracy (layouts never seen in training, one question per record) 
 the shipped pictures are printed and written to OUT/demo_results.json. The weights go to
 ``--demo-out`` (default specs/smol/demo; ``--spec`` trains another single-image spec, the tests use
 the 4-layer twin): ``vision/`` (an HF CLIPVisionModel dir with its image
-processor) and ``projector.safetensors``; the pictures to specs/smol/assets/.
+processor) and ``projector.safetensors``; the pictures to specs/smol/assets/ (with ``--quick``, both
+under OUT).
 
     python benchmarks/train_demo.py --out out/demo --threads 2        # ~40 min on 2 cores
     python benchmarks/train_demo.py --out out/demo --quick            # a smoke run (minutes)
@@ -466,7 +467,12 @@ def main(argv=None) -> int:
         default=None,
         help="default: specs/smol/demo (demo_dinov2 with --pretrained), the shipped ones; with --quick, OUT/weights",
     )
-    ap.add_argument("--assets", type=Path, default=ASSETS)
+    ap.add_argument(
+        "--assets",
+        type=Path,
+        default=None,
+        help="where the example pictures are drawn (default: specs/smol/assets; with --quick, OUT/assets)",
+    )
     a = ap.parse_args(argv)
     if a.lora and not a.pretrained:
         ap.error("--lora trains stage 2 of the --pretrained demo")
@@ -479,6 +485,7 @@ def main(argv=None) -> int:
     if a.pretrained:
         a.spec = DINOV2_SPEC if a.spec == dq.SPEC else a.spec
     a.demo_out = weights_dir(a, DINOV2_OUT if a.pretrained else DEMO_OUT)
+    a.assets = a.assets or (a.out.resolve() / "assets" if a.quick else ASSETS)  # a smoke run leaves the shipped ones
 
     import torch
 

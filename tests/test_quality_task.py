@@ -167,3 +167,18 @@ def test_train_demo_quick_run_writes_weights_a_spec_loads(tmp_path, capsys):
     vision = load_file(str(demo / "vision" / "model.safetensors"))
     got = model.encoders["image"].model.state_dict()
     assert vision and all(torch.equal(got[n], t) for n, t in vision.items())
+
+
+def test_train_demo_quick_run_leaves_the_shipped_files_alone(tmp_path, monkeypatch):
+    """A --quick smoke run without --demo-out or --assets writes its weights to OUT/weights and
+    its pictures to OUT/assets, never over the shipped ones (specs/smol/demo, specs/smol/assets)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_demo
+
+    shipped = {p: p.stat().st_mtime_ns for d in (train_demo.ASSETS, train_demo.DEMO_OUT) for p in d.rglob("*")}
+    out = tmp_path / "o"
+    args = ["--quick", "--spec", str(ROOT / "specs/tiny/llava.yaml"), "--k", "2", "--out", str(out)]
+    assert train_demo.main(args) == 0
+    assert {p.name for p in (out / "assets").iterdir()} == {"red_circle.png", "two_shapes.png"}
+    assert (out / "weights" / "projector.safetensors").is_file()
+    assert {p: p.stat().st_mtime_ns for p in shipped} == shipped
