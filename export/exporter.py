@@ -161,6 +161,7 @@ def export_onnx(
     calibration_samples: int | None = None,
     fp32_channels: int | None = None,
     smooth_alpha: float | None = None,
+    reduce_range: bool = False,
     check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export ``model`` (a ``ComposedModel``) as a split ONNX bundle; returns the bundle path.
@@ -171,7 +172,8 @@ def export_onnx(
     weights x per-token int8 activations (fast prefill GEMMs on CPU), calibrated on built-in prompts
     or on the first ``calibration_samples`` records of ``calibration`` (a training-format JSONL file
     with real media); ``fp32_channels`` (16) largest channels per input kept in fp32, SmoothQuant
-    ``smooth_alpha`` (0.5) on the rest.
+    ``smooth_alpha`` (0.5) on the rest; ``reduce_range``: 7-bit weights (-63..63), which ONNX
+    Runtime's u8 x s8 GEMM cannot saturate on CPUs without VNNI (docs/export.md).
 
     ``check``: called with the complete bundle in its temporary directory before it replaces
     ``out_dir`` (``compose export --verify``); when it raises, the temporary bundle is removed and
@@ -192,6 +194,7 @@ def export_onnx(
         calibration_samples,
         fp32_channels,
         smooth_alpha,
+        reduce_range,
     )
     say = progress or (lambda s: None)
     m = merged_for_export(model, DTYPES[dtype])
@@ -213,7 +216,16 @@ def export_onnx(
 
 
 def _checked_options(
-    dtype, opset, quantize, block_size, accuracy_level, calibration, calibration_samples, fp32_channels, smooth_alpha
+    dtype,
+    opset,
+    quantize,
+    block_size,
+    accuracy_level,
+    calibration,
+    calibration_samples,
+    fp32_channels,
+    smooth_alpha,
+    reduce_range=False,
 ) -> tuple[int, dict]:
     """Refuse bad export options before anything is built or written; -> (the opset, w8a8's
     keyword arguments to ``quantize_bundle_graphs`` with their defaults filled in, {} for other
@@ -229,6 +241,7 @@ def _checked_options(
         "calibration_samples": calibration_samples,
         "fp32_channels": fp32_channels,
         "smooth_alpha": smooth_alpha,
+        "reduce_range": reduce_range if reduce_range is not False else None,  # False: the default, not given
     }
     if quantize != "w8a8" and any(v is not None for v in w8a8_options.values()):
         given = ", ".join("--" + k.replace("_", "-") for k, v in w8a8_options.items() if v is not None)
@@ -243,8 +256,8 @@ def _checked_options(
 
         fp32_channels = FP32_CHANNELS if fp32_channels is None else fp32_channels
         smooth_alpha = SMOOTH_ALPHA if smooth_alpha is None else smooth_alpha
-        check_w8a8_options(fp32_channels, smooth_alpha)
-        w8a8 = {"fp32_channels": fp32_channels, "smooth_alpha": smooth_alpha}
+        check_w8a8_options(fp32_channels, smooth_alpha, reduce_range)
+        w8a8 = {"fp32_channels": fp32_channels, "smooth_alpha": smooth_alpha, "reduce_range": bool(reduce_range)}
     if opset is not None:
         import onnx
 

@@ -93,6 +93,13 @@ class Quantization(Record):
     method: str
     graphs: dict[str, QuantizedGraph]
     smoothing: Smoothing | None = None  # w8a8 only
+    weight_max: PositiveInt | None = None  # w8a8: its weights' range, 127 (63: --reduce-range); None: 127
+
+    @property
+    def saturates_without_vnni(self) -> bool:
+        """Whether ONNX Runtime's u8 x s8 GEMM can saturate on this bundle on a CPU without VNNI:
+        w8a8 with full-range (-127..127) weights."""
+        return self.scheme == "w8a8" and (self.weight_max or 127) > 63
 
 
 class EncoderEntry(Record):

@@ -158,8 +158,10 @@ def _weight_key(w) -> str:
     return hashlib.sha1(np.ascontiguousarray(w, dtype=np.float32).tobytes()).hexdigest()
 
 
-def check_w8a8_options(fp32_channels, smooth_alpha) -> None:
+def check_w8a8_options(fp32_channels, smooth_alpha, reduce_range=None) -> None:
     """One InputError naming the option, before anything is exported."""
+    if reduce_range is not None and not isinstance(reduce_range, bool):
+        raise InputError(f"--reduce-range is true or false, got {reduce_range!r}")
     if isinstance(fp32_channels, bool) or not isinstance(fp32_channels, int) or fp32_channels < 0:
         raise InputError(f"--fp32-channels must be an integer >= 0, got {fp32_channels!r}")
     if isinstance(smooth_alpha, bool) or not isinstance(smooth_alpha, int | float) or not 0 <= smooth_alpha <= 1:
@@ -230,10 +232,13 @@ def quantize_graph_w8a8(
     ranges: dict,
     alpha: float = SMOOTH_ALPHA,
     fp32_channels: int = FP32_CHANNELS,
+    weight_max: int = 127,
     exclude: list[str] | None = None,
 ) -> dict:
     """Rewrite the weight MatMuls of ``path`` (an ONNX graph with external data) in place as int8
-    x int8 GEMMs with per-token activation scales (module docstring). The MatMuls reading the same
+    x int8 GEMMs with per-token activation scales (module docstring), the weights rounded to
+    -``weight_max``..``weight_max`` per output channel (127; 63: ``reduce_range``, exact where the
+    GEMM saturates 16-bit pair sums, ``u8s8_gemm_saturates``). The MatMuls reading the same
     activation (q/k/v; gate/up) share its smoothing, quantization and ``fp32_channels`` channels
     (the activation's largest in ``ranges``; none where the input is narrower than 4 x
     ``fp32_channels``). A weight without calibration statistics in ``ranges`` (``activation_ranges``)
@@ -277,7 +282,7 @@ def quantize_graph_w8a8(
             smoothed += len(groups[x]) if was_smoothed else 0
         if uses[n.input[1]] == 1:
             drop.add(n.input[1])
-        more_nodes, more_inits = _w8a8_matmul(n, weights[n.name], fp32_rows.get(n.name))
+        more_nodes, more_inits = _w8a8_matmul(n, weights[n.name], fp32_rows.get(n.name), weight_max)
         nodes += more_nodes
         new_inits += more_inits
     kept = [i for i in g.initializer if i.name not in drop]
@@ -296,6 +301,10 @@ def quantize_graph_w8a8(
     }
 
 
+# w8a8's weights with --reduce-range: a u8 activation (<= 255) times such a weight, summed in pairs,
+# stays within 16 bits (2 x 255 x 63 = 32,130 <= 32,767), so CPUs whose u8 x s8 GEMM saturates
+# there (vpmaddubsw: AVX2, AVX-512 without VNNI) compute it exactly.
+REDUCED_WEIGHT_MAX = 63
 W8A8_SHARED = "w8a8."  # the prefix of the constants all rewritten MatMuls share (zero point, 1/127, ...)
 
 
@@ -367,9 +376,9 @@ def _w8a8_activation(x: str, group: list, weights: dict, ranges: dict, alpha, fp
     return nodes, inits, smoothed
 
 
-def _w8a8_matmul(n, w, fp32_rows):
+def _w8a8_matmul(n, w, fp32_rows, weight_max: int = 127):
     """MatMul ``n`` over its (smoothed) weight ``w`` as ``MatMulIntegerToFloat`` on its quantized
-    activation (int8 weights, one scale per output channel), plus the fp32 channels' product
+    activation (int8 weights in -weight_max..weight_max, one scale per output channel), plus the fp32 channels' product
     (``fp32_rows``: their weight rows, or None), reshaped back to ``n``'s output.
     -> (nodes, initializers)."""
     import numpy as np
@@ -377,10 +386,10 @@ def _w8a8_matmul(n, w, fp32_rows):
     from onnx import numpy_helper as nh
 
     c, p, q = W8A8_SHARED, f"w8a8/{n.input[0]}/", f"{n.name}/w8a8"
-    w_scale = np.abs(w).max(0) / 127
+    w_scale = np.abs(w).max(0) / weight_max
     w_scale[w_scale == 0] = 1.0
     inits = [
-        nh.from_array(np.clip(np.round(w / w_scale), -127, 127).astype(np.int8), q + ".weight"),
+        nh.from_array(np.clip(np.round(w / w_scale), -weight_max, weight_max).astype(np.int8), q + ".weight"),
         nh.from_array(w_scale.astype(np.float32), q + ".scale"),
         nh.from_array(np.array([w.shape[1]], np.int64), q + ".width"),
     ]
@@ -436,6 +445,7 @@ def quantize_bundle_graphs(
     calibration: tuple[str, list[dict]] | None = None,
     fp32_channels: int = FP32_CHANNELS,
     smooth_alpha: float = SMOOTH_ALPHA,
+    reduce_range: bool = False,
     say=lambda s: None,
 ) -> dict:
     """Quantize every LLM graph of a bundle being written under ``root``; -> the manifest's
@@ -461,7 +471,12 @@ def quantize_bundle_graphs(
         exclude = head if keep_head else []
         if ranges is not None:
             graphs[st["graph"]] = quantize_graph_w8a8(
-                path, ranges=ranges, alpha=smooth_alpha, fp32_channels=fp32_channels, exclude=exclude
+                path,
+                ranges=ranges,
+                alpha=smooth_alpha,
+                fp32_channels=fp32_channels,
+                weight_max=REDUCED_WEIGHT_MAX if reduce_range else 127,
+                exclude=exclude,
             )
         else:
             graphs[st["graph"]] = quantize_graph(
@@ -481,6 +496,7 @@ def quantize_bundle_graphs(
             block_size=None,
             accuracy_level=None,
             method=W8A8_METHOD,
+            weight_max=REDUCED_WEIGHT_MAX if reduce_range else 127,
             smoothing={
                 "alpha": smooth_alpha,
                 "fp32_channels": fp32_channels,

@@ -165,14 +165,14 @@ class OnnxPipeline(FrontEnd):
         if provider not in ("cpu", "cuda"):
             raise InputError(f"provider must be 'cpu' or 'cuda', got {provider!r}")
         quantization = self.manifest.quantization
-        if provider == "cpu" and quantization is not None and quantization.scheme == "w8a8":
+        if provider == "cpu" and quantization is not None and quantization.saturates_without_vnni:
             from composer.export.quantize import u8s8_gemm_saturates
 
             if u8s8_gemm_saturates():
                 warnings.warn(
                     f"{self.root}: a w8a8 bundle on a CPU without VNNI or AMX: ONNX Runtime's uint8 x int8 GEMM "
                     "saturates 16-bit sums here, so its answers drift from the verified ones (docs/export.md); "
-                    "export an int8 bundle for this CPU",
+                    "export with --reduce-range (7-bit weights) or an int8 bundle for this CPU",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -140,6 +140,8 @@ def test_cli_quantized_verify_gates_on_top1_and_atol(model, tmp_path, capsys):
         ({"quantize": "int4", "smooth_alpha": 0.5}, "--smooth-alpha: options of w8a8"),
         ({"quantize": "w8a8", "fp32_channels": -1}, "--fp32-channels must be an integer >= 0"),
         ({"quantize": "w8a8", "smooth_alpha": 1.5}, r"--smooth-alpha must be in \[0, 1\]"),
+        ({"quantize": "int8", "reduce_range": True}, "--reduce-range: options of w8a8"),
+        ({"quantize": "w8a8", "reduce_range": 1}, "--reduce-range is true or false"),
     ],
 )
 def test_bad_quantize_options_are_refused_before_writing(model, tmp_path, kwargs, match):
@@ -410,3 +412,45 @@ def test_a_w8a8_bundle_warns_on_a_cpu_whose_int8_gemm_saturates(w8a8, monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         OnnxPipeline(w8a8)
+
+
+def _int8_weights(bundle) -> list[np.ndarray]:
+    """The int8 weights of every MatMulIntegerToFloat in the bundle's LLM graphs."""
+    from onnx import numpy_helper as nh
+
+    out = []
+    for graph in ("early_text.onnx", "late_multimodal.onnx"):
+        m = onnx.load(str(bundle / graph))
+        inits = {i.name: i for i in m.graph.initializer}
+        out += [nh.to_array(inits[n.input[1]]) for n in m.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    return out
+
+
+def _largest_pair_sum(w: np.ndarray) -> int:
+    """The largest |a0 w0 + a1 w1| a saturating u8 x s8 kernel (vpmaddubsw: AVX2, AVX-512 without
+    VNNI) forms over neighbouring input channels of ``w`` (K, N), activations a in 0..255."""
+    w = np.abs(w.astype(np.int64))
+    return int(255 * (w[0::2] + w[1::2]).max())
+
+
+def test_reduce_range_bundle_cannot_saturate_and_passes_verify(model, w8a8, tmp_path, monkeypatch):
+    """--reduce-range: every w8a8 weight in -63..63 (per column, the largest at +-63), so every
+    pair sum a saturating u8 x s8 GEMM forms fits in 16 bits (<= 2 x 255 x 63 = 32,130 <= 32,767)
+    where the full-range bundle's exceed it; the manifest records it, the bundle passes --verify on
+    this CPU whatever its GEMM (no xfail), and loading it where the GEMM saturates is silent."""
+    import warnings
+
+    from composer.export import quantize
+
+    b = export_onnx(model, tmp_path / "b", quantize="w8a8", reduce_range=True)
+    assert json.loads((b / "manifest.json").read_text())["quantization"]["weight_max"] == 63
+    reduced, full = _int8_weights(b), _int8_weights(w8a8)
+    assert len(reduced) == len(full) == 7 * model.num_layers + 1  # 7 per layer and the head
+    assert all(np.abs(w).max() == 63 for w in reduced)
+    assert max(_largest_pair_sum(w) for w in reduced) <= 32767 < max(_largest_pair_sum(w) for w in full)
+    report = verify_bundle(model, b)
+    assert report["ok"] and report["top1_agreement"] >= 0.95
+    monkeypatch.setattr(quantize, "u8s8_gemm_saturates", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OnnxPipeline(b)

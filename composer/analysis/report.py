@@ -92,7 +92,11 @@ def render(result: dict, console) -> None:
         )
     cpu = result.get("cpu")
     if cpu:
-        sat = " (its u8 x s8 GEMM saturates: w8a8 is inexact here)" if cpu["u8s8_gemm_saturates"] else ""
+        sat = (
+            " (its u8 x s8 GEMM saturates: w8a8 is inexact here unless --reduce-range)"
+            if cpu["u8s8_gemm_saturates"]
+            else ""
+        )
         console.print(f"CPU: {cpu['model']}; {' '.join(cpu['flags']) or 'none of ' + ', '.join(CPU_FLAGS)}{sat}")
     console.print(t)
     for r in result["results"]:

@@ -56,6 +56,11 @@ class ExportOptions(BaseModel):
         None,
         description="With `quantize` w8a8: SmoothQuant's migration strength on the other channels, 0-1 (default 0.5).",
     )
+    reduce_range: bool = Field(
+        False,
+        description="With `quantize` w8a8: 7-bit weights (-63..63), so that ONNX Runtime's u8 x s8 GEMM cannot "
+        "saturate on CPUs without VNNI (AVX2, AVX-512 without VNNI); a little less accurate.",
+    )
 
 
 EXPORT_TYPES = {
