@@ -309,10 +309,15 @@ def run_results(a, summary: dict, train_s: float, right: list[bool], **fields) -
     }
 
 
+def smoke_safe(given: Path | None, a, name: str, shipped: Path) -> Path:
+    """Where a demo writes something the repository ships: ``given`` (its option); else the shipped
+    folder, but OUT/``name`` for a ``--quick`` smoke run, which must never overwrite shipped files."""
+    return given or (a.out.resolve() / name if a.quick else shipped)
+
+
 def weights_dir(a, shipped: Path) -> Path:
-    """Where a demo's trained weights go: ``--demo-out``; else the shipped folder, but OUT/weights
-    for a ``--quick`` smoke run, which must never overwrite the shipped weights."""
-    return a.demo_out or (a.out.resolve() / "weights" if a.quick else shipped)
+    """Where a demo's trained weights go: ``--demo-out``, else ``smoke_safe``'s rule."""
+    return smoke_safe(a.demo_out, a, "weights", shipped)
 
 
 def item_demo(model, modality: str, records: list[dict], test: list[dict], kinds, a, info: dict) -> dict:
@@ -485,7 +490,7 @@ def main(argv=None) -> int:
     if a.pretrained:
         a.spec = DINOV2_SPEC if a.spec == dq.SPEC else a.spec
     a.demo_out = weights_dir(a, DINOV2_OUT if a.pretrained else DEMO_OUT)
-    a.assets = a.assets or (a.out.resolve() / "assets" if a.quick else ASSETS)  # a smoke run leaves the shipped ones
+    a.assets = smoke_safe(a.assets, a, "assets", ASSETS)
 
     import torch
 

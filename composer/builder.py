@@ -30,6 +30,7 @@ from composer.spec import (
     LoraSpec,
     Spec,
     load_spec,
+    one_layer_only,
     split_revision,
 )
 from composer.tokenizer import add_placeholders, byte_tokenizer, load_tokenizer
@@ -282,11 +283,8 @@ def build_encoder(
         etype = encoder_type(spec, where, _hub_config(src, f"{where}.model"))
     else:
         etype = encoder_type(spec, where, _InlineType(spec.config))
-    if len(spec.feature_layers) > 1 and etype not in MULTI_LAYER_ENCODERS:
-        raise SpecError(
-            f"{where}.feature_layer: a list of layers is for the {', '.join(MULTI_LAYER_ENCODERS)} encoders, "
-            f"not {etype} (got {spec.feature_layer})"
-        )
+    if isinstance(spec.feature_layer, list) and etype not in MULTI_LAYER_ENCODERS:
+        raise SpecError(f"{where}.feature_layer: {one_layer_only(etype)} (got {spec.feature_layer})")
     adapter = ENCODER_ADAPTERS[etype]
     if config is None:
         try:

@@ -73,6 +73,13 @@ VARIABLE_TOKEN_ENCODERS = ("gin", "smiles_bert")
 # Encoders whose `feature_layer` may list several layers, concatenated along the width (as
 # transformers' Llava does with a list `vision_feature_layer`).
 MULTI_LAYER_ENCODERS = ("clip_vision", "siglip_vision", "dinov2_vision")
+
+
+def one_layer_only(etype: str) -> str:
+    """The refusal of a list ``feature_layer`` on an encoder type that reads one layer."""
+    return f"a list of layers is for the {', '.join(MULTI_LAYER_ENCODERS)} encoders, not {etype}"
+
+
 # Encoder types an HF `model_type` is too general to name (a BERT is not always over SMILES): an
 # inline config of the type has this model_type, but the type is never inferred from it.
 EXPLICIT_MODEL_TYPES = {"smiles_bert": "bert"}
@@ -221,11 +228,7 @@ class EncoderSpec(_Strict):
             if not layers or len(set(layers)) != len(layers):
                 raise _FieldError("feature_layer", "a list must name one or more distinct layers", layers)
             if self.type is not None and self.type not in MULTI_LAYER_ENCODERS:
-                raise _FieldError(
-                    "feature_layer",
-                    f"a list of layers is for the {', '.join(MULTI_LAYER_ENCODERS)} encoders, not {self.type}",
-                    layers,
-                )
+                raise _FieldError("feature_layer", one_layer_only(self.type), layers)
         if self.config is not None:
             n = self.config.get("num_layers" if self.type in OWN_CONFIG_ENCODERS else "num_hidden_layers")
             for i in self.feature_layers:

@@ -98,8 +98,8 @@ class Quantization(Record):
     @property
     def saturates_without_vnni(self) -> bool:
         """Whether ONNX Runtime's u8 x s8 GEMM can saturate on this bundle on a CPU without VNNI:
-        w8a8 with full-range (-127..127) weights."""
-        return self.scheme == "w8a8" and (self.weight_max or 127) > 63
+        w8a8 whose weights let a pair of u8 x s8 products (activations up to 255) pass 16 bits."""
+        return self.scheme == "w8a8" and 2 * 255 * (self.weight_max or 127) > 32767
 
 
 class EncoderEntry(Record):

@@ -461,6 +461,7 @@ def quantize_bundle_graphs(
         source, batches = calibration or ("built-in prompts", None)
         ranges = activation_ranges(model, batches=batches, progress=say)
         samples = len(batches) if batches is not None else len(CALIBRATION_PROMPTS)
+    weight_max = REDUCED_WEIGHT_MAX if reduce_range else 127
     graphs = {}
     for st in stages:
         path = root / st["graph"]
@@ -475,7 +476,7 @@ def quantize_bundle_graphs(
                 ranges=ranges,
                 alpha=smooth_alpha,
                 fp32_channels=fp32_channels,
-                weight_max=REDUCED_WEIGHT_MAX if reduce_range else 127,
+                weight_max=weight_max,
                 exclude=exclude,
             )
         else:
@@ -496,7 +497,7 @@ def quantize_bundle_graphs(
             block_size=None,
             accuracy_level=None,
             method=W8A8_METHOD,
-            weight_max=REDUCED_WEIGHT_MAX if reduce_range else 127,
+            weight_max=weight_max,
             smoothing={
                 "alpha": smooth_alpha,
                 "fp32_channels": fp32_channels,
