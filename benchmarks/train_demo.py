@@ -57,17 +57,36 @@ PICTURES = (
 )
 
 
-def conversations(scenes, n: int, turns: int, rng: random.Random) -> list[dict]:
-    """n multi-turn records: a layout (the number of shapes uniform in 1-3), up to ``turns`` of its
-    questions in random order, the picture's own drawing seed."""
+def caption(scene) -> str:
+    """A one-sentence description of a layout, every object with its colour, shape and column, left
+    to right: "A blue square on the left and a yellow triangle on the right." """
+    where = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+    parts = [f"a {colour} {shape} {where[dq.COLUMNS[col]]}" for col, shape, colour in scene]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return text[0].upper() + text[1:] + "."
+
+
+DESCRIBE = "Describe the picture."
+
+
+def conversations(
+    scenes, n: int, turns: int, rng: random.Random, describe: float = 0.0, by_count: tuple[float, ...] | None = None
+) -> list[dict]:
+    """n multi-turn records: a layout (the number of shapes uniform in 1-3, or weighted by
+    ``by_count``), up to ``turns`` of its questions in random order, the picture's own drawing seed.
+    ``describe``: the share of records whose last turn asks for the picture's ``caption`` (every
+    binding of colour, shape and column in one answer, as LLaVA's stage 1 trains on captions)."""
     by_n = {m: [sc for sc in scenes if len(sc) == m] for m in (1, 2, 3)}
     out = []
     for _ in range(n):
-        group = by_n[rng.choice((1, 2, 3))]
+        group = by_n[rng.choice((1, 2, 3)) if by_count is None else rng.choices((1, 2, 3), by_count)[0]]
         scene = group[rng.randrange(len(group))]
         qs = dq.questions(scene)
         rng.shuffle(qs)
-        out.append({"scene": scene, "qa": [(q, a) for _, q, a in qs[:turns]], "draw_seed": rng.randrange(2**31)})
+        qa = [(q, a) for _, q, a in qs[:turns]]
+        if describe and rng.random() < describe:
+            qa.append((DESCRIBE, caption(scene)))  # last: the questions before it read the picture, not the caption
+        out.append({"scene": scene, "qa": qa, "draw_seed": rng.randrange(2**31)})
     return out
 
 
@@ -462,6 +481,22 @@ def main(argv=None) -> int:
         help="the pretrained LLM's answers to the text-only questions, computed once (default: %(default)s)",
     )
     ap.add_argument(
+        "--describe",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="this share of the training records end with 'Describe the picture.' answered by a caption "
+        "naming every shape's colour and column; e.g. 0.5",
+    )
+    ap.add_argument(
+        "--by-count",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("W1", "W2", "W3"),
+        help="weights of pictures of one, two and three shapes among the training records (default: equal)",
+    )
+    ap.add_argument(
         "--keep-lora",
         action="store_true",
         help="stage 2 goes on from the spec's trained adapters (llm.lora.weights) instead of fresh ones",
@@ -485,6 +520,10 @@ def main(argv=None) -> int:
         ap.error("--text-mix and --keep-lora are for stage 2 (--lora R)")
     if not 0 <= a.text_mix < 1:
         ap.error(f"--text-mix must be in [0, 1), got {a.text_mix}")
+    if not 0 <= a.describe <= 1:
+        ap.error(f"--describe must be in [0, 1], got {a.describe}")
+    if a.by_count is not None and (min(a.by_count) < 0 or sum(a.by_count) <= 0):
+        ap.error(f"--by-count needs three weights >= 0, not all 0; got {a.by_count}")
     if a.quick:
         a.records, a.steps, a.encoder_steps, a.test = 16, 3, 20, 8
     if a.pretrained:
@@ -520,7 +559,9 @@ def main(argv=None) -> int:
         f"writing {a.records} training conversations (+{len(text_records)} text-only) "
         f"and {a.test} held-out questions under {data}"
     )
-    train_file = write_conversations(data, conversations(train_scenes, a.records, a.turns, rng), text_records)
+    train_file = write_conversations(
+        data, conversations(train_scenes, a.records, a.turns, rng, a.describe, a.by_count), text_records
+    )
     _, test_file = dq.write_task(data, 1, a.test, a.seed)  # held-out records as in the benchmark
     test = dq.read_records(test_file)
     a.assets.mkdir(parents=True, exist_ok=True)
