@@ -162,7 +162,6 @@ def export_onnx(
     fp32_channels: int | None = None,
     smooth_alpha: float | None = None,
     reduce_range: bool = False,
-    fuse: bool = True,
     check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export ``model`` (a ``ComposedModel``) as a split ONNX bundle; returns the bundle path.
@@ -174,9 +173,7 @@ def export_onnx(
     or on the first ``calibration_samples`` records of ``calibration`` (a training-format JSONL file
     with real media); ``fp32_channels`` (16) largest channels per input kept in fp32, SmoothQuant
     ``smooth_alpha`` (0.5) on the rest; ``reduce_range``: 7-bit weights (-63..63), which ONNX
-    Runtime's u8 x s8 GEMM cannot saturate on CPUs without VNNI (docs/export.md). ``fuse``: the LLM
-    graphs' RMSNorms become fused normalization nodes (``composer.export.fusion``); False keeps
-    the traced elementwise nodes.
+    Runtime's u8 x s8 GEMM cannot saturate on CPUs without VNNI (docs/export.md).
 
     ``check``: called with the complete bundle in its temporary directory before it replaces
     ``out_dir`` (``compose export --verify``); when it raises, the temporary bundle is removed and
@@ -206,7 +203,7 @@ def export_onnx(
     with atomic_dir(out_dir, overwrite) as tmp, torch.no_grad():
         graphs: dict[str, GraphRecord] = {}
         encoders = _export_encoders(m, tmp, dtype, opset, graphs, say)
-        stages = _export_llm_graphs(m, tmp, dtype, opset, graphs, say, fuse)
+        stages = _export_llm_graphs(m, tmp, dtype, opset, graphs, say)
         quantization = _quantize(m, tmp, stages, quantize, block_size, accuracy_level, keep_head, calib, w8a8, say)
         _write_model_files(m, tmp)
         write_manifest(_manifest(m, dtype, stages, quantization, encoders, graphs), tmp)
@@ -324,12 +321,10 @@ def _export_encoders(m, tmp: Path, dtype: str, opset: int, graphs: dict, say) ->
     return encoders
 
 
-def _export_llm_graphs(m, tmp: Path, dtype: str, opset: int, graphs: dict, say, fuse: bool = True) -> list[Stage]:
-    """The early text graph (layers [0, k1)) and one late graph per distinct insertion layer, their
-    RMSNorms fused (``fuse``); records each in ``graphs``; -> the stages in order."""
+def _export_llm_graphs(m, tmp: Path, dtype: str, opset: int, graphs: dict, say) -> list[Stage]:
+    """The early text graph (layers [0, k1)) and one late graph per distinct insertion layer;
+    records each in ``graphs``; -> the stages in order."""
     from torch.export import Dim
-
-    from composer.export.fusion import fuse_norms
 
     shape = m.adapter.shape
     sizes = {**EXAMPLE_SIZES, "hidden": shape.hidden_size, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
@@ -346,8 +341,6 @@ def _export_llm_graphs(m, tmp: Path, dtype: str, opset: int, graphs: dict, say, 
     for fname, module, stage in plan:
         say(f"exporting {fname}" + ("" if fname == "early_text.onnx" else f" (layers {stage.start}..{stage.end - 1})"))
         graphs[fname] = _export_llm_graph(module, tmp / fname, shape.vocab_size, sizes, dims, dtype, opset)
-        if fuse and (fused := fuse_norms(tmp / fname)):
-            say(f"fused in {fname}: " + ", ".join(f"{n} {op}" for op, n in fused.items()))
     return [stage for _, _, stage in plan]
 
 

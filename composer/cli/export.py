@@ -61,12 +61,6 @@ class ExportOptions(BaseModel):
         description="With `quantize` w8a8: 7-bit weights (-63..63), so that ONNX Runtime's u8 x s8 GEMM cannot "
         "saturate on CPUs without VNNI (AVX2, AVX-512 without VNNI); a little less accurate.",
     )
-    fuse: bool = Field(
-        True,
-        description="Write the LLM graphs' RMSNorms as fused normalization nodes (ONNX RMSNormalization, "
-        "ONNX Runtime's SkipSimplifiedLayerNormalization with the residual add) instead of seven elementwise "
-        "nodes each.",
-    )
 
 
 EXPORT_TYPES = {
