@@ -7,8 +7,9 @@ and F16 with llama.cpp's own `llama-quantize`):
 - llama.cpp (`llama-bench`): prefill of 640 tokens, decode with an empty context, and decode after
   640 tokens of context (`-d 640`), for Q8_0, F16 and F32;
 - composer (`compose bench benchmarks/smol_llava_576.yaml`): 576 image + 64 text tokens = 640, at
-  k = 0 and k = 15 (DeepInsert at N/2), the fp32 bundle and the int8 / w8a8 bundles; its decode is
-  measured after the same 640-token prompt.
+  k = 0 and k = 15 (DeepInsert at N/2), the fp32 bundle and the int8 / w8a8 bundles and the bundle
+  with both (w8a8 prefill graphs, int8 decode graphs: ``--quantize w8a8 --decode-quantize int8``);
+  its decode is measured after the same 640-token prompt.
 
 To bracket changes in machine load, llama-bench runs before and after `compose bench`, and both
 llama.cpp numbers are kept; ratios use their mean. Numbers go to OUT/anchor.json and a table.
@@ -114,11 +115,14 @@ def llama_bench(bench: Path, model: Path, threads: int, reps: int) -> dict[str, 
     return out
 
 
-def compose_bench(threads: int, reps: int, json_out: Path) -> dict:
+SCHEMES = ("int8", "w8a8", "w8a8+int8")  # the quantized bundles compose bench measures (w8a8+int8: both in one)
+
+
+def compose_bench(threads: int, reps: int, json_out: Path, schemes=SCHEMES) -> dict:
     cmd = [
         sys.executable, "-m", "composer.cli", "bench", str(SPEC), "--insert-at", "15", "--runtime", "onnx",
         "--text-tokens", "64", "--new-tokens", str(GEN), "--repeats", str(reps), "--threads", str(threads),
-        "--quantize", "int8", "--quantize", "w8a8", "--json", str(json_out),
+        *(arg for q in schemes for arg in ("--quantize", q)), "--json", str(json_out),
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
     return json.loads(json_out.read_text())
@@ -150,6 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "composer" / "llamacpp")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--quantize", action="append", default=None, help=f"compose bench's quantized bundles (default: {SCHEMES})"
+    )
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     a.cache.mkdir(parents=True, exist_ok=True)
@@ -167,7 +174,7 @@ def main(argv=None) -> int:
     say("llama.cpp, before composer")
     before = {t: llama_bench(bench, f, a.threads, a.repeats) for t, f in files.items()}
     say("composer (compose bench: exports the bundles, then times them)")
-    ours = compose_bench(a.threads, a.repeats, a.out / "compose_bench.json")
+    ours = compose_bench(a.threads, a.repeats, a.out / "compose_bench.json", a.quantize or SCHEMES)
     say("llama.cpp, after composer")
     after = {t: llama_bench(bench, f, a.threads, a.repeats) for t, f in files.items()}
     llama = {t: {k: (before[t][k] + after[t][k]) / 2 for k in before[t]} for t in files}

@@ -162,6 +162,7 @@ def export_onnx(
     fp32_channels: int | None = None,
     smooth_alpha: float | None = None,
     reduce_range: bool = False,
+    decode_quantize: str | None = None,
     check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export ``model`` (a ``ComposedModel``) as a split ONNX bundle; returns the bundle path.
@@ -174,6 +175,11 @@ def export_onnx(
     with real media); ``fp32_channels`` (16) largest channels per input kept in fp32, SmoothQuant
     ``smooth_alpha`` (0.5) on the rest; ``reduce_range``: 7-bit weights (-63..63), which ONNX
     Runtime's u8 x s8 GEMM cannot saturate on CPUs without VNNI (docs/export.md).
+
+    ``decode_quantize`` ("int8" or "int4"): the bundle also holds a copy of each LLM graph quantized
+    so (``MatMulNBits``, the fast one-row GEMVs), which decode steps run, while the prompt's prefill
+    runs the graphs of ``quantize`` (e.g. w8a8's fast prefill GEMMs); the manifest records it as
+    ``decode_quantization`` and each stage's ``decode_graph``.
 
     ``check``: called with the complete bundle in its temporary directory before it replaces
     ``out_dir`` (``compose export --verify``); when it raises, the temporary bundle is removed and
@@ -195,6 +201,7 @@ def export_onnx(
         fp32_channels,
         smooth_alpha,
         reduce_range,
+        decode_quantize,
     )
     say = progress or (lambda s: None)
     m = merged_for_export(model, DTYPES[dtype])
@@ -204,9 +211,11 @@ def export_onnx(
         graphs: dict[str, GraphRecord] = {}
         encoders = _export_encoders(m, tmp, dtype, opset, graphs, say)
         stages = _export_llm_graphs(m, tmp, dtype, opset, graphs, say)
+        decode_stages = _decode_copies(tmp, stages, graphs, say) if decode_quantize else []
         quantization = _quantize(m, tmp, stages, quantize, block_size, accuracy_level, keep_head, calib, w8a8, say)
+        decode = _quantize(m, tmp, decode_stages, decode_quantize, block_size, accuracy_level, keep_head, None, {}, say)
         _write_model_files(m, tmp)
-        write_manifest(_manifest(m, dtype, stages, quantization, encoders, graphs), tmp)
+        write_manifest(_manifest(m, dtype, stages, quantization, encoders, graphs, decode), tmp)
         write_generation_config(tmp, m.spec.generation, _eos(m), m.pad_token_id, m.tokenizer.bos_token_id)
         if check is not None:
             say("checking the bundle")
@@ -226,6 +235,7 @@ def _checked_options(
     fp32_channels,
     smooth_alpha,
     reduce_range=False,
+    decode_quantize=None,
 ) -> tuple[int, dict]:
     """Refuse bad export options before anything is built or written; -> (the opset, w8a8's
     keyword arguments to ``quantize_bundle_graphs`` with their defaults filled in, {} for other
@@ -236,6 +246,17 @@ def _checked_options(
         from composer.export.quantize import check_options
 
         check_options(quantize, dtype, block_size, accuracy_level)
+    if decode_quantize is not None:
+        from composer.export.quantize import DECODE_SCHEMES, check_options
+
+        if decode_quantize not in DECODE_SCHEMES:
+            raise InputError(f"--decode-quantize must be one of {list(DECODE_SCHEMES)}, got {decode_quantize!r}")
+        if decode_quantize == quantize:
+            raise InputError(
+                f"--decode-quantize {decode_quantize} is --quantize's scheme: the prefill graphs already decode so; "
+                "leave it out"
+            )
+        check_options(decode_quantize, dtype, block_size, accuracy_level, "--decode-quantize")
     w8a8_options = {
         "calibration": calibration,
         "calibration_samples": calibration_samples,
@@ -363,11 +384,31 @@ def _export_llm_graph(module, path: Path, vocab: int, sizes: dict, dims: dict, d
     return GraphRecord.model_validate({**entry, "opset": saved["opset"]})
 
 
+def _decode_copies(tmp: Path, stages: list[Stage], graphs: dict, say) -> list[Stage]:
+    """A copy of each LLM graph with layers, ``<name>.decode.onnx`` with its own external data, for
+    ``--decode-quantize``; sets each stage's ``decode_graph`` and records the copies in ``graphs``
+    (same inputs and outputs); -> stages naming the copies as their graphs (what to quantize)."""
+    import onnx
+
+    copies = []
+    for st in stages:
+        if st.end == st.start:  # k = 0's early graph: embeddings only, nothing to quantize
+            continue
+        name = st.graph.removesuffix(".onnx") + ".decode.onnx"
+        say(f"copying {st.graph} for the decode graphs")
+        graph = onnx.load(str(tmp / st.graph))
+        onnx.save(graph, str(tmp / name), save_as_external_data=True, location=name + ".data")
+        graphs[name] = graphs[st.graph]
+        st.decode_graph = name
+        copies.append(st.model_copy(update={"graph": name, "decode_graph": None}))
+    return copies
+
+
 def _quantize(
     m, tmp: Path, stages: list[Stage], scheme, block_size, accuracy_level, keep_head, calib, w8a8: dict, say
 ) -> Quantization | None:
     """Quantize the LLM graphs written under ``tmp`` (``scheme`` None: none); -> the manifest's record."""
-    if scheme is None:
+    if scheme is None or not stages:
         return None
     from composer.export.quantize import quantize_bundle_graphs
 
@@ -387,7 +428,7 @@ def _quantize(
     return Quantization.model_validate(record)
 
 
-def _manifest(m, dtype: str, stages, quantization, encoders, graphs) -> Manifest:
+def _manifest(m, dtype: str, stages, quantization, encoders, graphs, decode=None) -> Manifest:
     """The bundle's manifest: the model's facts and what the export wrote."""
     shape = m.adapter.shape
     return Manifest(
@@ -406,6 +447,7 @@ def _manifest(m, dtype: str, stages, quantization, encoders, graphs) -> Manifest
         insert_at=m.insert_at,
         stages=stages,
         quantization=quantization,
+        decode_quantization=decode,
         encoders=encoders,
         graphs=graphs,
         tokenizer="tokenizer",

@@ -50,13 +50,15 @@ class KVFacts(Record):
 
 class Stage(Record):
     """One LLM graph: layers [start, end), the modalities whose tokens enter at ``start``; the
-    ``last`` one ends with the LM head."""
+    ``last`` one ends with the LM head. ``decode_graph``: the same layers quantized another way
+    (``--decode-quantize``), which decode steps run instead of ``graph`` (None: ``graph``)."""
 
     graph: str
     start: Index
     end: Index
     enter: list[str]
     last: bool
+    decode_graph: str | None = None
 
 
 class Calibration(Record):
@@ -152,6 +154,7 @@ class Manifest(Record):
     insert_at: dict[str, Index]
     stages: list[Stage]
     quantization: Quantization | None = None  # None: the LLM graphs keep the bundle's dtype
+    decode_quantization: Quantization | None = None  # the stages' decode graphs (--decode-quantize)
     encoders: dict[str, EncoderEntry]
     graphs: dict[str, GraphRecord]
     tokenizer: str = "tokenizer"
@@ -184,11 +187,16 @@ class Manifest(Record):
             strangers = [m for m in st.enter if m not in self.encoders]
             if strangers:
                 raise ValueError(f"stages[{i}].enter: modalities without an encoder: {strangers}")
+            if st.decode_graph == st.graph:
+                raise ValueError(f"stages[{i}].decode_graph: the stage's own graph; leave it out")
+        if any(st.decode_graph for st in self.stages) != (self.decode_quantization is not None):
+            raise ValueError("decode graphs and decode_quantization come together: one is missing")
         return self
 
     def graph_names(self) -> list[str]:
-        """The graphs the stages and encoders run, in that order."""
-        return [st.graph for st in self.stages] + [e.graph for e in self.encoders.values()]
+        """The graphs the stages (prefill, then decode) and encoders run, in that order."""
+        decode = [st.decode_graph for st in self.stages if st.decode_graph]
+        return [st.graph for st in self.stages] + decode + [e.graph for e in self.encoders.values()]
 
     def directories(self) -> list[str]:
         """The tokenizer's and the processors' directories in the bundle."""

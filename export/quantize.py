@@ -77,12 +77,24 @@ CALIBRATION_PROMPTS = (
 )
 
 
-def check_options(scheme: str, dtype: str, block_size: int, accuracy_level: int) -> None:
+# --decode-quantize: the schemes whose one-row GEMVs are fast (MatMulNBits), for a bundle's decode graphs
+DECODE_SCHEMES = ("int8", "int4")
+# what `compose bench --quantize` takes: a scheme, or PREFILL+DECODE (--quantize P --decode-quantize D)
+BUNDLE_SCHEMES = (*SCHEMES, *(f"{p}+{d}" for p in SCHEMES for d in DECODE_SCHEMES if p != d))
+
+
+def split_scheme(label: str) -> tuple[str, str | None]:
+    """A ``BUNDLE_SCHEMES`` label -> (``quantize``, ``decode_quantize``): "w8a8+int8" -> ("w8a8", "int8")."""
+    prefill, _, decode = label.partition("+")
+    return prefill, decode or None
+
+
+def check_options(scheme: str, dtype: str, block_size: int, accuracy_level: int, option: str = "--quantize") -> None:
     """One InputError naming the option, before anything is exported."""
     if scheme not in SCHEMES:
-        raise InputError(f"--quantize must be one of {sorted(SCHEMES)}, got {scheme!r}")
+        raise InputError(f"{option} must be one of {sorted(SCHEMES)}, got {scheme!r}")
     if dtype != "fp32":
-        raise InputError(f"--quantize quantizes fp32 weights; use it with --dtype fp32, got --dtype {dtype}")
+        raise InputError(f"{option} quantizes fp32 weights; use it with --dtype fp32, got --dtype {dtype}")
     if (
         isinstance(block_size, bool)
         or not isinstance(block_size, int)

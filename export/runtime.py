@@ -204,10 +204,12 @@ class OnnxPipeline(FrontEnd):
                 raise InputError(f"{self.root / name}: cannot load ({first_line(e)[:200]})") from None
         self.inputs = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
         # each LLM graph's declared inputs: every feed is built through them (graphs.GraphIO.feeds)
-        self.io = {
-            st.graph: early_io(st.end) if i == 0 else late_io(st.start, st.end, st.last)
-            for i, st in enumerate(self.manifest.stages)
-        }
+        self.io = {}
+        for i, st in enumerate(self.manifest.stages):
+            io = early_io(st.end) if i == 0 else late_io(st.start, st.end, st.last)
+            self.io[st.graph] = io
+            if st.decode_graph:  # the same layers quantized for decode steps: the same inputs and outputs
+                self.io[st.decode_graph] = io
         self.dtype = _NP[self.manifest.dtype]
         self.d = self.manifest.llm.hidden_size
         self.kv = self.manifest.kv
@@ -409,7 +411,8 @@ class OnnxPipeline(FrontEnd):
         return (all_slots, valid, np.concatenate([cur_pos, mm_pos], 1)), result, cache
 
     def decode_step(self, tokens: np.ndarray, state: dict) -> np.ndarray:
-        """One new token per row through every graph; -> logits (B, V)."""
+        """One new token per row through every stage (its ``decode_graph`` where the bundle has
+        one); -> logits (B, V)."""
         B = tokens.shape[0]
         slot = np.full((B, 1), state["next_slot"], np.int64)
         pos = state["next_pos"][:, None].astype(np.int64)
@@ -418,16 +421,17 @@ class OnnxPipeline(FrontEnd):
         logits = None
         for s, st in enumerate(self.manifest.stages):
             cache = state["caches"][s]
-            io = self.io[st.graph]
+            graph = st.decode_graph or st.graph  # --decode-quantize's graphs where the bundle has them
+            io = self.io[graph]
             if s == 0:
                 out = self._run(
-                    st.graph,
+                    graph,
                     io.feeds(input_ids=tokens.astype(np.int64), position_ids=pos, slots=slot, **cache.write(slot, one)),
                 )
                 hidden = out.pop("hidden")
             else:
                 out = self._run(
-                    st.graph,
+                    graph,
                     io.feeds(
                         hidden=hidden,
                         hidden_slots=slot,

@@ -78,7 +78,7 @@ def verify_bundle(
         raise InputError(f"--atol must be a finite number >= 0, got {atol!r}")
     pipe = OnnxPipeline(bundle)
     manifest = pipe.manifest
-    if manifest.quantization is not None:
+    if manifest.quantization is not None or manifest.decode_quantization is not None:
         return verify_quantized(
             model, pipe, steps=steps, min_top1=MIN_TOP1 if min_top1 is None else min_top1, atol=atol
         )
@@ -133,7 +133,9 @@ def verify_quantized(model, pipe: OnnxPipeline, *, steps: int, min_top1: float, 
     share of text positions whose top-1 next token agrees, the max logit difference there, the
     mean KL divergence of the quantized next-token distribution from the fp32 one (a smoother
     measure than top-1, which flips wherever the top two tokens are near-tied), and the share of
-    ``steps`` greedy tokens per prompt that agree (reported, not gated)."""
+    ``steps`` greedy tokens per prompt that agree (reported, not gated). A bundle with decode
+    graphs (``--decode-quantize``) is also gated on them: ``decode_check``'s top-1 agreement at
+    least ``min_top1``."""
     ref = merged_for_export(model, torch.float32)
     batch = sample_batch(ref, PROMPTS)
     mm = {m: batch[m] for m in model.encoders if m in batch}
@@ -148,8 +150,9 @@ def verify_quantized(model, pipe: OnnxPipeline, *, steps: int, min_top1: float, 
     ort_ids = pipe.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=steps, eos_token_id=[], **mm)
     torch_ids = ref.generate(**batch, max_new_tokens=steps, eos_token_id=[]).cpu().numpy()
     greedy = float((np.asarray(ort_ids) == torch_ids).mean())  # both: the new tokens only
-    return {
-        "quantization": pipe.manifest.quantization.scheme,
+    manifest = pipe.manifest
+    report = {
+        "quantization": manifest.quantization.scheme if manifest.quantization else manifest.dtype,
         "prompts": len(PROMPTS),
         "positions": int(text.sum()),
         "top1_agreement": agree,
@@ -160,4 +163,34 @@ def verify_quantized(model, pipe: OnnxPipeline, *, steps: int, min_top1: float, 
         "min_top1": min_top1,
         "atol": atol,
         "ok": agree >= min_top1 and (atol is None or diff <= atol),
+    }
+    if manifest.decode_quantization is not None:
+        report.update(decode_check(ref, pipe, batch, mm))
+        report["ok"] = report["ok"] and report["decode_top1_agreement"] >= min_top1
+    return report
+
+
+DECODE_STEPS = 16  # teacher-forced decode steps per prompt in decode_check
+
+
+def decode_check(ref, pipe: OnnxPipeline, batch: dict, mm: dict, steps: int = DECODE_STEPS) -> dict:
+    """The decode graphs (``--decode-quantize``) vs the fp32 torch model ``ref``: torch's greedy
+    continuation of each prompt (``steps`` tokens) is fed to ONNX Runtime one decode step at a time
+    after its prefill; each step's next-token logits are compared with torch's at the same position
+    -> {"decode_quantization", "decode_positions", "decode_top1_agreement", "decode_mean_kl"}."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        new = ref.generate(**batch, max_new_tokens=steps, eos_token_id=[])
+        full = torch.cat([ids, new], 1)
+        full_mask = torch.cat([mask, torch.ones_like(new)], 1)
+        want = ref(input_ids=full, attention_mask=full_mask, **mm).logits.float().numpy()
+    _, state = pipe.prefill(ids, mask, mm, reserve=steps)
+    L = ids.shape[1]
+    got = np.stack([pipe.decode_step(new[:, j : j + 1].numpy(), state) for j in range(steps - 1)], 1)
+    want = want[:, L : L + steps - 1]  # the logits after each fed token
+    return {
+        "decode_quantization": pipe.manifest.decode_quantization.scheme,
+        "decode_positions": int(got.shape[0] * got.shape[1]),
+        "decode_top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
+        "decode_mean_kl": float(_kl(want, got).mean()),
     }

@@ -97,7 +97,7 @@ def test_bench_torch_and_hf_on_the_tiny_twin(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_onnx_runtime(tmp_path, capsys):
-    """ONNX Runtime fp32 and int8 (two exports) next to torch at k = 0."""
+    """ONNX Runtime fp32, int8, w8a8 and w8a8 prefill with int8 decode graphs next to torch at k = 0."""
     out = tmp_path / "bench.json"
     code, _, err = compose(
         capsys,
@@ -121,6 +121,8 @@ def test_bench_onnx_runtime(tmp_path, capsys):
         "int8",
         "--quantize",
         "w8a8",
+        "--quantize",
+        "w8a8+int8",
         "--json",
         out,
     )
@@ -130,13 +132,14 @@ def test_bench_onnx_runtime(tmp_path, capsys):
         ("onnx", "0"),
         ("onnx-int8", "0"),
         ("onnx-w8a8", "0"),
+        ("onnx-w8a8+int8", "0"),
         ("torch", "0"),
     }
     assert result["settings"]["text_tokens"] == 40
     _check_numbers(result)
     assert _row(result, "onnx", "0")["tokens_match_torch"] is True
     assert _row(result, "onnx", "0")["token_agreement_vs_torch"] == 1.0
-    for scheme in ("int8", "w8a8"):
+    for scheme in ("int8", "w8a8", "w8a8+int8"):
         assert 0.0 <= _row(result, f"onnx-{scheme}", "0")["token_agreement_vs_torch"] <= 1.0
 
 

@@ -71,6 +71,21 @@ def test_a_manifest_round_trip(tmp_path):
             lambda m: m["stages"][1].update(graph="late_multimodal.k9.onnx"),
             "stages/encoders name graphs the manifest does not list: ['late_multimodal.k9.onnx']",
         ),
+        (
+            lambda m: m["stages"][1].update(decode_graph="late_multimodal.decode.onnx"),
+            "stages/encoders name graphs the manifest does not list: ['late_multimodal.decode.onnx']",
+        ),
+        (
+            lambda m: (
+                m["graphs"].update({"late_multimodal.decode.onnx": m["graphs"]["late_multimodal.onnx"]}),
+                m["stages"][1].update(decode_graph="late_multimodal.decode.onnx"),
+            ),
+            "decode graphs and decode_quantization come together: one is missing",
+        ),
+        (
+            lambda m: m["stages"][1].update(decode_graph="late_multimodal.onnx"),
+            "stages[1].decode_graph: the stage's own graph; leave it out",
+        ),
     ],
 )
 def test_a_bad_manifest_field_is_named_by_its_path(tmp_path, edit, message):

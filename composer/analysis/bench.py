@@ -76,8 +76,8 @@ class BenchConfig:
     ort_spinning: bool = False  # ONNX Runtime's intra-op threads busy-wait after each graph run (its default)
     threads: int | None = None  # intra-op threads of torch and ONNX Runtime (None: their defaults)
     seed: int = 0
-    # also bench ONNX bundles quantized so (composer.export.quantize.SCHEMES: "int8", ...;
-    # runtime "onnx-int8", ...)
+    # also bench ONNX bundles quantized so (composer.export.quantize.BUNDLE_SCHEMES: "int8", ...,
+    # "w8a8+int8" for w8a8 prefill graphs with int8 decode graphs; runtime "onnx-int8", ...)
     quantize: tuple[str, ...] = ()
 
 
@@ -259,11 +259,15 @@ def _check_config(model, cfg: BenchConfig) -> None:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= MAX_SEED:
         raise InputError(f"--seed must be an integer in [0, 2**64 - 1] (torch's seeds), got {cfg.seed!r}")
     if cfg.quantize:
-        from composer.export.quantize import SCHEMES
+        from composer.export.quantize import BUNDLE_SCHEMES
 
-        if "onnx" not in cfg.runtimes or any(q not in SCHEMES for q in cfg.quantize) or model.dtype != torch.float32:
+        if (
+            "onnx" not in cfg.runtimes
+            or any(q not in BUNDLE_SCHEMES for q in cfg.quantize)
+            or model.dtype != torch.float32
+        ):
             raise InputError(
-                f"--quantize takes {sorted(SCHEMES)} with the onnx runtime and a float32 model, "
+                f"--quantize takes {list(BUNDLE_SCHEMES)} with the onnx runtime and a float32 model, "
                 f"got {list(cfg.quantize)} ({model.dtype}, runtimes {list(cfg.runtimes)})"
             )
 
@@ -318,6 +322,7 @@ def _onnx_runners(s: _Setup, tmp: Path, skipped: dict[str, str]) -> Iterator[Run
         skipped["onnx"] = why
         return
     from composer.export.exporter import export_onnx
+    from composer.export.quantize import split_scheme
     from composer.export.runtime import OnnxPipeline
 
     model, batch, gen = s.model, s.batch, s.gen
@@ -330,7 +335,7 @@ def _onnx_runners(s: _Setup, tmp: Path, skipped: dict[str, str]) -> Iterator[Run
             variant.cpu() if s.device.type != "cpu" else variant,
             tmp / f"k{lay.label}{'' if scheme is None else '-' + scheme}",
             dtype=dtype,
-            quantize=scheme,
+            **(dict(zip(("quantize", "decode_quantize"), split_scheme(scheme), strict=True)) if scheme else {}),
         )
         model.to(s.device)
         so = _ort_options(s.cfg.ort_spinning, s.cfg.threads)

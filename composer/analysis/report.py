@@ -7,12 +7,12 @@ import contextlib
 
 import torch
 
-from composer.export.quantize import SCHEMES as QUANT_SCHEMES
+from composer.export.quantize import BUNDLE_SCHEMES
 
 # the runtimes' names in the table (composer.analysis.bench.RUNTIMES and the quantized bundles)
 LABELS = {
     "onnx": "ONNX Runtime",
-    **{f"onnx-{scheme}": f"ONNX Runtime {scheme}" for scheme in QUANT_SCHEMES},
+    **{f"onnx-{scheme}": f"ONNX Runtime {scheme}" for scheme in BUNDLE_SCHEMES},
     "torch": "torch eager",
     "hf": "HF Llava",
 }

@@ -9,7 +9,7 @@ import click
 
 from composer.cli.common import console
 from composer.errors import InputError
-from composer.export.quantize import SCHEMES as QUANT_SCHEMES
+from composer.export.quantize import BUNDLE_SCHEMES
 
 
 @click.command()
@@ -57,9 +57,10 @@ from composer.export.quantize import SCHEMES as QUANT_SCHEMES
 )
 @click.option(
     "--quantize",
-    type=click.Choice(list(QUANT_SCHEMES)),
+    type=click.Choice(list(BUNDLE_SCHEMES)),
     multiple=True,
-    help="Also bench ONNX bundles quantized so (repeatable; see compose export --quantize).",
+    help="Also bench ONNX bundles quantized so (repeatable; see compose export --quantize; P+D: --quantize P "
+    "--decode-quantize D, e.g. w8a8+int8).",
 )
 def bench(
     target: str,

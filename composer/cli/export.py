@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from composer.cli.common import console, refuse_non_empty
 from composer.errors import ComposerError
+from composer.export.quantize import DECODE_SCHEMES
 from composer.export.quantize import SCHEMES as QUANT_SCHEMES
 from composer.options import collect, model_options
 
@@ -61,10 +62,16 @@ class ExportOptions(BaseModel):
         description="With `quantize` w8a8: 7-bit weights (-63..63), so that ONNX Runtime's u8 x s8 GEMM cannot "
         "saturate on CPUs without VNNI (AVX2, AVX-512 without VNNI); a little less accurate.",
     )
+    decode_quantize: str | None = Field(
+        None,
+        description="Also write the LLM graphs quantized so (int8/int4 MatMulNBits, the fast one-row kernels) for "
+        "decode steps, next to the prefill graphs of `quantize`; e.g. `quantize` w8a8 with this int8.",
+    )
 
 
 EXPORT_TYPES = {
     "quantize": click.Choice(list(QUANT_SCHEMES)),
+    "decode_quantize": click.Choice(list(DECODE_SCHEMES)),
     "calibration": click.Path(dir_okay=False, path_type=Path),
     "calibration_samples": click.IntRange(1),
 }
@@ -187,6 +194,13 @@ def _print_quantized_report(con, r: dict) -> None:
         f"mean KL {r['mean_kl']:.2g} nats, "
         f"greedy tokens equal {r['greedy_agreement']:.1%} ({r['greedy_tokens']} per prompt)"
     )
+    if "decode_top1_agreement" in r:
+        n = r["decode_positions"]
+        con.print(
+            f"  decode graphs ({r['decode_quantization']}), torch's greedy tokens fed one step at a time: top-1 "
+            f"agreement {r['decode_top1_agreement']:.2%} ({round(r['decode_top1_agreement'] * n)} of {n}), "
+            f"mean KL {r['decode_mean_kl']:.2g} nats"
+        )
     limits = f"top-1 >= {r['min_top1']:.1%}" + (f", logit difference <= {r['atol']:g}" if r["atol"] is not None else "")
     if not r["ok"]:
         raise ComposerError(f"verification failed: want {limits} (set --min-top1 / --atol)")
