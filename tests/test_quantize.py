@@ -493,3 +493,13 @@ def test_decode_graphs_run_the_decode_steps_in_place_and_pass_verify(model, tmp_
     report = verify_bundle(model, b)
     assert report["decode_quantization"] == "int8" and report["decode_positions"] == 8 * 15
     assert report["ok"] and report["decode_top1_agreement"] >= 0.95 and report["decode_mean_kl"] < 1e-3
+    from rich.console import Console
+
+    from composer.cli.export import _print_bundle, _print_quantized_report
+
+    con = Console(record=True, width=300, markup=False)
+    _print_quantized_report(con, report)
+    _print_bundle(con, b, True)
+    text = con.export_text()
+    assert "decode graphs (int8), torch's greedy tokens fed one step at a time: top-1 agreement" in text
+    assert "(decode steps: late_multimodal.decode.onnx)" in text

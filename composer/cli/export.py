@@ -159,7 +159,9 @@ def _print_bundle(con, out: Path, verified: bool) -> None:
     manifest = read_manifest(out)
     for st in manifest.stages:
         con.print(
-            f"  {st.graph:<28} layers [{st.start}, {st.end})" + (f"  + {', '.join(st.enter)}" if st.enter else "")
+            f"  {st.graph:<28} layers [{st.start}, {st.end})"
+            + (f"  + {', '.join(st.enter)}" if st.enter else "")
+            + (f"  (decode steps: {st.decode_graph})" if st.decode_graph else "")
         )
     for e in manifest.encoders.values():
         con.print(f"  {e.graph:<28} {e.tokens_per_item} tokens per item")
