@@ -134,8 +134,8 @@ def verify_quantized(model, pipe: OnnxPipeline, *, steps: int, min_top1: float, 
     mean KL divergence of the quantized next-token distribution from the fp32 one (a smoother
     measure than top-1, which flips wherever the top two tokens are near-tied), and the share of
     ``steps`` greedy tokens per prompt that agree (reported, not gated). A bundle with decode
-    graphs (``--decode-quantize``) is also gated on them: ``decode_check``'s top-1 agreement at
-    least ``min_top1``."""
+    graphs (``--decode-quantize``) is also gated on them: ``decode_check``'s top-1 agreement, over
+    the prompts' text after their media fed one decode step at a time, at least ``min_top1``."""
     ref = merged_for_export(model, torch.float32)
     batch = sample_batch(ref, PROMPTS)
     mm = {m: batch[m] for m in model.encoders if m in batch}
@@ -165,32 +165,46 @@ def verify_quantized(model, pipe: OnnxPipeline, *, steps: int, min_top1: float, 
         "ok": agree >= min_top1 and (atol is None or diff <= atol),
     }
     if manifest.decode_quantization is not None:
-        report.update(decode_check(ref, pipe, batch, mm))
+        report.update(decode_check(ref, pipe, batch, mm, want))
         report["ok"] = report["ok"] and report["decode_top1_agreement"] >= min_top1
     return report
 
 
-DECODE_STEPS = 16  # teacher-forced decode steps per prompt in decode_check
-
-
-def decode_check(ref, pipe: OnnxPipeline, batch: dict, mm: dict, steps: int = DECODE_STEPS) -> dict:
-    """The decode graphs (``--decode-quantize``) vs the fp32 torch model ``ref``: torch's greedy
-    continuation of each prompt (``steps`` tokens) is fed to ONNX Runtime one decode step at a time
-    after its prefill; each step's next-token logits are compared with torch's at the same position
-    -> {"decode_quantization", "decode_positions", "decode_top1_agreement", "decode_mean_kl"}."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
-        new = ref.generate(**batch, max_new_tokens=steps, eos_token_id=[])
-        full = torch.cat([ids, new], 1)
-        full_mask = torch.cat([mask, torch.ones_like(new)], 1)
-        want = ref(input_ids=full, attention_mask=full_mask, **mm).logits.float().numpy()
-    _, state = pipe.prefill(ids, mask, mm, reserve=steps)
-    L = ids.shape[1]
-    got = np.stack([pipe.decode_step(new[:, j : j + 1].numpy(), state) for j in range(steps - 1)], 1)
-    want = want[:, L : L + steps - 1]  # the logits after each fed token
+def decode_check(ref, pipe: OnnxPipeline, batch: dict, mm: dict, want: np.ndarray) -> dict:
+    """The decode graphs (``--decode-quantize``) on the same kind of positions as the prefill gate:
+    per prompt, the prefill graphs read it up to its last media token, then its remaining text
+    tokens are fed one decode step at a time, and each step's next-token logits are compared with
+    the fp32 torch model's at the same position (``want``: ``ref``'s teacher-forced logits of the
+    batch) -> {"decode_quantization", "decode_positions", "decode_top1_agreement", "decode_mean_kl"}."""
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].bool().numpy()
+    placeholders = {m: pid for m, pid in ref.placeholder_ids.items() if m in mm}
+    taken = dict.fromkeys(mm, 0)  # items of each modality used by the rows so far
+    got, ref_logits = [], []
+    for b in range(ids.shape[0]):
+        row, want_row = ids[b, mask[b]], want[b, mask[b]]
+        media = np.flatnonzero(np.isin(row, list(placeholders.values())))
+        cut = int(media[-1]) + 1 if media.size else 1  # the prefill reads row[:cut]
+        items = {}
+        for m, pid in placeholders.items():
+            n = int((row == pid).sum()) // ref.num_tokens(m)
+            if n:
+                items[m] = _take_items(mm[m], taken[m], n)
+                taken[m] += n
+        _, state = pipe.prefill(row[None, :cut], np.ones((1, cut), np.int64), items, reserve=len(row) - cut)
+        for t in range(cut, len(row) - 1):  # the logits after token t predict token t + 1
+            got.append(pipe.decode_step(row[None, t : t + 1], state)[0])
+            ref_logits.append(want_row[t])
+    got, ref_logits = np.stack(got), np.stack(ref_logits)
     return {
         "decode_quantization": pipe.manifest.decode_quantization.scheme,
-        "decode_positions": int(got.shape[0] * got.shape[1]),
-        "decode_top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
-        "decode_mean_kl": float(_kl(want, got).mean()),
+        "decode_positions": len(got),
+        "decode_top1_agreement": float((got.argmax(-1) == ref_logits.argmax(-1)).mean()),
+        "decode_mean_kl": float(_kl(ref_logits, got).mean()),
     }
+
+
+def _take_items(items, start: int, n: int):
+    """Items ``start .. start + n`` of a modality's batched inputs (a tensor, or a dict of them)."""
+    if isinstance(items, dict):
+        return {k: v[start : start + n] for k, v in items.items()}
+    return items[start : start + n]

@@ -199,8 +199,8 @@ def _print_quantized_report(con, r: dict) -> None:
     if "decode_top1_agreement" in r:
         n = r["decode_positions"]
         con.print(
-            f"  decode graphs ({r['decode_quantization']}), torch's greedy tokens fed one step at a time: top-1 "
-            f"agreement {r['decode_top1_agreement']:.2%} ({round(r['decode_top1_agreement'] * n)} of {n}), "
+            f"  decode graphs ({r['decode_quantization']}), the prompts' text after their media fed one step at a "
+            f"time: top-1 agreement {r['decode_top1_agreement']:.2%} ({round(r['decode_top1_agreement'] * n)} of {n}), "
             f"mean KL {r['decode_mean_kl']:.2g} nats"
         )
     limits = f"top-1 >= {r['min_top1']:.1%}" + (f", logit difference <= {r['atol']:g}" if r["atol"] is not None else "")
