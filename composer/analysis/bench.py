@@ -331,11 +331,13 @@ def _onnx_runners(s: _Setup, tmp: Path, skipped: dict[str, str]) -> Iterator[Run
         name = "onnx" if scheme is None else f"onnx-{scheme}"
         s.say(f"exporting the ONNX bundle at k={lay.label}" + (f" ({scheme})" if scheme else ""))
         variant = s.variants[lay.label]
+        quantize, decode_quantize = split_scheme(scheme) if scheme else (None, None)
         bundle = export_onnx(
             variant.cpu() if s.device.type != "cpu" else variant,
             tmp / f"k{lay.label}{'' if scheme is None else '-' + scheme}",
             dtype=dtype,
-            **(dict(zip(("quantize", "decode_quantize"), split_scheme(scheme), strict=True)) if scheme else {}),
+            quantize=quantize,
+            decode_quantize=decode_quantize,
         )
         model.to(s.device)
         so = _ort_options(s.cfg.ort_spinning, s.cfg.threads)
