@@ -57,11 +57,13 @@ PICTURES = (
 )
 
 
+WHERE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+
+
 def caption(scene) -> str:
     """A one-sentence description of a layout, every object with its colour, shape and column, left
     to right: "A blue square on the left and a yellow triangle on the right." """
-    where = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-    parts = [f"a {colour} {shape} {where[dq.COLUMNS[col]]}" for col, shape, colour in scene]
+    parts = [f"a {colour} {shape} {WHERE[dq.COLUMNS[col]]}" for col, shape, colour in scene]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return text[0].upper() + text[1:] + "."
 
@@ -69,19 +71,39 @@ def caption(scene) -> str:
 DESCRIBE = "Describe the picture."
 
 
+def by_position(scene) -> list[tuple[str, str, str]]:
+    """Questions that name an object by its column and ask its shape or colour ("What shape is on
+    the left?"): binding in the direction the held-out questions leave out (they name an object by
+    colour or shape and ask its column). Pictures of several shapes only; training records only."""
+    if len(scene) < 2:
+        return []
+    qs = []
+    for col, shape, colour in scene:
+        where = WHERE[dq.COLUMNS[col]]
+        qs += [("shape", f"What shape is {where}?", shape), ("colour", f"What colour is the shape {where}?", colour)]
+    return qs
+
+
 def conversations(
-    scenes, n: int, turns: int, rng: random.Random, describe: float = 0.0, by_count: tuple[float, ...] | None = None
+    scenes,
+    n: int,
+    turns: int,
+    rng: random.Random,
+    describe: float = 0.0,
+    by_count: tuple[float, ...] | None = None,
+    position_questions: bool = False,
 ) -> list[dict]:
     """n multi-turn records: a layout (the number of shapes uniform in 1-3, or weighted by
     ``by_count``), up to ``turns`` of its questions in random order, the picture's own drawing seed.
     ``describe``: the share of records whose last turn asks for the picture's ``caption`` (every
-    binding of colour, shape and column in one answer, as LLaVA's stage 1 trains on captions)."""
+    binding of colour, shape and column in one answer, as LLaVA's stage 1 trains on captions).
+    ``position_questions``: the questions drawn from also include ``by_position``'s."""
     by_n = {m: [sc for sc in scenes if len(sc) == m] for m in (1, 2, 3)}
     out = []
     for _ in range(n):
         group = by_n[rng.choice((1, 2, 3)) if by_count is None else rng.choices((1, 2, 3), by_count)[0]]
         scene = group[rng.randrange(len(group))]
-        qs = dq.questions(scene)
+        qs = dq.questions(scene) + (by_position(scene) if position_questions else [])
         rng.shuffle(qs)
         qa = [(q, a) for _, q, a in qs[:turns]]
         if describe and rng.random() < describe:
@@ -497,6 +519,12 @@ def main(argv=None) -> int:
         help="weights of pictures of one, two and three shapes among the training records (default: equal)",
     )
     ap.add_argument(
+        "--position-questions",
+        action="store_true",
+        help="training records also ask the shape and colour of the object in a named column "
+        "('What shape is on the left?'; pictures of several shapes)",
+    )
+    ap.add_argument(
         "--keep-lora",
         action="store_true",
         help="stage 2 goes on from the spec's trained adapters (llm.lora.weights) instead of fresh ones",
@@ -560,7 +588,9 @@ def main(argv=None) -> int:
         f"and {a.test} held-out questions under {data}"
     )
     train_file = write_conversations(
-        data, conversations(train_scenes, a.records, a.turns, rng, a.describe, a.by_count), text_records
+        data,
+        conversations(train_scenes, a.records, a.turns, rng, a.describe, a.by_count, a.position_questions),
+        text_records,
     )
     _, test_file = dq.write_task(data, 1, a.test, a.seed)  # held-out records as in the benchmark
     test = dq.read_records(test_file)
