@@ -135,16 +135,21 @@ def _quantizer():
 
 
 def quantize_graph(
-    path: Path, *, bits: int, block_size: int, accuracy_level: int, exclude: list[str] | None = None
+    path: Path, *, bits: int, block_size: int, accuracy_level: int, exclude: list[str] | None = None, pack: bool = True
 ) -> dict:
-    """Quantize the weight MatMuls of ``path`` (an ONNX graph with external data) in place.
-    -> {"quantized": n, "kept": [names left in full precision]}."""
+    """Quantize the weight MatMuls of ``path`` (an ONNX graph with external data) in place, those
+    that read the same input packed into one first (``packing.pack_shared_matmuls``: a layer's q, k
+    and v; its gate and up; ``pack=False``: each alone). -> {"quantized": n, "kept": [names left in
+    full precision], "packed": MatMuls merged away}."""
     import onnx
+
+    from composer.export.packing import pack_shared_matmuls
 
     DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer = _quantizer()
     model = onnx.load(str(path))
     exclude = list(exclude or [])
     candidates = [n.name for n in weight_matmuls(model)]
+    packed = pack_shared_matmuls(model, exclude) if pack else 0
     cfg = DefaultWeightOnlyQuantConfig(
         block_size=block_size,
         is_symmetric=True,
@@ -156,7 +161,7 @@ def quantize_graph(
     q.process()
     done = sum(n.op_type == "MatMulNBits" for n in q.model.model.graph.node)
     _save_over(q.model.model, path)
-    return {"quantized": done, "kept": [n for n in candidates if n in exclude]}
+    return {"quantized": done, "kept": [n for n in candidates if n in exclude], "packed": packed}
 
 
 def _weight_key(w) -> str:

@@ -66,9 +66,11 @@ def test_int8_bundle_quantizes_every_llm_linear_and_nothing_else(model, int8, ll
     for graph, layers in n_layers.items():
         assert _weight_matmuls(int8 / graph) == []  # no fp32 weight MatMul left
         head = graph == "late_multimodal.onnx"
-        want = 7 * layers + head  # q, k, v, o, gate, up, down per layer (+ the LM head)
+        # per layer q, k, v, o, gate, up, down (+ the LM head); q|k|v and gate|up packed into one each
+        assert len(_weight_matmuls(fp32 / graph)) == 7 * layers + head
+        want = 4 * layers + head
         assert _ops(int8 / graph).count("MatMulNBits") == want == q["graphs"][graph]["quantized"]
-        assert len(_weight_matmuls(fp32 / graph)) == want
+        assert q["graphs"][graph]["packed"] == 3 * layers and _ops(int8 / graph).count("Split") == 2 * layers
     assert "MatMulNBits" not in _ops(int8 / "encoder.image.onnx")
     assert json.loads((fp32 / "manifest.json").read_text())["quantization"] is None
 
@@ -103,6 +105,73 @@ def test_keep_head_leaves_the_lm_head_in_fp32(model, tmp_path):
     shapes = {i.name: list(i.dims) for i in onnx.load(str(b / "late_multimodal.onnx")).graph.initializer}
     assert shapes[left[0].input[1]][-1] == model.adapter.shape.vocab_size
     assert _weight_matmuls(b / "early_text.onnx") == []
+
+
+def test_packing_merges_matmuls_that_share_an_input_and_keeps_their_outputs(tmp_path):
+    """Three MatMuls over one input and two over another become one MatMul + Split each; a weight
+    another node also reads, a MatMul named in ``exclude`` and a lone MatMul stay as they are; the
+    outputs agree with the unpacked graph's to float32 rounding (K = 16 products per output)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from composer.export.packing import pack_shared_matmuls
+
+    rng = np.random.default_rng(0)
+    w = {f"w{i}": rng.standard_normal((16, n)).astype(np.float32) for i, n in enumerate((8, 4, 4, 12, 12, 6, 5, 3))}
+    mm = lambda x, i, out: helper.make_node("MatMul", [x, f"w{i}"], [out], name=f"mm{i}")  # noqa: E731
+    nodes = [
+        mm("x", 0, "q"), mm("x", 1, "k"), mm("x", 2, "v"),  # packed: q|k|v
+        helper.make_node("Relu", ["x"], ["h"]),
+        mm("h", 3, "g"), mm("h", 4, "u"),  # packed: g|u
+        mm("h", 5, "e"),  # named in exclude
+        mm("y", 6, "s1"), helper.make_node("Identity", ["w6"], ["w6_copy"]),  # w6 read by another node
+        mm("y", 7, "s2"),  # alone once s1 is out
+    ]  # fmt: skip
+    outs = ["q", "k", "v", "g", "u", "e", "s1", "s2", "w6_copy"]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 16]) for n in "xy"],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, None]) for n in outs],
+        [numpy_helper.from_array(a, k) for k, a in w.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    feeds = {"x": rng.standard_normal((2, 16)).astype(np.float32), "y": rng.standard_normal((2, 16)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(outs, feeds)  # noqa: E731
+    want = run(model)
+    assert pack_shared_matmuls(model, exclude=["mm5"]) == 3
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMul") == 2 + 3 and ops.count("Split") == 2  # the packed two + mm5, mm6, mm7
+    assert {n.name for n in model.graph.node if n.op_type == "MatMul"} >= {"mm5", "mm6", "mm7"}
+    assert not {"w0", "w1", "w2", "w3", "w4"} & {i.name for i in model.graph.initializer}
+    for name, a, b in zip(outs, want, run(model), strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=16 * np.finfo(np.float32).eps * np.abs(a).max(), err_msg=name)
+
+
+def test_packed_int8_graphs_compute_what_unpacked_ones_do(model, llama_k1_export, tmp_path):
+    """Packing before MatMulNBits quantizes every output column's weights as it was alone (blocks
+    run along the input dimension), so the packed int8 bundle's logits equal the unpacked one's up
+    to float32 rounding (bound: 1e-5 of the largest logit) and its greedy tokens are the same."""
+    import shutil
+
+    from composer.export.quantize import quantize_graph
+
+    _, fp32 = llama_k1_export  # the same model (same seed), not quantized
+    logits, tokens = {}, {}
+    for pack in (False, True):
+        b = shutil.copytree(fp32, tmp_path / f"pack{pack}")
+        for graph in ("early_text.onnx", "late_multimodal.onnx"):
+            rec = quantize_graph(b / graph, bits=8, block_size=32, accuracy_level=4, pack=pack)
+            assert rec["packed"] == (3 * (1 if graph == "early_text.onnx" else model.num_layers - 1) if pack else 0)
+        pipe = OnnxPipeline(b)
+        batch = model.prepare([model.format_prompt("describe it"), model.format_prompt("hi")], image=list(images(2)))
+        ids, mask, img = batch["input_ids"], batch["attention_mask"], {"image": batch["image"]}
+        logits[pack] = pipe.prefill(ids, mask, img, all_logits=True)[0]
+        tokens[pack] = pipe.generate(**batch, max_new_tokens=8, eos_token_id=[]).tolist()
+    scale = np.abs(logits[False]).max()
+    np.testing.assert_allclose(logits[True], logits[False], rtol=0, atol=1e-5 * scale)
+    assert tokens[True] == tokens[False]
 
 
 def test_cli_quantized_verify_gates_on_top1_and_atol(model, tmp_path, capsys):
