@@ -502,7 +502,7 @@ def test_the_shipped_dinov2_demo_answers_colour_and_shape_of_unseen_pictures(smo
                 [model.format_prompt("How many shapes are there?")], image=[str(ROOT / "specs/smol/assets" / picture)]
             )
             counts.append(model.decode(model.generate(**batch, max_new_tokens=4))[0].strip().strip(".").lower())
-    # measured on the shipped weights (and on the weights before them): 39/39 and 39/39, 18/18 and 18/18
+    # measured on the shipped weights (and on the two sets before them): 39/39 and 39/39, 18/18 and 18/18
     # (docs/quality.md)
     assert new_drawings["shape"][0] >= 35 and new_drawings["colour"][0] >= 35, new_drawings
     assert unseen_pairs["shape"][0] >= 15 and unseen_pairs["colour"][0] >= 15, unseen_pairs
