@@ -14,14 +14,18 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 
+def weight_matmuls(model) -> list:
+    """MatMul nodes whose second input is a 2-D initializer (the LLM's linear layers)."""
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and len(shapes.get(n.input[1], [])) == 2]
+
+
 def pack_shared_matmuls(model, exclude: list[str] | tuple[str, ...] = ()) -> int:
     """Pack, in place, every group of two or more weight MatMuls (second input a 2-D float
     initializer used by no other node) that share their first input; MatMuls named in ``exclude``
     stay as they are. -> how many MatMuls the graph lost (a group of n: n - 1)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-
-    from composer.export.quantize import weight_matmuls
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}

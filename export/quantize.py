@@ -55,6 +55,7 @@ from pathlib import Path
 
 from composer.errors import InputError
 from composer.export.manifest import SCHEMES
+from composer.export.packing import pack_shared_matmuls, weight_matmuls
 
 METHOD = "MatMulNBits, symmetric round-to-nearest, block-wise (onnxruntime.quantization.matmul_nbits_quantizer)"
 W8A8_METHOD = (
@@ -106,12 +107,6 @@ def check_options(scheme: str, dtype: str, block_size: int, accuracy_level: int,
         raise InputError(f"--accuracy-level must be 0-4 (ONNX Runtime's MatMulNBits), got {accuracy_level!r}")
 
 
-def weight_matmuls(model) -> list:
-    """MatMul nodes whose second input is a 2-D initializer (the LLM's linear layers)."""
-    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
-    return [n for n in model.graph.node if n.op_type == "MatMul" and len(shapes.get(n.input[1], [])) == 2]
-
-
 def head_nodes(model, vocab_size: int) -> list[str]:
     """The LM head: the weight MatMul whose output width is the vocabulary."""
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
@@ -142,8 +137,6 @@ def quantize_graph(
     and v; its gate and up; ``pack=False``: each alone). -> {"quantized": n, "kept": [names left in
     full precision], "packed": MatMuls merged away}."""
     import onnx
-
-    from composer.export.packing import pack_shared_matmuls
 
     DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer = _quantizer()
     model = onnx.load(str(path))
