@@ -36,6 +36,7 @@ def child(bundle: Path, mode: str, threads: int, text_words: int, new_tokens: in
     import numpy as np
     from PIL import Image
 
+    from composer.analysis.bench import TokenClock
     from composer.export.runtime import OnnxPipeline, default_session_options
 
     if mode == "global":  # before any session: the process's environment is created with the pools
@@ -53,19 +54,9 @@ def child(bundle: Path, mode: str, threads: int, text_words: int, new_tokens: in
     image = Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8))
     batch = pipe.prepare([pipe.format_prompt("the " * text_words)], image=[image])
 
-    class Clock:
-        def __init__(self):
-            self.times = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
     out = {"prefill_s": [], "decode_tps": [], "prompt_tokens": int(batch["input_ids"].shape[1])}
     for i in range(runs + 1):  # the first: warm-up
-        clock = Clock()
+        clock = TokenClock(skip_prompt=False)  # compose bench's: a timestamp per new token
         t0 = time.perf_counter()
         ids = pipe.generate(**batch, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
         t = clock.times

@@ -79,9 +79,7 @@ class Smoothing(Record):
 class QuantizedGraph(Record):
     quantized: Index  # weight MatMuls rewritten
     kept: list[str]  # left in full precision
-    packed: Index | None = (
-        None  # MatMuls merged into one over a shared input before quantizing (None: older bundles, w8a8)
-    )
+    packed: Index | None = None  # MatMuls merged into a shared-input one (None: w8a8, older bundles)
     smoothed: Index | None = None  # w8a8 only
     fp32_channels: Index | None = None  # w8a8 only
     outlier_channels: Index | None = None  # older name of fp32_channels
