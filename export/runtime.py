@@ -94,6 +94,8 @@ class StageCache:
         self.valid = np.zeros((B, 0), bool)
         self.host: dict[str, np.ndarray] = {}  # the numpy arrays behind CPU OrtValues (kept alive)
         self.bufs: dict[str, Any] = {}
+        self.index = np.zeros((B,), np.int64)  # write_index, updated in place
+        self.feeds: dict[str, Any] = {}  # cache_slots / cache_valid / write_index as the graph is fed them
         self._resize(cap)
 
     @property
@@ -118,6 +120,11 @@ class StageCache:
                 self.bufs[name] = ort.OrtValue.ortvalue_from_numpy(new, self.device, 0)
                 if self.device == "cpu":  # the OrtValue shares the array's memory: keep the array alive
                     self.host[name] = new
+        self.feeds = {"cache_slots": self.slots, "cache_valid": self.valid, "write_index": self.index}
+        if self.device == "cpu":  # OrtValues over the same memory: written in place, bound once per resize
+            import onnxruntime as ort
+
+            self.feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.feeds.items()}
 
     def reserve(self, rows: int) -> None:
         """Room for ``rows`` more rows (one copy of the written rows when the buffers grow)."""
@@ -131,14 +138,9 @@ class StageCache:
             self._resize(self.length + max(T, 256, self.capacity // 2))
         at = self.length
         self.slots[:, at : at + T], self.valid[:, at : at + T] = slots, valid
+        self.index[:] = at
         self.length += T
-        B = slots.shape[0]
-        return {
-            "cache_slots": self.slots,
-            "cache_valid": self.valid,
-            "write_index": np.full((B,), at, np.int64),
-            **self.bufs,
-        }
+        return {**self.feeds, **self.bufs}
 
     def update(self, present: dict[str, Any]) -> None:
         """Take the graph's present buffers; under IO binding they are the same memory, updated in place."""
@@ -264,22 +266,27 @@ class OnnxPipeline(FrontEnd):
         return self.manifest.llm.max_position_embeddings
 
     # -- graphs ----------------------------------------------------------------------------------------
-    def _run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, graph: str, feeds: dict[str, Any], bindings: dict | None = None) -> dict[str, Any]:
         if self.recorder is None:
-            return self._run_session(graph, feeds)
+            return self._run_session(graph, feeds, bindings)
         before = {k: np.array(_to_numpy(v)) for k, v in feeds.items()}  # in-place writes change the buffers
-        out = self._run_session(graph, feeds)
+        out = self._run_session(graph, feeds, bindings)
         kept = {k: _to_numpy(v) for k, v in out.items() if not k.startswith("present_")}  # --verify checks these
         self.recorder.append((graph, before, kept))  # --verify replays the call through torch
         return out
 
     _flush_denormals: bool | None = None  # the sessions' set_denormal_as_zero (None: not set)
 
-    def _run_session(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+    def _run_session(self, graph: str, feeds: dict[str, Any], bindings: dict | None = None) -> dict[str, Any]:
         with _denormal_mode(self._flush_denormals):
-            return self._run_session_now(graph, feeds)
+            return self._run_session_now(graph, feeds, bindings)
 
-    def _run_session_now(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]:
+    def _run_session_now(self, graph: str, feeds: dict[str, Any], bindings: dict | None = None) -> dict[str, Any]:
+        """One graph call. Under IO binding, ``bindings`` (a generation's, kept in its decode
+        state) holds each graph's ``IOBinding`` between calls and what is bound to it: a decode step
+        then rebinds only the few feeds that are new each step, not the KV buffers and cache feeds
+        that stay the same objects (~130 binding calls a step on SmolLM2). The bindings hold the
+        buffers, so they live and die with the generation's state."""
         sess = self.sessions[graph]
         feeds = {k: v for k, v in feeds.items() if k in self.inputs[graph]}
         names = [o.name for o in sess.get_outputs()]
@@ -287,18 +294,27 @@ class OnnxPipeline(FrontEnd):
             return dict(zip(names, sess.run(names, feeds), strict=True))
         import onnxruntime as ort
 
-        binding = sess.io_binding()
+        if bindings is None:
+            binding, bound = sess.io_binding(), {}
+        else:
+            binding, bound = bindings.setdefault(graph, (sess.io_binding(), {}))
         for k, v in feeds.items():
             if isinstance(v, ort.OrtValue):
-                binding.bind_ortvalue_input(k, v)
+                if bound.get(k) is not v:  # the KV buffers and cache feeds: bound once, updated in place
+                    binding.bind_ortvalue_input(k, v)
+                    bound[k] = v
             else:
                 binding.bind_cpu_input(k, np.ascontiguousarray(v))
+                bound[k] = None
         for n in names:
             past = feeds.get(n.replace("present_", "past_", 1)) if n.startswith("present_") else None
             if isinstance(past, ort.OrtValue):
-                binding.bind_ortvalue_output(n, past)  # the buffer is updated in place
+                if bound.get(n) is not past:
+                    binding.bind_ortvalue_output(n, past)  # the buffer is updated in place
+                    bound[n] = past
             else:
-                binding.bind_output(n, "cpu" if n == "logits" else self.device)
+                binding.bind_output(n, "cpu" if n == "logits" else self.device)  # a new tensor each run
+                bound[n] = None
         sess.run_with_iobinding(binding)
         outs = binding.get_outputs()
         return {n: (o.numpy() if n == "logits" else o) for n, o in zip(names, outs, strict=True)}
@@ -419,6 +435,7 @@ class OnnxPipeline(FrontEnd):
         one = np.ones((B, 1), bool)
         hidden = None
         logits = None
+        bindings = state.setdefault("bindings", {})  # this generation's IO bindings, reused step to step
         for s, st in enumerate(self.manifest.stages):
             cache = state["caches"][s]
             graph = st.decode_graph or st.graph  # --decode-quantize's graphs where the bundle has them
@@ -427,6 +444,7 @@ class OnnxPipeline(FrontEnd):
                 out = self._run(
                     graph,
                     io.feeds(input_ids=tokens.astype(np.int64), position_ids=pos, slots=slot, **cache.write(slot, one)),
+                    bindings,
                 )
                 hidden = out.pop("hidden")
             else:
@@ -442,6 +460,7 @@ class OnnxPipeline(FrontEnd):
                         logit_rows=np.zeros((B, 1), np.int64),
                         **cache.write(slot, one),
                     ),
+                    bindings,
                 )
                 if st.last:
                     logits = out.pop("logits")[:, 0]

@@ -4,8 +4,10 @@ two modalities at different layers; clear errors for broken bundles."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -145,6 +147,55 @@ def test_decode_writes_the_kv_buffers_in_place(exported):
             for n in c.names:
                 assert np.array_equal(c.bufs[n].numpy()[:, :, : start[i]], before[i][n])
     assert all(c.capacity >= c.length for c in caches)
+
+
+def test_decode_step_rebinds_only_the_new_feeds(exported, monkeypatch):
+    """The KV buffers and cache feeds stay bound across decode steps (updated in place); a step
+    binds only the token, its position and slot, and the graph outputs that are new tensors.
+    Two generations decoded in turn on one pipeline each get the tokens they get alone, and a
+    finished generation's buffers are freed with its state."""
+    import onnxruntime as ort
+
+    model, _, pipe = exported
+    kv = {n for st in pipe.manifest.stages for n in pipe.inputs[st.graph] if n.startswith("past_")}
+    assert kv
+    bound: list[str] = []
+    for method in ("bind_ortvalue_input", "bind_cpu_input", "bind_ortvalue_output", "bind_output"):
+        real = getattr(ort.IOBinding, method)
+        monkeypatch.setattr(
+            ort.IOBinding,
+            method,
+            lambda self, name, *a, _real=real, **k: (bound.append(name), _real(self, name, *a, **k))[1],
+        )
+    batches = [_batch(model, 1), _batch(model, 2)]
+
+    def start(b):
+        _, state = pipe.prefill(b["input_ids"], b["attention_mask"], {m: b[m] for m in model.encoders}, reserve=4)
+        return state, b["input_ids"][:, -1:].numpy()
+
+    alone = []
+    for b in batches:
+        state, tok = start(b)
+        got = []
+        for step in range(4):
+            bound.clear()
+            tok = pipe.decode_step(tok, state).argmax(-1)[:, None]
+            got.append(tok)
+            if step > 0:  # the first step binds the buffers the prefill's graphs did not
+                assert not kv & set(bound), sorted(kv & set(bound))[:4]
+                assert len(bound) <= 10 * len(pipe.manifest.stages), bound
+        alone.append(got)
+    runs = [start(b) for b in batches]  # in turn: each generation keeps its own bindings
+    for step in range(4):
+        for (state, tok), want in zip(runs, alone, strict=True):
+            tok[:] = pipe.decode_step(tok, state).argmax(-1)[:, None]
+            assert np.array_equal(tok, want[step])
+    state, tok = start(batches[0])  # the bindings live in the state: nothing else keeps its cache alive
+    pipe.decode_step(tok, state)
+    held = weakref.ref(next(iter(next(c for c in state["caches"] if c.names).host.values())))
+    del state
+    gc.collect()
+    assert held() is None
 
 
 @pytest.mark.parametrize("n", [1, 2])
