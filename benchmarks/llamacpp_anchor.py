@@ -19,6 +19,11 @@ llama-bench comes from PATH, else it is built once from the sdist of `llama-cpp-
 directory (`--cache`, default ~/.cache/composer/llamacpp). Opt-in: not part of the test suite.
 
     python benchmarks/llamacpp_anchor.py --threads 2 --out out/anchor
+
+Decode alone, each round llama.cpp and an exported bundle in turn (per-round ratios; for machines
+whose speed drifts between the two ends of the run above):
+
+    python benchmarks/llamacpp_anchor.py --threads 2 --pair Q8_0=out/b576-int8.onnx --rounds 15
 """
 
 from __future__ import annotations
@@ -128,6 +133,85 @@ def compose_bench(threads: int, reps: int, json_out: Path, schemes=SCHEMES) -> d
     return json.loads(json_out.read_text())
 
 
+def prompt_of(pipe, tokens: int) -> dict:
+    """The bundle's prompt (one random picture per placeholder, filler text) of exactly ``tokens``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    items = {m: [Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8))] for m in pipe.encoders}
+    for words in range(tokens):
+        batch = pipe.prepare([pipe.format_prompt("the " * words)], **items)
+        n = batch["input_ids"].shape[1]
+        if n >= tokens:
+            break
+    if n != tokens:
+        raise SystemExit(f"{pipe.root}: no filler length gives a prompt of {tokens} tokens (got {n})")
+    return batch
+
+
+def composer_decode(pipe, batch) -> float:
+    """decode tokens/s over GEN new tokens after ``batch``'s prompt (compose bench's clock)."""
+    from composer.analysis.bench import TokenClock
+
+    clock = TokenClock(skip_prompt=False)
+    pipe.generate(**batch, max_new_tokens=GEN, eos_token_id=[], streamer=clock)
+    t = clock.times
+    return (len(t) - 1) / (t[-1] - t[0])
+
+
+def interleaved(bench: Path, files: dict[str, Path], pairs: list[tuple[str, Path]], threads: int, rounds: int):
+    """Decode after PROMPT tokens, llama.cpp and composer in turn, round after round: each round's
+    ratio compares two runs a few seconds apart, so a change in the machine's speed between rounds
+    (up to ~40% on a shared VM) moves both sides alike. The order within a round alternates."""
+    from composer.export.runtime import OnnxPipeline, default_session_options
+
+    loaded = []
+    for t, bundle in pairs:
+        pipe = OnnxPipeline(bundle, session_options=default_session_options(False, threads))
+        batch = prompt_of(pipe, PROMPT)
+        composer_decode(pipe, batch)  # warm-up
+        loaded.append((t, bundle, pipe, batch))
+    out = {f"{t} vs {b}": {"llama_cpp": [], "composer": [], "ratio": []} for t, b in pairs}
+    for r in range(rounds):
+        for t, bundle, pipe, batch in loaded:
+            runs = [
+                lambda t=t: llama_bench_decode(bench, files[t], threads),
+                lambda pipe=pipe, batch=batch: composer_decode(pipe, batch),
+            ]
+            first, second = runs if r % 2 == 0 else runs[::-1]
+            a, b = first(), second()
+            llama, ours = (a, b) if r % 2 == 0 else (b, a)
+            row = out[f"{t} vs {bundle}"]
+            row["llama_cpp"].append(llama)
+            row["composer"].append(ours)
+            row["ratio"].append(ours / llama)
+            say(f"round {r + 1}/{rounds}: {t} {llama:.1f} tok/s, {bundle.name} {ours:.1f} tok/s, {ours / llama:.2f}x")
+    return out
+
+
+def llama_bench_decode(bench: Path, model: Path, threads: int) -> float:
+    """llama-bench's decode tokens/s over GEN tokens after PROMPT tokens of context, one repetition."""
+    cmd = [str(bench), "-m", str(model), "-t", str(threads), "-r", "1", "-o", "json", "-p", "0", "-n", str(GEN)]
+    rows = json.loads(subprocess.run([*cmd, "-d", str(PROMPT)], check=True, capture_output=True, text=True).stdout)
+    return statistics.median(rows[0]["samples_ts"])
+
+
+def interleaved_table(out: dict) -> str:
+    lines = [
+        f"| pair | llama.cpp decode tok/s after {PROMPT} | composer | composer / llama.cpp, per round |",
+        "|---|---|---|---|",
+    ]
+    for name, r in out.items():
+        med = statistics.median
+        lines.append(
+            f"| {name} | {med(r['llama_cpp']):.1f} ({min(r['llama_cpp']):.1f}-{max(r['llama_cpp']):.1f}) | "
+            f"{med(r['composer']):.1f} ({min(r['composer']):.1f}-{max(r['composer']):.1f}) | "
+            f"{med(r['ratio']):.2f}x ({min(r['ratio']):.2f}-{max(r['ratio']):.2f}) |"
+        )
+    return "\n".join(lines)
+
+
 def table(llama: dict[str, dict[str, float]], ours: dict) -> str:
     q8 = llama["Q8_0"]
     lines = [
@@ -157,7 +241,22 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--quantize", action="append", default=None, help=f"compose bench's quantized bundles (default: {SCHEMES})"
     )
+    ap.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="TYPE=BUNDLE",
+        help="decode only, interleaved: llama.cpp's TYPE (Q8_0, F16, F32) in turn with the exported BUNDLE "
+        "(640-token prompt), --rounds times; repeatable",
+    )
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of the --pair comparison")
     a = ap.parse_args(argv)
+    pairs = []
+    for p in a.pair:
+        t, sep, bundle = p.partition("=")
+        if not sep or t not in TYPES or not (Path(bundle) / "manifest.json").is_file():
+            ap.error(f"--pair {p!r}: expected TYPE=BUNDLE with TYPE one of {', '.join(TYPES)} and an exported bundle")
+        pairs.append((t, Path(bundle)))
     a.out.mkdir(parents=True, exist_ok=True)
     a.cache.mkdir(parents=True, exist_ok=True)
     bench, quantize = llama_tools(a.cache, a.threads)
@@ -171,6 +270,17 @@ def main(argv=None) -> int:
         amx = False
         bench, quantize = llama_tools(a.cache, a.threads, amx=False)
     t0 = time.perf_counter()
+    if pairs:
+        from composer.analysis.report import cpu_info
+
+        out = interleaved(bench, files, pairs, a.threads, a.rounds)
+        result = {"cpu": cpu_info(), "threads": a.threads, "rounds": a.rounds, "llama_cpp_amx": amx, "pairs": out}
+        result["seconds"] = time.perf_counter() - t0
+        (a.out / "interleaved.json").write_text(json.dumps(result, indent=2))
+        print(f"CPU: {result['cpu'].get('model')}; {a.threads} threads; {a.rounds} rounds")
+        print(interleaved_table(out))
+        print(f"wrote {a.out / 'interleaved.json'}")
+        return 0
     say("llama.cpp, before composer")
     before = {t: llama_bench(bench, f, a.threads, a.repeats) for t, f in files.items()}
     say("composer (compose bench: exports the bundles, then times them)")
