@@ -21,6 +21,13 @@ tokens) and whether the greedy tokens are equal to ``all``'s.
         --new-tokens 64 --threads 2 --repeats 5        # the int8 decode bundle
 
 Run it on a quiet machine: the variants are timed in turn, round-robin per repeat.
+
+``--accuracy`` takes a trained checkpoint instead of a spec and times nothing: it exports one
+bundle (``--quantize``), and reports each variant's ``--verify`` numbers against the fp32 torch
+model on the gate's real prompts (top-1 agreement, mean KL, max logit difference, greedy tokens):
+
+    compose build specs/smol/llava_demo.yaml -o out/smol-demo
+    python benchmarks/ort_fusions.py out/smol-demo --accuracy --quantize int8 --threads 2
 """
 
 from __future__ import annotations
@@ -76,6 +83,31 @@ def session_options(level: str, threads: int | None):
     return so
 
 
+def accuracy(checkpoint: str, scheme: str | None, threads: int | None) -> None:
+    """Each variant's ``--verify`` numbers (the quantized gate's) on the checkpoint's bundle."""
+    from composer.checkpoint import load_pretrained
+    from composer.export.exporter import export_onnx
+    from composer.export.runtime import OnnxPipeline
+    from composer.export.verify import verify_quantized
+
+    model = load_pretrained(checkpoint).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = export_onnx(model, Path(tmp) / "bundle", quantize=scheme)
+        print("fusions applied:", fuse_bundle(bundle, Path(tmp) / "fused"))
+        print("| variant | top-1 agreement | mean KL | max logit diff | greedy tokens agreeing |")
+        print("|---|---|---|---|---|")
+        for v in VARIANTS:
+            graphs = Path(tmp) / ("fused" if v.startswith("fused") else "bundle")
+            pipe = OnnxPipeline(
+                graphs, session_options=session_options(v.removeprefix("fused-").replace("fused", "all"), threads)
+            )
+            r = verify_quantized(model, pipe, steps=16, min_top1=0.95, atol=None)
+            top1, n = r["top1_agreement"], r["positions"]
+            cells = [f"{top1 * 100:.2f}% ({round(top1 * n)} of {n})", f"{r['mean_kl']:.4f}"]
+            cells += [f"{r['max_logit_diff']:.2f}", f"{r['greedy_agreement'] * 100:.1f}%"]
+            print(f"| {v} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec")
@@ -88,7 +120,13 @@ def main() -> None:
     ap.add_argument(
         "--quantize", choices=("int8", "int4", "w8a8"), default=None, help="export quantized bundles (default fp32)"
     )
+    ap.add_argument(
+        "--accuracy", action="store_true", help="SPEC is a trained checkpoint: --verify numbers per variant"
+    )
     args = ap.parse_args()
+    if args.accuracy:
+        accuracy(args.spec, args.quantize, args.threads)
+        return
 
     from composer.analysis.bench import Runner, bench_inputs
     from composer.builder import build
