@@ -134,20 +134,23 @@ def compose_bench(threads: int, reps: int, json_out: Path, schemes=SCHEMES) -> d
 
 
 def prompt_of(pipe, tokens: int) -> dict:
-    """The bundle's prompt (one random picture per placeholder, filler text) of exactly ``tokens``."""
+    """The bundle's prompt of exactly ``tokens`` tokens: its template with one random picture per
+    placeholder, and filler text tokens (" the") after the last media token, as compose bench does."""
     import numpy as np
+    import torch
     from PIL import Image
 
     rng = np.random.default_rng(0)
     items = {m: [Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8))] for m in pipe.encoders}
-    for words in range(tokens):
-        batch = pipe.prepare([pipe.format_prompt("the " * words)], **items)
-        n = batch["input_ids"].shape[1]
-        if n >= tokens:
-            break
-    if n != tokens:
-        raise SystemExit(f"{pipe.root}: no filler length gives a prompt of {tokens} tokens (got {n})")
-    return batch
+    batch = pipe.prepare([pipe.format_prompt("")], **items)
+    row = [int(t) for t in batch["input_ids"][0]]
+    if len(row) > tokens:
+        raise SystemExit(f"{pipe.root}: the prompt template alone has {len(row)} tokens, more than {tokens}")
+    filler = pipe.tokenizer(" the", add_special_tokens=False)["input_ids"][:1] or [0]
+    media = set(pipe.placeholder_ids.values())
+    at = max((i + 1 for i, t in enumerate(row) if t in media), default=len(row))
+    ids = torch.tensor([row[:at] + filler * (tokens - len(row)) + row[at:]])
+    return {**batch, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def composer_decode(pipe, batch) -> float:

@@ -303,3 +303,27 @@ def test_bench_names_the_cpu_and_the_flags_that_pick_its_kernels(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "CPU: " in r.stdout and json.loads(out.read_text())["cpu"]["model"]
+
+
+def test_llamacpp_anchor_pairs_are_checked_and_its_prompt_has_the_exact_length(llama_k1_export, capsys):
+    """benchmarks/llamacpp_anchor.py (opt-in): a malformed --pair is refused before anything is built
+    or downloaded, and the prompt it times composer on has exactly the requested number of tokens."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import llamacpp_anchor
+    from PIL import Image
+
+    from composer.export.runtime import OnnxPipeline
+
+    _, bundle = llama_k1_export
+    for bad in ("Q9_9=" + str(bundle), "Q8_0=/no/such/bundle", "Q8_0"):
+        with pytest.raises(SystemExit) as e:
+            llamacpp_anchor.main(["--pair", bad, "--cache", "/no/such/cache"])
+        assert e.value.code == 2
+        assert "--pair" in capsys.readouterr().err
+    pipe = OnnxPipeline(bundle)
+    picture = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    shortest = pipe.prepare([pipe.format_prompt("")], image=[picture])["input_ids"].shape[1]
+    for n in (shortest + 1, shortest + 7):
+        assert llamacpp_anchor.prompt_of(pipe, n)["input_ids"].shape[1] == n
