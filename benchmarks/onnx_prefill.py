@@ -85,9 +85,9 @@ def _time_graphs(pipe) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {}
     run = pipe._run_session
 
-    def wrapped(graph, feeds):
+    def wrapped(graph, feeds, bindings=None):
         t = time.perf_counter()
-        out = run(graph, feeds)
+        out = run(graph, feeds, bindings)
         times.setdefault(graph, []).append(time.perf_counter() - t)
         return out
 
