@@ -69,6 +69,12 @@ def fuse_bundle(src: Path, dst: Path) -> dict[str, dict[str, int]]:
     return applied
 
 
+def split_variant(variant: str) -> tuple[bool, str]:
+    """``VARIANTS`` entry -> (on the fused graphs, ONNX Runtime optimization level)."""
+    fused = variant.startswith("fused")
+    return fused, (variant.partition("-")[2] or "all") if fused else variant
+
+
 def session_options(level: str, threads: int | None):
     import onnxruntime as ort
 
@@ -97,9 +103,9 @@ def accuracy(checkpoint: str, scheme: str | None, threads: int | None) -> None:
         print("| variant | top-1 agreement | mean KL | max logit diff | greedy tokens agreeing |")
         print("|---|---|---|---|---|")
         for v in VARIANTS:
-            graphs = Path(tmp) / ("fused" if v.startswith("fused") else "bundle")
+            fused, level = split_variant(v)
             pipe = OnnxPipeline(
-                graphs, session_options=session_options(v.removeprefix("fused-").replace("fused", "all"), threads)
+                Path(tmp) / ("fused" if fused else "bundle"), session_options=session_options(level, threads)
             )
             r = verify_quantized(model, pipe, steps=16, min_top1=0.95, atol=None)
             top1, n = r["top1_agreement"], r["positions"]
@@ -154,8 +160,7 @@ def main() -> None:
             fusions[k] = fuse_bundle(bundle, Path(tmp) / f"k{k}-fused")
             print(f"  fused in {time.perf_counter() - t0:.0f} s: {fusions[k]}", flush=True)
             for v in VARIANTS:
-                fused = v.startswith("fused")
-                level = v.partition("-")[2] or "all" if fused else v
+                fused, level = split_variant(v)
                 path = Path(tmp) / f"k{k}-fused" if fused else bundle
                 pipe = OnnxPipeline(path, session_options=session_options(level, args.threads))
                 logits, _ = pipe.prefill(batch["input_ids"], batch["attention_mask"], mm, all_logits=True)
