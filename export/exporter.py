@@ -33,7 +33,16 @@ from composer.adapters import encoder_type_of
 from composer.analysis.summary import summary_record
 from composer.checkpoint import atomic_dir
 from composer.errors import ComposerError, InputError
-from composer.export.graphs import EXAMPLE_SIZES, KV_OPSET, ONNX_TRANSLATIONS, EarlyText, EncoderGraph, LateStage
+from composer.export.graphs import (
+    EXAMPLE_SIZES,
+    KV_OPSET,
+    ONNX_TRANSLATIONS,
+    EarlyText,
+    EncoderGraph,
+    FusedLayers,
+    LateStage,
+    fused_attention_supported,
+)
 from composer.export.manifest import (
     FORMAT_VERSION,
     EncoderEntry,
@@ -58,7 +67,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # The LLM graphs write their KV buffers with TensorScatter (opset 24); torch.onnx's dynamo exporter
 # writes opset 18 and later (an older request became 18 silently). Every graph gets the same opset.
 MIN_OPSET = KV_OPSET
-ONNX_DTYPES = {"fp32": "float", "fp16": "float16"}  # as onnx.TensorProto names them (lower case)
+ONNX_DTYPES = {"fp32": "float", "fp16": "float16"}
+DECODE_ATTENTION = ("fused", "plain")  # --decode-attention  # as onnx.TensorProto names them (lower case)
 KV_LAYOUT = (
     "past_key.{i}/past_value.{i}: buffers (batch, kv_heads, cache, head_dim), layer index i absolute;"
     " new rows written at write_index, present_* = the updated buffers (in place under IO binding)"
@@ -163,6 +173,7 @@ def export_onnx(
     smooth_alpha: float | None = None,
     reduce_range: bool = False,
     decode_quantize: str | None = None,
+    decode_attention: str = "fused",
     check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export ``model`` (a ``ComposedModel``) as a split ONNX bundle; returns the bundle path.
@@ -179,7 +190,10 @@ def export_onnx(
     ``decode_quantize`` ("int8" or "int4"): the bundle also holds a copy of each LLM graph quantized
     so (``MatMulNBits``, the fast one-row GEMVs), which decode steps run, while the prompt's prefill
     runs the graphs of ``quantize`` (e.g. w8a8's fast prefill GEMMs); the manifest records it as
-    ``decode_quantization`` and each stage's ``decode_graph``.
+    ``decode_quantization`` and each stage's ``decode_graph``. ``decode_attention`` "fused": the
+    decode graphs run each layer's attention as one ONNX Runtime ``GroupQueryAttention`` node
+    (rotary, the in-place KV write and grouped attention; llama-style LLMs with full attention and
+    an fp32 bundle, the others get "plain"), "plain": the prefill graphs' ops.
 
     ``check``: called with the complete bundle in its temporary directory before it replaces
     ``out_dir`` (``compose export --verify``); when it raises, the temporary bundle is removed and
@@ -202,6 +216,7 @@ def export_onnx(
         smooth_alpha,
         reduce_range,
         decode_quantize,
+        decode_attention,
     )
     say = progress or (lambda s: None)
     m = merged_for_export(model, DTYPES[dtype])
@@ -211,7 +226,13 @@ def export_onnx(
         graphs: dict[str, GraphRecord] = {}
         encoders = _export_encoders(m, tmp, dtype, opset, graphs, say)
         stages = _export_llm_graphs(m, tmp, dtype, opset, graphs, say)
-        decode_stages = _decode_copies(tmp, stages, graphs, say) if decode_quantize else []
+        decode_stages = (
+            _decode_graphs(
+                m, tmp, dtype, opset, stages, graphs, decode_attention, quantize == decode_quantize and quantize, say
+            )
+            if decode_quantize
+            else []
+        )
         quantization = _quantize(m, tmp, stages, quantize, block_size, accuracy_level, keep_head, calib, w8a8, say)
         decode = _quantize(m, tmp, decode_stages, decode_quantize, block_size, accuracy_level, keep_head, None, {}, say)
         _write_model_files(m, tmp)
@@ -236,6 +257,7 @@ def _checked_options(
     smooth_alpha,
     reduce_range=False,
     decode_quantize=None,
+    decode_attention="fused",
 ) -> tuple[int, dict]:
     """Refuse bad export options before anything is built or written; -> (the opset, w8a8's
     keyword arguments to ``quantize_bundle_graphs`` with their defaults filled in, {} for other
@@ -251,12 +273,14 @@ def _checked_options(
 
         if decode_quantize not in DECODE_SCHEMES:
             raise InputError(f"--decode-quantize must be one of {list(DECODE_SCHEMES)}, got {decode_quantize!r}")
-        if decode_quantize == quantize:
+        if decode_quantize == quantize and decode_attention != "fused":
             raise InputError(
-                f"--decode-quantize {decode_quantize} is --quantize's scheme: the prefill graphs already decode so; "
-                "leave it out"
+                f"--decode-quantize {decode_quantize} is --quantize's scheme: with --decode-attention plain the "
+                "prefill graphs already decode so; leave it out"
             )
         check_options(decode_quantize, dtype, block_size, accuracy_level, "--decode-quantize")
+    if decode_attention not in DECODE_ATTENTION:
+        raise InputError(f"--decode-attention must be one of {list(DECODE_ATTENTION)}, got {decode_attention!r}")
     w8a8_options = {
         "calibration": calibration,
         "calibration_samples": calibration_samples,
@@ -384,21 +408,47 @@ def _export_llm_graph(module, path: Path, vocab: int, sizes: dict, dims: dict, d
     return GraphRecord.model_validate({**entry, "opset": saved["opset"]})
 
 
-def _decode_copies(tmp: Path, stages: list[Stage], graphs: dict, say) -> list[Stage]:
-    """A copy of each LLM graph with layers, ``<name>.decode.onnx`` with its own external data, for
-    ``--decode-quantize``; sets each stage's ``decode_graph`` and records the copies in ``graphs``
-    (same inputs and outputs); -> stages naming the copies as their graphs (what to quantize)."""
+def _decode_graphs(
+    m, tmp: Path, dtype: str, opset: int, stages: list[Stage], graphs: dict, attention, same_scheme, say
+) -> list[Stage]:
+    """Each LLM graph with layers again as ``<name>.decode.onnx`` (its own external data), for
+    ``--decode-quantize``: traced with ``FusedLayers`` (attention as ``GroupQueryAttention``) where
+    ``attention`` is "fused" and the LLM allows it, else a copy; sets each stage's ``decode_graph``
+    and records the graphs in ``graphs`` (same inputs and outputs as the prefill graphs); -> stages
+    naming them as their graphs (what to quantize)."""
     import onnx
+    from torch.export import Dim
 
+    why = "--decode-attention plain" if attention == "plain" else fused_attention_supported(m.adapter)
+    if why is None and dtype != "fp32":
+        why = f"a {dtype} bundle (ONNX Runtime's CPU GroupQueryAttention: fp32)"
+    if why is not None and same_scheme:
+        raise InputError(
+            f"--decode-quantize {same_scheme} is --quantize's scheme, and the decode graphs cannot fuse their "
+            f"attention ({why}): they would equal the prefill graphs; leave --decode-quantize out"
+        )
+    fused = FusedLayers(m.adapter) if why is None else None
+    if why is not None and attention == "fused":
+        say(f"decode graphs: plain attention ({why})")
+    shape = m.adapter.shape
+    sizes = {**EXAMPLE_SIZES, "hidden": shape.hidden_size, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
     copies = []
     for st in stages:
         if st.end == st.start:  # k = 0's early graph: embeddings only, nothing to quantize
             continue
         name = st.graph.removesuffix(".onnx") + ".decode.onnx"
-        say(f"copying {st.graph} for the decode graphs")
-        graph = onnx.load(str(tmp / st.graph))
-        onnx.save(graph, str(tmp / name), save_as_external_data=True, location=name + ".data")
-        graphs[name] = graphs[st.graph]
+        if fused is None:
+            say(f"copying {st.graph} for the decode graphs")
+            graph = onnx.load(str(tmp / st.graph))
+            onnx.save(graph, str(tmp / name), save_as_external_data=True, location=name + ".data")
+            graphs[name] = graphs[st.graph]
+        else:
+            say(f"exporting {name} (attention as GroupQueryAttention)")
+            module = EarlyText(m, st.end, fused) if st.start == 0 else LateStage(m, st.start, st.end, st.last, fused)
+            dims = {n: Dim(n) for n in EXAMPLE_SIZES}
+            graphs[name] = _export_llm_graph(module, tmp / name, shape.vocab_size, sizes, dims, dtype, opset)
+            if graphs[name].inputs != graphs[st.graph].inputs or graphs[name].outputs != graphs[st.graph].outputs:
+                raise ComposerError(f"{name}: its inputs and outputs differ from {st.graph}'s (a composer bug)")
         st.decode_graph = name
         copies.append(st.model_copy(update={"graph": name, "decode_graph": None}))
     return copies

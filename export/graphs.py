@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from composer.errors import ComposerError
 from composer.layout import additive_mask
@@ -212,8 +213,179 @@ def _kv_write_onnx(cache, new, index):
     return values.Opset("", KV_OPSET).TensorScatter(cache, new, index, axis=2)
 
 
+@torch.library.custom_op("composer::gqa", mutates_args=())
+def gqa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    seqlens_k: torch.Tensor,
+    total: torch.Tensor,
+    bias: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    kv_heads: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's attention as ONNX Runtime's ``com.microsoft.GroupQueryAttention`` computes it
+    (rotary, the KV write and grouped attention in one node), in eager torch for the parity tests.
+
+    query (B, T, H*D), key/value (B, T, KV*D) before rotary; past_key/past_value (B, KV, S, D)
+    buffers; seqlens_k (B,) int32: the last row written, so the new rows go to ``seqlens_k - T + 1``
+    .. ``seqlens_k``; total: int32 scalar, S; bias (B, 1, T, S) additive; positions (B, T) int64
+    rotary positions; cos/sin (P, D/2) tables (non-interleaved halves). A query at new row t sees
+    buffer rows up to ``seqlens_k - T + 1 + t`` where ``bias`` allows. -> output (B, T, H*D),
+    the updated buffers."""
+    B, T, _ = query.shape
+    D = past_key.shape[-1]
+
+    def heads(x: torch.Tensor, n: int, rotate: bool) -> torch.Tensor:
+        x = x.view(B, T, n, D).transpose(1, 2)
+        if not rotate:
+            return x
+        c, s = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, D/2)
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+
+    q, k, v = heads(query, num_heads, True), heads(key, kv_heads, True), heads(value, kv_heads, False)
+    first = seqlens_k.long() - T + 1
+    present_key, present_value = kv_write(past_key, k, first), kv_write(past_value, v, first)
+    rows = torch.arange(past_key.shape[2], device=query.device)
+    seen = rows[None, None, :] <= (first[:, None] + torch.arange(T, device=query.device))[:, :, None]
+    mask = bias + torch.where(seen, 0.0, float("-inf")).to(bias.dtype)[:, None]
+    group = num_heads // kv_heads
+    keys, vals = present_key.repeat_interleave(group, 1), present_value.repeat_interleave(group, 1)
+    probs = torch.softmax((q @ keys.transpose(-1, -2)) * scale + mask, dim=-1)
+    out = (probs @ vals).transpose(1, 2).reshape(B, T, num_heads * D)
+    return out, present_key, present_value
+
+
+@gqa.register_fake
+def _gqa_fake(query, key, value, past_key, past_value, *args):
+    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+GQA_INPUTS = {  # ONNX Runtime's com.microsoft.GroupQueryAttention (opset 1), in order: name -> type
+    "query": "T", "key": "T", "value": "T", "past_key": "T", "past_value": "T", "seqlens_k": "M",
+    "total_sequence_length": "M", "cos_cache": "T", "sin_cache": "T", "position_ids": "P", "attention_bias": "T",
+}  # fmt: skip
+
+
+def _register_gqa_schema() -> None:
+    """The ``onnx`` package knows only the standard ops; the exporter builds nodes from schemas,
+    so ONNX Runtime's contrib op is declared here (its inputs, outputs and attributes as
+    ONNX Runtime's ``contrib_defs.cc`` defines them, the ones the bundles use)."""
+    from onnx import defs
+
+    if defs.has("GroupQueryAttention", "com.microsoft"):
+        return
+    Param, Attr = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+    opt, single = defs.OpSchema.FormalParameterOption.Optional, defs.OpSchema.FormalParameterOption.Single
+    schema = defs.OpSchema(
+        "GroupQueryAttention",
+        "com.microsoft",
+        1,
+        inputs=[
+            Param(n, t, param_option=opt if i in (1, 2, 3, 4, 7, 8, 9, 10) else single)
+            for i, (n, t) in enumerate(GQA_INPUTS.items())
+        ],
+        outputs=[Param("output", "T"), Param("present_key", "T"), Param("present_value", "T")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float activations"),
+            ("M", ["tensor(int32)"], "lengths"),
+            ("P", ["tensor(int64)"], "positions"),
+        ],
+        attributes=[
+            Attr("num_heads", defs.OpSchema.AttrType.INT, "query heads"),
+            Attr("kv_num_heads", defs.OpSchema.AttrType.INT, "key/value heads"),
+            Attr("scale", defs.OpSchema.AttrType.FLOAT, "score scale", required=False),
+            Attr("do_rotary", defs.OpSchema.AttrType.INT, "rotary inside", required=False),
+            Attr("rotary_interleaved", defs.OpSchema.AttrType.INT, "rotary layout", required=False),
+        ],
+    )
+    defs.register_schema(schema)
+
+
+def _gqa_onnx(
+    query, key, value, past_key, past_value, seqlens_k, total, bias, positions, cos, sin, num_heads, kv_heads, scale
+):
+    from onnxscript import values
+
+    _register_gqa_schema()
+    ms = values.Opset("com.microsoft", 1)
+    return ms.GroupQueryAttention(
+        query, key, value, past_key, past_value, seqlens_k, total, cos, sin, positions, bias,
+        num_heads=num_heads, kv_num_heads=kv_heads, scale=scale, do_rotary=1, rotary_interleaved=0, _outputs=3,
+    )  # fmt: skip
+
+
 # torch.onnx.export(custom_translation_table=...) for the LLM graphs
-ONNX_TRANSLATIONS = {torch.ops.composer.kv_write.default: _kv_write_onnx}
+ONNX_TRANSLATIONS = {torch.ops.composer.kv_write.default: _kv_write_onnx, torch.ops.composer.gqa.default: _gqa_onnx}
+
+
+def fused_attention_supported(adapter) -> str | None:
+    """Why ``adapter``'s layers cannot run as ``FusedLayers`` (None: they can): llama-style
+    layers (rotary, grouped KV heads) with full attention only."""
+    if adapter.family != "llama":
+        return f"{adapter.config.model_type} layers (learned positions) are not llama-style"
+    if adapter.sliding_window is not None:
+        return f"sliding-window attention ({adapter.sliding_window})"
+    rope = getattr(adapter.config, "rope_parameters", None) or getattr(adapter.config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") not in ("default", "linear", "llama3", "yarn"):  # static tables
+        return f"rope_type {rope.get('rope_type')!r}"
+    return None
+
+
+class FusedLayers:
+    """Llama-style decoder layers [start, end) with each layer's attention as one ``composer::gqa``
+    (ONNX: ``GroupQueryAttention``): the same arithmetic as the HF layers (parity tests:
+    tests/test_fused_decode.py) in far fewer ONNX nodes, for the bundle's decode graphs."""
+
+    def __init__(self, adapter, max_positions: int | None = None):
+        self.adapter = adapter
+        shape = adapter.shape
+        self.heads, self.kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        n = max_positions or adapter.config.max_position_embeddings
+        rotary = adapter.model.model.rotary_emb
+        x = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
+        cos, sin = rotary(x, position_ids=torch.arange(n)[None])  # (1, n, D), attention scaling included
+        half = self.head_dim // 2
+        if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
+            raise ComposerError("fused attention: the rotary tables are not two equal halves (non-interleaved RoPE)")
+        self.cos, self.sin = cos[0, :, :half].contiguous(), sin[0, :, :half].contiguous()
+
+    def __call__(self, hidden, start, end, positions, mask, write_index, cache: BufferCache):
+        """hidden (B, T, d), positions (B, T), mask (B, 1, T, S) additive, write_index (B,), the
+        stage's ``BufferCache`` (its buffers replaced by the updated ones) -> hidden (B, T, d)."""
+        B, T, _ = hidden.shape
+        seqlens = (write_index + (T - 1)).to(torch.int32)
+        total = torch.ones_like(mask[0, 0, 0], dtype=torch.int32).sum().to(torch.int32)
+        cos, sin = self.cos.to(hidden.dtype), self.sin.to(hidden.dtype)
+        for i in range(start, end):
+            layer = self.adapter.layers[i]
+            attn = layer.self_attn
+            x = _rms_norm(layer.input_layernorm, hidden)
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm per head before rotary
+                q = _rms_norm(attn.q_norm, q.view(B, T, -1, self.head_dim)).reshape(B, T, -1)
+                k = _rms_norm(attn.k_norm, k.view(B, T, -1, self.head_dim)).reshape(B, T, -1)
+            kv = cache.kv[i]
+            out, kv[0], kv[1] = gqa(
+                q, k, v, kv[0], kv[1], seqlens, total, mask, positions, cos, sin,
+                self.heads, self.kv_heads, float(attn.scaling),
+            )  # fmt: skip
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+        return hidden
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An HF RMSNorm module's arithmetic (float32 statistics, then the weight) as ``F.rms_norm``:
+    one ONNX ``RMSNormalization`` node (opset 23) where HF's code traces to six (fp32 graphs)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
 class BufferCache:
@@ -249,10 +421,10 @@ class EarlyText(nn.Module):
     """input_ids, position_ids, slots (B, T); cache_slots, cache_valid (B, S), write_index (B,);
     KV buffers of layers [0, end) (B, h, S, hd) -> hidden (B, T, d), updated buffers."""
 
-    def __init__(self, model, end: int):
+    def __init__(self, model, end: int, fused: FusedLayers | None = None):
         super().__init__()
         self.llm = model.llm  # registers the weights
-        self.adapter, self.end = model.adapter, end
+        self.adapter, self.end, self.fused = model.adapter, end, fused
         self.io = early_io(end)
 
     def forward(self, input_ids, position_ids, slots, cache_slots, cache_valid, write_index, past: list[torch.Tensor]):
@@ -261,7 +433,10 @@ class EarlyText(nn.Module):
             return (h,)
         mask = additive_mask(slots, cache_slots, cache_valid, h.dtype)
         cache = BufferCache(past, 0, write_index)
-        h = self.adapter.run_layers(h, 0, self.end, position_ids, mask, cache)
+        if self.fused is not None:
+            h = self.fused(h, 0, self.end, position_ids, mask, write_index, cache)
+        else:
+            h = self.adapter.run_layers(h, 0, self.end, position_ids, mask, cache)
         return (h, *cache.present())
 
 
@@ -271,10 +446,10 @@ class LateStage(nn.Module):
     (B, R); KV buffers of layers [start, end) (B, h, S, hd) -> hidden (B, Tp+M, d) or logits
     (B, R, V) float32, updated buffers."""
 
-    def __init__(self, model, start: int, end: int, last: bool):
+    def __init__(self, model, start: int, end: int, last: bool, fused: FusedLayers | None = None):
         super().__init__()
         self.llm = model.llm
-        self.adapter, self.start, self.end, self.last = model.adapter, start, end, last
+        self.adapter, self.start, self.end, self.last, self.fused = model.adapter, start, end, last, fused
         self.io = late_io(start, end, last)
 
     def forward(
@@ -298,7 +473,10 @@ class LateStage(nn.Module):
         position_ids = torch.cat([hidden_positions, mm_positions], 1)
         mask = additive_mask(slots, cache_slots, cache_valid, h.dtype)
         cache = BufferCache(past, self.start, write_index)
-        h = self.adapter.run_layers(h, self.start, self.end, position_ids, mask, cache)
+        if self.fused is not None:
+            h = self.fused(h, self.start, self.end, position_ids, mask, write_index, cache)
+        else:
+            h = self.adapter.run_layers(h, self.start, self.end, position_ids, mask, cache)
         present = cache.present()
         if not self.last:
             return (h, *present)

@@ -212,7 +212,11 @@ def test_cli_quantized_verify_gates_on_top1_and_atol(model, tmp_path, capsys):
         ({"quantize": "int8", "reduce_range": True}, "--reduce-range: options of w8a8"),
         ({"quantize": "w8a8", "reduce_range": 1}, "--reduce-range is true or false"),
         ({"quantize": "w8a8", "decode_quantize": "w8a8"}, "--decode-quantize must be one of"),
-        ({"quantize": "int8", "decode_quantize": "int8"}, "--decode-quantize int8 is --quantize's scheme"),
+        (
+            {"quantize": "int8", "decode_quantize": "int8", "decode_attention": "plain"},
+            "--decode-quantize int8 is --quantize's scheme: with --decode-attention plain",
+        ),
+        ({"decode_quantize": "int8", "decode_attention": "flash"}, "--decode-attention must be one of"),
         ({"decode_quantize": "int8", "dtype": "fp16"}, "--decode-quantize quantizes fp32 weights"),
     ],
 )
@@ -545,6 +549,9 @@ def test_decode_graphs_run_the_decode_steps_in_place_and_pass_verify(model, tmp_
         assert _ops(b / st.graph).count("MatMulIntegerToFloat") == want
         packed = 4 * layers + st.last  # q|k|v and gate|up packed before MatMulNBits
         assert _ops(b / st.decode_graph).count("MatMulNBits") == packed and not _weight_matmuls(b / st.decode_graph)
+        # fused attention (the default): one GroupQueryAttention per layer, no TensorScatter/Attention left
+        ops = _ops(b / st.decode_graph)
+        assert ops.count("GroupQueryAttention") == layers and "TensorScatter" not in ops and "Attention" not in ops
         assert man.graphs[st.decode_graph] == man.graphs[st.graph]
     batch = model.prepare([model.format_prompt("describe it"), model.format_prompt("hi")], image=list(images(2, 5)))
     mm = {"image": batch["image"]}
