@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from composer.export.quantize import SCHEMES
+from composer.export.quantize import DECODE_SCHEMES, SCHEMES
 
 
 def main() -> None:
@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("spec")
     ap.add_argument("--insert-at", type=int, default=0)
     ap.add_argument("--quantize", choices=sorted(SCHEMES), default=None)
+    ap.add_argument("--decode-quantize", choices=sorted(DECODE_SCHEMES), default=None, help="as compose export's")
+    ap.add_argument("--decode-attention", choices=["plain", "fused"], default="plain", help="as compose export's")
     ap.add_argument("--fp32-channels", type=int, default=None, help="w8a8: as compose export --fp32-channels")
     ap.add_argument("--smooth-alpha", type=float, default=None, help="w8a8: as compose export --smooth-alpha")
     ap.add_argument("--text-tokens", type=int, default=64)
@@ -63,6 +65,8 @@ def main() -> None:
             Path(tmp) / "bundle",
             dtype="fp32",
             quantize=args.quantize,
+            decode_quantize=args.decode_quantize,
+            decode_attention=args.decode_attention,
             **{k: v for k, v in w8a8.items() if v is not None},
         )
 
@@ -81,7 +85,9 @@ def main() -> None:
             return time.perf_counter() - t
 
         header = (
-            f"{args.spec} k={args.insert_at} {args.quantize or 'fp32'}, {args.threads} threads, denormals "
+            f"{args.spec} k={args.insert_at} {args.quantize or 'fp32'}"
+            + (f" + {args.decode_quantize} decode ({args.decode_attention} attention)" if args.decode_quantize else "")
+            + f", {args.threads} threads, denormals "
             f"{'kept' if args.no_flush_denormals else 'flushed'}"
         )
         n = args.repeats + 1  # the warm-up's nodes are in the profile too: per-graph means are over repeats + 1

@@ -67,8 +67,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # The LLM graphs write their KV buffers with TensorScatter (opset 24); torch.onnx's dynamo exporter
 # writes opset 18 and later (an older request became 18 silently). Every graph gets the same opset.
 MIN_OPSET = KV_OPSET
-ONNX_DTYPES = {"fp32": "float", "fp16": "float16"}
-DECODE_ATTENTION = ("fused", "plain")  # --decode-attention  # as onnx.TensorProto names them (lower case)
+ONNX_DTYPES = {"fp32": "float", "fp16": "float16"}  # as onnx.TensorProto names them (lower case)
+DECODE_ATTENTION = ("plain", "fused")  # --decode-attention
 KV_LAYOUT = (
     "past_key.{i}/past_value.{i}: buffers (batch, kv_heads, cache, head_dim), layer index i absolute;"
     " new rows written at write_index, present_* = the updated buffers (in place under IO binding)"
@@ -173,7 +173,7 @@ def export_onnx(
     smooth_alpha: float | None = None,
     reduce_range: bool = False,
     decode_quantize: str | None = None,
-    decode_attention: str = "fused",
+    decode_attention: str = "plain",
     check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export ``model`` (a ``ComposedModel``) as a split ONNX bundle; returns the bundle path.
@@ -190,10 +190,11 @@ def export_onnx(
     ``decode_quantize`` ("int8" or "int4"): the bundle also holds a copy of each LLM graph quantized
     so (``MatMulNBits``, the fast one-row GEMVs), which decode steps run, while the prompt's prefill
     runs the graphs of ``quantize`` (e.g. w8a8's fast prefill GEMMs); the manifest records it as
-    ``decode_quantization`` and each stage's ``decode_graph``. ``decode_attention`` "fused": the
-    decode graphs run each layer's attention as one ONNX Runtime ``GroupQueryAttention`` node
-    (rotary, the in-place KV write and grouped attention; llama-style LLMs with full attention and
-    an fp32 bundle, the others get "plain"), "plain": the prefill graphs' ops.
+    ``decode_quantization`` and each stage's ``decode_graph``. ``decode_attention`` "plain": the
+    decode graphs are copies of the prefill graphs; "fused": traced with each layer's attention as
+    one ONNX Runtime ``GroupQueryAttention`` node (rotary, the in-place KV write and grouped
+    attention) and RMSNorm as ``RMSNormalization`` (llama-style LLMs with full attention; refused for
+    others), far fewer nodes per decode step.
 
     ``check``: called with the complete bundle in its temporary directory before it replaces
     ``out_dir`` (``compose export --verify``); when it raises, the temporary bundle is removed and
@@ -220,19 +221,16 @@ def export_onnx(
     )
     say = progress or (lambda s: None)
     m = merged_for_export(model, DTYPES[dtype])
+    fused = decode_quantize is not None and decode_attention == "fused"
+    if fused and (why := fused_attention_supported(m.adapter)) is not None:
+        raise InputError(f"--decode-attention fused: not for this LLM ({why}); leave it out (plain)")
     calib = _read_calibration(m, calibration, calibration_samples, say)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite) as tmp, torch.no_grad():
         graphs: dict[str, GraphRecord] = {}
         encoders = _export_encoders(m, tmp, dtype, opset, graphs, say)
         stages = _export_llm_graphs(m, tmp, dtype, opset, graphs, say)
-        decode_stages = (
-            _decode_graphs(
-                m, tmp, dtype, opset, stages, graphs, decode_attention, quantize == decode_quantize and quantize, say
-            )
-            if decode_quantize
-            else []
-        )
+        decode_stages = _decode_graphs(m, tmp, dtype, opset, stages, graphs, fused, say) if decode_quantize else []
         quantization = _quantize(m, tmp, stages, quantize, block_size, accuracy_level, keep_head, calib, w8a8, say)
         decode = _quantize(m, tmp, decode_stages, decode_quantize, block_size, accuracy_level, keep_head, None, {}, say)
         _write_model_files(m, tmp)
@@ -257,7 +255,7 @@ def _checked_options(
     smooth_alpha,
     reduce_range=False,
     decode_quantize=None,
-    decode_attention="fused",
+    decode_attention="plain",
 ) -> tuple[int, dict]:
     """Refuse bad export options before anything is built or written; -> (the opset, w8a8's
     keyword arguments to ``quantize_bundle_graphs`` with their defaults filled in, {} for other
@@ -408,28 +406,16 @@ def _export_llm_graph(module, path: Path, vocab: int, sizes: dict, dims: dict, d
     return GraphRecord.model_validate({**entry, "opset": saved["opset"]})
 
 
-def _decode_graphs(
-    m, tmp: Path, dtype: str, opset: int, stages: list[Stage], graphs: dict, attention, same_scheme, say
-) -> list[Stage]:
+def _decode_graphs(m, tmp: Path, dtype: str, opset: int, stages: list[Stage], graphs: dict, fused: bool, say):
     """Each LLM graph with layers again as ``<name>.decode.onnx`` (its own external data), for
-    ``--decode-quantize``: traced with ``FusedLayers`` (attention as ``GroupQueryAttention``) where
-    ``attention`` is "fused" and the LLM allows it, else a copy; sets each stage's ``decode_graph``
-    and records the graphs in ``graphs`` (same inputs and outputs as the prefill graphs); -> stages
-    naming them as their graphs (what to quantize)."""
+    ``--decode-quantize``: traced with ``FusedLayers`` (attention as ``GroupQueryAttention``) when
+    ``fused``, else a copy; sets each stage's ``decode_graph`` and records the graphs in ``graphs``
+    (same inputs and outputs as the prefill graphs); -> stages naming them as their graphs (what to
+    quantize)."""
     import onnx
     from torch.export import Dim
 
-    why = "--decode-attention plain" if attention == "plain" else fused_attention_supported(m.adapter)
-    if why is None and dtype != "fp32":
-        why = f"a {dtype} bundle (ONNX Runtime's CPU GroupQueryAttention: fp32)"
-    if why is not None and same_scheme:
-        raise InputError(
-            f"--decode-quantize {same_scheme} is --quantize's scheme, and the decode graphs cannot fuse their "
-            f"attention ({why}): they would equal the prefill graphs; leave --decode-quantize out"
-        )
-    fused = FusedLayers(m.adapter) if why is None else None
-    if why is not None and attention == "fused":
-        say(f"decode graphs: plain attention ({why})")
+    layers = FusedLayers(m.adapter) if fused else None
     shape = m.adapter.shape
     sizes = {**EXAMPLE_SIZES, "hidden": shape.hidden_size, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
     copies = []
@@ -437,14 +423,15 @@ def _decode_graphs(
         if st.end == st.start:  # k = 0's early graph: embeddings only, nothing to quantize
             continue
         name = st.graph.removesuffix(".onnx") + ".decode.onnx"
-        if fused is None:
+        if layers is None:
             say(f"copying {st.graph} for the decode graphs")
             graph = onnx.load(str(tmp / st.graph))
             onnx.save(graph, str(tmp / name), save_as_external_data=True, location=name + ".data")
             graphs[name] = graphs[st.graph]
         else:
             say(f"exporting {name} (attention as GroupQueryAttention)")
-            module = EarlyText(m, st.end, fused) if st.start == 0 else LateStage(m, st.start, st.end, st.last, fused)
+            early = st is stages[0]  # (at k = 0 the first late stage starts at layer 0 too)
+            module = EarlyText(m, st.end, layers) if early else LateStage(m, st.start, st.end, st.last, layers)
             dims = {n: Dim(n) for n in EXAMPLE_SIZES}
             graphs[name] = _export_llm_graph(module, tmp / name, shape.vocab_size, sizes, dims, dtype, opset)
             if graphs[name].inputs != graphs[st.graph].inputs or graphs[name].outputs != graphs[st.graph].outputs:

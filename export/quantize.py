@@ -80,14 +80,21 @@ CALIBRATION_PROMPTS = (
 
 # --decode-quantize: the schemes whose one-row GEMVs are fast (MatMulNBits), for a bundle's decode graphs
 DECODE_SCHEMES = ("int8", "int4")
-# what `compose bench --quantize` takes: a scheme, or PREFILL+DECODE (--quantize P --decode-quantize D)
-BUNDLE_SCHEMES = (*SCHEMES, *(f"{p}+{d}" for p in SCHEMES for d in DECODE_SCHEMES if p != d))
+# what `compose bench --quantize` takes: a scheme, PREFILL+DECODE (--quantize P --decode-quantize D), or
+# PREFILL+DECODE:fused (and --decode-attention fused; then P may equal D)
+BUNDLE_SCHEMES = (
+    *SCHEMES,
+    *(f"{p}+{d}" for p in SCHEMES for d in DECODE_SCHEMES if p != d),
+    *(f"{p}+{d}:fused" for p in SCHEMES for d in DECODE_SCHEMES),
+)
 
 
-def split_scheme(label: str) -> tuple[str, str | None]:
-    """A ``BUNDLE_SCHEMES`` label -> (``quantize``, ``decode_quantize``): "w8a8+int8" -> ("w8a8", "int8")."""
+def split_scheme(label: str) -> tuple[str, str | None, str]:
+    """A ``BUNDLE_SCHEMES`` label -> (``quantize``, ``decode_quantize``, ``decode_attention``):
+    "w8a8+int8" -> ("w8a8", "int8", "plain"), "int8+int8:fused" -> ("int8", "int8", "fused")."""
+    label, _, attention = label.partition(":")
     prefill, _, decode = label.partition("+")
-    return prefill, decode or None
+    return prefill, decode or None, attention or "plain"
 
 
 def check_options(scheme: str, dtype: str, block_size: int, accuracy_level: int, option: str = "--quantize") -> None:

@@ -122,7 +122,7 @@ def test_bench_onnx_runtime(tmp_path, capsys):
         "--quantize",
         "w8a8",
         "--quantize",
-        "w8a8+int8",
+        "w8a8+int8:fused",
         "--json",
         out,
     )
@@ -132,14 +132,14 @@ def test_bench_onnx_runtime(tmp_path, capsys):
         ("onnx", "0"),
         ("onnx-int8", "0"),
         ("onnx-w8a8", "0"),
-        ("onnx-w8a8+int8", "0"),
+        ("onnx-w8a8+int8:fused", "0"),
         ("torch", "0"),
     }
     assert result["settings"]["text_tokens"] == 40
     _check_numbers(result)
     assert _row(result, "onnx", "0")["tokens_match_torch"] is True
     assert _row(result, "onnx", "0")["token_agreement_vs_torch"] == 1.0
-    for scheme in ("int8", "w8a8", "w8a8+int8"):
+    for scheme in ("int8", "w8a8", "w8a8+int8:fused"):
         assert 0.0 <= _row(result, f"onnx-{scheme}", "0")["token_agreement_vs_torch"] <= 1.0
 
 

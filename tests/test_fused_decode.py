@@ -89,8 +89,15 @@ def test_fused_layers_match_the_hf_layers(llm, T):
         )
 
 
-def test_fused_attention_is_refused_where_it_would_differ():
-    assert "not llama-style" in fused_attention_supported(make_model("opt").adapter)
+def test_fused_attention_is_refused_where_it_would_differ(tmp_path):
+    from composer.errors import InputError
+    from composer.export.exporter import export_onnx
+
+    opt = make_model("opt")
+    assert "not llama-style" in fused_attention_supported(opt.adapter)
+    with pytest.raises(InputError, match=r"--decode-attention fused: not for this LLM \(opt layers"):
+        export_onnx(opt, tmp_path / "b", decode_quantize="int8", decode_attention="fused")
+    assert not (tmp_path / "b").exists()
     from composer.builder import build
     from composer.spec import parse_spec
     from tests.helpers import spec_dict
@@ -175,3 +182,12 @@ def test_fused_graphs_in_onnx_runtime_match_torch_writing_the_buffers_in_place(l
     for got, past in zip(bufs + late_bufs, f["past"], strict=True):  # rows after the write: untouched
         for b, last in enumerate(f["write_index"].tolist()):
             assert np.array_equal(got[b, :, last + 1 :], past[b, :, last + 1 :].numpy())
+
+
+def test_bench_scheme_labels_name_the_decode_attention():
+    from composer.export.quantize import BUNDLE_SCHEMES, split_scheme
+
+    assert split_scheme("w8a8") == ("w8a8", None, "plain")
+    assert split_scheme("w8a8+int8") == ("w8a8", "int8", "plain")
+    assert split_scheme("int8+int8:fused") == ("int8", "int8", "fused")
+    assert "int8+int8" not in BUNDLE_SCHEMES and "int8+int8:fused" in BUNDLE_SCHEMES

@@ -532,13 +532,15 @@ def test_reduce_range_bundle_cannot_saturate_and_passes_verify(model, w8a8, tmp_
         OnnxPipeline(b)
 
 
-def test_decode_graphs_run_the_decode_steps_in_place_and_pass_verify(model, tmp_path):
+@pytest.mark.parametrize("attention", ["plain", "fused"])
+def test_decode_graphs_run_the_decode_steps_in_place_and_pass_verify(model, tmp_path, attention):
     """--quantize w8a8 --decode-quantize int8: the prefill runs the w8a8 graphs and every decode step
-    the int8 copies (MatMulNBits), which write the same KV buffers in place (same memory, nothing
+    the int8 decode graphs (MatMulNBits; copies, or with --decode-attention fused one
+    GroupQueryAttention per layer), which write the same KV buffers in place (same memory, nothing
     reallocated within the reserve); --verify gates both: prefill top-1 and, feeding each prompt's
     text after its image one decode step at a time, the decode graphs' top-1 (bounds: module
     docstring)."""
-    b = export_onnx(model, tmp_path / "mixed", quantize="w8a8", decode_quantize="int8")
+    b = export_onnx(model, tmp_path / "mixed", quantize="w8a8", decode_quantize="int8", decode_attention=attention)
     pipe = OnnxPipeline(b)
     man = pipe.manifest
     assert man.quantization.scheme == "w8a8" and man.decode_quantization.scheme == "int8"
@@ -549,9 +551,11 @@ def test_decode_graphs_run_the_decode_steps_in_place_and_pass_verify(model, tmp_
         assert _ops(b / st.graph).count("MatMulIntegerToFloat") == want
         packed = 4 * layers + st.last  # q|k|v and gate|up packed before MatMulNBits
         assert _ops(b / st.decode_graph).count("MatMulNBits") == packed and not _weight_matmuls(b / st.decode_graph)
-        # fused attention (the default): one GroupQueryAttention per layer, no TensorScatter/Attention left
         ops = _ops(b / st.decode_graph)
-        assert ops.count("GroupQueryAttention") == layers and "TensorScatter" not in ops and "Attention" not in ops
+        if attention == "fused":  # one GroupQueryAttention per layer, no TensorScatter/Attention left
+            assert ops.count("GroupQueryAttention") == layers and "TensorScatter" not in ops and "Attention" not in ops
+        else:
+            assert ops.count("TensorScatter") == 2 * layers and "GroupQueryAttention" not in ops
         assert man.graphs[st.decode_graph] == man.graphs[st.graph]
     batch = model.prepare([model.format_prompt("describe it"), model.format_prompt("hi")], image=list(images(2, 5)))
     mm = {"image": batch["image"]}

@@ -331,13 +331,14 @@ def _onnx_runners(s: _Setup, tmp: Path, skipped: dict[str, str]) -> Iterator[Run
         name = "onnx" if scheme is None else f"onnx-{scheme}"
         s.say(f"exporting the ONNX bundle at k={lay.label}" + (f" ({scheme})" if scheme else ""))
         variant = s.variants[lay.label]
-        quantize, decode_quantize = split_scheme(scheme) if scheme else (None, None)
+        quantize, decode_quantize, decode_attention = split_scheme(scheme) if scheme else (None, None, "plain")
         bundle = export_onnx(
             variant.cpu() if s.device.type != "cpu" else variant,
-            tmp / f"k{lay.label}{'' if scheme is None else '-' + scheme}",
+            tmp / f"k{lay.label}{'' if scheme is None else '-' + scheme.replace(':', '-')}",
             dtype=dtype,
             quantize=quantize,
             decode_quantize=decode_quantize,
+            decode_attention=decode_attention,
         )
         model.to(s.device)
         so = _ort_options(s.cfg.ort_spinning, s.cfg.threads)

@@ -60,7 +60,7 @@ from composer.export.quantize import BUNDLE_SCHEMES
     type=click.Choice(list(BUNDLE_SCHEMES)),
     multiple=True,
     help="Also bench ONNX bundles quantized so (repeatable; see compose export --quantize; P+D: --quantize P "
-    "--decode-quantize D, e.g. w8a8+int8).",
+    "--decode-quantize D, e.g. w8a8+int8; P+D:fused adds --decode-attention fused, e.g. int8+int8:fused).",
 )
 def bench(
     target: str,

@@ -67,11 +67,11 @@ class ExportOptions(BaseModel):
         description="Also write the LLM graphs quantized so (int8/int4 MatMulNBits, the fast one-row kernels) for "
         "decode steps, next to the prefill graphs of `quantize`; e.g. `quantize` w8a8 with this int8.",
     )
-    decode_attention: Literal["fused", "plain"] = Field(
-        "fused",
-        description="With `decode_quantize`: fused: each layer's attention in the decode graphs is one ONNX Runtime "
-        "GroupQueryAttention node (rotary, in-place KV write, attention; CPU, fp32, llama-style LLMs with full "
-        "attention, others get plain); plain: the prefill graphs' standard ops.",
+    decode_attention: Literal["plain", "fused"] = Field(
+        "plain",
+        description="With `decode_quantize`: plain: the decode graphs are the prefill graphs' copies; fused: each "
+        "layer's attention is one ONNX Runtime GroupQueryAttention node (rotary, in-place KV write, attention) and "
+        "each RMSNorm one node, ~3x fewer nodes per decode step (CPU; llama-style LLMs with full attention).",
     )
 
 
