@@ -193,8 +193,9 @@ def export_onnx(
     ``decode_quantization`` and each stage's ``decode_graph``. ``decode_attention`` "plain": the
     decode graphs are copies of the prefill graphs; "fused": traced with each layer's attention as
     one ONNX Runtime ``GroupQueryAttention`` node (rotary, the in-place KV write and grouped
-    attention) and RMSNorm as ``RMSNormalization`` (llama-style LLMs with full attention; refused for
-    others), far fewer nodes per decode step.
+    attention) and RMSNorm as ``RMSNormalization`` (llama-style LLMs with full attention, fp32
+    bundles; refused for others), far fewer nodes per decode step; without ``decode_quantize`` the
+    fused decode graphs keep the bundle's fp32 weights (the bundle holds the LLM twice).
 
     ``check``: called with the complete bundle in its temporary directory before it replaces
     ``out_dir`` (``compose export --verify``); when it raises, the temporary bundle is removed and
@@ -221,7 +222,7 @@ def export_onnx(
     )
     say = progress or (lambda s: None)
     m = merged_for_export(model, DTYPES[dtype])
-    fused = decode_quantize is not None and decode_attention == "fused"
+    fused = decode_attention == "fused"
     if fused and (why := fused_attention_supported(m.adapter)) is not None:
         raise InputError(f"--decode-attention fused: not for this LLM ({why}); leave it out (plain)")
     calib = _read_calibration(m, calibration, calibration_samples, say)
@@ -230,11 +231,13 @@ def export_onnx(
         graphs: dict[str, GraphRecord] = {}
         encoders = _export_encoders(m, tmp, dtype, opset, graphs, say)
         stages = _export_llm_graphs(m, tmp, dtype, opset, graphs, say)
-        decode_stages = _decode_graphs(m, tmp, dtype, opset, stages, graphs, fused, say) if decode_quantize else []
+        has_decode = decode_quantize is not None or fused
+        decode_stages = _decode_graphs(m, tmp, dtype, opset, stages, graphs, fused, say) if has_decode else []
         quantization = _quantize(m, tmp, stages, quantize, block_size, accuracy_level, keep_head, calib, w8a8, say)
         decode = _quantize(m, tmp, decode_stages, decode_quantize, block_size, accuracy_level, keep_head, None, {}, say)
         _write_model_files(m, tmp)
-        write_manifest(_manifest(m, dtype, stages, quantization, encoders, graphs, decode), tmp)
+        attention = decode_attention if has_decode else None
+        write_manifest(_manifest(m, dtype, stages, quantization, encoders, graphs, decode, attention), tmp)
         write_generation_config(tmp, m.spec.generation, _eos(m), m.pad_token_id, m.tokenizer.bos_token_id)
         if check is not None:
             say("checking the bundle")
@@ -279,6 +282,10 @@ def _checked_options(
         check_options(decode_quantize, dtype, block_size, accuracy_level, "--decode-quantize")
     if decode_attention not in DECODE_ATTENTION:
         raise InputError(f"--decode-attention must be one of {list(DECODE_ATTENTION)}, got {decode_attention!r}")
+    if decode_attention == "fused" and dtype != "fp32":
+        raise InputError(
+            f"--decode-attention fused: fp32 bundles only (ONNX Runtime's CPU kernels), got --dtype {dtype}"
+        )
     w8a8_options = {
         "calibration": calibration,
         "calibration_samples": calibration_samples,
@@ -465,7 +472,7 @@ def _quantize(
     return Quantization.model_validate(record)
 
 
-def _manifest(m, dtype: str, stages, quantization, encoders, graphs, decode=None) -> Manifest:
+def _manifest(m, dtype: str, stages, quantization, encoders, graphs, decode=None, decode_attention=None) -> Manifest:
     """The bundle's manifest: the model's facts and what the export wrote."""
     shape = m.adapter.shape
     return Manifest(
@@ -485,6 +492,7 @@ def _manifest(m, dtype: str, stages, quantization, encoders, graphs, decode=None
         stages=stages,
         quantization=quantization,
         decode_quantization=decode,
+        decode_attention=decode_attention,
         encoders=encoders,
         graphs=graphs,
         tokenizer="tokenizer",

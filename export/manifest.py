@@ -51,7 +51,8 @@ class KVFacts(Record):
 class Stage(Record):
     """One LLM graph: layers [start, end), the modalities whose tokens enter at ``start``; the
     ``last`` one ends with the LM head. ``decode_graph``: the same layers quantized another way
-    (``--decode-quantize``), which decode steps run instead of ``graph`` (None: ``graph``)."""
+    (``--decode-quantize``) and/or with fused attention (``--decode-attention fused``), which decode
+    steps run instead of ``graph`` (None: ``graph``)."""
 
     graph: str
     start: Index
@@ -156,6 +157,9 @@ class Manifest(Record):
     stages: list[Stage]
     quantization: Quantization | None = None  # None: the LLM graphs keep the bundle's dtype
     decode_quantization: Quantization | None = None  # the stages' decode graphs (--decode-quantize)
+    # how the decode graphs attend: "fused" (GroupQueryAttention), "plain" (the prefill graphs' ops);
+    # None: no decode graphs, or a bundle from before the field (then plain, quantized)
+    decode_attention: Literal["plain", "fused"] | None = None
     encoders: dict[str, EncoderEntry]
     graphs: dict[str, GraphRecord]
     tokenizer: str = "tokenizer"
@@ -190,8 +194,12 @@ class Manifest(Record):
                 raise ValueError(f"stages[{i}].enter: modalities without an encoder: {strangers}")
             if st.decode_graph == st.graph:
                 raise ValueError(f"stages[{i}].decode_graph: the stage's own graph; leave it out")
-        if any(st.decode_graph for st in self.stages) != (self.decode_quantization is not None):
-            raise ValueError("decode graphs and decode_quantization come together: one is missing")
+        decode = self.decode_quantization is not None or self.decode_attention == "fused"
+        if any(st.decode_graph for st in self.stages) != decode:
+            raise ValueError(
+                "decode graphs come with decode_quantization or decode_attention fused (and those with decode "
+                "graphs): one is missing"
+            )
         return self
 
     def graph_names(self) -> list[str]:

@@ -35,6 +35,8 @@ def _torch_graphs(model, manifest: Manifest) -> dict[str, torch.nn.Module]:
             out[st.graph] = EarlyText(model, st.end)
         else:
             out[st.graph] = LateStage(model, st.start, st.end, st.last)
+        if st.decode_graph:  # the same layers (fp32 fused decode graphs): replayed through HF's layers
+            out[st.decode_graph] = out[st.graph]
     return out
 
 
@@ -164,7 +166,7 @@ def verify_quantized(model, pipe: OnnxPipeline, *, steps: int, min_top1: float, 
         "atol": atol,
         "ok": agree >= min_top1 and (atol is None or diff <= atol),
     }
-    if manifest.decode_quantization is not None:
+    if any(st.decode_graph for st in manifest.stages):
         report.update(decode_check(ref, pipe, batch, mm, want))
         report["ok"] = report["ok"] and report["decode_top1_agreement"] >= min_top1
     return report
@@ -196,7 +198,7 @@ def decode_check(ref, pipe: OnnxPipeline, batch: dict, mm: dict, want: np.ndarra
             ref_logits.append(want_row[t])
     got, ref_logits = np.stack(got), np.stack(ref_logits)
     return {
-        "decode_quantization": pipe.manifest.decode_quantization.scheme,
+        "decode_quantization": getattr(pipe.manifest.decode_quantization, "scheme", pipe.manifest.dtype),
         "decode_positions": len(got),
         "decode_top1_agreement": float((got.argmax(-1) == ref_logits.argmax(-1)).mean()),
         "decode_mean_kl": float(_kl(ref_logits, got).mean()),

@@ -127,6 +127,7 @@ def _run_in_place(path, feeds: dict, past: list[np.ndarray]):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     binding = sess.io_binding()
+    binding.bind_output(sess.get_outputs()[0].name, "cpu")  # bound first: get_outputs()[0] below
     bufs, arrays = [], [a.copy() for a in past]  # the OrtValues are views of these arrays
     for name, arr in zip([n for n in names if n.startswith("past_")], arrays, strict=True):
         buf = ort.OrtValue.ortvalue_from_numpy(arr)
@@ -136,13 +137,8 @@ def _run_in_place(path, feeds: dict, past: list[np.ndarray]):
     for name in names:
         if not name.startswith("past_"):
             binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
-    out = sess.get_outputs()[0].name
-    binding.bind_output(out, "cpu")
-    pointers = [b.data_ptr() for b in bufs]
     sess.run_with_iobinding(binding)
-    assert [b.data_ptr() for b in bufs] == pointers  # written in place, nothing reallocated
-    first = next(o for o in binding.get_outputs() if o.shape()[-1] != bufs[0].shape()[-1] or len(o.shape()) != 4)
-    return first.numpy(), arrays
+    return binding.get_outputs()[0].numpy(), arrays
 
 
 @pytest.mark.parametrize("llm", ["llama", "qwen3"])
@@ -191,3 +187,38 @@ def test_bench_scheme_labels_name_the_decode_attention():
     assert split_scheme("w8a8+int8") == ("w8a8", "int8", "plain")
     assert split_scheme("int8+int8:fused") == ("int8", "int8", "fused")
     assert "int8+int8" not in BUNDLE_SCHEMES and "int8+int8:fused" in BUNDLE_SCHEMES
+
+
+def test_fp32_bundle_with_fused_decode_graphs_verifies_exactly(tmp_path):
+    """--decode-attention fused without --decode-quantize: fp32 decode graphs with one
+    GroupQueryAttention per layer, run by every decode step over the KV buffers in place; --verify's
+    fp32 check replays each decode-graph call through HF's layers (the bundle's fp32 tolerance) and
+    wants torch's greedy tokens exactly."""
+    import onnx
+
+    from composer.export.exporter import export_onnx
+    from composer.export.runtime import OnnxPipeline
+    from composer.export.verify import verify_bundle
+    from tests.helpers import images
+
+    model = make_model("llama", insert_at=2)
+    b = export_onnx(model, tmp_path / "b", decode_attention="fused")
+    pipe = OnnxPipeline(b)
+    man = pipe.manifest
+    assert man.decode_attention == "fused" and man.decode_quantization is None and man.quantization is None
+    for st in man.stages:
+        ops = [n.op_type for n in onnx.load(str(b / st.decode_graph), load_external_data=False).graph.node]
+        assert ops.count("GroupQueryAttention") == st.end - st.start and "TensorScatter" not in ops
+    batch = model.prepare([model.format_prompt("describe it"), model.format_prompt("hi")], image=list(images(2, 5)))
+    pipe.recorder = []
+    _, state = pipe.prefill(batch["input_ids"], batch["attention_mask"], {"image": batch["image"]}, reserve=3)
+    caches = [c for c in state["caches"] if c.names]
+    ptr = {(i, n): c.bufs[n].data_ptr() for i, c in enumerate(caches) for n in c.names}
+    pipe.recorder = []
+    for t in range(3):
+        pipe.decode_step(np.full((2, 1), 5 + t), state)
+    assert [g for g, _, _ in pipe.recorder] == ["early_text.decode.onnx", "late_multimodal.decode.onnx"] * 3
+    assert {(i, n): c.bufs[n].data_ptr() for i, c in enumerate(caches) for n in c.names} == ptr
+    report = verify_bundle(model, b)
+    assert report["ok"] and report["greedy_match"], report
+    assert {"early_text.decode.onnx", "late_multimodal.decode.onnx"} <= set(report["graphs"])

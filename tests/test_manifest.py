@@ -80,8 +80,14 @@ def test_a_manifest_round_trip(tmp_path):
                 m["graphs"].update({"late_multimodal.decode.onnx": m["graphs"]["late_multimodal.onnx"]}),
                 m["stages"][1].update(decode_graph="late_multimodal.decode.onnx"),
             ),
-            "decode graphs and decode_quantization come together: one is missing",
+            "decode graphs come with decode_quantization or decode_attention fused (and those with decode graphs): "
+            "one is missing",
         ),
+        (
+            lambda m: m.update(decode_attention="fused"),
+            "decode graphs come with decode_quantization or decode_attention fused",
+        ),
+        (lambda m: m.update(decode_attention="flash"), "decode_attention: "),
         (
             lambda m: m["stages"][1].update(decode_graph="late_multimodal.onnx"),
             "stages[1].decode_graph: the stage's own graph; leave it out",

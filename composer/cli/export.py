@@ -69,9 +69,10 @@ class ExportOptions(BaseModel):
     )
     decode_attention: Literal["plain", "fused"] = Field(
         "plain",
-        description="With `decode_quantize`: plain: the decode graphs are the prefill graphs' copies; fused: each "
-        "layer's attention is one ONNX Runtime GroupQueryAttention node (rotary, in-place KV write, attention) and "
-        "each RMSNorm one node, ~3x fewer nodes per decode step (CPU; llama-style LLMs with full attention).",
+        description="plain: decode graphs (`decode_quantize`) are the prefill graphs' copies; fused: decode graphs "
+        "with each layer's attention as one ONNX Runtime GroupQueryAttention node (rotary, in-place KV write, "
+        "attention) and each RMSNorm one node, ~3x fewer nodes per decode step (CPU, fp32; llama-style LLMs with "
+        "full attention); without `decode_quantize` they keep fp32 weights.",
     )
 
 
