@@ -70,3 +70,33 @@ def pack_shared_matmuls(model, exclude: list[str] | tuple[str, ...] = ()) -> int
     del graph.node[:]
     graph.node.extend(new)
     return removed
+
+
+def feed_packed_qkv(model) -> int:
+    """``GroupQueryAttention`` nodes (the fused decode graphs) whose query, key and value are the
+    three outputs, in order, of one packed q|k|v ``Split`` read nothing else take the packed
+    MatMul's output as their query input (ONNX Runtime's packed QKV: key and value left empty),
+    in place; the Split goes. -> how many."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    uses = Counter(name for n in graph.node for name in n.input)
+    uses.update(o.name for o in graph.output)
+    drop = []
+    for n in graph.node:
+        if n.op_type != "GroupQueryAttention" or len(n.input) < 3:
+            continue
+        split = producer.get(n.input[0])
+        if (
+            split is None
+            or split.op_type != "Split"
+            or list(split.output) != list(n.input[:3])
+            or any(uses[o] != 1 for o in split.output)
+        ):
+            continue
+        n.input[0], n.input[1], n.input[2] = split.input[0], "", ""
+        drop.append(split)
+    for split in drop:
+        graph.node.remove(split)
+        if len(split.input) > 1 and uses[split.input[1]] == 1:  # its sizes initializer
+            graph.initializer.remove(next(i for i in graph.initializer if i.name == split.input[1]))
+    return len(drop)

@@ -55,7 +55,7 @@ from pathlib import Path
 
 from composer.errors import InputError
 from composer.export.manifest import SCHEMES
-from composer.export.packing import pack_shared_matmuls, weight_matmuls
+from composer.export.packing import feed_packed_qkv, pack_shared_matmuls, weight_matmuls
 
 METHOD = "MatMulNBits, symmetric round-to-nearest, block-wise (onnxruntime.quantization.matmul_nbits_quantizer)"
 W8A8_METHOD = (
@@ -150,6 +150,7 @@ def quantize_graph(
     exclude = list(exclude or [])
     candidates = [n.name for n in weight_matmuls(model)]
     packed = pack_shared_matmuls(model, exclude) if pack else 0
+    feed_packed_qkv(model)  # fused decode graphs: GroupQueryAttention reads the packed q|k|v itself
     cfg = DefaultWeightOnlyQuantConfig(
         block_size=block_size,
         is_symmetric=True,

@@ -178,6 +178,18 @@ def test_fused_graphs_in_onnx_runtime_match_torch_writing_the_buffers_in_place(l
     for got, past in zip(bufs + late_bufs, f["past"], strict=True):  # rows after the write: untouched
         for b, last in enumerate(f["write_index"].tolist()):
             assert np.array_equal(got[b, :, last + 1 :], past[b, :, last + 1 :].numpy())
+    if llm == "llama":  # q|k|v packed into one MatMul whose output GroupQueryAttention reads itself
+        import onnx
+
+        from composer.export.packing import feed_packed_qkv, pack_shared_matmuls
+
+        graph = onnx.load(str(tmp_path / "early.onnx"))
+        pack_shared_matmuls(graph)
+        assert feed_packed_qkv(graph) == 2
+        onnx.save(graph, str(tmp_path / "packed.onnx"))
+        packed, packed_bufs = _run_in_place(tmp_path / "packed.onnx", feeds, [t.numpy() for t in f["past"][:4]])
+        _close([torch.from_numpy(packed)], [torch.from_numpy(hidden)], "packed q|k|v")
+        _close([torch.from_numpy(b) for b in packed_bufs], [torch.from_numpy(b) for b in bufs], "packed q|k|v buffers")
 
 
 def test_bench_scheme_labels_name_the_decode_attention():

@@ -554,6 +554,12 @@ def test_decode_graphs_run_the_decode_steps_in_place_and_pass_verify(model, tmp_
         ops = _ops(b / st.decode_graph)
         if attention == "fused":  # one GroupQueryAttention per layer, no TensorScatter/Attention left
             assert ops.count("GroupQueryAttention") == layers and "TensorScatter" not in ops and "Attention" not in ops
+            # ... reading the packed q|k|v MatMul's output itself: the only Split left is gate|up's
+            graph = onnx.load(str(b / st.decode_graph), load_external_data=False).graph
+            gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+            producer = {o: n.op_type for n in graph.node for o in n.output}
+            assert all(producer[n.input[0]] == "MatMulNBits" and list(n.input[1:3]) == ["", ""] for n in gqa)
+            assert ops.count("Split") == layers
         else:
             assert ops.count("TensorScatter") == 2 * layers and "GroupQueryAttention" not in ops
         assert man.graphs[st.decode_graph] == man.graphs[st.graph]
