@@ -274,10 +274,10 @@ GQA_INPUTS = {  # ONNX Runtime's com.microsoft.GroupQueryAttention (opset 1), in
 }  # fmt: skip
 
 
-def _register_gqa_schema() -> None:
+def _register_contrib_schemas() -> None:
     """The ``onnx`` package knows only the standard ops; the exporter builds nodes from schemas,
-    so ONNX Runtime's contrib op is declared here (its inputs, outputs and attributes as
-    ONNX Runtime's ``contrib_defs.cc`` defines them, the ones the bundles use)."""
+    so ONNX Runtime's contrib ops are declared here (their inputs, outputs and attributes as
+    ONNX Runtime's ``contrib_defs.cc`` / ``bert_defs.cc`` define them, the ones the bundles use)."""
     from onnx import defs
 
     if defs.has("GroupQueryAttention", "com.microsoft"):
@@ -307,6 +307,22 @@ def _register_gqa_schema() -> None:
         ],
     )
     defs.register_schema(schema)
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    skip_norm = defs.OpSchema(
+        "SkipSimplifiedLayerNormalization",
+        "com.microsoft",
+        1,
+        inputs=[Param("input", "T"), Param("skip", "T"), Param("gamma", "T"), Param("bias", "T", param_option=opt)],
+        outputs=[
+            Param("output", "T"),
+            Param("mean", "U", param_option=opt),
+            Param("inv_std_var", "U", param_option=opt),
+            Param("input_skip_bias_sum", "T", param_option=opt),
+        ],
+        type_constraints=[("T", floats, "activations"), ("U", ["tensor(float)"], "statistics")],
+        attributes=[Attr("epsilon", defs.OpSchema.AttrType.FLOAT, "added to the mean square", required=False)],
+    )
+    defs.register_schema(skip_norm)
 
 
 def _gqa_onnx(
@@ -314,7 +330,7 @@ def _gqa_onnx(
 ):
     from onnxscript import values
 
-    _register_gqa_schema()
+    _register_contrib_schemas()
     ms = values.Opset("com.microsoft", 1)
     return ms.GroupQueryAttention(
         query, key, value, past_key, past_value, seqlens_k, total, cos, sin, positions, bias,
@@ -323,7 +339,10 @@ def _gqa_onnx(
 
 
 # torch.onnx.export(custom_translation_table=...) for the LLM graphs
-ONNX_TRANSLATIONS = {torch.ops.composer.kv_write.default: _kv_write_onnx, torch.ops.composer.gqa.default: _gqa_onnx}
+ONNX_TRANSLATIONS = {
+    torch.ops.composer.kv_write.default: _kv_write_onnx,
+    torch.ops.composer.gqa.default: _gqa_onnx,
+}
 
 
 def fused_attention_supported(adapter) -> str | None:
@@ -364,10 +383,11 @@ class FusedLayers:
         seqlens = (write_index + (T - 1)).to(torch.int32)
         total = torch.ones_like(mask[0, 0, 0], dtype=torch.int32).sum().to(torch.int32)
         cos, sin = self.cos.to(hidden.dtype), self.sin.to(hidden.dtype)
+        pending = None  # the last sublayer's output, added to the residual stream by the next norm
         for i in range(start, end):
             layer = self.adapter.layers[i]
             attn = layer.self_attn
-            x = _rms_norm(layer.input_layernorm, hidden)
+            x, hidden = _add_rms_norm(layer.input_layernorm, hidden, pending)
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm per head before rotary
                 q = _rms_norm(attn.q_norm, q.view(B, T, -1, self.head_dim)).reshape(B, T, -1)
@@ -377,9 +397,44 @@ class FusedLayers:
                 q, k, v, kv[0], kv[1], seqlens, total, mask, positions, cos, sin,
                 self.heads, self.kv_heads, float(attn.scaling),
             )  # fmt: skip
-            hidden = hidden + attn.o_proj(out)
-            hidden = hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
-        return hidden
+            x, hidden = _add_rms_norm(layer.post_attention_layernorm, hidden, attn.o_proj(out))
+            pending = layer.mlp(x)
+        return hidden if pending is None else hidden + pending
+
+
+def _add_rms_norm(norm: nn.Module, hidden: torch.Tensor, pending: torch.Tensor | None):
+    """(``norm(hidden + pending)``, ``hidden + pending``): the residual add and the next RMSNorm
+    as one ``composer::skip_rms_norm`` (ONNX Runtime's ``SkipSimplifiedLayerNormalization``)."""
+    if pending is None:
+        return _rms_norm(norm, hidden), hidden
+    return skip_rms_norm(pending, hidden, norm.weight, float(norm.variance_epsilon))
+
+
+@torch.library.custom_op("composer::skip_rms_norm", mutates_args=())
+def skip_rms_norm(
+    x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + skip) * weight, x + skip), as ONNX Runtime's ``SkipSimplifiedLayerNormalization``."""
+    total = x + skip
+    return F.rms_norm(total, (total.shape[-1],), weight, eps), total
+
+
+@skip_rms_norm.register_fake
+def _skip_rms_norm_fake(x, skip, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _skip_rms_norm_onnx(x, skip, weight, eps):
+    from onnxscript import values
+
+    _register_contrib_schemas()
+    out, _, _, total = values.Opset("com.microsoft", 1).SkipSimplifiedLayerNormalization(
+        x, skip, weight, epsilon=eps, _outputs=4
+    )
+    return out, total
+
+
+ONNX_TRANSLATIONS[torch.ops.composer.skip_rms_norm.default] = _skip_rms_norm_onnx
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
