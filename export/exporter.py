@@ -34,14 +34,14 @@ from composer.analysis.summary import summary_record
 from composer.checkpoint import atomic_dir
 from composer.errors import ComposerError, InputError
 from composer.export.graphs import (
+    EARLY_GRAPH,
     EXAMPLE_SIZES,
     KV_OPSET,
     ONNX_TRANSLATIONS,
-    EarlyText,
     EncoderGraph,
     FusedLayers,
-    LateStage,
     fused_attention_supported,
+    stage_module,
 )
 from composer.export.manifest import (
     FORMAT_VERSION,
@@ -374,29 +374,28 @@ def _export_encoders(m, tmp: Path, dtype: str, opset: int, graphs: dict, say) ->
 def _export_llm_graphs(m, tmp: Path, dtype: str, opset: int, graphs: dict, say) -> list[Stage]:
     """The early text graph (layers [0, k1)) and one late graph per distinct insertion layer;
     records each in ``graphs``; -> the stages in order."""
-    from torch.export import Dim
 
     shape = m.adapter.shape
+    (_, k1, _), *late = graph_stages(m.insert_at, shape.num_layers)
+    stages = [Stage(graph=EARLY_GRAPH, start=0, end=k1, enter=[], last=False)]
+    for j, (start, end, enter) in enumerate(late):
+        fname = late_graph_name(start, len(late))
+        stages.append(Stage(graph=fname, start=start, end=end, enter=list(enter), last=j == len(late) - 1))
+    for stage in stages:
+        fname = stage.graph
+        say(f"exporting {fname}" + ("" if fname == EARLY_GRAPH else f" (layers {stage.start}..{stage.end - 1})"))
+        graphs[fname] = _export_llm_graph(stage_module(m, stage), tmp / fname, shape, dtype, opset)
+    return stages
+
+
+def _export_llm_graph(module, path: Path, shape, dtype: str, opset: int) -> GraphRecord:
+    """Trace one LLM graph from its declared IO (examples of ``EXAMPLE_SIZES`` and the LLM's
+    ``shape``, every ``EXAMPLE_SIZES`` axis dynamic), check it against the declaration; -> its record."""
+    from torch.export import Dim
+
     sizes = {**EXAMPLE_SIZES, "hidden": shape.hidden_size, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
     dims = {name: Dim(name) for name in EXAMPLE_SIZES}
-    (_, k1, _), *late = graph_stages(m.insert_at, shape.num_layers)
-    plan = [
-        ("early_text.onnx", EarlyText(m, k1), Stage(graph="early_text.onnx", start=0, end=k1, enter=[], last=False))
-    ]
-    for j, (start, end, enter) in enumerate(late):
-        last = j == len(late) - 1
-        fname = late_graph_name(start, len(late))
-        stage = Stage(graph=fname, start=start, end=end, enter=list(enter), last=last)
-        plan.append((fname, LateStage(m, start, end, last), stage))
-    for fname, module, stage in plan:
-        say(f"exporting {fname}" + ("" if fname == "early_text.onnx" else f" (layers {stage.start}..{stage.end - 1})"))
-        graphs[fname] = _export_llm_graph(module, tmp / fname, shape.vocab_size, sizes, dims, dtype, opset)
-    return [stage for _, _, stage in plan]
-
-
-def _export_llm_graph(module, path: Path, vocab: int, sizes: dict, dims: dict, dtype: str, opset: int) -> GraphRecord:
-    """Trace one LLM graph from its declared IO (examples of ``sizes``, dynamic ``dims``), check it
-    against the declaration; -> its record."""
+    vocab = shape.vocab_size
     io = module.io  # the graph's declared inputs and outputs
     _export(
         module,
@@ -420,11 +419,8 @@ def _decode_graphs(m, tmp: Path, dtype: str, opset: int, stages: list[Stage], gr
     (same inputs and outputs as the prefill graphs); -> stages naming them as their graphs (what to
     quantize)."""
     import onnx
-    from torch.export import Dim
 
     layers = FusedLayers(m.adapter) if fused else None
-    shape = m.adapter.shape
-    sizes = {**EXAMPLE_SIZES, "hidden": shape.hidden_size, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
     copies = []
     for st in stages:
         if st.end == st.start:  # k = 0's early graph: embeddings only, nothing to quantize
@@ -437,10 +433,7 @@ def _decode_graphs(m, tmp: Path, dtype: str, opset: int, stages: list[Stage], gr
             graphs[name] = graphs[st.graph]
         else:
             say(f"exporting {name} (attention as GroupQueryAttention)")
-            early = st is stages[0]  # (at k = 0 the first late stage starts at layer 0 too)
-            module = EarlyText(m, st.end, layers) if early else LateStage(m, st.start, st.end, st.last, layers)
-            dims = {n: Dim(n) for n in EXAMPLE_SIZES}
-            graphs[name] = _export_llm_graph(module, tmp / name, shape.vocab_size, sizes, dims, dtype, opset)
+            graphs[name] = _export_llm_graph(stage_module(m, st, layers), tmp / name, m.adapter.shape, dtype, opset)
             if graphs[name].inputs != graphs[st.graph].inputs or graphs[name].outputs != graphs[st.graph].outputs:
                 raise ComposerError(f"{name}: its inputs and outputs differ from {st.graph}'s (a composer bug)")
         st.decode_graph = name

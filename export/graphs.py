@@ -268,9 +268,10 @@ def _gqa_fake(query, key, value, past_key, past_value, *args):
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
 
 
-GQA_INPUTS = {  # ONNX Runtime's com.microsoft.GroupQueryAttention (opset 1), in order: name -> type
-    "query": "T", "key": "T", "value": "T", "past_key": "T", "past_value": "T", "seqlens_k": "M",
-    "total_sequence_length": "M", "cos_cache": "T", "sin_cache": "T", "position_ids": "P", "attention_bias": "T",
+GQA_INPUTS = {  # ONNX Runtime's com.microsoft.GroupQueryAttention (opset 1), in order: name -> (type, optional)
+    "query": ("T", False), "key": ("T", True), "value": ("T", True), "past_key": ("T", True),
+    "past_value": ("T", True), "seqlens_k": ("M", False), "total_sequence_length": ("M", False),
+    "cos_cache": ("T", True), "sin_cache": ("T", True), "position_ids": ("P", True), "attention_bias": ("T", True),
 }  # fmt: skip
 
 
@@ -284,17 +285,15 @@ def _register_contrib_schemas() -> None:
         return
     Param, Attr = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
     opt, single = defs.OpSchema.FormalParameterOption.Optional, defs.OpSchema.FormalParameterOption.Single
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     schema = defs.OpSchema(
         "GroupQueryAttention",
         "com.microsoft",
         1,
-        inputs=[
-            Param(n, t, param_option=opt if i in (1, 2, 3, 4, 7, 8, 9, 10) else single)
-            for i, (n, t) in enumerate(GQA_INPUTS.items())
-        ],
+        inputs=[Param(n, t, param_option=opt if optional else single) for n, (t, optional) in GQA_INPUTS.items()],
         outputs=[Param("output", "T"), Param("present_key", "T"), Param("present_value", "T")],
         type_constraints=[
-            ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float activations"),
+            ("T", floats, "float activations"),
             ("M", ["tensor(int32)"], "lengths"),
             ("P", ["tensor(int64)"], "positions"),
         ],
@@ -307,7 +306,6 @@ def _register_contrib_schemas() -> None:
         ],
     )
     defs.register_schema(schema)
-    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
     skip_norm = defs.OpSchema(
         "SkipSimplifiedLayerNormalization",
         "com.microsoft",
@@ -363,11 +361,11 @@ class FusedLayers:
     (ONNX: ``GroupQueryAttention``): the same arithmetic as the HF layers (parity tests:
     tests/test_fused_decode.py) in far fewer ONNX nodes, for the bundle's decode graphs."""
 
-    def __init__(self, adapter, max_positions: int | None = None):
+    def __init__(self, adapter):
         self.adapter = adapter
         shape = adapter.shape
         self.heads, self.kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        n = max_positions or adapter.config.max_position_embeddings
+        n = adapter.config.max_position_embeddings
         rotary = adapter.model.model.rotary_emb
         x = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
         cos, sin = rotary(x, position_ids=torch.arange(n)[None])  # (1, n, D), attention scaling included
@@ -470,6 +468,16 @@ class EncoderGraph(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         feats = self.encoder(**dict(zip(self.encoder.input_names, inputs, strict=True)))
         return self.projector(feats.to(next(self.projector.parameters()).dtype)).to(self.out_dtype)
+
+
+EARLY_GRAPH = "early_text.onnx"  # the first stage's graph (at k = 0 the first late stage starts at layer 0 too)
+
+
+def stage_module(model, stage, fused: FusedLayers | None = None) -> nn.Module:
+    """The torch module a manifest ``stage``'s graph is traced from (``fused``: its fused decode graph)."""
+    if stage.graph == EARLY_GRAPH:
+        return EarlyText(model, stage.end, fused)
+    return LateStage(model, stage.start, stage.end, stage.last, fused)
 
 
 class EarlyText(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from composer.errors import InputError
 from composer.export.examples import PROMPTS, sample_batch
 from composer.export.exporter import DTYPES, merged_for_export
-from composer.export.graphs import EarlyText, EncoderGraph, LateStage
+from composer.export.graphs import EncoderGraph, stage_module
 from composer.export.manifest import Manifest
 from composer.export.runtime import OnnxPipeline
 
@@ -31,10 +31,7 @@ def _torch_graphs(model, manifest: Manifest) -> dict[str, torch.nn.Module]:
     for m, e in manifest.encoders.items():
         out[e.graph] = EncoderGraph(model.encoders[m], model.projectors[m], model.dtype)
     for st in manifest.stages:
-        if st.graph == "early_text.onnx":
-            out[st.graph] = EarlyText(model, st.end)
-        else:
-            out[st.graph] = LateStage(model, st.start, st.end, st.last)
+        out[st.graph] = stage_module(model, st)
         if st.decode_graph:  # the same layers (fp32 fused decode graphs): replayed through HF's layers
             out[st.decode_graph] = out[st.graph]
     return out

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from composer.export.graphs import EXAMPLE_SIZES, EarlyText, FusedLayers, LateStage, fused_attention_supported
+from composer.export.graphs import EarlyText, FusedLayers, LateStage, fused_attention_supported
 from tests.helpers import make_model
 
 ATOL = 1e-4
@@ -108,14 +108,10 @@ def test_fused_attention_is_refused_where_it_would_differ(tmp_path):
 
 
 def _export(module, path, model):
-    from torch.export import Dim
-
     from composer.export.exporter import _export_llm_graph
 
-    shape = model.adapter.shape
-    sizes = {**EXAMPLE_SIZES, "hidden": shape.hidden_size, "kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim}
     with torch.no_grad():
-        _export_llm_graph(module, path, shape.vocab_size, sizes, {n: Dim(n) for n in EXAMPLE_SIZES}, "fp32", 24)
+        _export_llm_graph(module, path, model.adapter.shape, "fp32", 24)
     return path
 
 
