@@ -45,6 +45,15 @@ def _per_channel(w: torch.Tensor) -> torch.Tensor:
     return (w / s).round().clamp(-127, 127) * s
 
 
+def _per_block(w: torch.Tensor, block: int) -> torch.Tensor:
+    """(vocab, hidden) table, symmetric int8 in blocks of ``block`` along hidden and back (the
+    export's token embedding, ``composer.export.quantize.quantize_embedding``)."""
+    b = w.reshape(w.shape[0], -1, block)
+    s = b.abs().amax(-1, keepdim=True) / 127
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return ((b / s).round().clamp(-127, 127) * s).reshape(w.shape)
+
+
 def _groups(linears: dict) -> dict[str, list[str]]:
     """The Linears reading one activation: q/k/v and gate/up share it (as the export's groups)."""
     out: dict[str, list[str]] = {}
@@ -71,11 +80,21 @@ def _linears(model) -> dict:
     return {n: m for n, m in model.llm.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def emulate(model, batch, amax, *, alpha, fp32_channels, quant_act=True, quant_weight=True) -> torch.Tensor:
+def emulate(
+    model, batch, amax, *, alpha, fp32_channels, quant_act=True, quant_weight=True, embedding_block=None
+) -> torch.Tensor:
     """The model's logits on ``batch`` with every LLM Linear computed as w8a8 would (``amax``:
-    ``calibrate``'s statistics; ``alpha`` None: no smoothing)."""
+    ``calibrate``'s statistics; ``alpha`` None: no smoothing), and with ``embedding_block`` the
+    token embedding's lookups read its int8 table (blocks of that many weights; None: fp32)."""
     linears = _linears(model)
     hooks = []
+    if embedding_block is not None:
+        table = _per_block(model.llm.get_input_embeddings().weight.detach(), embedding_block)
+        hooks.append(
+            model.llm.get_input_embeddings().register_forward_hook(
+                lambda mod, inputs, out: torch.nn.functional.embedding(inputs[0], table)
+            )
+        )
     for names in _groups(linears).values():
         act = amax[names[0]].clamp_min(1e-5)
         n = fp32_channels if act.numel() >= 4 * fp32_channels else 0  # as the export

@@ -167,6 +167,7 @@ def export_onnx(
     block_size: int = 32,
     accuracy_level: int = 4,
     keep_head: bool = False,
+    keep_embedding: bool = False,
     calibration: str | Path | None = None,
     calibration_samples: int | None = None,
     fp32_channels: int | None = None,
@@ -185,7 +186,9 @@ def export_onnx(
     or on the first ``calibration_samples`` records of ``calibration`` (a training-format JSONL file
     with real media); ``fp32_channels`` (16) largest channels per input kept in fp32, SmoothQuant
     ``smooth_alpha`` (0.5) on the rest; ``reduce_range``: 7-bit weights (-63..63), which ONNX
-    Runtime's u8 x s8 GEMM cannot saturate on CPUs without VNNI (docs/export.md).
+    Runtime's u8 x s8 GEMM cannot saturate on CPUs without VNNI (docs/export.md). Every scheme
+    also stores the token embedding as int8 (``GatherBlockQuantized``, blocks of 32) unless
+    ``keep_embedding``.
 
     ``decode_quantize`` ("int8" or "int4"): the bundle also holds a copy of each LLM graph quantized
     so (``MatMulNBits``, the fast one-row GEMVs), which decode steps run, while the prompt's prefill
@@ -233,8 +236,9 @@ def export_onnx(
         stages = _export_llm_graphs(m, tmp, dtype, opset, graphs, say)
         has_decode = decode_quantize is not None or fused
         decode_stages = _decode_graphs(m, tmp, dtype, opset, stages, graphs, fused, say) if has_decode else []
-        quantization = _quantize(m, tmp, stages, quantize, block_size, accuracy_level, keep_head, calib, w8a8, say)
-        decode = _quantize(m, tmp, decode_stages, decode_quantize, block_size, accuracy_level, keep_head, None, {}, say)
+        keep = {"keep_head": keep_head, "keep_embedding": keep_embedding}
+        quantization = _quantize(m, tmp, stages, quantize, block_size, accuracy_level, keep, calib, w8a8, say)
+        decode = _quantize(m, tmp, decode_stages, decode_quantize, block_size, accuracy_level, keep, None, {}, say)
         _write_model_files(m, tmp)
         attention = decode_attention if has_decode else None
         write_manifest(_manifest(m, dtype, stages, quantization, encoders, graphs, decode, attention), tmp)
@@ -442,9 +446,10 @@ def _decode_graphs(m, tmp: Path, dtype: str, opset: int, stages: list[Stage], gr
 
 
 def _quantize(
-    m, tmp: Path, stages: list[Stage], scheme, block_size, accuracy_level, keep_head, calib, w8a8: dict, say
+    m, tmp: Path, stages: list[Stage], scheme, block_size, accuracy_level, keep: dict, calib, w8a8: dict, say
 ) -> Quantization | None:
-    """Quantize the LLM graphs written under ``tmp`` (``scheme`` None: none); -> the manifest's record."""
+    """Quantize the LLM graphs written under ``tmp`` (``scheme`` None: none; ``keep``: ``keep_head``,
+    ``keep_embedding``); -> the manifest's record."""
     if scheme is None or not stages:
         return None
     from composer.export.quantize import quantize_bundle_graphs
@@ -456,7 +461,7 @@ def _quantize(
         scheme=scheme,
         block_size=block_size,
         accuracy_level=accuracy_level,
-        keep_head=keep_head,
+        **keep,
         model=m,
         calibration=calib,
         **w8a8,

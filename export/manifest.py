@@ -94,6 +94,10 @@ class Quantization(Record):
     block_size: PositiveInt | None  # None for w8a8 (per-channel)
     accuracy_level: Index | None  # None for w8a8
     lm_head: str
+    # the token embedding: "int8" (GatherBlockQuantized, embedding_block_size weights per scale) or
+    # "full precision"; None in bundles written before it was quantized (full precision)
+    embedding: str | None = None
+    embedding_block_size: PositiveInt | None = None
     method: str
     graphs: dict[str, QuantizedGraph]
     smoothing: Smoothing | None = None  # w8a8 only

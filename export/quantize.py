@@ -165,6 +165,92 @@ def quantize_graph(
     return {"quantized": done, "kept": [n for n in candidates if n in exclude], "packed": packed}
 
 
+EMBEDDING_BLOCK = 32  # weights per scale of the quantized token embedding (as llama.cpp's Q8_0)
+EMBEDDING_METHOD = (
+    "GatherBlockQuantized: int8 symmetric round-to-nearest, one fp32 scale per block along the hidden dimension"
+)
+
+
+def quantize_embedding(model, vocab_size: int, block_size: int = EMBEDDING_BLOCK) -> int:
+    """Rewrite, in place, every ``Gather`` of token ids from a (vocab, hidden) fp32 initializer (the
+    LLM's token embedding) as ONNX Runtime's ``GatherBlockQuantized``: int8 weights, symmetric, in
+    blocks of ``block_size`` along the hidden dimension with one fp32 scale each, stored as
+    ``MatMulNBits`` stores 8-bit weights (uint8 = int8 + 128, the op's default zero point). A
+    lookup reads one row, so the int8 table costs nothing in time and shrinks the table 3.6x
+    (SmolLM2: 113 MB -> 31 MB per graph that embeds tokens). An initializer that another node also
+    reads stays as well; a hidden size that is not a multiple of ``block_size`` keeps fp32.
+    -> how many Gathers were rewritten."""
+    import numpy as np
+    from onnx import TensorProto
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    done = 0
+    for pos, n in enumerate(graph.node):
+        table = inits.get(n.input[0]) if n.op_type == "Gather" else None
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if (
+            table is None
+            or axis != 0
+            or n.input[1] in inits
+            or table.data_type != TensorProto.FLOAT
+            or len(table.dims) != 2
+            or table.dims[0] != vocab_size
+            or table.dims[1] % block_size
+        ):
+            continue
+        w = nh.to_array(table).astype(np.float32)
+        blocks = w.reshape(w.shape[0], -1, block_size)
+        scale = np.abs(blocks).max(-1) / 127
+        scale[scale == 0] = 1.0
+        q = np.clip(np.round(blocks / scale[..., None]), -127, 127).astype(np.int16) + 128
+        name = f"{table.name}.int8"
+        graph.initializer.extend(
+            [
+                nh.from_array(q.astype(np.uint8).reshape(w.shape), name),
+                nh.from_array(scale.astype(np.float32), f"{table.name}.int8_scales"),
+            ]
+        )
+        graph.node.remove(n)
+        graph.node.insert(
+            pos,
+            oh.make_node(
+                "GatherBlockQuantized",
+                [name, n.input[1], f"{table.name}.int8_scales"],
+                list(n.output),
+                name=n.name,
+                domain="com.microsoft",
+                gather_axis=0,
+                quantize_axis=1,
+                block_size=block_size,
+                bits=8,
+            ),
+        )
+        if uses[table.name] == 1:
+            graph.initializer.remove(table)
+        done += 1
+    if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(oh.make_opsetid("com.microsoft", 1))
+    return done
+
+
+def quantize_graph_embedding(path: Path, vocab_size: int) -> int:
+    """``quantize_embedding`` on the graph at ``path`` (external data), in place. -> how many."""
+    import onnx
+
+    model = onnx.load(str(path))
+    done = quantize_embedding(model, vocab_size)
+    if done:
+        _save_over(model, path)
+    return done
+
+
 def _weight_key(w) -> str:
     """A (in, out) float32 weight matrix -> the key its calibration statistics are stored under:
     the exported graphs name their constant-folded weights ``val_N``, so they are matched to the
@@ -459,6 +545,7 @@ def quantize_bundle_graphs(
     block_size: int = 32,
     accuracy_level: int = 4,
     keep_head: bool = False,
+    keep_embedding: bool = False,
     model=None,
     calibration: tuple[str, list[dict]] | None = None,
     fp32_channels: int = FP32_CHANNELS,
@@ -481,8 +568,12 @@ def quantize_bundle_graphs(
         samples = len(batches) if batches is not None else len(CALIBRATION_PROMPTS)
     weight_max = REDUCED_WEIGHT_MAX if reduce_range else 127
     graphs = {}
+    embedded = 0
     for st in stages:
         path = root / st["graph"]
+        if not keep_embedding:
+            say(f"quantizing {st['graph']}'s token embedding (int8)")
+            embedded += quantize_graph_embedding(path, vocab_size)
         if st["end"] == st["start"]:  # a graph of no layers (k = 0's early graph): embeddings only
             continue
         say(f"quantizing {st['graph']} ({scheme})")
@@ -507,6 +598,8 @@ def quantize_bundle_graphs(
         "block_size": block_size,
         "accuracy_level": accuracy_level,
         "lm_head": "full precision" if keep_head else scheme,
+        "embedding": "int8" if embedded else "full precision",
+        "embedding_block_size": EMBEDDING_BLOCK if embedded else None,
         "method": METHOD,
         "graphs": graphs,
     }

@@ -1,9 +1,10 @@
 """`compose export --quantize int8|int4|w8a8`: the LLM graphs' weight MatMuls become
-ONNX Runtime MatMulNBits (block-wise, symmetric), the encoders and embeddings stay fp32, the manifest
-records the scheme; `--verify` gates a quantized bundle on top-1 agreement with the fp32 torch model
-(`--min-top1`, default 0.95) and optionally the max logit difference (`--atol`). `--quantize w8a8`: int8
-weights x per-token int8 activations (MatMulIntegerToFloat), SmoothQuant + fp32 outlier channels, calibrated
-on built-in prompts or a --calibration file.
+ONNX Runtime MatMulNBits (block-wise, symmetric), the token embedding int8 in blocks of 32
+(GatherBlockQuantized) unless --keep-embedding, the encoders stay fp32, the manifest records the
+scheme; `--verify` gates a quantized bundle on top-1 agreement with the fp32 torch model
+(`--min-top1`, default 0.95) and optionally the max logit difference (`--atol`). `--quantize w8a8`:
+int8 weights x per-token int8 activations (MatMulIntegerToFloat), SmoothQuant + fp32 outlier
+channels, calibrated on built-in prompts or a --calibration file.
 
 Accuracy bounds on the tiny random model (``make_model``): its logits are small (|z| < 1) and its
 top two tokens often near-tied (median top-two gap 0.03), so top-1 agreement is fragile where the
@@ -96,10 +97,53 @@ def test_int8_logits_agree_with_fp32_torch(model, int8):
     assert report["ok"] and report["top1_agreement"] >= 0.95 and report["positions"] > 100
 
 
+def test_the_token_embedding_is_int8_in_blocks_of_32(model, int8, llama_k1_export):
+    """The early graph looks token ids up in an int8 table (GatherBlockQuantized, one fp32 scale per
+    32 weights, stored as uint8 = int8 + 128), whose rows are the fp32 embedding's rounded to
+    nearest per block: within half a step (scale / 2) of fp32, and exactly (to fp32 rounding of
+    q x scale) what ONNX Runtime returns for them; no (vocab, hidden) fp32 table is left."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from composer.export.quantize import EMBEDDING_BLOCK
+
+    q = json.loads((int8 / "manifest.json").read_text())["quantization"]
+    assert (q["embedding"], q["embedding_block_size"]) == ("int8", EMBEDDING_BLOCK) and EMBEDDING_BLOCK == 32
+    g = onnx.load(str(int8 / "early_text.onnx")).graph
+    (node,) = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
+    assert "Gather" not in _ops(int8 / "early_text.onnx") and node.input[1] == "input_ids"
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    vocab, hidden = model.adapter.shape.vocab_size, model.adapter.shape.hidden_size
+    assert not any(a.dtype == np.float32 and a.shape == (vocab, hidden) for a in inits.values())
+    table, scales = inits[node.input[0]], inits[node.input[2]]
+    assert table.dtype == np.uint8 and table.shape == (vocab, hidden) and scales.shape == (vocab, hidden // 32)
+    w = model.llm.get_input_embeddings().weight.detach().float().numpy()
+    deq = (table.astype(np.float32) - 128).reshape(vocab, -1, 32) * scales[..., None]
+    assert np.all(np.abs(deq.reshape(vocab, hidden) - w) <= scales.repeat(32, 1) / 2 * (1 + 1e-6))
+    one = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [node],
+            "lookup",
+            [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [None])],
+            [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(table, node.input[0]), numpy_helper.from_array(scales, node.input[2])],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)],
+    )
+    ids = np.array([0, 1, vocab - 1, 7], np.int64)
+    (got,) = ort.InferenceSession(one.SerializeToString()).run(None, {"input_ids": ids})
+    np.testing.assert_allclose(got, deq.reshape(vocab, hidden)[ids], rtol=1e-6, atol=0)
+    _, fp32 = llama_k1_export  # not quantized: the fp32 table, gathered
+    assert "Gather" in _ops(fp32 / "early_text.onnx") and "GatherBlockQuantized" not in _ops(fp32 / "early_text.onnx")
+
+
 def test_keep_head_leaves_the_lm_head_in_fp32(model, tmp_path):
-    b = export_onnx(model, tmp_path / "b", quantize="int4", keep_head=True, block_size=16)
+    """--keep-head keeps the LM head's fp32 MatMul, --keep-embedding the fp32 token embedding."""
+    b = export_onnx(model, tmp_path / "b", quantize="int4", keep_head=True, keep_embedding=True, block_size=16)
     q = json.loads((b / "manifest.json").read_text())["quantization"]
     assert (q["lm_head"], q["bits"], q["block_size"]) == ("full precision", 4, 16)
+    assert (q["embedding"], q["embedding_block_size"]) == ("full precision", None)
+    assert "Gather" in _ops(b / "early_text.onnx") and "GatherBlockQuantized" not in _ops(b / "early_text.onnx")
     left = _weight_matmuls(b / "late_multimodal.onnx")
     assert [n.name for n in left] == q["graphs"]["late_multimodal.onnx"]["kept"] and len(left) == 1
     shapes = {i.name: list(i.dims) for i in onnx.load(str(b / "late_multimodal.onnx")).graph.initializer}
@@ -382,13 +426,14 @@ def test_w8a8_bundle_agrees_with_the_torch_emulation_of_its_arithmetic(model, w8
     error's energy to account for, which only the same error source can; an emulation with an
     independent error of the same size gives r ~ sqrt(2), and each piece of the scheme counts:
     alpha 0.4 or 0.8 instead of 0.5 give 1.38, 15 / 8 / 0 fp32 channels instead of 16 give
-    0.77 / 1.09 / 1.38, fp32 activations 0.67, fp32 weights 1.08."""
+    0.77 / 1.09 / 1.38, fp32 activations 0.67, fp32 weights 1.08; the token embedding's int8 table
+    emulated in fp32 gives 0.85, in blocks of 16 or 64 instead of 32 0.81 / 0.83 (0.11 as exported)."""
     import sys
     from pathlib import Path
 
     from composer.export.examples import PROMPTS, sample_batch
     from composer.export.exporter import merged_for_export
-    from composer.export.quantize import CALIBRATION_PROMPTS, FP32_CHANNELS, SMOOTH_ALPHA
+    from composer.export.quantize import CALIBRATION_PROMPTS, EMBEDDING_BLOCK, FP32_CHANNELS, SMOOTH_ALPHA
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import w8a8_emulation as emu
@@ -396,7 +441,9 @@ def test_w8a8_bundle_agrees_with_the_torch_emulation_of_its_arithmetic(model, w8
     ref = merged_for_export(model, torch.float32)
     batch = sample_batch(ref, PROMPTS[:3])
     amax = emu.calibrate(ref, CALIBRATION_PROMPTS)
-    emulated = emu.emulate(ref, batch, amax, alpha=SMOOTH_ALPHA, fp32_channels=FP32_CHANNELS).numpy()
+    emulated = emu.emulate(
+        ref, batch, amax, alpha=SMOOTH_ALPHA, fp32_channels=FP32_CHANNELS, embedding_block=EMBEDDING_BLOCK
+    ).numpy()
     logits, _ = OnnxPipeline(w8a8).prefill(
         batch["input_ids"], batch["attention_mask"], {"image": batch["image"]}, all_logits=True
     )
