@@ -20,6 +20,13 @@ def weight_matmuls(model) -> list:
     return [n for n in model.graph.node if n.op_type == "MatMul" and len(shapes.get(n.input[1], [])) == 2]
 
 
+def value_uses(graph) -> Counter:
+    """How many times each value name is read: as a node input or as a graph output."""
+    uses = Counter(name for n in graph.node for name in n.input)
+    uses.update(o.name for o in graph.output)
+    return uses
+
+
 def pack_shared_matmuls(model, exclude: list[str] | tuple[str, ...] = ()) -> int:
     """Pack, in place, every group of two or more weight MatMuls (second input a 2-D float
     initializer used by no other node) that share their first input; MatMuls named in ``exclude``
@@ -29,8 +36,7 @@ def pack_shared_matmuls(model, exclude: list[str] | tuple[str, ...] = ()) -> int
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    uses = Counter(name for n in graph.node for name in n.input)
-    uses.update(o.name for o in graph.output)
+    uses = value_uses(graph)
     groups = defaultdict(list)
     for n in weight_matmuls(model):
         w = inits[n.input[1]]
@@ -79,8 +85,7 @@ def feed_packed_qkv(model) -> int:
     in place; the Split goes. -> how many."""
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
-    uses = Counter(name for n in graph.node for name in n.input)
-    uses.update(o.name for o in graph.output)
+    uses = value_uses(graph)
     drop = []
     for n in graph.node:
         if n.op_type != "GroupQueryAttention" or len(n.input) < 3:

@@ -55,7 +55,7 @@ from pathlib import Path
 
 from composer.errors import InputError
 from composer.export.manifest import SCHEMES
-from composer.export.packing import feed_packed_qkv, pack_shared_matmuls, weight_matmuls
+from composer.export.packing import feed_packed_qkv, pack_shared_matmuls, value_uses, weight_matmuls
 
 METHOD = "MatMulNBits, symmetric round-to-nearest, block-wise (onnxruntime.quantization.matmul_nbits_quantizer)"
 W8A8_METHOD = (
@@ -166,9 +166,6 @@ def quantize_graph(
 
 
 EMBEDDING_BLOCK = 32  # weights per scale of the quantized token embedding (as llama.cpp's Q8_0)
-EMBEDDING_METHOD = (
-    "GatherBlockQuantized: int8 symmetric round-to-nearest, one fp32 scale per block along the hidden dimension"
-)
 
 
 def quantize_embedding(model, vocab_size: int, block_size: int = EMBEDDING_BLOCK) -> int:
@@ -177,7 +174,7 @@ def quantize_embedding(model, vocab_size: int, block_size: int = EMBEDDING_BLOCK
     blocks of ``block_size`` along the hidden dimension with one fp32 scale each, stored as
     ``MatMulNBits`` stores 8-bit weights (uint8 = int8 + 128, the op's default zero point). A
     lookup reads one row, so the int8 table costs nothing in time and shrinks the table 3.6x
-    (SmolLM2: 113 MB -> 31 MB per graph that embeds tokens). An initializer that another node also
+    (SmolLM2: 113 MB -> 32 MB per graph that embeds tokens). An initializer that another node also
     reads stays as well; a hidden size that is not a multiple of ``block_size`` keeps fp32.
     -> how many Gathers were rewritten."""
     import numpy as np
@@ -187,10 +184,7 @@ def quantize_embedding(model, vocab_size: int, block_size: int = EMBEDDING_BLOCK
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    uses: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    uses = value_uses(graph)
     done = 0
     for pos, n in enumerate(graph.node):
         table = inits.get(n.input[0]) if n.op_type == "Gather" else None
@@ -360,10 +354,7 @@ def quantize_graph_w8a8(
     inits = {i.name: i for i in g.initializer}
     candidates = weight_matmuls(model)
     targets = [n for n in candidates if n.name not in exclude]
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    uses = value_uses(g)
     groups: dict[str, list] = {}
     for n in targets:
         groups.setdefault(n.input[0], []).append(n)
